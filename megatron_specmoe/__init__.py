@@ -1,0 +1,37 @@
+"""megatron_specmoe: Speculative MoE for Megatron-Core.
+
+Importing this package does no work and imports neither megatron nor TransformerEngine. Layers:
+
+    megatron_specmoe.planning   pure planning code (traces, predictors, placement, measures)
+    megatron_specmoe.comm       collectives that take their process groups as arguments
+    megatron_specmoe.glue       the only code that imports megatron / transformer_engine
+
+``install()`` makes ``TransformerConfig(moe_token_dispatcher_type="specmoe")`` build a
+``MoELayer`` with the specmoe dispatcher (an explicit, idempotent, reversible hook);
+``uninstall()`` reverts it.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["install", "uninstall", "is_installed", "__version__"]
+
+
+def install() -> None:
+    """Install the ``specmoe`` dispatcher hook into Megatron-Core (idempotent)."""
+    from megatron_specmoe.glue.install import install as _install
+
+    _install()
+
+
+def uninstall() -> None:
+    """Remove the hook that ``install()`` added (idempotent)."""
+    from megatron_specmoe.glue.install import uninstall as _uninstall
+
+    _uninstall()
+
+
+def is_installed() -> bool:
+    """Whether ``install()`` is in effect."""
+    from megatron_specmoe.glue.install import is_installed as _is_installed
+
+    return _is_installed()
