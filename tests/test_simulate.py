@@ -1,0 +1,228 @@
+"""The cluster simulator: hand-worked bytes and times, dispatcher invariants, presets, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import get_args
+
+import numpy as np
+import pytest
+
+from megatron_specmoe.planning.cluster import PRESETS, ClusterSpec, PresetName, cluster_preset
+from megatron_specmoe.planning.measures import WireFormat
+from megatron_specmoe.planning.placement import ExpertPlacement
+from megatron_specmoe.planning.simulate import (
+    ModelShape,
+    ParallelLayout,
+    assert_bytes_match,
+    expert_ranks,
+    layer_bytes,
+    phase_times,
+    simulate,
+)
+from megatron_specmoe.planning.simulate_inputs import (
+    contiguous_home_ranks,
+    greedy_balanced_assign,
+    oracle_rank_scores,
+    shuffled_home_ranks,
+    split_experts,
+    split_placement,
+)
+from megatron_specmoe.planning.traces import RoutingTrace
+
+# The hand-worked case: 2 nodes x 2 GPUs (P = 4), E = 8 experts, 2 per rank (expert e on rank e // 2),
+# top-2, 4 tokens, token t at home on rank t. H = 2 in bf16: a row is 4 bytes; a prob is 4 bytes.
+#   t0 home 0: experts 0, 1 -> rank 0 twice           (2 local pairs)
+#   t1 home 1: experts 4, 5 -> rank 2 twice           (2 inter-node pairs, 1 copy)
+#   t2 home 2: experts 0, 7 -> rank 0, rank 3         (1 inter pair, 1 intra pair)
+#   t3 home 3: experts 6, 5 -> rank 3 (local), rank 2 (1 intra pair)
+EXPERTS = np.array([[0, 1], [4, 5], [0, 7], [6, 5]], dtype=np.int32)
+HOME = np.array([0, 1, 2, 3])
+WIRE = WireFormat(hidden_size=2, activation_bytes=2, prob_bytes=4)
+TINY = ClusterSpec(
+    name="tiny",
+    gpus_per_node=2,
+    nodes=2,
+    nvlink_bw_bytes_per_s=4.0,
+    nic_bw_bytes_per_s=2.0,
+    intra_alpha_s=1.0,
+    inter_alpha_s=10.0,
+)
+
+
+def _ranks():
+    return expert_ranks(EXPERTS, ExpertPlacement.contiguous(8, 4))
+
+
+def _split(sent: np.ndarray, cluster: ClusterSpec) -> tuple[int, int]:
+    t = phase_times(sent, cluster)
+    return int(t.intra_bytes), int(t.inter_bytes)
+
+
+def test_hand_worked_pairs_and_bytes():
+    lb = layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="alltoall")
+    assert lb.pairs.tolist() == [[2, 0, 0, 0], [0, 0, 2, 0], [1, 0, 0, 1], [0, 0, 1, 1]]
+    # 8 bytes per dispatched pair (4 row + 4 prob), 4 per combined pair; diagonal never on the wire.
+    assert lb.dispatch.tolist() == [[0, 0, 0, 0], [0, 0, 16, 0], [8, 0, 0, 8], [0, 0, 8, 0]]
+    assert lb.combine.tolist() == [[0, 0, 0, 0], [0, 0, 8, 0], [4, 0, 0, 4], [0, 0, 4, 0]]
+    assert _split(lb.dispatch, TINY) == (16, 24)  # intra: 2->3, 3->2; inter: 1->2 (x2), 2->0
+    assert _split(lb.combine, TINY) == (8, 12)
+
+
+def test_hand_worked_dedup_sends_one_row_per_destination():
+    lb = layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="dedup")
+    # t1's two experts on rank 2 travel as one 4-byte row plus two 4-byte probs = 12 bytes.
+    assert lb.dispatch.tolist() == [[0, 0, 0, 0], [0, 0, 12, 0], [8, 0, 0, 8], [0, 0, 8, 0]]
+    assert lb.combine.tolist() == [[0, 0, 0, 0], [0, 0, 4, 0], [4, 0, 0, 4], [0, 0, 4, 0]]
+    assert _split(lb.dispatch, TINY) == (16, 20)
+    assert _split(lb.combine, TINY) == (8, 8)
+
+
+def test_hand_worked_times():
+    # Dispatch: rank 1 sends 16 B to rank 2 over the NIC: 10 + 16/2 = 18 s; rank 2 receives the
+    # same (18 s); every other link is cheaper (rank 2 -> 0: 10 + 8/2 = 14; NVLink: 1 + 8/4 = 3).
+    # Combine (transposed): rank 2 -> 1: 10 + 8/2 = 14 s is the slowest.
+    trace = RoutingTrace(experts=EXPERTS[:, None, :], num_experts=8)
+    shape = ModelShape(hidden_size=2, activation_bytes=2, top_k=2, num_experts=8, num_layers=1)
+    res = simulate(
+        trace,
+        [ExpertPlacement.contiguous(8, 4)],
+        HOME[:, None],
+        shape=shape,
+        layout=ParallelLayout(tp=1, ep=4),
+        cluster=TINY,
+        dispatcher="alltoall",
+        tokens_per_step=4,
+    )
+    assert res.dispatch.rank_time_s[0, 0].tolist() == [14.0, 18.0, 18.0, 3.0]
+    assert res.dispatch.time_s[0, 0] == 18.0
+    assert res.combine.time_s[0, 0] == 14.0
+    assert res.layer_time_s[0, 0] == 32.0
+    summary = res.summary()
+    assert summary["local_activation_rate"] == 3 / 8
+    assert summary["inter_node_bytes_per_layer"] == 24 + 12
+
+
+def test_shared_nic_adds_the_nodes_traffic():
+    sent = np.zeros((4, 4), dtype=np.int64)
+    sent[0, 2] = sent[1, 3] = 4  # both GPUs of node 0 send 4 B to node 1
+    per_gpu = phase_times(sent, TINY)
+    shared = phase_times(sent, dataclasses.replace(TINY, nic_shared_per_node=True))
+    assert per_gpu.time_s == 10 + 4 / 2
+    assert shared.time_s == 2 * 10 + 8 / 2  # one NIC: two messages, 8 bytes
+
+
+def test_dedup_never_sends_more_than_alltoall():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        num_ranks = int(rng.choice([2, 4, 8]))
+        num_experts = num_ranks * int(rng.integers(1, 4))
+        topk = int(rng.integers(1, min(4, num_experts) + 1))
+        experts = np.stack([rng.choice(num_experts, topk, replace=False) for _ in range(64)])
+        placement = ExpertPlacement(
+            physical_to_logical=tuple(rng.permutation(num_experts).tolist()), ep_size=num_ranks
+        )
+        home = rng.integers(0, num_ranks, 64)
+        ranks = expert_ranks(experts, placement)
+        a = layer_bytes(ranks, home, num_ranks=num_ranks, wire=WIRE, dispatcher="alltoall")
+        d = layer_bytes(ranks, home, num_ranks=num_ranks, wire=WIRE, dispatcher="dedup")
+        assert (d.dispatch <= a.dispatch).all() and (d.combine <= a.combine).all(), trial
+        assert (a.pairs >= a.copies).all()
+
+
+def test_assert_bytes_match():
+    lb = layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="alltoall")
+    assert_bytes_match(lb.dispatch, {0: 0, 1: 16, 2: 16, 3: 8}, measured_received={0: 8, 1: 0, 2: 24, 3: 8})
+    with pytest.raises(AssertionError, match=r"sent bytes differ .*1: \(15, 16\)"):
+        assert_bytes_match(lb.dispatch, {0: 0, 1: 15, 2: 16, 3: 8})
+    with pytest.raises(AssertionError, match="must name ranks 0..3"):
+        assert_bytes_match(lb.dispatch, {0: 0, 1: 16})
+
+
+def test_presets_are_valid_and_named():
+    assert set(PRESETS) == set(get_args(PresetName))
+    for name, spec in PRESETS.items():
+        assert spec.name == name and spec.source
+        assert spec.nvlink_bw_bytes_per_s >= spec.nic_bw_bytes_per_s
+    h200 = cluster_preset("h200-ib", nodes=8)
+    assert h200.num_gpus == 64 and h200.nvlink_bw_bytes_per_s == 450e9 and h200.nic_bw_bytes_per_s == 50e9
+    assert cluster_preset("pcie-eth").nic_shared_per_node
+    assert h200.for_ranks(16).nodes == 2
+    with pytest.raises(ValueError, match="unknown cluster preset 'dgx'"):
+        cluster_preset("dgx")
+
+
+def test_bad_inputs_name_the_field():
+    with pytest.raises(ValueError, match="nic_bw_bytes_per_s must be > 0"):
+        dataclasses.replace(TINY, nic_bw_bytes_per_s=0.0)
+    with pytest.raises(ValueError, match="tp=3 must divide ep=4"):
+        ParallelLayout(tp=3, ep=4)
+    with pytest.raises(ValueError, match="unknown dispatcher 'deepep'"):
+        layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="deepep")
+    with pytest.raises(ValueError, match=r"home ranks must be in 0..3"):
+        layer_bytes(_ranks(), np.array([0, 1, 2, 4]), num_ranks=4, wire=WIRE, dispatcher="alltoall")
+    with pytest.raises(ValueError, match="do not fit cluster 'tiny'"):
+        phase_times(np.zeros((8, 8)), TINY)
+    trace = RoutingTrace(experts=EXPERTS[:, None, :], num_experts=8)
+    shape = ModelShape(hidden_size=2, activation_bytes=2, top_k=2, num_experts=8, num_layers=1)
+    common = dict(shape=shape, layout=ParallelLayout(tp=1, ep=4), cluster=TINY, dispatcher="alltoall")
+    with pytest.raises(ValueError, match="tokens_per_step=3 must be >= 1 and divide"):
+        simulate(trace, [ExpertPlacement.contiguous(8, 4)], HOME[:, None], tokens_per_step=3, **common)
+    with pytest.raises(ValueError, match="placement was made for ep_size=2"):
+        simulate(trace, [ExpertPlacement.contiguous(8, 2)], HOME[:, None], tokens_per_step=4, **common)
+    with pytest.raises(ValueError, match=r"ModelShape.top_k=1"):
+        simulate(
+            trace,
+            [ExpertPlacement.contiguous(8, 4)],
+            HOME[:, None],
+            tokens_per_step=4,
+            **{**common, "shape": dataclasses.replace(shape, top_k=1)},
+        )
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        ModelShape.from_trace(trace, hidden_size=2, dtype="int4")
+
+
+def test_contiguous_home_ranks_follow_tp_groups():
+    layout = ParallelLayout(tp=2, ep=4)
+    # B = 4 tokens per TP group, 2 groups: a step is 8 tokens; group 0 -> ranks 0, 1; group 1 -> 2, 3.
+    home = contiguous_home_ranks(16, 3, layout=layout, tokens_per_group=4)
+    assert home[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] * 2
+    assert (home == home[:, :1]).all()
+    with pytest.raises(ValueError, match="not a multiple of the step size 8"):
+        contiguous_home_ranks(12, 1, layout=layout, tokens_per_group=4)
+
+
+def test_greedy_assignment_respects_capacity():
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.1, 0.9]])
+    # Tokens 0 and 1 fill rank 0 (capacity 2); token 2 must take rank 1 with token 3.
+    assert greedy_balanced_assign(scores, 2).tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="4 tokens != 2 ranks x capacity 3"):
+        greedy_balanced_assign(scores, 3)
+
+
+def test_oracle_shuffle_stays_in_group_and_raises_local_rate():
+    rng = np.random.default_rng(1)
+    layout = ParallelLayout(tp=2, ep=4)
+    # E = 4, top-1: the oracle can make every token local only within its TP group's experts.
+    experts = rng.integers(0, 4, (32, 2, 1)).astype(np.int32)
+    trace = RoutingTrace(experts=experts, num_experts=4)
+    placements = [ExpertPlacement.contiguous(4, 4)] * 2
+    base = contiguous_home_ranks(32, 2, layout=layout, tokens_per_group=8)
+    shuf = shuffled_home_ranks(oracle_rank_scores(trace, placements), layout=layout, tokens_per_group=8)
+    assert ((shuf // 2) == (base // 2)).all()  # nobody leaves its TP group
+    for start in range(0, 32, 8):
+        for layer in range(2):
+            assert np.bincount(shuf[start : start + 8, layer] % 2, minlength=2).tolist() == [4, 4]
+    rank = experts[..., 0]  # expert e on rank e
+    assert (shuf == rank).mean() > (base == rank).mean()
+
+
+def test_split_experts_is_the_same_routes_on_more_ranks():
+    trace = RoutingTrace(experts=EXPERTS[:, None, :], num_experts=8)
+    split = split_experts(trace, 2)
+    assert split.num_experts == 16 and split.topk == 4
+    assert split.experts[1, 0].tolist() == [8, 9, 10, 11]  # experts 4, 5 -> slices 8, 9 and 10, 11
+    placement = split_placement(ExpertPlacement.contiguous(8, 8), 2, 16)
+    ranks = expert_ranks(split.experts[:, 0], placement)
+    # One slice per rank: expert e's two slices on ranks 2e, 2e + 1.
+    assert ranks[2].tolist() == [0, 1, 14, 15]
