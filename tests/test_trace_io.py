@@ -312,3 +312,26 @@ def test_cross_domain_split_counts_and_leave_one_out():
     assert [s.fit_sources for s in splits] == [("b",), ("a",)]
     with pytest.raises(ValueError, match=r"need at least 2 traces"):
         leave_one_out_splits([a])
+
+
+def test_reads_what_megatron_core_router_tracer_writes(tmp_path):
+    # The real writer (megatron-core >= 0.19; 0.16 has no tracer): two ranks, two decode steps,
+    # MoE layers 1 and 3, handed over through the tracer's public record_indices().
+    tracer_mod = pytest.importorskip("megatron.core.transformer.moe.router_trace")
+    torch = pytest.importorskip("torch")
+    for rank in (0, 1):
+        tracer = tracer_mod.RouterTracer(str(tmp_path), max_steps=4, rank=rank)
+        for step in range(2):
+            # [num_tokens=2, num_layers=2, topk=2]; token 0 encodes (rank, step) in its ids.
+            idx = torch.tensor([[[rank, step], [rank, 4 + step]], [[7, 6], [5, 4]]])
+            tracer.record_indices(idx, layer_ids=[1, 3])
+            tracer.advance_step()
+        tracer.flush()
+    tr = read_traces(tmp_path, num_experts=8)
+    assert tr.experts[:, 0, :].tolist() == [
+        [0, 0], [7, 6],  # step 0, rank 0
+        [1, 0], [7, 6],  # step 0, rank 1
+        [0, 1], [7, 6],  # step 1, rank 0
+        [1, 1], [7, 6],  # step 1, rank 1
+    ]
+    assert tr.experts[2, 1].tolist() == [1, 4]
