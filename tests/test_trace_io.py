@@ -199,8 +199,8 @@ def test_megatron_jsonl_errors(tmp_path):
     with pytest.raises(ValueError, match=r"num_tokens=2 but top_indices has 1 rows"):
         read_megatron_jsonl(_write_jsonl(tmp_path / "n.jsonl", count))
 
-    with pytest.raises(ValueError, match=r"expert id 5 .* out of range 0\.\.3"):
-        read_megatron_jsonl(_write_jsonl(tmp_path / "r.jsonl", [_megatron_record(0, 0, 0, [[5, 1]])]),
+    with pytest.raises(ValueError, match=r"expert id 5 at token 0 \(in merged order\), layer 3 is out of range 0\.\.3"):
+        read_megatron_jsonl(_write_jsonl(tmp_path / "r.jsonl", [_megatron_record(0, 0, 3, [[5, 1]])]),
                             num_experts=4)
 
 

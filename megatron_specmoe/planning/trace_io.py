@@ -336,7 +336,7 @@ def read_megatron_jsonl(
     experts = np.concatenate(pieces) if pieces else np.zeros((0, len(layers), topk or 1), np.int64)
     source = "+".join(str(p) for p in paths)
     e = _resolve_num_experts(experts, num_experts, path=source,
-                             locate=lambda b: f"token {b[0]} (in merged order), layer index {b[1]}")
+                             locate=lambda b: f"token {b[0]} (in merged order), layer {layers[b[1]]}")
     if progress:
         print(f"[trace_io] megatron trace: {experts.shape[0]} tokens, layers {layers}, "
               f"top-{topk}, E={e}", file=sys.stderr)
