@@ -1,0 +1,380 @@
+"""Balanced token -> EP rank assignment: the permutation behind speculative token shuffling (s-TS).
+
+Notation
+    T: real tokens in the batch (one shuffle domain, a TP group).
+    P: ranks sharing the batch (TP ranks of the shuffle domain = EP ranks hosting the experts).
+    C: capacity, rows per rank, C = ceil(T / P).
+    T_pad: padded rows, T_pad = P * C (= T when P divides T).
+
+Glossary
+    home rank   the rank that holds a token when the MoE layer starts (DESIGN.md "Measures").
+    rank score  ``scores[t, r]``: the expected number of token t's (token, expert) pairs that would be
+                local if t were placed on rank r (``predictors.base.rank_scores``).
+    shard       the C rows rank r holds after the shuffle: ``order[r*C:(r+1)*C]``.
+
+The problem: place every token on exactly one rank, each rank holding exactly C rows (the shards of
+a reduce-scatter must have equal size), so as to maximise the sum of ``scores[t, home_rank[t]]``
+(predicted local activations).
+
+Padding (P does not divide T). The batch is padded to T_pad = P*C rows, as a padded sequence is: the
+pad rows are rows T .. T_pad-1, appended at the end. There are T_pad - T < P of them and the plan puts
+exactly one on each of the *last* T_pad - T ranks, as the last row of that shard; so the first
+T - P*(C-1) ranks hold C real tokens and the last ones hold C-1 real tokens and one pad row. Pad rows
+never move between ranks and never count in any measure. ``order`` and ``inverse`` cover all T_pad
+rows (entries >= T are pad rows); ``home_rank`` covers the T real tokens only.
+
+Methods (``AssignmentMethod``; all deterministic, ties broken towards the lower token index and then
+the lower rank, so that every TP rank computes the identical permutation from identical inputs)
+    contiguous  Megatron's sequence-parallel shards: token t on rank t // C. The baseline.
+    argsort     the paper's: sort tokens by predicted rank (argmax score; within a rank by falling
+                confidence), then cut the sorted list into shards of C. Overflow spills into the
+                next rank's shard. One sort.
+    greedy      proposal rounds: every unplaced token asks for its best rank that still has room;
+                each rank takes its highest-scoring asks up to its room. At most P rounds (each
+                round places every ask or fills a rank), run as exactly P rounds so that nothing
+                depends on the data. Torch, any device.
+    refine      greedy, then pairwise exchange sweeps: for each pair of ranks (a, b) swap the
+                tokens on a that gain most by moving to b with those on b that gain most by moving
+                to a, while the swap raises the objective. The pairs of a sweep follow a round-robin
+                tournament, so each step works on P/2 disjoint pairs at once. The runtime method:
+                near-optimal, fixed shapes, no host synchronisation. Torch, any device.
+    optimal     exact: a min-cost flow (successive shortest paths over the P-node graph of ranks,
+                with one lazy heap per ordered rank pair). Start from every token on its best rank
+                (optimal without capacities), then move one token at a time along the cheapest
+                path from an overfull to an underfull rank. Cost O(X * (P^3 + P log T)) for X
+                overflowing tokens: ~0.02 s for T=512, P=8 and ~1 s for T=8192, P=8 on one CPU
+                core (tools/bench_assignment.py). Host code (numpy + heapq); for planning and
+                evaluation, not for the forward pass.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Callable, Literal, get_args
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AssignmentMethod",
+    "ShufflePlan",
+    "ASSIGNMENT_METHODS",
+    "assign",
+    "capacity_of",
+    "real_capacities",
+    "plan_from_home",
+    "planned_score",
+]
+
+AssignmentMethod = Literal["contiguous", "argsort", "greedy", "refine", "optimal"]
+
+# Swaps must raise the objective by more than this (float32 scores), so that exchange sweeps never
+# flip-flop on rounding noise.
+_SWAP_EPS = 1e-6
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShufflePlan:
+    """Where every token of one batch goes, and the permutation that puts it there.
+
+    Attributes:
+        home_rank: int64 [T], the rank each real token is placed on.
+        order: int64 [T_pad], a permutation of 0 .. T_pad-1: row i of the shuffled batch is row
+            ``order[i]`` of the original (padded) batch; rank r holds ``order[r*C:(r+1)*C]``, real
+            tokens in increasing index, then its pad row if it has one (entries >= T are pad rows).
+        inverse: int64 [T_pad], the inverse permutation: ``inverse[order[i]] == i``; original row j
+            is at shuffled row ``inverse[j]`` (the deferred all-gather uses it).
+        capacity: C, rows per rank.
+        num_tokens: T, real tokens.
+        num_ranks: P.
+    """
+
+    home_rank: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
+    capacity: int
+    num_tokens: int
+    num_ranks: int
+
+    @property
+    def padded_tokens(self) -> int:
+        """T_pad = P * C."""
+        return self.capacity * self.num_ranks
+
+    def shards(self) -> torch.Tensor:
+        """int64 [P, C]: the original row index of each row each rank holds."""
+        return self.order.view(self.num_ranks, self.capacity)
+
+    def check(self) -> None:
+        """Raise a ValueError if the plan breaks a rule (every token once, capacity, padding)."""
+        t, p, c = self.num_tokens, self.num_ranks, self.capacity
+        if c != capacity_of(t, p):
+            raise ValueError(f"ShufflePlan.capacity={c}, expected ceil(T/P)=ceil({t}/{p})")
+        if self.home_rank.shape != (t,) or self.order.shape != (p * c,) or self.inverse.shape != (p * c,):
+            raise ValueError(
+                f"ShufflePlan shapes: home_rank {tuple(self.home_rank.shape)} (want ({t},)), order "
+                f"{tuple(self.order.shape)} and inverse {tuple(self.inverse.shape)} (want ({p * c},))"
+            )
+        order = self.order.cpu()
+        if not torch.equal(torch.sort(order).values, torch.arange(p * c)):
+            raise ValueError("ShufflePlan.order is not a permutation of 0..T_pad-1")
+        if not torch.equal(self.inverse.cpu()[order], torch.arange(p * c)):
+            raise ValueError("ShufflePlan.inverse is not the inverse of ShufflePlan.order")
+        want = torch.tensor(real_capacities(t, p))
+        got = torch.bincount(self.home_rank.cpu(), minlength=p) if t else torch.zeros(p, dtype=torch.int64)
+        if not torch.equal(got, want):
+            raise ValueError(f"ShufflePlan: real tokens per rank {got.tolist()}, expected {want.tolist()}")
+        slot_rank = torch.arange(p * c) // c
+        home = self.home_rank.cpu()
+        real = order < t
+        if not torch.equal(home[order[real]], slot_rank[real]):
+            raise ValueError("ShufflePlan: home_rank disagrees with the shard that holds the token")
+
+
+def capacity_of(num_tokens: int, num_ranks: int) -> int:
+    """C = ceil(T / P)."""
+    return -(-num_tokens // num_ranks)
+
+
+def real_capacities(num_tokens: int, num_ranks: int) -> list[int]:
+    """Real tokens per rank: C on the first ranks, C - 1 on the last T_pad - T ranks (see Padding)."""
+    c = capacity_of(num_tokens, num_ranks)
+    pads = num_ranks * c - num_tokens
+    return [c - (1 if r >= num_ranks - pads else 0) for r in range(num_ranks)]
+
+
+def plan_from_home(home_rank: torch.Tensor, num_ranks: int) -> ShufflePlan:
+    """Build the plan (order, inverse) from a balanced home rank per token.
+
+    Args:
+        home_rank: int64 [T], values in 0 .. P-1, with exactly ``real_capacities(T, P)[r]`` tokens on
+            rank r (not checked here, for speed; ``ShufflePlan.check`` does).
+        num_ranks: P.
+
+    Returns:
+        The ShufflePlan, on the device of ``home_rank``.
+    """
+    device = home_rank.device
+    t = int(home_rank.shape[0])
+    c = capacity_of(t, num_ranks)
+    t_pad = num_ranks * c
+    pads = t_pad - t
+    pad_home = torch.arange(num_ranks - pads, num_ranks, device=device, dtype=torch.int64)
+    full_home = torch.cat([home_rank.long(), pad_home])
+    # Sort by (home rank, row index): real tokens keep their relative order, pad rows come last.
+    key = full_home * t_pad + torch.arange(t_pad, device=device)
+    order = torch.argsort(key)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(t_pad, device=device)
+    return ShufflePlan(
+        home_rank=home_rank.long(), order=order, inverse=inverse, capacity=c, num_tokens=t,
+        num_ranks=num_ranks,
+    )
+
+
+def planned_score(scores: torch.Tensor | np.ndarray, plan: ShufflePlan) -> float:
+    """Sum over real tokens of ``scores[t, home_rank[t]]``: the objective the methods maximise."""
+    s = torch.as_tensor(scores)
+    return float(s.gather(1, plan.home_rank.to(s.device).view(-1, 1)).sum())
+
+
+# ---- methods: scores float32 [T, P], room int64 [P] (real capacities) -> home int64 [T] ----------
+
+
+def _contiguous(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    bounds = torch.cumsum(room, 0)
+    return torch.bucketize(torch.arange(scores.shape[0], device=scores.device), bounds, right=True)
+
+
+def _argsort(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    conf, pred = scores.max(dim=1)  # max: ties go to the lower rank on CPU and CUDA
+    # Step 1: order by falling confidence (stable: ties by token index), then by predicted rank.
+    by_conf = torch.sort(-conf, stable=True).indices
+    sorted_idx = by_conf[torch.sort(pred[by_conf], stable=True).indices]
+    # Step 2: cut the sorted list into shards; position i of the list goes to rank of slot i.
+    home = torch.empty_like(pred)
+    home[sorted_idx] = _contiguous(scores, room)
+    return home
+
+
+def _greedy(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    t, p = scores.shape
+    device = scores.device
+    home = torch.full((t,), -1, dtype=torch.int64, device=device)
+    room = room.clone()
+    arange = torch.arange(t, device=device)
+    neg_inf = torch.tensor(float("-inf"), device=device, dtype=scores.dtype)
+    for _ in range(p):
+        # Step 1: every unplaced token asks for its best rank that still has room.
+        open_scores = torch.where((room > 0).view(1, p), scores, neg_inf)
+        ask_score, ask = open_scores.max(dim=1)
+        unplaced = home < 0
+        ask = torch.where(unplaced, ask, torch.full_like(ask, p))  # placed tokens ask nobody
+        # Step 2: group the asks by rank, best score first (stable sorts: ties by token index).
+        by_score = torch.sort(-ask_score, stable=True).indices
+        sorted_idx = by_score[torch.sort(ask[by_score], stable=True).indices]
+        counts = torch.bincount(ask, minlength=p + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_ask = ask[sorted_idx]
+        pos = arange - starts[sorted_ask]
+        # Step 3: each rank takes as many as it has room for.
+        room_ext = torch.cat([room, room.new_zeros(1)])
+        take = pos < room_ext[sorted_ask]
+        home[sorted_idx[take]] = sorted_ask[take]
+        room = room - torch.bincount(sorted_ask[take], minlength=p + 1)[:p]
+    return home
+
+
+def _round_robin(num_ranks: int) -> list[list[tuple[int, int]]]:
+    """Rounds of disjoint rank pairs covering every pair once (circle method)."""
+    n = num_ranks + (num_ranks % 2)
+    ids = list(range(n))
+    rounds = []
+    for _ in range(n - 1):
+        pairs = [(ids[i], ids[n - 1 - i]) for i in range(n // 2)]
+        rounds.append([(a, b) for a, b in pairs if a < num_ranks and b < num_ranks])
+        ids = [ids[0], ids[-1]] + ids[1:-1]
+    return [r for r in rounds if r]
+
+
+def _refine(scores: torch.Tensor, room: torch.Tensor, sweeps: int = 2) -> torch.Tensor:
+    t, p = scores.shape
+    device = scores.device
+    home = _greedy(scores, room)
+    if p < 2 or t == 0:
+        return home
+    c = capacity_of(t, p)
+    plan = plan_from_home(home, p)
+    shards = plan.order.view(p, c).clone()
+    # Pad rows get -inf gains so that they never move (and so never change a rank's real count).
+    neg_inf = torch.full((p * c - t, p), float("-inf"), device=device, dtype=scores.dtype)
+    s_ext = torch.cat([scores, neg_inf])
+    rounds = _round_robin(p)
+    for _ in range(sweeps):
+        for pairs in rounds:
+            a = torch.tensor([x for x, _ in pairs], device=device)
+            b = torch.tensor([y for _, y in pairs], device=device)
+            rows_a, rows_b = shards[a], shards[b]  # [m, C]
+            # Step 1: gain of moving each token to the other rank of its pair.
+            gain_a = s_ext[rows_a, b.view(-1, 1)] - s_ext[rows_a, a.view(-1, 1)]
+            gain_b = s_ext[rows_b, a.view(-1, 1)] - s_ext[rows_b, b.view(-1, 1)]
+            gain_a = torch.nan_to_num(gain_a, nan=float("-inf"))
+            gain_b = torch.nan_to_num(gain_b, nan=float("-inf"))
+            # Step 2: pair the i-th best mover of a with the i-th best of b; the joint gain falls
+            # with i, so the swaps that pay form a prefix.
+            ga, ia = torch.sort(gain_a, dim=1, descending=True, stable=True)
+            gb, ib = torch.sort(gain_b, dim=1, descending=True, stable=True)
+            swap = (ga + gb) > _SWAP_EPS
+            from_a, from_b = rows_a.gather(1, ia), rows_b.gather(1, ib)
+            new_a = rows_a.scatter(1, ia, torch.where(swap, from_b, from_a))
+            new_b = rows_b.scatter(1, ib, torch.where(swap, from_a, from_b))
+            shards[a], shards[b] = new_a, new_b
+    slot_rank = torch.arange(p, device=device).repeat_interleave(c)
+    flat = shards.reshape(-1)
+    real = flat < t
+    home = torch.empty(t, dtype=torch.int64, device=device)
+    home[flat[real]] = slot_rank[real]
+    return home
+
+
+def _optimal(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    s = scores.detach().to("cpu", torch.float64).numpy()
+    cap = room.cpu().numpy().astype(np.int64)
+    t, p = s.shape
+    # Step 1: every token on its best rank (ties: lower rank): optimal without capacities, so no
+    # negative cycle exists in the rank graph below.
+    home = np.argmax(s, axis=1)
+    load = np.bincount(home, minlength=p)
+    # heaps[a][b]: (cost of moving token from a to b, token); entries go stale when a token moves.
+    heaps: list[list[list[tuple[float, int]]]] = [[[] for _ in range(p)] for _ in range(p)]
+    for a in range(p):
+        toks = np.flatnonzero(home == a)
+        for b in range(p):
+            if a != b:
+                h = list(zip((s[toks, a] - s[toks, b]).tolist(), toks.tolist()))
+                heapq.heapify(h)
+                heaps[a][b] = h
+    inf = float("inf")
+    while True:
+        excess = load - cap
+        if not (excess > 0).any():
+            break
+        # Step 2: cheapest move per rank pair (drop stale heap tops).
+        w = np.full((p, p), inf)
+        for a in range(p):
+            for b in range(p):
+                h = heaps[a][b]
+                while h and home[h[0][1]] != a:
+                    heapq.heappop(h)
+                if h:
+                    w[a, b] = h[0][0]
+        # Step 3: shortest path from any overfull rank (Bellman-Ford; no negative cycles).
+        dist = np.where(excess > 0, 0.0, inf)
+        parent = np.full(p, -1)
+        for _ in range(p - 1):
+            cand = dist[:, None] + w
+            best_from = np.argmin(cand, axis=0)
+            best = cand[best_from, np.arange(p)]
+            better = best < dist - 1e-12
+            if not better.any():
+                break
+            dist = np.where(better, best, dist)
+            parent = np.where(better, best_from, parent)
+        # Step 4: the nearest underfull rank (ties: lower rank); move one token along each hop.
+        under = np.flatnonzero(excess < 0)
+        dst = int(under[np.argmin(dist[under])])
+        if not np.isfinite(dist[dst]):
+            raise ValueError("assign(method='optimal'): no feasible move; scores contain NaN?")
+        hops = []
+        node = dst
+        while parent[node] >= 0:  # back to a source (parent -1: an overfull rank at distance 0)
+            hops.append((int(parent[node]), node))
+            node = int(parent[node])
+        for a, b in reversed(hops):
+            _, tok = heapq.heappop(heaps[a][b])
+            home[tok] = b
+            for c in range(p):
+                if c != b:
+                    heapq.heappush(heaps[b][c], (s[tok, b] - s[tok, c], tok))
+        load[node] -= 1
+        load[dst] += 1
+    return torch.as_tensor(home, dtype=torch.int64).to(scores.device)
+
+
+ASSIGNMENT_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "contiguous": _contiguous,
+    "argsort": _argsort,
+    "greedy": _greedy,
+    "refine": _refine,
+    "optimal": _optimal,
+}
+assert set(ASSIGNMENT_METHODS) == set(get_args(AssignmentMethod))
+
+
+def assign(scores: torch.Tensor | np.ndarray, method: AssignmentMethod = "refine") -> ShufflePlan:
+    """Balanced assignment of T tokens to P ranks, maximising predicted local activations.
+
+    Args:
+        scores: float32 [T, P] rank scores (``predictors.base.rank_scores``); a numpy array or a
+            torch tensor on any device (the plan lives on the same device). Must be finite.
+        method: one of ``AssignmentMethod`` (see the module docstring).
+
+    Returns:
+        ShufflePlan with capacity C = ceil(T/P) per rank.
+    """
+    if method not in ASSIGNMENT_METHODS:
+        raise ValueError(
+            f"assign: unknown method {method!r}; choose one of {sorted(ASSIGNMENT_METHODS)}"
+        )
+    s = torch.as_tensor(scores)
+    if s.dim() != 2 or s.shape[1] < 1:
+        raise ValueError(f"assign: scores must be [T, P] with P >= 1, got shape {tuple(s.shape)}")
+    if not s.is_floating_point():
+        s = s.float()
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("assign: scores contain NaN or inf; rank scores must be finite")
+    t, p = s.shape
+    room = torch.tensor(real_capacities(t, p), dtype=torch.int64, device=s.device)
+    home = ASSIGNMENT_METHODS[method](s, room) if t else torch.zeros(0, dtype=torch.int64, device=s.device)
+    return plan_from_home(home, p)
