@@ -22,8 +22,8 @@ from megatron_specmoe.planning.simulate import (
 )
 from megatron_specmoe.planning.simulate_inputs import (
     contiguous_home_ranks,
-    greedy_balanced_assign,
-    oracle_rank_scores,
+    layer_rank_scores,
+    oracle_expert_scores,
     shuffled_home_ranks,
     split_experts,
     split_placement,
@@ -192,14 +192,6 @@ def test_contiguous_home_ranks_follow_tp_groups():
         contiguous_home_ranks(12, 1, layout=layout, tokens_per_group=4)
 
 
-def test_greedy_assignment_respects_capacity():
-    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.1, 0.9]])
-    # Tokens 0 and 1 fill rank 0 (capacity 2); token 2 must take rank 1 with token 3.
-    assert greedy_balanced_assign(scores, 2).tolist() == [0, 0, 1, 1]
-    with pytest.raises(ValueError, match="4 tokens != 2 ranks x capacity 3"):
-        greedy_balanced_assign(scores, 3)
-
-
 def test_oracle_shuffle_stays_in_group_and_raises_local_rate():
     rng = np.random.default_rng(1)
     layout = ParallelLayout(tp=2, ep=4)
@@ -208,7 +200,7 @@ def test_oracle_shuffle_stays_in_group_and_raises_local_rate():
     trace = RoutingTrace(experts=experts, num_experts=4)
     placements = [ExpertPlacement.contiguous(4, 4)] * 2
     base = contiguous_home_ranks(32, 2, layout=layout, tokens_per_group=8)
-    shuf = shuffled_home_ranks(oracle_rank_scores(trace, placements), layout=layout, tokens_per_group=8)
+    shuf = shuffled_home_ranks(layer_rank_scores(oracle_expert_scores(trace), placements), layout=layout, tokens_per_group=8)
     assert ((shuf // 2) == (base // 2)).all()  # nobody leaves its TP group
     for start in range(0, 32, 8):
         for layer in range(2):
@@ -226,3 +218,41 @@ def test_split_experts_is_the_same_routes_on_more_ranks():
     ranks = expert_ranks(split.experts[:, 0], placement)
     # One slice per rank: expert e's two slices on ranks 2e, 2e + 1.
     assert ranks[2].tolist() == [0, 1, 14, 15]
+
+
+def test_layer_rank_scores_sum_experts_per_rank():
+    scores = np.zeros((1, 1, 4), dtype=np.float32)
+    scores[0, 0] = [0.1, 0.2, 0.3, 0.4]
+    placement = ExpertPlacement.from_rank_groups([[3, 0], [1, 2]])
+    assert np.allclose(layer_rank_scores(scores, [placement])[0, 0], [0.5, 0.5])
+    placement = ExpertPlacement.from_rank_groups([[3, 2], [1, 0]])
+    assert np.allclose(layer_rank_scores(scores, [placement])[0, 0], [0.7, 0.3])
+
+
+def test_compare_dispatchers_on_synthetic_routes():
+    from megatron_specmoe.planning.simulate_compare import compare_dispatchers, experts_split_factor
+
+    rng = np.random.default_rng(3)
+    # E = 4 experts, top-2, two layers; 32 tokens, 4 tokens per rank.
+    experts = np.stack([rng.choice(4, 2, replace=False) for _ in range(64)]).reshape(32, 2, 2)
+    trace = RoutingTrace(experts=experts.astype(np.int32), num_experts=4)
+    common = dict(cluster=TINY, hidden_size=8, dtype="bf16", tokens_per_rank=4)
+    scores = oracle_expert_scores(trace)
+    cmp4 = compare_dispatchers(trace, scores, ep=4, tp=2, **common)
+    res = cmp4.results
+    assert cmp4.split == 1 and set(res) == {"alltoall", "dedup", "specmoe"}
+    assert (res["alltoall"].pairs == res["dedup"].pairs).all()
+    assert res["dedup"].dispatch_bytes.sum() <= res["alltoall"].dispatch_bytes.sum()
+    row = cmp4.table_row()
+    assert row["specmoe"]["local_activation_rate"] > row["alltoall"]["local_activation_rate"]
+    # EP 8 > E: every expert split in two slices, one slice per rank; each pair becomes two rows.
+    cmp8 = compare_dispatchers(trace, scores, ep=8, tp=2, **{**common, "tokens_per_rank": 2})
+    assert cmp8.split == 2 and cmp8.results["alltoall"].cluster.nodes == 4
+    assert cmp8.results["alltoall"].pairs.sum() == 2 * res["alltoall"].pairs.sum()
+    assert experts_split_factor(4, 2) == 1
+    with pytest.raises(ValueError, match="one must divide the other"):
+        experts_split_factor(4, 6)
+    with pytest.raises(ValueError, match="T=32 is not a multiple of the step size 24"):
+        compare_dispatchers(trace, scores, ep=4, tp=2, **{**common, "tokens_per_rank": 6})
+    with pytest.raises(ValueError, match=r"expert_scores must be \[T, L, E\]"):
+        compare_dispatchers(trace, scores[:, :1], ep=4, tp=2, **common)

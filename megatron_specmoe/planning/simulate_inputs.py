@@ -29,29 +29,27 @@ EP larger than the number of experts (e.g. Mixtral, E = 8, at EP = 16 .. 64)
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from megatron_specmoe.planning.assignment import assign
 from megatron_specmoe.planning.placement import ExpertPlacement
-from megatron_specmoe.planning.predictors.base import RouteContext, RoutePredictor, rank_scores
+from megatron_specmoe.planning.predictors.base import RouteContext, RoutePredictor
 from megatron_specmoe.planning.simulate import ParallelLayout, expert_ranks
 from megatron_specmoe.planning.traces import RoutingTrace
 
 __all__ = [
     "tokens_per_step",
     "contiguous_home_ranks",
-    "oracle_rank_scores",
-    "predictor_rank_scores",
-    "greedy_balanced_assign",
+    "oracle_expert_scores",
+    "predictor_expert_scores",
+    "layer_rank_scores",
+    "split_scores",
     "shuffled_home_ranks",
     "split_experts",
     "split_placement",
 ]
-
-# scores float [B, p], capacity -> int64 [B] local rank in 0..p-1, each used exactly capacity times.
-AssignFn = Callable[[np.ndarray, int], np.ndarray]
-
 
 def tokens_per_step(layout: ParallelLayout, tokens_per_group: int) -> int:
     """B * (P / p): tokens of one step, all TP groups of the EP group together."""
@@ -81,62 +79,42 @@ def contiguous_home_ranks(
     return np.repeat(home[:, None].astype(np.int64), num_layers, axis=1)
 
 
-def oracle_rank_scores(trace: RoutingTrace, placements: Sequence[ExpertPlacement]) -> np.ndarray:
-    """float32 [T, L, P]: the share of each token's true experts on each rank (a perfect
-    predictor; an upper bound for any real one)."""
+def oracle_expert_scores(trace: RoutingTrace) -> np.ndarray:
+    """float32 [T, L, E]: 1/k on each token's true experts (a perfect predictor; an upper bound
+    for any real one)."""
     num_tokens, num_layers, topk = trace.experts.shape
-    num_ranks = placements[0].ep_size
-    out = np.zeros((num_tokens, num_layers, num_ranks), dtype=np.float32)
-    rows = np.arange(num_tokens)[:, None]
-    for layer in range(num_layers):
-        ranks = expert_ranks(trace.experts[:, layer], placements[layer])
-        np.add.at(out[:, layer], (np.broadcast_to(rows, ranks.shape), ranks), 1.0 / topk)
+    out = np.zeros((num_tokens, num_layers, trace.num_experts), dtype=np.float32)
+    t_idx = np.arange(num_tokens)[:, None, None]
+    l_idx = np.arange(num_layers)[None, :, None]
+    np.add.at(out, (t_idx, l_idx, trace.experts), 1.0 / topk)
     return out
 
 
-def predictor_rank_scores(
-    predictor: RoutePredictor, trace: RoutingTrace, placements: Sequence[ExpertPlacement]
-) -> np.ndarray:
-    """float32 [T, L, P]: a fitted predictor's rank scores, layer l given the true routes of
+def predictor_expert_scores(predictor: RoutePredictor, trace: RoutingTrace) -> np.ndarray:
+    """float32 [T, L, E]: a fitted predictor's expert scores, layer l given the true routes of
     layers 0 .. l-1 (what travels with the hidden states) and the token ids if the trace has them."""
     num_tokens, num_layers, _ = trace.experts.shape
-    out = np.zeros((num_tokens, num_layers, placements[0].ep_size), dtype=np.float32)
+    out = np.zeros((num_tokens, num_layers, trace.num_experts), dtype=np.float32)
     for layer in range(num_layers):
-        ctx = RouteContext(
-            layer=layer, token_ids=trace.token_ids, history=trace.experts[:, :layer]
-        )
-        out[:, layer] = rank_scores(predictor.expert_scores(ctx), placements[layer])
+        ctx = RouteContext(layer=layer, token_ids=trace.token_ids, history=trace.experts[:, :layer])
+        out[:, layer] = predictor.expert_scores(ctx)
     return out
 
 
-def greedy_balanced_assign(scores: np.ndarray, capacity: int) -> np.ndarray:
-    """int64 [B]: each token's rank, every rank taking exactly ``capacity`` tokens.
+def layer_rank_scores(expert_scores: np.ndarray, placements: Sequence[ExpertPlacement]) -> np.ndarray:
+    """float32 [T, L, P]: expert scores [T, L, E] summed per rank under each layer's placement
+    (``predictors.base.rank_scores`` per layer, as one matrix product)."""
+    out = []
+    for layer, pl in enumerate(placements):
+        onehot = np.zeros((pl.num_experts, pl.ep_size), dtype=np.float32)
+        onehot[np.arange(pl.num_experts), pl.rank_of_logical()] = 1.0
+        out.append(np.asarray(expert_scores[:, layer], dtype=np.float32) @ onehot)
+    return np.stack(out, axis=1)
 
-    Greedy by confidence (a floor; an optimal assignment does at least as well): visit (token,
-    rank) pairs by descending score and give a token the first rank with room.
 
-    Args:
-        scores: float [B, p], B = p * capacity.
-        capacity: tokens per rank.
-    """
-    tokens, ranks = scores.shape
-    if tokens != ranks * capacity:
-        raise ValueError(
-            f"greedy_balanced_assign: {tokens} tokens != {ranks} ranks x capacity {capacity}"
-        )
-    order = np.argsort(-scores, axis=None, kind="stable")
-    out = np.full(tokens, -1, dtype=np.int64)
-    room = np.full(ranks, capacity, dtype=np.int64)
-    left = tokens
-    for flat in order.tolist():
-        t, r = divmod(flat, ranks)
-        if out[t] < 0 and room[r] > 0:
-            out[t] = r
-            room[r] -= 1
-            left -= 1
-            if left == 0:
-                break
-    return out
+def split_scores(expert_scores: np.ndarray, m: int) -> np.ndarray:
+    """float32 [T, L, E*m]: each expert's score shared equally by its m slices (``split_experts``)."""
+    return np.repeat(expert_scores, m, axis=-1) / np.float32(m)
 
 
 def shuffled_home_ranks(
@@ -144,17 +122,17 @@ def shuffled_home_ranks(
     *,
     layout: ParallelLayout,
     tokens_per_group: int,
-    assign: Optional[AssignFn] = None,
+    method: str = "refine",
 ) -> np.ndarray:
     """int64 [T, L]: s-TS home ranks; each TP group's B tokens spread over its p ranks, B/p each.
 
     Args:
-        scores: float [T, L, P], rank scores (``oracle_rank_scores``, ``predictor_rank_scores``).
+        scores: float [T, L, P], rank scores (``layer_rank_scores``).
         layout: TP, EP.
         tokens_per_group: B.
-        assign: the balanced assignment, ``greedy_balanced_assign`` when None.
+        method: the balanced assignment, an ``assignment.AssignmentMethod`` ("refine": greedy
+            proposal rounds plus pairwise exchanges; "optimal": exact min-cost flow, slower).
     """
-    assign = assign or greedy_balanced_assign
     num_tokens, num_layers, num_ranks = scores.shape
     if num_ranks != layout.ep:
         raise ValueError(f"shuffled_home_ranks: scores have P={num_ranks} ranks but ep={layout.ep}")
@@ -163,15 +141,14 @@ def shuffled_home_ranks(
         raise ValueError(
             f"shuffled_home_ranks: T={num_tokens} is not a multiple of the step size {step}; trim the trace"
         )
-    capacity = tokens_per_group // layout.tp
     out = np.empty((num_tokens, num_layers), dtype=np.int64)
     for start in range(0, num_tokens, tokens_per_group):
         group = (start % step) // tokens_per_group
         lo = group * layout.tp
         sl = slice(start, start + tokens_per_group)
         for layer in range(num_layers):
-            local = assign(scores[sl, layer, lo : lo + layout.tp], capacity)
-            out[sl, layer] = lo + local
+            plan = assign(scores[sl, layer, lo : lo + layout.tp], method)
+            out[sl, layer] = lo + plan.home_rank.numpy()
     return out
 
 
