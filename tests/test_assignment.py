@@ -72,10 +72,12 @@ def test_uneven_batch_respects_capacity_and_places_every_token_once(method):
     assert sorted(plan.order[plan.order < 13].tolist()) == list(range(13))
 
 
-@pytest.mark.parametrize("method", ["argsort", "greedy", "refine"])
+@pytest.mark.parametrize("method", METHODS)
 def test_equal_scores_fall_back_to_contiguous_shards(method):
     plan = assign(np.full((6, 3), 0.5, dtype=np.float32), method)
     assert plan.home_rank.tolist() == [0, 0, 1, 1, 2, 2]
+    plan = assign(np.tile(np.array([[1.0, 0.0, 0.0, 0.0]], dtype=np.float32), (8, 1)), method)
+    assert plan.home_rank.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -286,13 +286,13 @@ def _optimal(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     # negative cycle exists in the rank graph below.
     home = np.argmax(s, axis=1)
     load = np.bincount(home, minlength=p)
-    # heaps[a][b]: (cost of moving token from a to b, token); entries go stale when a token moves.
+    # heaps[a][b]: (cost of moving a token from a to b, -token); stale once the token moves.
     heaps: list[list[list[tuple[float, int]]]] = [[[] for _ in range(p)] for _ in range(p)]
     for a in range(p):
         toks = np.flatnonzero(home == a)
         for b in range(p):
             if a != b:
-                h = list(zip((s[toks, a] - s[toks, b]).tolist(), toks.tolist()))
+                h = list(zip((s[toks, a] - s[toks, b]).tolist(), (-toks).tolist()))
                 heapq.heapify(h)
                 heaps[a][b] = h
     inf = float("inf")
@@ -305,7 +305,7 @@ def _optimal(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
         for a in range(p):
             for b in range(p):
                 h = heaps[a][b]
-                while h and home[h[0][1]] != a:
+                while h and home[-h[0][1]] != a:
                     heapq.heappop(h)
                 if h:
                     w[a, b] = h[0][0]
@@ -321,8 +321,9 @@ def _optimal(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
                 break
             dist = np.where(better, best, dist)
             parent = np.where(better, best_from, parent)
-        # Step 4: the nearest underfull rank (ties: lower rank); move one token along each hop.
-        under = np.flatnonzero(excess < 0)
+        # Step 4: the nearest underfull rank, one token along each hop. Ties move the highest
+        # token index to the highest rank, so that uninformative scores give contiguous shards.
+        under = np.flatnonzero(excess < 0)[::-1]
         dst = int(under[np.argmin(dist[under])])
         if not np.isfinite(dist[dst]):
             raise ValueError("assign(method='optimal'): no feasible move; scores contain NaN?")
@@ -332,11 +333,12 @@ def _optimal(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
             hops.append((int(parent[node]), node))
             node = int(parent[node])
         for a, b in reversed(hops):
-            _, tok = heapq.heappop(heaps[a][b])
+            _, neg_tok = heapq.heappop(heaps[a][b])
+            tok = -neg_tok
             home[tok] = b
             for c in range(p):
                 if c != b:
-                    heapq.heappush(heaps[b][c], (s[tok, b] - s[tok, c], tok))
+                    heapq.heappush(heaps[b][c], (s[tok, b] - s[tok, c], neg_tok))
         load[node] -= 1
         load[dst] += 1
     return torch.as_tensor(home, dtype=torch.int64).to(scores.device)

@@ -1,0 +1,154 @@
+"""Trace-level s-TS evaluation on tiny hand-worked traces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megatron_specmoe.planning.evaluate import evaluate_trace
+from megatron_specmoe.planning.placement import ExpertPlacement
+from megatron_specmoe.planning.predictors.base import RouteContext, RoutePredictor
+from megatron_specmoe.planning.traces import RoutingTrace
+
+# E = 4 experts on P = 2 ranks: contiguous placement puts experts 0, 1 on rank 0 and 2, 3 on rank 1.
+# One layer, four tokens, k = 2:
+#   token 0: experts {2, 3} -> hits [0, 2]     token 1: {0, 2} -> [1, 1]
+#   token 2: {0, 1}         -> [2, 0]          token 3: {3, 1} -> [1, 1]
+ROUTES = np.array([[[2, 3]], [[0, 2]], [[0, 1]], [[3, 1]]], dtype=np.int32)
+
+
+def _trace(experts=ROUTES):
+    return RoutingTrace(experts=experts, num_experts=4, token_ids=np.arange(len(experts)))
+
+
+class PerfectPredictor:
+    """Scores 1/k on each true expert of the token (looked up by token id)."""
+
+    kind = "perfect"
+
+    def __init__(self, trace: RoutingTrace):
+        self.trace, self.num_experts, self.num_layers = trace, trace.num_experts, trace.num_layers
+
+    def expert_scores(self, ctx: RouteContext) -> np.ndarray:
+        true = self.trace.experts[ctx.token_ids, ctx.layer]
+        out = np.zeros((len(true), self.num_experts), dtype=np.float32)
+        np.put_along_axis(out, true.astype(np.int64), 1.0 / true.shape[1], axis=1)
+        return out
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+class ConstantPredictor:
+    """Always experts 0 and 1, i.e. always rank 0 under the contiguous placement."""
+
+    kind = "constant"
+    num_experts, num_layers = 4, 1
+
+    def expert_scores(self, ctx: RouteContext) -> np.ndarray:
+        return np.tile(np.array([[0.5, 0.5, 0.0, 0.0]], dtype=np.float32), (ctx.num_tokens, 1))
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+class HistoryRecorder(ConstantPredictor):
+    num_layers = 3
+
+    def __init__(self):
+        self.seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def expert_scores(self, ctx: RouteContext) -> np.ndarray:
+        self.seen.append((ctx.layer, ctx.history.shape, ctx.history.copy()))
+        return super().expert_scores(ctx)
+
+
+CONTIGUOUS = [ExpertPlacement.contiguous(4, 2)]
+
+
+def test_predictors_implement_the_protocol():
+    assert isinstance(PerfectPredictor(_trace()), RoutePredictor)
+    assert isinstance(ConstantPredictor(), RoutePredictor)
+
+
+def test_baseline_measures_equal_hand_counts():
+    ev = evaluate_trace(_trace(), ConstantPredictor(), CONTIGUOUS, batch_size=4, method="optimal")
+    base = ev.baseline
+    # Contiguous shards: tokens 0, 1 on rank 0; 2, 3 on rank 1. Local pairs: 0 + 1 + 0 + 1 = 2.
+    assert base.total.local_pairs == 2 and base.total.pairs == 8
+    assert base.local_activation_rate == pytest.approx(0.25)
+    assert base.remote_pairs_per_token == pytest.approx(6 / 4)
+    assert base.remote_ranks_per_token == pytest.approx(1.0)  # every token reaches the other rank
+    assert base.total.load_per_rank == (4, 4) and base.load_imbalance == pytest.approx(1.0)
+    # The constant predictor says nothing: every token prefers rank 0 equally, so the balanced
+    # assignment keeps the contiguous shards.
+    assert ev.specmoe.local_activation_rate == pytest.approx(0.25)
+    # Its prediction {0, 1} overlaps the true sets in 0, 1, 2, 1 experts; rank 0 hosts an expert
+    # of tokens 1, 2, 3.
+    assert ev.prediction.precision == pytest.approx(4 / 8)
+    assert ev.prediction.recall == pytest.approx(4 / 8)
+    assert ev.prediction.f1 == pytest.approx(0.5)
+    assert ev.prediction.rank_accuracy == pytest.approx(3 / 4)
+
+
+def test_oracle_hand_counts_and_perfect_predictor_reaches_it():
+    trace = _trace()
+    ev = evaluate_trace(trace, PerfectPredictor(trace), CONTIGUOUS, batch_size=4, method="optimal")
+    # Best balanced placement: token 2 on rank 0, token 0 on rank 1, tokens 1 and 3 one on each:
+    # local pairs 2 + 2 + 1 + 1 = 6.
+    assert ev.oracle.total.local_pairs == 6
+    assert ev.oracle.local_activation_rate == pytest.approx(0.75)
+    assert ev.oracle.remote_pairs_per_token == pytest.approx(2 / 4)
+    assert ev.oracle.remote_ranks_per_token == pytest.approx(2 / 4)
+    assert ev.specmoe.local_activation_rate == pytest.approx(ev.oracle.local_activation_rate)
+    assert ev.prediction.precision == 1.0 and ev.prediction.recall == 1.0
+    assert ev.prediction.rank_accuracy == 1.0
+
+
+@pytest.mark.parametrize("method", ["greedy", "refine", "optimal"])
+def test_perfect_predictor_equals_oracle_on_a_random_trace(method):
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.permutation(8)[:2] for _ in range(3 * 50)]).reshape(50, 3, 2)
+    trace = RoutingTrace(experts=experts.astype(np.int32), num_experts=8, token_ids=np.arange(50))
+    placements = [ExpertPlacement.contiguous(8, 4), ExpertPlacement.from_rank_groups(
+        [[7, 0], [1, 6], [2, 5], [3, 4]]), ExpertPlacement.contiguous(8, 4)]
+    ev = evaluate_trace(trace, PerfectPredictor(trace), placements, batch_size=16, method=method)
+    assert ev.num_batches == 4  # 16 + 16 + 16 + 2, the last padded
+    for a, b in zip(ev.specmoe.per_layer, ev.oracle.per_layer):
+        assert a == b
+    assert ev.specmoe.local_activation_rate > ev.baseline.local_activation_rate
+    assert ev.baseline.total.tokens == 50 * 3
+    # placement_only uses the plan's placement with contiguous shards: layer 0 and 2 are contiguous.
+    assert ev.placement_only.per_layer[0] == ev.baseline.per_layer[0]
+
+
+def test_history_is_the_true_experts_of_earlier_layers():
+    experts = np.arange(4 * 3 * 2).reshape(4, 3, 2).astype(np.int32) % 4
+    trace = RoutingTrace(experts=experts, num_experts=4)
+    rec = HistoryRecorder()
+    evaluate_trace(trace, rec, CONTIGUOUS * 3, batch_size=4)
+    assert [(layer, shape) for layer, shape, _ in rec.seen] == [(0, (4, 0, 2)), (1, (4, 1, 2)),
+                                                                (2, (4, 2, 2))]
+    np.testing.assert_array_equal(rec.seen[2][2], experts[:, :2])
+
+
+def test_json_has_the_named_fields():
+    out = evaluate_trace(_trace(), ConstantPredictor(), CONTIGUOUS, batch_size=4).to_json()
+    for side in ("baseline", "specmoe"):
+        assert {"local_activation_rate", "remote_pairs_per_token", "remote_ranks_per_token",
+                "load_imbalance", "prediction"} <= set(out[side])
+    assert set(out["specmoe"]["prediction"]) >= {"precision", "recall", "f1", "rank_accuracy"}
+    assert out["baseline"]["local_activation_rate"] == pytest.approx(0.25)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="2 placements for a trace with L=1"):
+        evaluate_trace(_trace(), ConstantPredictor(), CONTIGUOUS * 2)
+    two_layers = RoutingTrace(experts=ROUTES.repeat(2, axis=1), num_experts=4)
+    with pytest.raises(ValueError, match=r"placements\[1\].*made for ep_size=4"):
+        evaluate_trace(two_layers, ConstantPredictor(),
+                       [ExpertPlacement.contiguous(4, 2), ExpertPlacement.contiguous(4, 4)])
+    with pytest.raises(ValueError, match="fitted for L=1, E=4 but trace"):
+        evaluate_trace(two_layers, ConstantPredictor(), CONTIGUOUS * 2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate_trace(_trace(), ConstantPredictor(), CONTIGUOUS, batch_size=0)
