@@ -341,3 +341,170 @@ def test_args_hook_composes_and_validates_then_reverts(monkeypatch):
     M.uninstall_args_hook()
     assert not M.is_args_hook_installed()
     assert A.parse_args is original_parse and A.validate_args is original_validate
+
+
+# --------------------------------------------------------------------------- specmoe-launch
+
+SCRIPT = '''
+import json, os, sys
+from megatron.training.arguments import parse_args, validate_args
+import megatron_specmoe
+
+def add_script_args(parser):          # a script's own provider, as Megatron-LM scripts have
+    parser.add_argument("--port", type=int, default=5000)
+    return parser
+
+args = parse_args(extra_args_provider=add_script_args)
+validate_args(args, {})
+with open(os.environ["SPECMOE_TEST_OUT"], "w") as f:
+    json.dump({"name": __name__, "argv": sys.argv, "path0": sys.path[0], "port": args.port,
+               "dispatcher": args.moe_token_dispatcher_type,
+               "predictor": args.specmoe_predictor,
+               "installed": megatron_specmoe.is_installed()}, f)
+if args.port == 13:
+    sys.exit(13)
+'''
+
+
+@pytest.fixture
+def fake_install(monkeypatch):
+    """Stand-in for megatron_specmoe.install() so that these tests check the launcher's argument
+    plumbing alone (the real install is tested where glue/install.py is)."""
+    import megatron_specmoe
+
+    state = {"installed": False, "calls": []}
+
+    def install():
+        state["calls"].append("install")
+        state["installed"] = True
+
+    def uninstall():
+        state["calls"].append("uninstall")
+        state["installed"] = False
+
+    monkeypatch.setattr(megatron_specmoe, "install", install)
+    monkeypatch.setattr(megatron_specmoe, "uninstall", uninstall)
+    monkeypatch.setattr(megatron_specmoe, "is_installed", lambda: state["installed"])
+    return state
+
+
+def launch_argv(monkeypatch, tmp_path, *extra):
+    import json
+
+    cpu_validate_args(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out.json"
+    monkeypatch.setenv("SPECMOE_TEST_OUT", str(out))
+    argv = [*BASE_ARGV, *GOOD_LAYOUT, "--moe-token-dispatcher-type", "specmoe",
+            "--specmoe-predictor", "pregate", *extra]
+    return argv, (lambda: json.loads(out.read_text()))
+
+
+def test_launch_runs_an_unmodified_script(monkeypatch, tmp_path, fake_install):
+    from megatron_specmoe import launch
+
+    A = megatron_arguments()
+    script = tmp_path / "scripts" / "serve.py"
+    script.parent.mkdir()
+    script.write_text(SCRIPT)
+    argv, result = launch_argv(monkeypatch, tmp_path, "--port", "7")
+    saved_argv = list(sys.argv)
+    assert launch.main([str(script), *argv]) == 0
+    seen = result()
+    assert seen["name"] == "__main__" and seen["argv"] == [str(script), *argv]
+    assert seen["path0"] == str(script.parent.resolve())
+    assert (seen["port"], seen["dispatcher"], seen["predictor"]) == (7, "specmoe", "pregate")
+    assert seen["installed"] is True
+    # Everything is put back.
+    assert fake_install["calls"] == ["install", "uninstall"] and not fake_install["installed"]
+    assert not M.is_args_hook_installed() and not hasattr(A.parse_args, "__wrapped__")
+    assert sys.argv == saved_argv
+
+
+def test_launch_reports_bad_combinations_before_the_script_goes_on(monkeypatch, tmp_path,
+                                                                     fake_install):
+    from megatron_specmoe import launch
+
+    script = tmp_path / "serve.py"
+    script.write_text(SCRIPT)
+    argv, _ = launch_argv(monkeypatch, tmp_path, "--expert-model-parallel-size", "1")
+    with pytest.raises(M.SpecMoEArgumentError, match="--expert-model-parallel-size is 1"):
+        launch.main([str(script), *argv])
+    assert not (tmp_path / "out.json").exists()
+    assert not M.is_args_hook_installed() and not fake_install["installed"]
+
+
+def test_launch_passes_the_scripts_exit_code_and_cleans_up(monkeypatch, tmp_path, fake_install):
+    from megatron_specmoe import launch
+
+    script = tmp_path / "serve.py"
+    script.write_text(SCRIPT)
+    argv, result = launch_argv(monkeypatch, tmp_path, "--port", "13")
+    with pytest.raises(SystemExit) as exc:
+        launch.main([str(script), *argv])
+    assert exc.value.code == 13 and result()["port"] == 13
+    assert not M.is_args_hook_installed() and not fake_install["installed"]
+
+
+def test_launch_runs_a_module(monkeypatch, tmp_path, fake_install):
+    from megatron_specmoe import launch
+
+    pkg = tmp_path / "examples_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "server.py").write_text(SCRIPT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    argv, result = launch_argv(monkeypatch, tmp_path)
+    assert launch.main(["-m", "examples_pkg.server", *argv]) == 0
+    seen = result()
+    assert seen["name"] == "__main__" and seen["path0"] == str(tmp_path)
+    assert seen["argv"][0].endswith("server.py") and seen["argv"][1:] == argv
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "no script given"),
+    (["-m"], "-m needs a module name"),
+    (["--nproc", "8"], "unknown option '--nproc' before the script"),
+    (["missing_script.py"], "missing_script.py does not exist"),
+])
+def test_launch_usage_errors(argv, message, capsys):
+    from megatron_specmoe import launch
+
+    assert launch.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_find_megatron_root(tmp_path):
+    from megatron_specmoe.launch import find_megatron_root
+
+    (tmp_path / "megatron" / "training").mkdir(parents=True)
+    (tmp_path / "megatron" / "training" / "arguments.py").write_text("")
+    deep = tmp_path / "examples" / "inference"
+    deep.mkdir(parents=True)
+    assert find_megatron_root(deep) == tmp_path.resolve()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "megatron" / "core").mkdir(parents=True)  # a wheel layout: no training/
+    assert find_megatron_root(other / "megatron") == tmp_path.resolve()  # found further up
+    assert find_megatron_root(Path("/")) is None
+
+
+def test_launch_installs_the_real_plugin(monkeypatch, tmp_path):
+    """With the project's own install() (glue/install.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("megatron_specmoe.glue.install") is None:
+        pytest.skip("megatron_specmoe/glue/install.py is not in this checkout yet")
+    import megatron_specmoe
+    from megatron_specmoe import launch
+
+    megatron_arguments()
+    script = tmp_path / "serve.py"
+    script.write_text(SCRIPT)
+    argv, result = launch_argv(monkeypatch, tmp_path)
+    was = megatron_specmoe.is_installed()
+    assert launch.main([str(script), *argv]) == 0
+    assert result()["installed"] is True
+    assert megatron_specmoe.is_installed() is was
