@@ -122,3 +122,13 @@ def test_bad_input_errors():
         assign(np.zeros(4, dtype=np.float32), "greedy")
     with pytest.raises(ValueError, match="NaN or inf"):
         assign(np.array([[0.5, np.nan]], dtype=np.float32), "greedy")
+
+
+def test_greedy_with_fewer_rounds_fills_the_free_rows_in_index_order():
+    from megatron_specmoe.planning.assignment import _greedy
+
+    scores = torch.tensor([[0.7, 0.0], [1.0, 0.0], [0.9, 0.0], [0.8, 0.0]])
+    room = torch.tensor([2, 2])
+    # Round 1: rank 0 takes its two best asks (tokens 1, 2); tokens 0 and 3 fill rank 1.
+    assert _greedy(scores, room, rounds=1).tolist() == [1, 0, 0, 1]
+    assert _greedy(scores, room).tolist() == [1, 0, 0, 1]
