@@ -223,3 +223,26 @@ def test_bad_input_errors_name_the_problem():
         group_experts(trace, ep_size=2, options=GroupingOptions(), home_ranks=np.zeros(3, dtype=np.int64))
     with pytest.raises(ValueError, match="the limit is"):
         solve_exact(_random_routes(np.random.default_rng(0), 3000, 32, 4), num_experts=32, ep_size=8, theta=0.1)
+
+
+def test_cli_group_writes_one_placement_per_layer(tmp_path, capsys):
+    import json
+
+    from megatron_specmoe.cli.main import main
+    from megatron_specmoe.planning.trace_io import write_trace
+
+    ex = np.array([[[0, 3], [0, 1]], [[1, 2], [2, 3]]] * 10, dtype=np.int32)
+    write_trace(RoutingTrace(experts=ex, num_experts=4), tmp_path / "t.npz")
+    out = tmp_path / "g.json"
+    assert main(["group", "--traces", str(tmp_path / "t.npz"), "--ep", "2", "--method", "search",
+                 "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    placements = [ExpertPlacement.from_json(x) for x in doc["layers"]]
+    assert [_groups(p) for p in placements] == [
+        {frozenset({0, 3}), frozenset({1, 2})},
+        {frozenset({0, 1}), frozenset({2, 3})},
+    ]
+    printed = capsys.readouterr().out
+    assert "contiguous" in printed and "search" in printed
+    with pytest.raises(ValueError, match="--ep 3 does not divide"):
+        main(["group", "--traces", str(tmp_path / "t.npz"), "--ep", "3", "--out", str(out)])
