@@ -1,13 +1,19 @@
-"""Trace-level s-TS evaluation on tiny hand-worked traces."""
+"""Trace-level s-TS evaluation on tiny hand-worked traces, and ``specmoe evaluate`` end to end."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
+from megatron_specmoe.cli.main import main
 from megatron_specmoe.planning.evaluate import evaluate_trace
 from megatron_specmoe.planning.placement import ExpertPlacement
+from megatron_specmoe.planning.plan import make_plan, save_plan
 from megatron_specmoe.planning.predictors.base import RouteContext, RoutePredictor
+from megatron_specmoe.planning.predictors.layer_table import LayerTable
+from megatron_specmoe.planning.trace_io import write_trace
 from megatron_specmoe.planning.traces import RoutingTrace
 
 # E = 4 experts on P = 2 ranks: contiguous placement puts experts 0, 1 on rank 0 and 2, 3 on rank 1.
@@ -152,3 +158,72 @@ def test_errors_name_the_problem():
         evaluate_trace(two_layers, ConstantPredictor(), CONTIGUOUS * 2)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate_trace(_trace(), ConstantPredictor(), CONTIGUOUS, batch_size=0)
+
+
+# ---- specmoe evaluate ------------------------------------------------------------------------
+
+
+def _repeating_trace(tokens=48, seed=0):
+    # Layer 0 random; layers 1, 2 repeat layer 0, so the history predicts them exactly.
+    rng = np.random.default_rng(seed)
+    first = np.stack([rng.permutation(4)[:2] for _ in range(tokens)])
+    return RoutingTrace(experts=np.stack([first] * 3, axis=1).astype(np.int32), num_experts=4)
+
+
+@pytest.fixture()
+def files(tmp_path):
+    fit = _repeating_trace(seed=1)
+    predictor = LayerTable(n=1, min_count=1, alpha=0.0).fit(fit)
+    plan = make_plan(num_layers=3, num_experts=4, topk=2, ep_size=2,
+                     placements=[ExpertPlacement.contiguous(4, 2)] * 3,
+                     predictor_state={"layer": predictor.to_state()})
+    save_plan(plan, tmp_path / "plan")
+    empty = make_plan(num_layers=3, num_experts=4, topk=2, ep_size=2)
+    save_plan(empty, tmp_path / "empty")
+    trace = _repeating_trace(seed=2)
+    write_trace(trace, tmp_path / "eval.npz")
+    return tmp_path, trace
+
+
+def _baseline_lar(trace, batch, ranks):
+    """Independent count: contiguous shards of batch/P rows, expert e on rank e // (E/P)."""
+    local = 0
+    for t in range(trace.num_tokens):
+        home = (t % batch) // (batch // ranks)
+        local += int((trace.experts[t] // (trace.num_experts // ranks) == home).sum())
+    return local / trace.experts.size
+
+
+def test_json_output(files, capsys):
+    tmp, trace = files
+    rc = main(["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz"),
+               "--batch", "16", "--assignment", "optimal", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
+    for side in ("baseline", "specmoe"):
+        for key in ("local_activation_rate", "remote_pairs_per_token", "remote_ranks_per_token",
+                    "load_imbalance"):
+            assert isinstance(out[side][key], float)
+    assert set(out["prediction"]) >= {"precision", "recall", "f1", "rank_accuracy"}
+    assert out["specmoe"]["prediction"] == out["prediction"]
+    assert out["baseline"]["local_activation_rate"] == pytest.approx(_baseline_lar(trace, 16, 2))
+    # Layers 1 and 2 are predicted exactly, so there specmoe reaches the oracle.
+    for layer in (1, 2):
+        assert (out["specmoe"]["per_layer"]["local_activation_rate"][layer]
+                == pytest.approx(out["oracle"]["per_layer"]["local_activation_rate"][layer]))
+    assert out["specmoe"]["local_activation_rate"] > out["baseline"]["local_activation_rate"]
+    assert out["config"]["assignment"] == "optimal" and out["config"]["batch_size"] == 16
+
+
+def test_table_output_and_errors(files, capsys):
+    tmp, _ = files
+    assert main(["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz")]) == 0
+    assert "specmoe" in capsys.readouterr().out
+    assert main(["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz"),
+                 "--kind", "history"]) == 2
+    assert "--kind 'history'" in capsys.readouterr().err
+    assert main(["evaluate", "--plan", str(tmp / "empty"), "--traces", str(tmp / "eval.npz")]) == 2
+    assert "stores no predictor" in capsys.readouterr().err
+    assert main(["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz"),
+                 "--assignment", "hungarian"]) == 2
+    assert "not one of" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""``specmoe evaluate``: how much of the EP all-to-all a plan saves on routing traces.
+
+Simulates s-TS on the traces as DESIGN.md "Measures" defines it (``planning/evaluate.py``): batches
+of ``--batch`` tokens in trace order; baseline = contiguous shards + contiguous experts; specmoe =
+the plan's placement + a balanced assignment (``--assignment``) from the plan's predictor; oracle =
+the same assignment from the true routes (the ceiling). Prints a table, or with ``--json`` ONE JSON
+object on stdout with ``baseline``, ``placement_only``, ``specmoe`` and ``oracle`` (each:
+local_activation_rate, remote_pairs_per_token, remote_ranks_per_token, load_imbalance, per_layer),
+and ``prediction`` {precision, recall, f1, rank_accuracy} (also inside ``specmoe``). Progress goes
+to stderr.
+
+Evaluate on other workloads than the plan was fitted on, and pass ``--dedup`` for traces that
+repeat prompts (the Mixtral MT-Bench files), or the numbers measure memory, not prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+HELP = "simulate s-TS on routing traces with a plan: local activation rate, remote pairs, prediction"
+
+# Fallback when predictors/registry.py is absent: kind -> (module, class with from_state(state)).
+_KNOWN_KINDS = {
+    "token": ("megatron_specmoe.planning.predictors.token_table", "TokenTable"),
+    "layer": ("megatron_specmoe.planning.predictors.layer_table", "LayerTable"),
+    "history": ("megatron_specmoe.planning.predictors.history_mlp", "HistoryMLP"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", required=True, metavar="DIR",
+                        help="plan folder (specmoe plan): placements and predictor")
+    parser.add_argument("--traces", required=True, nargs="+", metavar="FILE",
+                        help="routing traces to evaluate on (any format planning/trace_io.py reads)")
+    parser.add_argument("--batch", type=int, default=512,
+                        help="tokens per shuffle domain (one TP group's batch), default 512")
+    parser.add_argument("--assignment", default="refine",
+                        help="balanced assignment (planning/assignment.py): contiguous, argsort, "
+                             "greedy, refine (default, the runtime's), optimal")
+    parser.add_argument("--kind", default=None,
+                        help="which of the plan's predictors to use (default: the first it stores)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="drop tokens whose whole route repeats an earlier token's (count on stderr)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def load_predictor(plan, kind: str | None):
+    """The plan's predictor of ``kind`` (default: its first), rebuilt from ``plan.predictor_state``."""
+    kinds = list(plan.header.predictor_kinds)
+    if not kinds:
+        raise ValueError(f"plan {plan.source} stores no predictor; make it with `specmoe plan` "
+                         "and a predictor, or evaluate another plan")
+    kind = kinds[0] if kind is None else kind
+    if kind not in kinds:
+        raise ValueError(f"--kind {kind!r}: plan {plan.source} stores the predictors {kinds}")
+    state = plan.predictor_state[kind]
+    try:
+        registry = importlib.import_module("megatron_specmoe.planning.predictors.registry")
+    except ModuleNotFoundError as exc:
+        if exc.name != "megatron_specmoe.planning.predictors.registry":
+            raise
+        registry = None
+    if registry is not None and hasattr(registry, "predictor_from_state"):
+        return registry.predictor_from_state(kind, state)
+    if kind not in _KNOWN_KINDS:
+        raise ValueError(f"plan {plan.source}: cannot rebuild a {kind!r} predictor (known: "
+                         f"{sorted(_KNOWN_KINDS)}); pass --kind with one of {kinds}")
+    module, cls = _KNOWN_KINDS[kind]
+    return getattr(importlib.import_module(module), cls).from_state(state)
+
+
+def _table(result: dict) -> str:
+    rows = [f"{'side':16s} {'LAR':>7s} {'remote pairs/tok':>17s} {'remote ranks/tok':>17s} "
+            f"{'load imb.':>10s}"]
+    for side in ("baseline", "placement_only", "specmoe", "oracle"):
+        r = result[side]
+        rows.append(f"{side:16s} {r['local_activation_rate']:7.4f} {r['remote_pairs_per_token']:17.4f} "
+                    f"{r['remote_ranks_per_token']:17.4f} {r['load_imbalance']:10.4f}")
+    p = result["prediction"]
+    rows.append(f"prediction: precision {p['precision']:.4f} recall {p['recall']:.4f} "
+                f"F1 {p['f1']:.4f} rank accuracy {p['rank_accuracy']:.4f}")
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from typing import get_args
+
+    from megatron_specmoe.planning.assignment import AssignmentMethod
+    from megatron_specmoe.planning.evaluate import evaluate_trace
+    from megatron_specmoe.planning.plan import load_plan
+    from megatron_specmoe.planning.trace_io import dedup_routes, read_traces
+
+    methods = get_args(AssignmentMethod)
+    if args.assignment not in methods:
+        print(f"specmoe evaluate: --assignment {args.assignment!r} is not one of {list(methods)}",
+              file=sys.stderr)
+        return 2
+    if args.batch < 1:
+        print(f"specmoe evaluate: --batch must be >= 1, got {args.batch}", file=sys.stderr)
+        return 2
+    try:
+        plan = load_plan(args.plan)
+        trace = read_traces(args.traces, num_experts=plan.header.num_experts)
+        plan.check_compatible(num_layers=trace.num_layers, num_experts=trace.num_experts,
+                              topk=trace.topk, ep_size=plan.header.ep_size)
+        if args.dedup:
+            before = trace.num_tokens
+            trace, _ = dedup_routes(trace)
+            print(f"[evaluate] --dedup: dropped {before - trace.num_tokens} of {before} tokens that "
+                  "repeat an earlier route", file=sys.stderr)
+        predictor = load_predictor(plan, args.kind)
+        result = evaluate_trace(trace, predictor, plan.placements, batch_size=args.batch,
+                                method=args.assignment, progress=True)
+    except ValueError as exc:
+        print(f"specmoe evaluate: {exc}", file=sys.stderr)
+        return 2
+    out = result.to_json()
+    out["config"].update(plan=str(args.plan), traces=[str(p) for p in args.traces], dedup=args.dedup)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"plan {args.plan}, predictor {out['config']['predictor']!r}, {result.num_tokens} tokens, "
+              f"EP={result.num_ranks}, batch {args.batch}, assignment {args.assignment}")
+        print(_table(out))
+    return 0
