@@ -1,0 +1,266 @@
+"""Route-history model ("history"): a small MLP per layer over the experts used at all earlier layers.
+
+Notation
+    T: tokens.   L: MoE layers.   l: the layer being predicted.   k: top-k.   E: experts.
+    H: hidden units.   x: float32 [T, l*E], the multi-hot of the expert sets at layers 0 .. l-1
+    (layer-major: column i*E + e is 1 when the token used expert e at layer i).
+
+Model. For every layer l >= 1, one hidden layer:
+
+    z = relu(x @ W1 + b1) @ W2 + b2        W1 [l*E, H], b1 [H], W2 [H, E], b2 [E]
+
+trained with a multi-label loss (binary cross-entropy of sigmoid(z) against the multi-hot of the
+token's k experts at layer l), so sigmoid(z[e]) estimates P(e is selected) and sums to about k.
+Scores are sigmoid(z) divided by its row sum: the same "share of the k selections" as the tables,
+so confidences compare across predictors. Layer 0, or a context without history, scores the
+layer's frequency prior.
+
+Fitting uses torch on the CPU (AdamW, mini-batches), one layer at a time, and stops early: the last
+``val_fraction`` of the fitting tokens (``_common.validation_split``) is held out, the epoch with
+the lowest loss on it is kept (at most ``epochs``; stop after ``patience`` epochs without
+improvement). Weights are initialised from a ``numpy`` generator seeded by ``seed`` and batches
+drawn from a private ``torch.Generator``, so fitting is reproducible and touches no global RNG.
+Inference is two numpy matmuls per layer.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from megatron_specmoe.planning.predictors._common import (
+    NotFittedError,
+    check_history,
+    check_state,
+    frequency_prior,
+    multi_hot,
+    validation_split,
+)
+from megatron_specmoe.planning.predictors.base import RouteContext
+from megatron_specmoe.planning.traces import RoutingTrace
+
+__all__ = ["HistoryMLP"]
+
+_ARRAYS = ("w1", "b1", "w2", "b2")
+
+
+class HistoryMLP:
+    """Per-layer one-hidden-layer MLP from the full route history to this layer's experts.
+
+    Args:
+        hidden: H, hidden units per layer.
+        epochs: most passes over the fitting data per layer.
+        patience: epochs without a lower held-out loss before stopping.
+        lr: AdamW learning rate.   weight_decay: AdamW weight decay.   batch_size: tokens per step.
+        val_fraction: share of the fitting tokens held out for early stopping.
+        seed: seeds initialisation and batch order.
+        threads: torch intra-op threads while fitting (restored afterwards).
+    """
+
+    kind = "history"
+
+    def __init__(
+        self,
+        *,
+        hidden: int = 128,
+        epochs: int = 12,
+        patience: int = 3,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 256,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        threads: int = 1,
+    ):
+        for name, value in (("hidden", hidden), ("epochs", epochs), ("patience", patience), ("batch_size", batch_size), ("threads", threads)):
+            if value < 1:
+                raise ValueError(f"HistoryMLP: {name} must be >= 1, got {value}")
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"HistoryMLP: need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"HistoryMLP: val_fraction must be in (0, 1), got {val_fraction}")
+        self.hidden, self.epochs, self.patience = hidden, epochs, patience
+        self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
+        self.val_fraction, self.seed, self.threads = val_fraction, seed, threads
+        self.fit_log: list[dict[str, float]] = []  # per layer: best epoch and held-out top-1
+        self._fitted: Optional[dict[str, Any]] = None
+
+    # ---- fitting ----------------------------------------------------------------------------
+    def _fit_layer(self, x_fit, y_fit, x_val, truth_val, rng, gen):
+        """Train one layer's MLP; returns numpy (w1, b1, w2, b2) and (best epoch, its held-out top-1).
+
+        x_fit float32 [T1, l*E], y_fit float32 [T1, E] (multi-hot targets),
+        x_val float32 [T2, l*E], truth_val int64 [T2, k].
+        """
+        import torch
+
+        inputs, experts = x_fit.shape[1], y_fit.shape[1]
+
+        def init(fan_in, shape):
+            bound = 1.0 / np.sqrt(fan_in)
+            return torch.from_numpy(rng.uniform(-bound, bound, size=shape).astype(np.float32))
+
+        params = [
+            init(inputs, (inputs, self.hidden)), init(inputs, (self.hidden,)),
+            init(self.hidden, (self.hidden, experts)), init(self.hidden, (experts,)),
+        ]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        xf, yf, xv = torch.from_numpy(x_fit), torch.from_numpy(y_fit), torch.from_numpy(x_val)
+        yv = torch.zeros(x_val.shape[0], experts).scatter_(1, torch.from_numpy(truth_val), 1.0)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        best = (float("inf"), 0, [p.detach().clone() for p in params], 0.0)  # (loss, epoch, params, top-1)
+        stale = 0
+        for epoch in range(1, self.epochs + 1):
+            order = torch.randperm(xf.shape[0], generator=gen)
+            for start in range(0, xf.shape[0], self.batch_size):
+                idx = order[start : start + self.batch_size]
+                w1, b1, w2, b2 = params
+                logits = torch.relu(xf[idx] @ w1 + b1) @ w2 + b2
+                loss = loss_fn(logits, yf[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                w1, b1, w2, b2 = params
+                logits_val = torch.relu(xv @ w1 + b1) @ w2 + b2
+                val_loss = float(loss_fn(logits_val, yv))
+                pred = logits_val.argmax(dim=1).numpy()
+            top1 = float((truth_val == pred[:, None]).any(axis=1).mean())
+            if val_loss < best[0]:
+                best, stale = (val_loss, epoch, [p.detach().clone() for p in params], top1), 0
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        arrays = tuple(p.numpy().astype(np.float32) for p in best[2])
+        return arrays, (best[1], best[3])
+
+    def fit(self, trace: RoutingTrace) -> "HistoryMLP":
+        """Train the MLPs of layers 1 .. L-1 on ``trace``. Returns ``self``. Progress on stderr."""
+        import torch
+
+        # The matrices are tiny: one intra-op thread is fastest (extra threads spin and, on a
+        # shared machine, slow each step ~100x). The setting is restored afterwards.
+        saved_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._fit(trace)
+        finally:
+            torch.set_num_threads(saved_threads)
+
+    def _fit(self, trace: RoutingTrace) -> "HistoryMLP":
+        import torch
+
+        num_experts, layers = trace.num_experts, trace.num_layers
+        fit_idx, val_idx = validation_split(trace, self.val_fraction)
+        fit_ex, val_ex = trace.experts[fit_idx], trace.experts[val_idx]
+        rng = np.random.default_rng(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        weights: list[Optional[tuple[np.ndarray, ...]]] = [None]
+        self.fit_log = []
+        started = time.perf_counter()
+        for layer in range(1, layers):
+            # Built per layer (not [T, L*E] at once) to keep memory at one layer's inputs.
+            x_fit = multi_hot(fit_ex[:, :layer], num_experts)
+            y_fit = multi_hot(fit_ex[:, layer : layer + 1], num_experts)
+            x_val = multi_hot(val_ex[:, :layer], num_experts)
+            truth = val_ex[:, layer].astype(np.int64)
+            arrays, (epoch, top1) = self._fit_layer(x_fit, y_fit, x_val, truth, rng, gen)
+            weights.append(arrays)
+            self.fit_log.append({"layer": layer, "epoch": epoch, "val_top1": top1})
+            print(
+                f"[history] layer {layer}/{layers - 1}: best epoch {epoch}, held-out top-1 "
+                f"{top1:.3f} ({time.perf_counter() - started:.1f}s)",
+                file=sys.stderr,
+            )
+        self._fitted = {
+            "num_experts": num_experts,
+            "num_layers": layers,
+            "topk": trace.topk,
+            "prior": frequency_prior(trace.experts, num_experts),
+            "weights": weights,
+        }
+        return self
+
+    # ---- protocol -----------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        if self._fitted is None:
+            raise NotFittedError("HistoryMLP is not fitted; call fit(trace) or HistoryMLP.from_state()")
+        return self._fitted
+
+    @property
+    def num_experts(self) -> int:
+        return int(self._state()["num_experts"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._state()["num_layers"])
+
+    def expert_scores(self, ctx: RouteContext) -> np.ndarray:
+        """float32 [T, E] (module docstring); uses ``ctx.history`` int [T, l, k]."""
+        st = self._state()
+        hist = check_history(
+            ctx, num_layers=st["num_layers"], num_experts=st["num_experts"], topk=st["topk"],
+            who="HistoryMLP",
+        )
+        prior = st["prior"][ctx.layer]
+        if hist is None:
+            return np.broadcast_to(prior, (ctx.num_tokens, prior.shape[0])).astype(np.float32)
+        w1, b1, w2, b2 = st["weights"][ctx.layer]
+        x = multi_hot(hist, st["num_experts"])
+        hidden = x @ w1
+        hidden += b1
+        np.maximum(hidden, 0.0, out=hidden)
+        logits = hidden @ w2
+        logits += b2
+        np.clip(logits, -30.0, 30.0, out=logits)  # sigmoid is flat there; avoids exp overflow
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+
+    def memory_bytes(self) -> int:
+        st = self._state()
+        return int(st["prior"].nbytes + sum(a.nbytes for w in st["weights"] if w for a in w))
+
+    # ---- plan artifact ------------------------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        st = self._state()
+        arrays: dict[str, np.ndarray] = {"prior": st["prior"]}
+        for layer, w in enumerate(st["weights"]):
+            if w is not None:
+                arrays.update({f"l{layer}.{name}": a for name, a in zip(_ARRAYS, w)})
+        config = {
+            "kind": self.kind, "hidden": self.hidden, "epochs": self.epochs, "patience": self.patience,
+            "lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
+            "val_fraction": self.val_fraction, "seed": self.seed, "threads": self.threads,
+            "num_experts": st["num_experts"], "num_layers": st["num_layers"], "topk": st["topk"],
+        }
+        return {"config": config, "arrays": arrays}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "HistoryMLP":
+        cfg = state.get("config", {}) if isinstance(state, dict) else {}
+        layers = int(cfg.get("num_layers", 0))
+        names = ("prior",) + tuple(f"l{l}.{n}" for l in range(1, layers) for n in _ARRAYS)
+        check_state(state, kind=cls.kind, arrays=names)
+        arr = state["arrays"]
+        out = cls(
+            hidden=cfg["hidden"], epochs=cfg["epochs"], patience=cfg["patience"], lr=cfg["lr"],
+            weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
+            val_fraction=cfg["val_fraction"], seed=cfg["seed"], threads=cfg.get("threads", 1),
+        )
+        weights: list[Optional[tuple[np.ndarray, ...]]] = [None]
+        for layer in range(1, layers):
+            weights.append(tuple(np.asarray(arr[f"l{layer}.{n}"], dtype=np.float32) for n in _ARRAYS))
+        out._fitted = {
+            "num_experts": int(cfg["num_experts"]),
+            "num_layers": layers,
+            "topk": int(cfg["topk"]),
+            "prior": np.asarray(arr["prior"], dtype=np.float32),
+            "weights": weights,
+        }
+        return out
