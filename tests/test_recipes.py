@@ -255,3 +255,21 @@ def test_plan_step_matches_specmoe_plan():
     cmd = R.make_recipe("mixtral-8x7b", nodes=1, launcher="torchrun").commands()["plan"]
     args = build_parser().parse_args([*cmd.program[1:], *cmd.script_args])
     assert args.command == "plan"
+
+
+def test_modules_import_no_megatron():
+    """specmoe --help / recipes / the launcher's own import stay cheap (megatron only at run)."""
+    code = ("import sys, megatron_specmoe.launch, megatron_specmoe.recipes, "
+            "megatron_specmoe.cli.recipes, megatron_specmoe.glue.megatron_args\n"
+            "print(sorted(m for m in sys.modules if m == 'megatron' or m.startswith('megatron.')"
+            " or m.startswith('torch')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_predictor_names_match_the_registry():
+    from megatron_specmoe.planning.predictors.registry import PredictorKind
+
+    # The runtime-only pre-attention gate needs no fitted state, so it is not in the registry.
+    assert typing.get_args(M.PredictorName) == (*typing.get_args(PredictorKind), "pregate")
