@@ -132,3 +132,17 @@ def test_greedy_with_fewer_rounds_fills_the_free_rows_in_index_order():
     # Round 1: rank 0 takes its two best asks (tokens 1, 2); tokens 0 and 3 fill rank 1.
     assert _greedy(scores, room, rounds=1).tolist() == [1, 0, 0, 1]
     assert _greedy(scores, room).tolist() == [1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 5, 8])
+def test_round_robin_schedule_covers_every_pair_once_with_disjoint_rounds(ranks):
+    from megatron_specmoe.planning.assignment import _round_robin
+
+    a, b = _round_robin(ranks, torch.device("cpu"))
+    n = ranks + ranks % 2
+    assert a.shape == b.shape == (n - 1, n // 2)
+    pairs = []
+    for ra, rb in zip(a.tolist(), b.tolist()):
+        assert len(set(ra) | set(rb)) == n  # each rank (and the dummy) once per round
+        pairs += [tuple(sorted(x)) for x in zip(ra, rb) if max(x) < ranks]
+    assert sorted(pairs) == [(x, y) for x in range(ranks) for y in range(x + 1, ranks)]

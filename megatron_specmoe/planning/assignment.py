@@ -207,7 +207,7 @@ def _greedy(scores: torch.Tensor, room: torch.Tensor, rounds: int | None = None)
     home = torch.full((t,), -1, dtype=torch.int64, device=device)
     room = room.clone()
     arange = torch.arange(t, device=device)
-    neg_inf = torch.tensor(float("-inf"), device=device, dtype=scores.dtype)
+    neg_inf = scores.new_full((), float("-inf"))
     for _ in range(rounds):
         # Step 1: every unplaced token asks for its best rank that still has room.
         open_scores = torch.where((room > 0).view(1, p), scores, neg_inf)
@@ -234,16 +234,19 @@ def _greedy(scores: torch.Tensor, room: torch.Tensor, rounds: int | None = None)
     return torch.where(unplaced, fill, home)
 
 
-def _round_robin(num_ranks: int) -> list[list[tuple[int, int]]]:
-    """Rounds of disjoint rank pairs covering every pair once (circle method)."""
+def _round_robin(num_ranks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rounds of disjoint rank pairs covering every pair once (circle method), built on ``device``
+    by arithmetic (no host copy). Returns int64 [R, n/2] twice: pair j of round i is (a[i, j],
+    b[i, j]); n = P rounded up to even, R = n - 1; for odd P, rank P is a dummy that never swaps.
+
+    Round i pairs n-1 with i, and (i + j) mod (n-1) with (i - j) mod (n-1) for j = 1 .. n/2 - 1.
+    """
     n = num_ranks + (num_ranks % 2)
-    ids = list(range(n))
-    rounds = []
-    for _ in range(n - 1):
-        pairs = [(ids[i], ids[n - 1 - i]) for i in range(n // 2)]
-        rounds.append([(a, b) for a, b in pairs if a < num_ranks and b < num_ranks])
-        ids = [ids[0], ids[-1]] + ids[1:-1]
-    return [r for r in rounds if r]
+    i = torch.arange(n - 1, device=device).view(-1, 1)
+    j = torch.arange(1, n // 2, device=device).view(1, -1)
+    a = torch.cat([torch.full_like(i, n - 1), (i + j) % (n - 1)], dim=1)
+    b = torch.cat([i, (i - j) % (n - 1)], dim=1)
+    return a, b
 
 
 def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: int = 2) -> torch.Tensor:
@@ -254,16 +257,18 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
         return home
     c = capacity_of(t, p)
     plan = plan_from_home(home, p)
-    shards = plan.order.view(p, c).clone()
-    # Pad rows get -inf gains so that they never move (and so never change a rank's real count).
-    neg_inf = torch.full((p * c - t, p), float("-inf"), device=device, dtype=scores.dtype)
-    s_ext = torch.cat([scores, neg_inf])
-    rounds = _round_robin(p)
+    shards = plan.order.view(p, c)
+    # Pad rows (and, for odd P, a dummy rank of sentinel rows) get -inf gains, so they never move.
+    n = p + (p % 2)
+    s_ext = scores.new_full((p * c + 1, n), float("-inf"))
+    s_ext[:t, :p] = scores
+    if n > p:
+        shards = torch.cat([shards, shards.new_full((1, c), p * c)])
+    sched_a, sched_b = _round_robin(p, device)
     for _ in range(sweeps):
-        for pairs in rounds:
-            a = torch.tensor([x for x, _ in pairs], device=device)
-            b = torch.tensor([y for _, y in pairs], device=device)
-            rows_a, rows_b = shards[a], shards[b]  # [m, C]
+        for r in range(n - 1):
+            a, b = sched_a[r], sched_b[r]  # [n/2] disjoint pairs
+            rows_a, rows_b = shards[a], shards[b]  # [n/2, C]
             # Step 1: gain of moving each token to the other rank of its pair.
             gain_a = s_ext[rows_a, b.view(-1, 1)] - s_ext[rows_a, a.view(-1, 1)]
             gain_b = s_ext[rows_b, a.view(-1, 1)] - s_ext[rows_b, b.view(-1, 1)]
@@ -277,7 +282,8 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
             from_a, from_b = rows_a.gather(1, ia), rows_b.gather(1, ib)
             new_a = rows_a.scatter(1, ia, torch.where(swap, from_b, from_a))
             new_b = rows_b.scatter(1, ib, torch.where(swap, from_a, from_b))
-            shards[a], shards[b] = new_a, new_b
+            shards = shards.index_copy(0, torch.cat([a, b]), torch.cat([new_a, new_b]))
+    shards = shards[:p]
     slot_rank = torch.arange(p, device=device).repeat_interleave(c)
     flat = shards.reshape(-1)
     real = flat < t
@@ -362,13 +368,17 @@ ASSIGNMENT_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 assert set(ASSIGNMENT_METHODS) == set(get_args(AssignmentMethod))
 
 
-def assign(scores: torch.Tensor | np.ndarray, method: AssignmentMethod = "refine") -> ShufflePlan:
+def assign(
+    scores: torch.Tensor | np.ndarray, method: AssignmentMethod = "refine", *, validate: bool = True
+) -> ShufflePlan:
     """Balanced assignment of T tokens to P ranks, maximising predicted local activations.
 
     Args:
         scores: float32 [T, P] rank scores (``predictors.base.rank_scores``); a numpy array or a
             torch tensor on any device (the plan lives on the same device). Must be finite.
         method: one of ``AssignmentMethod`` (see the module docstring).
+        validate: check that the scores are finite. The check reads a flag back to the host; the
+            runtime passes False so that the torch methods never synchronise.
 
     Returns:
         ShufflePlan with capacity C = ceil(T/P) per rank.
@@ -382,9 +392,11 @@ def assign(scores: torch.Tensor | np.ndarray, method: AssignmentMethod = "refine
         raise ValueError(f"assign: scores must be [T, P] with P >= 1, got shape {tuple(s.shape)}")
     if not s.is_floating_point():
         s = s.float()
-    if not bool(torch.isfinite(s).all()):
+    if validate and not bool(torch.isfinite(s).all()):
         raise ValueError("assign: scores contain NaN or inf; rank scores must be finite")
     t, p = s.shape
-    room = torch.tensor(real_capacities(t, p), dtype=torch.int64, device=s.device)
+    c = capacity_of(t, p)
+    # real_capacities(t, p), computed on the device (no host copy): C, less one on the last ranks.
+    room = c - (torch.arange(p, device=s.device) >= p - (p * c - t)).long()
     home = ASSIGNMENT_METHODS[method](s, room) if t else torch.zeros(0, dtype=torch.int64, device=s.device)
     return plan_from_home(home, p)
