@@ -332,6 +332,10 @@ def test_args_hook_composes_and_validates_then_reverts(monkeypatch):
                                    "--specmoe-predictor", "pregate"], provider=script_provider)
         assert args.port == 1 and args.moe_token_dispatcher_type == "specmoe"
         A.validate_args(args, {})  # Megatron's checks, then ours: this layout is fine
+        # ... and Megatron-LM's own args -> TransformerConfig copy keeps the choice.
+        config = A.core_transformer_config_from_args(args)
+        assert config.moe_token_dispatcher_type == "specmoe"
+        assert (config.expert_model_parallel_size, config.expert_tensor_parallel_size) == (4, 1)
         bad = parse(monkeypatch, [*BASE_ARGV, *GOOD_LAYOUT, "--moe-token-dispatcher-type",
                                   "specmoe"], provider=script_provider)
         with pytest.raises(M.SpecMoEArgumentError, match="needs --specmoe-plan"):

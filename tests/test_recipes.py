@@ -273,3 +273,22 @@ def test_predictor_names_match_the_registry():
 
     # The runtime-only pre-attention gate needs no fitted state, so it is not in the registry.
     assert typing.get_args(M.PredictorName) == (*typing.get_args(PredictorKind), "pregate")
+
+
+@pytest.mark.parametrize("recipe", ALL)
+def test_launcher_flags_parse_with_torchrun(recipe):
+    """The torchrun part of each GPU step, through torchrun's own parser (torch.distributed.run)."""
+    from torch.distributed.run import get_args_parser
+
+    for step in ("calibrate", "serve"):
+        cmd = recipe.commands()[step]
+        argv = list(cmd.argv())
+        args = get_args_parser().parse_args(argv[argv.index("torchrun") + 1:])
+        assert (int(args.nproc_per_node), args.nnodes) == (recipe.gpus_per_node, str(recipe.nodes))
+        assert args.module and args.training_script == "megatron_specmoe.launch"
+        assert args.training_script_args[0] == f"${{MEGATRON_LM}}/{cmd.script.path}"
+        assert args.training_script_args[1:] == [*cmd.megatron_args, *cmd.script_args]
+        assert args.standalone == (recipe.nodes == 1)
+        if recipe.nodes > 1:
+            assert args.rdzv_backend == "c10d"
+            assert args.rdzv_endpoint == "${MASTER_ADDR}:${MASTER_PORT}"
