@@ -256,3 +256,44 @@ def test_compare_dispatchers_on_synthetic_routes():
         compare_dispatchers(trace, scores, ep=4, tp=2, **{**common, "tokens_per_rank": 6})
     with pytest.raises(ValueError, match=r"expert_scores must be \[T, L, E\]"):
         compare_dispatchers(trace, scores[:, :1], ep=4, tp=2, **common)
+
+
+def test_rail_routing_spreads_one_gpus_inter_node_traffic():
+    sent = np.zeros((4, 4), dtype=np.int64)
+    sent[0, 2] = sent[0, 3] = 4  # rank 0 (node 0) sends 4 B to each GPU of node 1
+    direct = phase_times(sent, TINY)
+    assert direct.time_s == 2 * 10 + 8 / 2  # two messages, 8 bytes through rank 0's NIC
+    rail = phase_times(sent, dataclasses.replace(TINY, inter_node_routing="rail"))
+    # 0 -> 2 leaves through rank 0's NIC (local index 0): 10 + 4/2 = 12; 0 -> 3 hops over NVLink to
+    # rank 1 (1 + 4/4 = 2) and leaves through rank 1's NIC: 12.
+    assert rail.rank_time_s.tolist() == [12.0, 12.0, 12.0, 12.0]
+    assert int(rail.inter_bytes) == 8 and int(rail.intra_bytes) == 0  # logical bytes unchanged
+    with pytest.raises(ValueError, match="needs one NIC per GPU"):
+        dataclasses.replace(TINY, inter_node_routing="rail", nic_shared_per_node=True)
+    with pytest.raises(ValueError, match="inter_node_routing must be one of"):
+        dataclasses.replace(TINY, inter_node_routing="pxn")
+
+
+def test_cli_simulate_writes_table_json_and_plot(tmp_path, capsys):
+    import json
+
+    from megatron_specmoe.cli.main import main
+    from megatron_specmoe.planning.trace_io import write_trace
+
+    rng = np.random.default_rng(4)
+    experts = np.stack([rng.choice(8, 2, replace=False) for _ in range(256 * 3)]).reshape(256, 3, 2)
+    path = tmp_path / "t.npz"
+    write_trace(RoutingTrace(experts=experts.astype(np.int32), num_experts=8), path)
+    out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
+    rc = main(["simulate", "--traces", str(path), "--ep", "4,16", "--tokens-per-rank", "8",
+               "--hidden", "16", "--json", str(out_json), "--plot", str(out_png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| 4 | 1 | 4 | x1 |" in text and "| 16 | 2 | 8 | x2 |" in text
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["ep"] for r in rows] == [4, 16] and rows[1]["alltoall"]["inter_node_bytes_per_layer"] > 0
+    assert out_png.stat().st_size > 0
+    assert main(["simulate", "--traces", str(path), "--ep", "8,x"]) == 2
+    assert "--ep must be comma-separated integers" in capsys.readouterr().err
+    assert main(["simulate", "--traces", str(path), "--ep", "8", "--tokens-per-rank", "64"]) == 2
+    assert "fewer than one step" in capsys.readouterr().err

@@ -29,9 +29,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-__all__ = ["ClusterSpec", "PresetName", "PRESETS", "cluster_preset"]
+__all__ = ["ClusterSpec", "PresetName", "InterNodeRouting", "PRESETS", "cluster_preset"]
 
 PresetName = Literal["h100-ib", "h200-ib", "pcie-eth", "gloo-loopback"]
+
+# How a message to another node reaches the network (see ClusterSpec.inter_node_routing).
+InterNodeRouting = Literal["direct", "rail"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +51,11 @@ class ClusterSpec:
         intra_alpha_s: fixed cost of one intra-node message, seconds.
         inter_alpha_s: fixed cost of one inter-node message, seconds.
         nic_shared_per_node: whether the node's GPUs share one NIC (see the glossary).
+        inter_node_routing: "direct": a GPU sends its inter-node messages through its own NIC.
+            "rail": NCCL's PXN on rail-optimised fabrics (DGX/HGX default for all-to-all): a
+            message from GPU s to GPU d on another node first moves over NVLink to the GPU of s's
+            node with d's local index, and leaves through that GPU's NIC, so NIC load follows the
+            destination's local index. Needs per-GPU NICs and full nodes.
         source: where the constants come from (one line; the code comment has the detail).
     """
 
@@ -59,6 +67,7 @@ class ClusterSpec:
     intra_alpha_s: float
     inter_alpha_s: float
     nic_shared_per_node: bool = False
+    inter_node_routing: str = "direct"
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -72,6 +81,16 @@ class ClusterSpec:
                 raise ValueError(
                     f"ClusterSpec({self.name}).{name} must be > 0 bytes/s, got {value!r}"
                 )
+        if self.inter_node_routing not in get_args(InterNodeRouting):
+            raise ValueError(
+                f"ClusterSpec({self.name}).inter_node_routing must be one of "
+                f"{list(get_args(InterNodeRouting))}, got {self.inter_node_routing!r}"
+            )
+        if self.inter_node_routing == "rail" and self.nic_shared_per_node:
+            raise ValueError(
+                f"ClusterSpec({self.name}): inter_node_routing='rail' needs one NIC per GPU; "
+                "it cannot be combined with nic_shared_per_node=True"
+            )
         for name in ("intra_alpha_s", "inter_alpha_s"):
             value = getattr(self, name)
             if not value >= 0:

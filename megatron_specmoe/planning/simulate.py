@@ -35,7 +35,11 @@ Time model (alpha-beta with per-link contention; ``phase_times``)
     where m_* counts messages (destinations or sources with at least one byte) and out/in sum the
     bytes. Each rank's NVLink and NIC work in parallel and in both directions at once; messages
     on one link are issued one after another. With ``nic_shared_per_node`` the inter-node terms
-    are summed over the node's ranks (one NIC per node). A rank with no remote traffic takes 0 s:
+    are summed over the node's ranks (one NIC per node). With ``inter_node_routing="rail"`` (NCCL
+    PXN) a message to GPU d of another node first hops over NVLink to the local GPU with d's local
+    index and leaves through that GPU's NIC: the hop adds NVLink bytes and messages, and NIC load
+    follows the destination's local index (``_rail_route``); the reported intra/inter bytes stay
+    the dispatcher's (logical) ones. A rank with no remote traffic takes 0 s:
     the model ignores the split-size exchange and kernel launches, so it is a lower bound.
 """
 
@@ -282,22 +286,33 @@ def phase_times(sent: np.ndarray, cluster: ClusterSpec) -> PhaseTimes:
             f"phase_times: {num_ranks} EP ranks do not fit cluster {cluster.name!r} with "
             f"{cluster.nodes} nodes x {cluster.gpus_per_node} GPUs; use cluster.for_ranks({num_ranks})"
         )
-    node = np.arange(num_ranks) // cluster.gpus_per_node
+    gpn = cluster.gpus_per_node
+    node = np.arange(num_ranks) // gpn
     same = node[:, None] == node[None, :]
     off = ~np.eye(num_ranks, dtype=bool)
     intra_mask, inter_mask = same & off, ~same
     sent = sent * off
-    recv = np.swapaxes(sent, -1, -2)  # recv[..., r, s] = bytes r receives from s
+    intra_sent = sent * intra_mask  # [..., P, P] bytes on NVLink, src -> dst
+    nic_sent = sent * inter_mask  # [..., P, P] bytes through NICs, sending NIC's rank -> dst
+    if cluster.inter_node_routing == "rail" and bool(inter_mask.any()):
+        if num_ranks % gpn:
+            raise ValueError(
+                f"phase_times: inter_node_routing='rail' needs full nodes; {num_ranks} ranks is not "
+                f"a multiple of {gpn} GPUs per node"
+            )
+        intra_sent, nic_sent = _rail_route(nic_sent, intra_sent, gpn)
+    recv_intra = np.swapaxes(intra_sent, -1, -2)  # [..., r, s] = bytes r receives from s
+    recv_nic = np.swapaxes(nic_sent, -1, -2)
 
-    def link(mat: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        masked = mat * mask
-        return masked.sum(-1).astype(np.float64), (masked > 0).sum(-1).astype(np.float64)
+    def load(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return mat.sum(-1).astype(np.float64), (mat > 0).sum(-1).astype(np.float64)
 
     terms = []
-    for mat in (sent, recv):
-        b_intra, m_intra = link(mat, intra_mask)
+    for mat in (intra_sent, recv_intra):
+        b_intra, m_intra = load(mat)
         terms.append(cluster.intra_alpha_s * m_intra + b_intra / cluster.nvlink_bw_bytes_per_s)
-        b_inter, m_inter = link(mat, inter_mask)
+    for mat in (nic_sent, recv_nic):
+        b_inter, m_inter = load(mat)
         if cluster.nic_shared_per_node:
             # One NIC per node: every rank of the node waits for the node's total.
             num_nodes = int(node.max()) + 1
@@ -312,6 +327,40 @@ def phase_times(sent: np.ndarray, cluster: ClusterSpec) -> PhaseTimes:
         intra_bytes=(sent * intra_mask).sum((-1, -2)).astype(np.int64),
         inter_bytes=(sent * inter_mask).sum((-1, -2)).astype(np.int64),
     )
+
+
+def _rail_route(inter: np.ndarray, intra: np.ndarray, gpn: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-route inter-node bytes as NCCL's PXN does (``ClusterSpec.inter_node_routing='rail'``).
+
+    Args:
+        inter: int64 [..., P, P], inter-node bytes src -> dst (zero within nodes).
+        intra: int64 [..., P, P], intra-node bytes src -> dst.
+        gpn: G, GPUs per node; P must be a multiple of G.
+
+    Returns:
+        (NVLink bytes [..., P, P] with the hops to the proxy GPU added, NIC bytes [..., P, P]
+        indexed [proxy, dst]).
+    """
+    num_ranks = inter.shape[-1]
+    nodes = num_ranks // gpn
+    local = np.arange(num_ranks) % gpn
+    node = np.arange(num_ranks) // gpn
+    by_local = (local[:, None] == np.arange(gpn)[None, :]).astype(inter.dtype)  # [P(dst), G]
+    # Step 1: src s hands the bytes for destinations of local index j to GPU (node(s), j).
+    to_rail = inter @ by_local  # [..., P(src), G]
+    hop = np.zeros_like(intra)
+    proxy = node[:, None] * gpn + np.arange(gpn)[None, :]  # [P(src), G]
+    src = np.broadcast_to(np.arange(num_ranks)[:, None], proxy.shape)
+    hop[..., src, proxy] = to_rail
+    hop[..., np.arange(num_ranks), np.arange(num_ranks)] = 0  # j == local(s): its own NIC, no hop
+    # Step 2: GPU (a, local(d)) sends node a's bytes for d through its NIC.
+    by_node = (node[:, None] == np.arange(nodes)[None, :]).astype(inter.dtype)  # [P(src), N]
+    node_to_dst = np.swapaxes(np.swapaxes(inter, -1, -2) @ by_node, -1, -2)  # [..., N, P(dst)]
+    nic = np.zeros_like(inter)
+    rows = np.arange(nodes)[:, None] * gpn + local[None, :]  # [N, P(dst)]
+    cols = np.broadcast_to(np.arange(num_ranks)[None, :], rows.shape)
+    nic[..., rows, cols] = node_to_dst
+    return intra + hop, nic
 
 
 @dataclass(frozen=True, kw_only=True)
