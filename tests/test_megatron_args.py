@@ -512,3 +512,35 @@ def test_launch_installs_the_real_plugin(monkeypatch, tmp_path):
     assert launch.main([str(script), *argv]) == 0
     assert result()["installed"] is True
     assert megatron_specmoe.is_installed() is was
+
+
+def test_python_dash_m_launch_end_to_end(tmp_path):
+    """`python -m megatron_specmoe.launch SCRIPT ...` in a fresh process, real install(); the
+    layout (TP=1, EP=1) cannot benefit and --specmoe-fallback-alltoall was given, so the script
+    runs with alltoall and a warning."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+
+    megatron_arguments()
+    if importlib.util.find_spec("megatron_specmoe.glue.install") is None:
+        pytest.skip("megatron_specmoe/glue/install.py is not in this checkout yet")
+    script = tmp_path / "serve.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out.json"
+    # Python 3.11 only: add typing.override before megatron.training is imported (see the top).
+    code = ("import sys, typing, typing_extensions, runpy\n"
+            "typing.override = getattr(typing, 'override', typing_extensions.override)\n"
+            "sys.argv[0] = 'launch'\n"
+            "runpy.run_module('megatron_specmoe.launch', run_name='__main__', alter_sys=True)\n")
+    env = {**os.environ, "SPECMOE_TEST_OUT": str(out), "WORLD_SIZE": "1", "RANK": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(script), *BASE_ARGV, "--moe-token-dispatcher-type",
+         "specmoe", "--specmoe-fallback-alltoall", "--port", "9"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert seen["dispatcher"] == "alltoall" and seen["port"] == 9 and seen["installed"] is True
+    assert "specmoe: falling back to alltoall: token shuffling cannot help" in proc.stderr
