@@ -297,3 +297,17 @@ def test_cli_simulate_writes_table_json_and_plot(tmp_path, capsys):
     assert "--ep must be comma-separated integers" in capsys.readouterr().err
     assert main(["simulate", "--traces", str(path), "--ep", "8", "--tokens-per-rank", "64"]) == 2
     assert "fewer than one step" in capsys.readouterr().err
+
+
+def test_assert_matches_report_compares_whole_matrices():
+    from types import SimpleNamespace
+
+    from megatron_specmoe.planning.simulate import assert_matches_report
+
+    lb = layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="alltoall")
+    report = SimpleNamespace(pairs=lb.pairs.tolist(), dispatch_bytes=lb.dispatch.tolist(),
+                             combine_bytes=lb.combine.tolist())
+    assert_matches_report(lb, report)
+    report.combine_bytes[2][0] += 1
+    with pytest.raises(AssertionError, match=r"combine_bytes differs .*\[src=2, dst=0\]: reported 5, simulated 4"):
+        assert_matches_report(lb, report)

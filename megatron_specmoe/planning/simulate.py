@@ -70,6 +70,7 @@ __all__ = [
     "phase_times",
     "simulate",
     "assert_bytes_match",
+    "assert_matches_report",
 ]
 
 DispatcherName = Literal["alltoall", "dedup", "specmoe"]
@@ -549,4 +550,25 @@ def assert_bytes_match(
         if bad:
             raise AssertionError(
                 f"{what}: {label} bytes differ (rank: (measured, simulated)) {bad}"
+            )
+
+
+def assert_matches_report(layer: LayerBytes, report: object) -> None:
+    """Raise ``AssertionError`` unless a dispatcher's report of one layer and one batch has exactly
+    the simulated matrices.
+
+    Args:
+        layer: ``layer_bytes`` of the same batch (same routes, home ranks, placement, wire).
+        report: anything with ``pairs``, ``dispatch_bytes`` and ``combine_bytes`` as P x P nested
+            sequences indexed [src][dst] (``accounting.TrafficReport``).
+    """
+    for name, mine in (("pairs", layer.pairs), ("dispatch_bytes", layer.dispatch), ("combine_bytes", layer.combine)):
+        theirs = np.asarray(getattr(report, name), dtype=np.int64)
+        if theirs.shape != mine.shape:
+            raise AssertionError(f"report.{name} has shape {theirs.shape}, simulated {mine.shape}")
+        if not np.array_equal(theirs, mine):
+            src, dst = np.argwhere(theirs != mine)[0]
+            raise AssertionError(
+                f"report.{name} differs from the simulation, first at [src={src}, dst={dst}]: "
+                f"reported {theirs[src, dst]}, simulated {mine[src, dst]}"
             )
