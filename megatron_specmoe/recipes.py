@@ -554,8 +554,9 @@ class Recipe:
             ]
         elif self.nodes > 1:
             lines += [
-                "# Every node runs this file with the same MASTER_ADDR (the first node's hostname).",
-                'MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the hostname of the first node}"',
+                "# Every node runs calibrate/serve with the same MASTER_ADDR (the first node's",
+                "# hostname); plan runs on one node and needs none.",
+                'MASTER_ADDR="${MASTER_ADDR:-}"',
                 f'MASTER_PORT="${{MASTER_PORT:-{self.master_port}}}"',
                 "export MASTER_ADDR MASTER_PORT",
             ]
@@ -570,6 +571,8 @@ class Recipe:
             "plan": (),
             "serve": ("MEGATRON_LM", "CHECKPOINT"),
         }[step]
+        if step != "plan" and self.launcher == "torchrun" and self.nodes > 1:
+            need += ("MASTER_ADDR",)
         return [f': "${{{name}:?set {name} (see the top of this file)}}"' for name in need]
 
     def step_lines(self, step: str, indent: str = "") -> list[str]:

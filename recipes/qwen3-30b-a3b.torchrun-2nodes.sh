@@ -19,8 +19,9 @@ set -euo pipefail
 STEP="${1:-}"
 SPECMOE_WORK="${SPECMOE_WORK:-$PWD/specmoe-work}"
 export SPECMOE_WORK
-# Every node runs this file with the same MASTER_ADDR (the first node's hostname).
-MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the hostname of the first node}"
+# Every node runs calibrate/serve with the same MASTER_ADDR (the first node's
+# hostname); plan runs on one node and needs none.
+MASTER_ADDR="${MASTER_ADDR:-}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 export MASTER_ADDR MASTER_PORT
 # Megatron-LM overlaps TP communication with compute only if kernels are queued in order.
@@ -42,6 +43,7 @@ case "$STEP" in
     : "${MEGATRON_LM:?set MEGATRON_LM (see the top of this file)}"
     : "${CHECKPOINT:?set CHECKPOINT (see the top of this file)}"
     : "${PROMPTS:?set PROMPTS (see the top of this file)}"
+    : "${MASTER_ADDR:?set MASTER_ADDR (see the top of this file)}"
     mkdir -p "${SPECMOE_WORK}/routes"
     torchrun \
         --nproc-per-node=8 \
@@ -100,6 +102,7 @@ case "$STEP" in
   serve)
     : "${MEGATRON_LM:?set MEGATRON_LM (see the top of this file)}"
     : "${CHECKPOINT:?set CHECKPOINT (see the top of this file)}"
+    : "${MASTER_ADDR:?set MASTER_ADDR (see the top of this file)}"
     mkdir -p "${SPECMOE_WORK}/stats"
     torchrun \
         --nproc-per-node=8 \

@@ -292,3 +292,10 @@ def test_launcher_flags_parse_with_torchrun(recipe):
         if recipe.nodes > 1:
             assert args.rdzv_backend == "c10d"
             assert args.rdzv_endpoint == "${MASTER_ADDR}:${MASTER_PORT}"
+
+
+def test_multi_node_torchrun_plan_needs_no_master_addr(tmp_path):
+    recipe = R.make_recipe("mixtral-8x7b", nodes=2, launcher="torchrun")
+    proc, calls = run_recipe(recipe, "plan", tmp_path, SPECMOE_WORK=str(tmp_path / "w"))
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [expand(recipe.commands()["plan"].argv(), {"SPECMOE_WORK": str(tmp_path / "w")})]
