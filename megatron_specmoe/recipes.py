@@ -474,10 +474,9 @@ class Recipe:
         )
         plan = Command(
             step="plan", launcher=self._cpu_launcher(), program=PLAN_PROGRAM, megatron_args=(),
-            script_args=("--traces", p.routes, "--out", p.plan,
-                         "--num-experts", str(self.model.num_experts),
-                         "--topk", str(self.model.topk),
-                         "--ep-size", str(self.layout.ep),
+            # Flag names follow `specmoe group` / `specmoe evaluate` (--traces, --ep, --out);
+            # experts and top-k come from the traces themselves.
+            script_args=("--traces", p.routes, "--ep", str(self.layout.ep), "--out", p.plan,
                          "--predictor", self.predictor),
             script=None,
         )

@@ -86,10 +86,8 @@ case "$STEP" in
   plan)
     specmoe plan \
         --traces "${SPECMOE_WORK}/routes" \
+        --ep 8 \
         --out "${SPECMOE_WORK}/plan" \
-        --num-experts 64 \
-        --topk 6 \
-        --ep-size 8 \
         --predictor combined
     ;;
   serve)

@@ -101,10 +101,8 @@ case "$STEP" in
   plan)
     specmoe plan \
         --traces "${SPECMOE_WORK}/routes" \
+        --ep 16 \
         --out "${SPECMOE_WORK}/plan" \
-        --num-experts 64 \
-        --topk 6 \
-        --ep-size 16 \
         --predictor combined
     ;;
   serve)

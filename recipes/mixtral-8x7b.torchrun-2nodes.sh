@@ -90,10 +90,8 @@ case "$STEP" in
   plan)
     specmoe plan \
         --traces "${SPECMOE_WORK}/routes" \
+        --ep 8 \
         --out "${SPECMOE_WORK}/plan" \
-        --num-experts 8 \
-        --topk 2 \
-        --ep-size 8 \
         --predictor combined
     ;;
   serve)

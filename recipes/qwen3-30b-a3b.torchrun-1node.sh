@@ -78,10 +78,8 @@ case "$STEP" in
   plan)
     specmoe plan \
         --traces "${SPECMOE_WORK}/routes" \
+        --ep 8 \
         --out "${SPECMOE_WORK}/plan" \
-        --num-experts 128 \
-        --topk 8 \
-        --ep-size 8 \
         --predictor combined
     ;;
   serve)

@@ -93,10 +93,8 @@ case "$STEP" in
   plan)
     specmoe plan \
         --traces "${SPECMOE_WORK}/routes" \
+        --ep 16 \
         --out "${SPECMOE_WORK}/plan" \
-        --num-experts 128 \
-        --topk 8 \
-        --ep-size 16 \
         --predictor combined
     ;;
   serve)

@@ -88,7 +88,7 @@ def test_paths_agree_between_steps(recipe):
     recorded = c["calibrate"].flag_value("--specmoe-record-routes")
     assert recorded == c["plan"].flag_value("--traces") == "${SPECMOE_WORK}/routes"
     assert c["plan"].flag_value("--out") == c["serve"].flag_value("--specmoe-plan")
-    assert c["plan"].flag_value("--ep-size") == c["serve"].flag_value("--expert-model-parallel-size")
+    assert c["plan"].flag_value("--ep") == c["serve"].flag_value("--expert-model-parallel-size")
     assert c["plan"].flag_value("--predictor") == c["serve"].flag_value("--specmoe-predictor")
     assert c["calibrate"].flag_value("--load") == c["serve"].flag_value("--load")
 
