@@ -159,6 +159,25 @@ def test_layer_table_more_than_64_experts():
     assert set(top_experts(scores, 2)[1]) == {0, 68}
 
 
+def test_layer_table_index_probes_past_occupied_slots():
+    # 40 contexts whose hashes share their top 16 bits all want the same home slot, so the index
+    # must probe up to 39 slots further; every stored context must still find its own row, and
+    # look-alikes (same hash, other words; or an unseen hash) must miss.
+    from megatron_specmoe.planning.predictors.layer_table import _Table
+
+    hashes = (np.uint64(0xABCD) << np.uint64(48)) + np.arange(40, dtype=np.uint64) * np.uint64(7)
+    keys = np.arange(40, dtype=np.uint64)[:, None]
+    table = _Table(hashes, keys, np.ones((40, 2), np.uint32), np.ones(40, np.uint32))
+    table.compile(topk=1, min_count=1, alpha=0.0)
+    assert table.probes == 39
+    order = np.random.default_rng(0).permutation(40)
+    np.testing.assert_array_equal(table.lookup(hashes[order], keys[order]), order)
+    wrong_words = table.lookup(hashes[:3], keys[:3] + np.uint64(100))
+    unseen = table.lookup(hashes[:3] + np.uint64(1), keys[:3])
+    np.testing.assert_array_equal(wrong_words, [40, 40, 40])
+    np.testing.assert_array_equal(unseen, [40, 40, 40])
+
+
 def test_history_shape_is_checked():
     table = LayerTable(n=1, min_count=1, alpha=0.0).fit(trace_of(TOKEN_ROUTES, 4))
     with pytest.raises(ValueError, match=r"history must be \[T, l=1, k=2\]"):

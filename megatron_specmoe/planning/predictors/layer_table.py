@@ -8,9 +8,10 @@ Notation
 
 Context key. The context of order j is the sequence of the token's expert *sets* (top-k sorted,
 so the router's order within a layer does not matter) at layers l-1, l-2, ..., l-j. Each set is a
-bitmask of W uint64 words; the j*W words are hashed to one uint64 with a vectorised
-multiply-xor hash, looked up by ``searchsorted`` in the sorted hashes of the fitted contexts, and
-the stored words are compared to reject a hash collision, so a lookup is exact.
+bitmask of W uint64 words; the j*W words are hashed to one uint64 with a
+vectorised multiply-xor hash and looked up in an open-addressing index (a power-of-two slot array
+at most half full, linear probing, vectorised over the batch); the stored words are then compared
+to reject a hash collision, so a lookup is exact.
 
 Back-off with smoothing (an interpolated n-gram). With p_0 = q_l and, for j = 1 .. min(n, l),
 
@@ -131,6 +132,8 @@ class _Table:
 
     def __init__(self, hashes: np.ndarray, keys: np.ndarray, counts: np.ndarray, tokens: np.ndarray):
         self.hashes, self.keys, self.counts, self.tokens = hashes, keys, counts, tokens
+        self.slots: Optional[np.ndarray] = None  # open-addressing index, built by _index()
+        self.shift, self.probes = np.uint64(63), 0
         self.mix_a: Optional[np.ndarray] = None
         self.mix_b: Optional[np.ndarray] = None
 
@@ -160,7 +163,32 @@ class _Table:
         mix_a[:units][use] = (self.counts[use] / denom[use, None]).astype(np.float32)
         mix_b[:units][use] = (alpha * topk / denom[use]).astype(np.float32)
         self.mix_a, self.mix_b = mix_a, mix_b
+        if self.slots is None and self.hashes.size:
+            self._index()
         return self
+
+    def _index(self) -> None:
+        """Build the open-addressing index: ``slots`` int32 [S] (S = a power of two >= 2U, so at
+        most half full) holds row numbers at slot = top bits of the hash, linear probing, -1 empty.
+        ``probes`` is the longest probe sequence any row needed. Rebuilt on load, never stored."""
+        units = self.hashes.size
+        bits = max(1, int(np.ceil(np.log2(max(2 * units, 2)))))
+        slots = np.full(1 << bits, -1, dtype=np.int32)
+        home = (self.hashes >> np.uint64(64 - bits)).astype(np.int64)
+        pending = np.arange(units, dtype=np.int64)
+        probe = 0
+        while pending.size:
+            pos = (home[pending] + probe) & ((1 << bits) - 1)
+            free = slots[pos] < 0
+            # Of the pending rows that land on the same free slot, the first takes it.
+            cand_pos, first = np.unique(pos[free], return_index=True)
+            winners = pending[free][first]
+            slots[cand_pos] = winners
+            taken = np.zeros(pending.size, dtype=bool)
+            taken[np.flatnonzero(free)[first]] = True
+            pending = pending[~taken]
+            probe += 1 if pending.size else 0
+        self.slots, self.shift, self.probes = slots, np.uint64(64 - bits), probe
 
     def lookup(self, hashes: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """int64 [T]: the row of each context, or U (the pass-through row) when it was not seen.
@@ -170,13 +198,27 @@ class _Table:
         units = self.hashes.size
         if units == 0:
             return np.zeros(hashes.shape[0], dtype=np.int64)
-        pos = np.searchsorted(self.hashes, hashes)
-        np.minimum(pos, units - 1, out=pos)
-        found = self.hashes[pos] == hashes
-        stored = self.keys[pos]
+        if self.slots is None:
+            self._index()
+        mask = self.slots.size - 1
+        pos = (hashes >> self.shift).astype(np.int64)
+        rows = self.slots[pos].astype(np.int64)
+        match = (rows >= 0) & (self.hashes[rows] == hashes)  # rows = -1 reads the last hash: masked
+        # Linear probing for the few tokens whose slot holds another context.
+        todo = np.flatnonzero((rows >= 0) & ~match)
+        for probe in range(1, self.probes + 1):
+            if todo.size == 0:
+                break
+            r = self.slots[(pos[todo] + probe) & mask].astype(np.int64)
+            hit = (r >= 0) & (self.hashes[r] == hashes[todo])
+            rows[todo[hit]] = r[hit]
+            match[todo[hit]] = True
+            todo = todo[(r >= 0) & ~hit]
+        rows = np.where(match, rows, units)
+        stored = self.keys[np.minimum(rows, units - 1)]
         for col in range(keys.shape[1]):  # column by column: no slow reduce over a short axis
-            found &= stored[:, col] == keys[:, col]
-        return np.where(found, pos, units)
+            match &= stored[:, col] == keys[:, col]
+        return np.where(match, rows, units)
 
     def apply(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """float32 [T, E]: one back-off step, p_j from p_{j-1} = ``scores``, for ``rows`` [T]."""
@@ -185,6 +227,7 @@ class _Table:
     @property
     def nbytes(self) -> int:
         extra = 0 if self.mix_a is None else self.mix_a.nbytes + self.mix_b.nbytes
+        extra += 0 if self.slots is None else self.slots.nbytes
         return self.hashes.nbytes + self.keys.nbytes + self.counts.nbytes + self.tokens.nbytes + extra
 
 
