@@ -1,0 +1,100 @@
+"""Layer specs that select the specmoe dispatcher without any global hook.
+
+Megatron describes a layer by a spec: ``ModuleSpec(module=..., submodules=...)`` in core 0.16.x,
+``functools.partial(module, submodules=...)`` in 0.19.x. ``with_specmoe`` walks either form and
+replaces the MoE layer class ``MoELayer`` by ``SpecMoELayer``; everything else (attention, norms,
+experts: SequentialMLP with local linears, or TEGroupedMLP where TransformerEngine is present) is
+exactly Megatron's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_specmoe.glue.install import SpecMoELayer
+
+__all__ = ["with_specmoe", "get_gpt_layer_specmoe_spec", "get_gpt_decoder_block_specmoe_spec", "have_te"]
+
+
+def have_te() -> bool:
+    """Whether TransformerEngine imports (explicit detection; never required)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - the TE meta package raises RuntimeError on a CPU box
+        return False
+    return True
+
+
+def _swap_mlp(mlp: Any) -> Any:
+    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
+        return dataclasses.replace(mlp, module=SpecMoELayer)
+    if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
+        return functools.partial(SpecMoELayer, *mlp.args, **mlp.keywords)
+    return mlp
+
+
+def with_specmoe(spec: Any) -> Any:
+    """A copy of a layer spec (or a block spec with ``layer_specs``) whose MoE layers use the
+    specmoe dispatcher. Dense layers are returned unchanged."""
+    if hasattr(spec, "layer_specs"):
+        return dataclasses.replace(spec, layer_specs=[with_specmoe(s) for s in spec.layer_specs])
+    submodules = getattr(spec, "submodules", None)
+    if isinstance(spec, functools.partial):
+        submodules = spec.keywords.get("submodules")
+    if submodules is None or not hasattr(submodules, "mlp"):
+        return spec
+    new_sub = dataclasses.replace(submodules, mlp=_swap_mlp(submodules.mlp))
+    if isinstance(spec, functools.partial):
+        return functools.partial(spec.func, *spec.args, **{**spec.keywords, "submodules": new_sub})
+    return dataclasses.replace(spec, submodules=new_sub)
+
+
+def get_gpt_layer_specmoe_spec(
+    num_experts: int,
+    *,
+    use_transformer_engine: bool | None = None,
+    moe_grouped_gemm: bool | None = None,
+    **kwargs: Any,
+):
+    """Megatron's GPT layer spec with the specmoe MoE layer.
+
+    Args:
+        num_experts: routed experts per MoE layer.
+        use_transformer_engine: ``None`` picks the TE spec (TEGroupedMLP experts, TE linears)
+            when TransformerEngine imports, else the local spec (SequentialMLP, plain linears,
+            runs on the CPU).
+        moe_grouped_gemm: defaults to ``use_transformer_engine``.
+        kwargs: passed to Megatron's spec builder (qk_layernorm, multi_latent_attention, ...).
+    """
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine is None:
+        use_transformer_engine = have_te()
+    if moe_grouped_gemm is None:
+        moe_grouped_gemm = use_transformer_engine
+    if use_transformer_engine:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, **kwargs
+        )
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, **kwargs
+        )
+    return with_specmoe(spec)
+
+
+def get_gpt_decoder_block_specmoe_spec(config, *, use_transformer_engine: bool | None = None, **kwargs: Any):
+    """Megatron's decoder block spec (dense or MoE per layer from ``moe_layer_freq``) with the
+    specmoe MoE layer."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    if use_transformer_engine is None:
+        use_transformer_engine = have_te()
+    return with_specmoe(
+        get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine, **kwargs)
+    )
