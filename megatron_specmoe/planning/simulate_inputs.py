@@ -20,11 +20,15 @@ EP larger than the number of experts (e.g. Mixtral, E = 8, at EP = 16 .. 64)
     intermediate units, so the sum of the m slices' outputs is the expert's output: the function is
     unchanged. A token routed to expert e is routed to all m slices (top-k becomes k*m), each slice
     receives the token's hidden row and returns a partial output row, as with expert tensor
-    parallelism of size m. Every dispatcher pays for this alike (m times the rows), and it is what
-    running a P-GPU EP group on an 8-expert model costs; it is not a fine-grained model with
-    different routing. ``split_placement`` keeps each expert's slices on consecutive ranks (one
-    node when m <= GPUs per node). The other honest option, DP x EP with EP = E per node, has
-    exactly the EP = E numbers on every node (no inter-node traffic at all).
+    parallelism of size m. Every dispatcher pays for this alike (m rows per pair); it is not a
+    fine-grained model with different routing. Not modelled: Megatron's own expert tensor
+    parallelism sends one row per pair through the all-to-all and fans it out with an all-gather
+    inside the ETP group, and DeepEP's internode kernels send one copy per destination *node*;
+    both would cut the inter-node rows up to m-fold for every dispatcher. Read EP > E numbers as
+    "the same routes over more GPUs and more nodes", not as a deployment recommendation.
+    ``split_placement`` keeps each expert's slices on consecutive ranks (one node when m <= GPUs
+    per node). The other honest option, DP x EP with EP = E per node, has exactly the EP = E
+    numbers on every node (no inter-node traffic at all).
 """
 
 from __future__ import annotations
