@@ -9,7 +9,7 @@ import pytest
 
 from megatron_specmoe.planning.predictors.base import RouteContext, top_experts
 from megatron_specmoe.planning.predictors.combined import Combined, combine_scores
-from megatron_specmoe.planning.predictors.history_mlp import HistoryMLP
+from megatron_specmoe.planning.predictors.history_mlp import HistoryMLP, history_mlp_bytes
 from megatron_specmoe.planning.predictors.layer_table import LayerTable
 from megatron_specmoe.planning.predictors.registry import (
     PREDICTORS,
@@ -201,6 +201,7 @@ def test_history_mlp_learns_a_deterministic_mapping():
     assert predicted == [target[p] for p in pairs]
     prior = model.expert_scores(RouteContext(layer=0, history=np.zeros((6, 0, 2), np.int64)))
     assert np.allclose(prior, prior[0])  # layer 0: one prior row for everyone
+    assert model.memory_bytes() == history_mlp_bytes(layers=2, experts=4, hidden=16)
 
 
 # ---- combined ---------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ the lowest loss on it is kept (at most ``epochs``; stop after ``patience`` epoch
 improvement). Weights are initialised from a ``numpy`` generator seeded by ``seed`` and batches
 drawn from a private ``torch.Generator``, so fitting is reproducible and touches no global RNG.
 Inference is two numpy matmuls per layer.
+
+Memory (``history_mlp_bytes``): float32 weights, sum over l = 1 .. L-1 of (l*E*H + H + H*E + E),
+plus the [L, E] prior. Mixtral-8x7B (L = 32, E = 8) with H = 128: 2,176,480 B ~ 2.2 MB; a
+60-layer model with E = 64 and H = 128: 59,993,344 B ~ 60 MB.
 """
 
 from __future__ import annotations
@@ -42,9 +46,15 @@ from megatron_specmoe.planning.predictors._common import (
 from megatron_specmoe.planning.predictors.base import RouteContext
 from megatron_specmoe.planning.traces import RoutingTrace
 
-__all__ = ["HistoryMLP"]
+__all__ = ["HistoryMLP", "history_mlp_bytes"]
 
 _ARRAYS = ("w1", "b1", "w2", "b2")
+
+
+def history_mlp_bytes(*, layers: int, experts: int, hidden: int) -> int:
+    """Bytes a fitted ``HistoryMLP`` holds (module docstring)."""
+    weights = sum(l * experts * hidden + hidden + hidden * experts + experts for l in range(1, layers))
+    return 4 * (weights + layers * experts)
 
 
 class HistoryMLP:
