@@ -1,0 +1,120 @@
+"""Selecting specmoe: the hook is idempotent and reversible, errors name the field, and
+recording costs nothing when off. One process, a gloo world of size 1."""
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_specmoe.comm.spawn import free_port
+from megatron_specmoe.planning.placement import ExpertPlacement
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def world():
+    from megatron_specmoe.glue import cpu_support, parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout())
+    yield
+    parallel.destroy()
+    dist.destroy_process_group()
+
+
+def _layer(dispatcher, specmoe, via="spec", **overrides):
+    from megatron_specmoe.glue.build import MoEShape, build_moe_layer, make_config
+
+    shape = MoEShape()
+    return build_moe_layer(make_config(shape, dispatcher=dispatcher, **overrides), shape, specmoe=specmoe, via=via)
+
+
+def test_install_is_idempotent_and_reversible(world):
+    import megatron_specmoe
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    original_init = MoELayer.__init__
+    megatron_specmoe.install()
+    patched = MoELayer.__init__
+    megatron_specmoe.install()
+    assert MoELayer.__init__ is patched is not original_init
+    assert megatron_specmoe.is_installed()
+    layer = _layer("specmoe", specmoe=True, via="hook")
+    assert type(layer).__name__ == "MoELayer"
+    assert type(layer.token_dispatcher).__name__ == "SpecMoETokenDispatcher"
+    assert type(_layer("alltoall", specmoe=False).token_dispatcher).__name__ == "MoEAlltoAllTokenDispatcher"
+    megatron_specmoe.uninstall()
+    megatron_specmoe.uninstall()
+    assert MoELayer.__init__ is original_init
+    assert not megatron_specmoe.is_installed()
+    # Without the hook Megatron itself refuses the name.
+    with pytest.raises(ValueError, match="specmoe"):
+        _layer("specmoe", specmoe=False)
+
+
+def test_unknown_dispatcher_name(world):
+    import megatron_specmoe
+
+    megatron_specmoe.install()
+    try:
+        with pytest.raises(ValueError, match=r"moe_token_dispatcher_type='bogus' is not a known dispatcher; choose one of allgather, alltoall, flex, specmoe"):
+            _layer("bogus", specmoe=False)
+    finally:
+        megatron_specmoe.uninstall()
+
+
+def test_spec_and_config_must_agree(world):
+    with pytest.raises(ValueError, match="needs TransformerConfig.moe_token_dispatcher_type='specmoe', got 'alltoall'"):
+        _layer("alltoall", specmoe=True)
+
+
+def test_unsupported_setting_refused(world):
+    with pytest.raises(ValueError, match="does not support moe_pad_expert_input_to_capacity=True"):
+        _layer("specmoe", specmoe=True, moe_pad_expert_input_to_capacity=True, moe_expert_capacity_factor=1.0)
+
+
+def test_placement_must_match_layer(world):
+    dispatcher = _layer("specmoe", specmoe=True).token_dispatcher
+    with pytest.raises(ValueError, match="expert_model_parallel_size=1; make the plan for this EP size"):
+        dispatcher.set_placement(ExpertPlacement.contiguous(8, 2))
+    with pytest.raises(ValueError, match="placement has 4 experts but the model layer has num_moe_experts=8"):
+        dispatcher.set_placement(ExpertPlacement.contiguous(4, 1))
+    dispatcher.set_placement(ExpertPlacement(physical_to_logical=(7, 6, 5, 4, 3, 2, 1, 0), ep_size=1))
+    assert dispatcher.placement.physical_to_logical[0] == 7
+
+
+def test_recording_off_costs_nothing(world, monkeypatch):
+    from megatron_specmoe.glue.dispatcher import DispatchRecorder, SpecMoETokenDispatcher
+
+    layer = _layer("specmoe", specmoe=True)
+    calls = []
+    monkeypatch.setattr(SpecMoETokenDispatcher, "_record", lambda self, *a: calls.append(1) or (_ for _ in ()).throw(AssertionError("recorded while off")))
+    layer(torch.randn(4, 2, 16))
+    assert calls == []
+    monkeypatch.undo()
+    recorder = DispatchRecorder()
+    layer.token_dispatcher.recorder = recorder
+    layer(torch.randn(4, 2, 16))
+    assert len(recorder.records) == 1
+    rec = recorder.records[0]
+    assert rec.measures.tokens == 8 and rec.measures.pairs == 16
+    assert rec.measures.local_activation_rate == 1.0  # EP = 1: everything is local
+
+
+def test_cpu_support_is_reversible(world):
+    from megatron_specmoe.glue import cpu_support
+
+    assert cpu_support.is_enabled()
+    cpu_support.disable()
+    try:
+        assert not cpu_support.is_enabled()
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.cuda.current_device()
+    finally:
+        cpu_support.enable()
+    cpu_support.enable()
+    assert cpu_support.is_enabled()
+    assert torch.cuda.current_device() == "cpu"
