@@ -311,3 +311,36 @@ def test_assert_matches_report_compares_whole_matrices():
     report.combine_bytes[2][0] += 1
     with pytest.raises(AssertionError, match=r"combine_bytes differs .*\[src=2, dst=0\]: reported 5, simulated 4"):
         assert_matches_report(lb, report)
+
+
+def test_cli_simulate_with_fitted_predictor_and_plan(tmp_path, capsys):
+    from megatron_specmoe.cli.main import main
+    from megatron_specmoe.planning.plan import make_plan, save_plan
+    from megatron_specmoe.planning.predictors.registry import fit_predictor
+    from megatron_specmoe.planning.trace_io import write_trace
+
+    rng = np.random.default_rng(5)
+
+    def trace(n):
+        experts = np.stack([rng.choice(8, 2, replace=False) for _ in range(n * 3)]).reshape(n, 3, 2)
+        return RoutingTrace(experts=experts.astype(np.int32), num_experts=8)
+
+    fit_tr, sim_tr = trace(256), trace(128)
+    fit_path, sim_path = tmp_path / "fit.npz", tmp_path / "sim.npz"
+    write_trace(fit_tr, fit_path)
+    write_trace(sim_tr, sim_path)
+    common = ["simulate", "--traces", str(sim_path), "--ep", "8", "--tokens-per-rank", "8", "--hidden", "16"]
+    assert main(common + ["--predictor", "layer", "--fit-traces", str(fit_path)]) == 0
+    assert "predictor: layer fitted on" in capsys.readouterr().out
+    layer = fit_predictor("layer", fit_tr)
+    groups = [[1, 2, 3, 4, 5, 6, 7, 0]]
+    plan = make_plan(num_layers=3, num_experts=8, topk=2, ep_size=8,
+                     placements=[ExpertPlacement(physical_to_logical=tuple(groups[0]), ep_size=8)] * 3,
+                     predictor_state={"layer": layer.to_state()})
+    save_plan(plan, tmp_path / "plan")
+    assert main(common + ["--plan", str(tmp_path / "plan")]) == 0
+    assert "predictor 'layer'" in capsys.readouterr().out
+    assert main(common + ["--predictor", "crystal-ball", "--fit-traces", str(fit_path)]) == 2
+    assert "unknown predictor kind 'crystal-ball'" in capsys.readouterr().err
+    assert main(common + ["--predictor", "layer"]) == 2
+    assert "--predictor layer needs --fit-traces" in capsys.readouterr().err

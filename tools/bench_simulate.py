@@ -3,8 +3,9 @@
 Fits on some MT-Bench categories of the Mixtral-8x7B traces and simulates on the others (repeated
 routes dropped on both sides first, as the traces' README asks), for every combination of
 
-    predictor      oracle (the true routes: an upper bound) and, when the module is importable, the
-                   inter-layer table (predictors/layer_table.py) fitted on the fitting categories;
+    predictor      oracle (the true routes: an upper bound), and the inter-layer table ("layer")
+                   and route-history MLP ("history") of predictors/registry.py fitted on the
+                   fitting categories;
     shuffle domain TP = 8 (one node: s-TS moves tokens only inside their node) and TP = EP (one
                    shuffle domain spanning all nodes: what s-TS could do if tokens could move
                    between nodes, e.g. DP-attention request placement; idealised);
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--tokens-per-rank", type=int, default=64, help="tokens per GPU per step")
     parser.add_argument("--assignment", default="refine", help="balanced assignment method")
+    parser.add_argument("--predictors", default="layer,history",
+                        help="registry predictor kinds fitted on --fit (the oracle always runs)")
     parser.add_argument("--plot", default=None, help="PNG path (folders are created)")
     parser.add_argument("--json", default=None, help="write every row as JSON")
     args = parser.parse_args(argv)
@@ -71,16 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fit: {args.fit} ({fit.num_tokens} distinct routes); simulate: {args.eval} "
           f"(first {used} of {split.eval.num_tokens} distinct routes)", file=sys.stderr)
 
+    from megatron_specmoe.planning.predictors.registry import fit_predictor
+
     predictors = {"oracle": oracle_expert_scores(ev)}
-    try:
-        from megatron_specmoe.planning.predictors.layer_table import LayerTable
-    except ImportError as exc:
-        print(f"layer table predictor not available ({exc}); oracle only", file=sys.stderr)
-    else:
+    for kind in args.predictors.split(","):
         t0 = time.perf_counter()
-        table = LayerTable().fit(fit)
-        predictors["layer table"] = predictor_expert_scores(table, ev)
-        print(f"layer table fitted in {time.perf_counter() - t0:.1f} s ({table.chosen})", file=sys.stderr)
+        predictor = fit_predictor(kind, fit)
+        predictors[kind] = predictor_expert_scores(predictor, ev)
+        print(f"{kind} predictor fitted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     base = cluster_preset(args.cluster)
     results: dict[str, list[dict]] = {}
@@ -132,10 +133,12 @@ def _plot(results: dict, path: str, eps: list[int], *, title: str) -> None:
             t = [r[name]["layer_time_s"] for r in first]
             top.plot(eps, [x * 1e6 for x in t], "-o", color=colour, label=name, linewidth=width)
             bottom.plot(eps, [x / b for x, b in zip(t, base)], "-o", color=colour, linewidth=width)
-        styles = iter(["-s", "--s", "-^", "--^"])
+        colours = iter(["tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:gray"])
+        colour_of: dict[str, str] = {}
         for key, rows in mine.items():
             _, tp_desc, pname = key.split(" | ")
-            style, colour = next(styles), "tab:green" if pname == "oracle" else "tab:blue"
+            colour = colour_of.setdefault(pname, next(colours))
+            style = ("-" if pname == "oracle" else "--") + ("s" if tp_desc.startswith("TP = 8") else "^")
             t = [r["specmoe"]["layer_time_s"] for r in rows]
             top.plot(eps, [x * 1e6 for x in t], style, color=colour,
                      label=f"specmoe, {pname}, {tp_desc.split(' (')[0]}")

@@ -8,8 +8,9 @@ a PNG of time vs EP.
 
 Predictors for s-TS (``--predictor``)
     oracle   the true routes (perfect prediction): an upper bound, needs no fitting.
-    layer    the inter-layer table (``predictors/layer_table.py``) fitted on ``--fit-traces``.
     plan     the predictor stored in ``--plan`` (kind ``--plan-kind``, default its first).
+    KIND     a kind of ``predictors/registry.py`` (layer, history, token, combined) fitted on
+             ``--fit-traces`` (other workloads than ``--traces``).
 """
 
 from __future__ import annotations
@@ -23,14 +24,6 @@ from typing import Sequence
 
 HELP = "predict MoE all-to-all time of specmoe vs alltoall vs dedup on a cluster, from traces"
 
-_PREDICTORS = ("oracle", "layer", "plan")
-# Plan predictor kinds this command can rebuild: kind -> (module, class with from_state).
-_PLAN_KINDS = {
-    "layer": ("megatron_specmoe.planning.predictors.layer_table", "LayerTable"),
-    "token": ("megatron_specmoe.planning.predictors.token_table", "TokenTable"),
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_specmoe.planning.cluster import PresetName
     from typing import get_args
@@ -41,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="traces to fit --predictor layer on (other workloads than --traces)")
     parser.add_argument("--plan", metavar="DIR", default=None,
                         help="plan folder: its placements (and with --predictor plan its predictor)")
-    parser.add_argument("--predictor", choices=_PREDICTORS, default=None,
-                        help="s-TS predictor: oracle (default without --plan), layer, plan "
-                             "(default with a --plan that stores one)")
+    parser.add_argument("--predictor", default=None,
+                        help="s-TS predictor: oracle (default without --plan), plan (default with a "
+                             "--plan that stores one), or a predictor kind (layer, history, ...) "
+                             "fitted on --fit-traces")
     parser.add_argument("--plan-kind", default=None, help="predictor kind to take from the plan")
     parser.add_argument("--cluster", choices=get_args(PresetName), default="h200-ib",
                         help="cluster preset (planning/cluster.py states every constant)")
@@ -98,33 +92,27 @@ def _predictor_scores(args, trace, plan):
     kind = args.predictor or ("plan" if plan is not None and plan.header.predictor_kinds else "oracle")
     if kind == "oracle":
         return oracle_expert_scores(trace), "oracle (true routes; an upper bound)"
-    import importlib
+    from megatron_specmoe.planning.predictors import registry
 
-    if kind == "layer":
+    if kind != "plan":
+        registry.check_kind(kind)
         if not args.fit_traces:
-            raise ValueError("--predictor layer needs --fit-traces FILE... (other workloads to fit on)")
-        from megatron_specmoe.planning.predictors.layer_table import LayerTable
+            raise ValueError(f"--predictor {kind} needs --fit-traces FILE... (other workloads to fit on)")
         from megatron_specmoe.planning.trace_io import dedup_routes, read_traces
 
         fit = read_traces(args.fit_traces)
         if args.dedup:
             fit, _ = dedup_routes(fit)
-        print(f"simulate: fitting the layer table on {fit.num_tokens} tokens", file=sys.stderr)
-        predictor = LayerTable().fit(fit)
-        return predictor_expert_scores(predictor, trace), f"layer table fitted on {', '.join(args.fit_traces)}"
+        print(f"simulate: fitting the {kind} predictor on {fit.num_tokens} tokens", file=sys.stderr)
+        predictor = registry.fit_predictor(kind, fit)
+        return predictor_expert_scores(predictor, trace), f"{kind} fitted on {', '.join(args.fit_traces)}"
     if plan is None:
         raise ValueError("--predictor plan needs --plan DIR")
     kinds = plan.header.predictor_kinds
     chosen = args.plan_kind or (kinds[0] if kinds else None)
     if chosen not in kinds:
         raise ValueError(f"plan {plan.source} stores predictor kinds {list(kinds)}; --plan-kind {chosen!r} is not one")
-    if chosen not in _PLAN_KINDS:
-        raise ValueError(
-            f"simulate cannot rebuild a {chosen!r} predictor yet (knows {sorted(_PLAN_KINDS)}); "
-            "use --plan-kind with one of those, or --predictor oracle/layer"
-        )
-    module, cls = _PLAN_KINDS[chosen]
-    predictor = getattr(importlib.import_module(module), cls).from_state(plan.predictor_state[chosen])
+    predictor = registry.predictor_from_state(chosen, plan.predictor_state[chosen])
     return predictor_expert_scores(predictor, trace), f"plan {plan.source} predictor {chosen!r}"
 
 
