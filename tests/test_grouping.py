@@ -119,28 +119,32 @@ def test_swap_costs_match_objective_differences():
 
 
 @pytest.mark.parametrize("theta", [0.0, 0.3])
-def test_milp_matches_enumeration_and_bounds_heuristics(theta):
-    # E=6, P=3: 15 balanced placements, enumerated; HiGHS must find the same optimum.
+@pytest.mark.parametrize("ep_size,k", [(3, 2), (2, 3)])
+def test_milp_matches_enumeration_and_bounds_heuristics(theta, ep_size, k):
+    # E=6: 15 (P=3) or 10 (P=2) balanced placements, enumerated; HiGHS must find the optimum.
+    # k=2 uses the pairwise program, k=3 the general one.
     rng = np.random.default_rng(7)
-    ex = np.concatenate([np.array([[0, 4]] * 30 + [[1, 5]] * 20), _random_routes(rng, 60, 6, 2)])
+    planted = [[0, 4, 2][:k]] * 30 + [[1, 5, 3][:k]] * 20
+    ex = np.concatenate([np.array(planted), _random_routes(rng, 60, 6, k)])
     routes = gs.compress_routes(ex, 6)
     best = min(
         gs.objective_value(
-            local_pairs=gs.co_location_local_pairs(routes, r, 3),
-            rank_loads=np.bincount(r, weights=routes.loads, minlength=3),
+            local_pairs=gs.co_location_local_pairs(routes, r, ep_size),
+            rank_loads=np.bincount(r, weights=routes.loads, minlength=ep_size),
             pairs=routes.pairs,
             theta=theta,
         )
-        for r in _all_placements(6, 3)
+        for r in _all_placements(6, ep_size)
     )
-    sol = solve_exact(ex, num_experts=6, ep_size=3, theta=theta)
+    sol = solve_exact(ex, num_experts=6, ep_size=ep_size, theta=theta)
     assert sol.optimal
     assert sol.objective == pytest.approx(best, abs=1e-9)
     assert grouping_cost(ex, sol.placement, theta=theta).objective == pytest.approx(best, abs=1e-9)
     for method in HEURISTICS:
-        pl = group_layer(ex, num_experts=6, ep_size=3, options=GroupingOptions(method=method, theta=theta))
+        opts = GroupingOptions(method=method, theta=theta)
+        pl = group_layer(ex, num_experts=6, ep_size=ep_size, options=opts)
         assert sol.objective <= grouping_cost(ex, pl, theta=theta).objective + 1e-9, method
-    pl = group_layer(ex, num_experts=6, ep_size=3, options=GroupingOptions(method="search", theta=theta))
+    pl = group_layer(ex, num_experts=6, ep_size=ep_size, options=GroupingOptions(method="search", theta=theta))
     assert grouping_cost(ex, pl, theta=theta).objective == pytest.approx(best, abs=1e-9)
 
 

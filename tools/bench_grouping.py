@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--predictor", default="layer",
                     help="predictor fitted on the fit side for the predicted-shuffle column, or 'none'")
     ap.add_argument("--methods", default="contiguous,random,eplb,graph,alternating,search")
-    ap.add_argument("--milp-layers", type=int, default=8)
+    ap.add_argument("--milp-layers", type=int, default=32)
     ap.add_argument("--milp-time-limit", type=float, default=60.0)
     ap.add_argument("--synthetic-tokens", type=int, default=100_000)
     ap.add_argument("--timing-methods", default="eplb,graph,alternating,search")

@@ -14,7 +14,10 @@ Program (homes unknown, co-location)
     min  theta * P * m / N + (1 - theta) * (1 - sum_{u,r} w_u z[u, r] / N)
     s.t. sum_r x[e, r] = 1;  sum_e x[e, r] = n;  sum_e l_e x[e, r] <= m
          z[u, r] <= sum_{e in S_u} x[e, r];  z[u, r] <= k y[u, r];  sum_r y[u, r] = 1
-         x[0, 0] = 1 (ranks are interchangeable, so rank labels are fixed by expert 0)
+For k = 2 a tighter form without y: local pairs of route {a, b} are 1 + sum_r z[u, r] with
+z[u, r] <= x[a, r], z[u, r] <= x[b, r], z <= 1.
+Symmetry (ranks are interchangeable when homes are unknown): ranks are labelled in the order of
+their smallest expert, so x[e, r] = 0 for r > e and x[e, r] <= sum_{f < e} x[f, r - 1].
 With known homes the local pairs are sum_{e, r} C[e, r] x[e, r] (C = tokens homed on r using e),
 so y and z vanish and no symmetry is broken.
 """
@@ -83,6 +86,7 @@ def solve_exact(
     U, k = routes.sets.shape
     N = float(routes.pairs)
     known = home_rank is not None
+    pairwise = k == 2
     nx = E * P
     ny = 0 if known else U * P
     nvar = nx + 2 * ny + 1
@@ -108,6 +112,7 @@ def solve_exact(
         for u in range(U):
             for r in range(P):
                 c[Z(u, r)] = -(1.0 - theta) * routes.weights[u] / N
+    const = (1.0 - theta) * (1.0 - routes.weights.sum() / N if pairwise and not known else 1.0)
 
     rows, cols, vals, lo, hi = [], [], [], [], []
 
@@ -125,22 +130,42 @@ def solve_exact(
     for r in range(P):
         add([(X(e, r), 1.0) for e in range(E)], n, n)
         add([(X(e, r), float(routes.loads[e])) for e in range(E)] + [(M, -1.0)], -np.inf, 0)
-    if not known:
+    if not known and pairwise:
+        # k = 2: a route's local pairs are 1 + [both experts on one rank]; z[u, r] <= x[a, r],
+        # z[u, r] <= x[b, r] says "both on r" without any y.
+        for u in range(U):
+            a, b = (int(e) for e in routes.sets[u])
+            for r in range(P):
+                add([(Z(u, r), 1.0), (X(a, r), -1.0)], -np.inf, 0)
+                add([(Z(u, r), 1.0), (X(b, r), -1.0)], -np.inf, 0)
+    elif not known:
         for u in range(U):
             add([(Y(u, r), 1.0) for r in range(P)], 1, 1)
             for r in range(P):
                 add([(Z(u, r), 1.0)] + [(X(int(e), r), -1.0) for e in routes.sets[u]], -np.inf, 0)
                 add([(Z(u, r), 1.0), (Y(u, r), -float(k))], -np.inf, 0)
+    if not known:
+        # Symmetry: label ranks by their smallest expert, so expert e sits on a rank <= e, and on
+        # rank r >= 1 only if rank r - 1 holds a smaller expert.
+        for e in range(E):
+            for r in range(1, P):
+                if r <= e:
+                    add([(X(e, r), 1.0)] + [(X(f, r - 1), -1.0) for f in range(e)], -np.inf, 0)
     A = coo_matrix((vals, (rows, cols)), shape=(len(lo), nvar)).tocsr()
 
     lb = np.zeros(nvar)
     ub = np.ones(nvar)
-    ub[nx + ny : nx + 2 * ny] = k
+    ub[nx + ny : nx + 2 * ny] = 1 if pairwise else k
     ub[M] = np.inf
     if not known:
-        lb[X(0, 0)] = 1.0  # symmetry: expert 0 on rank 0
+        for e in range(E):
+            ub[X(e, e + 1) : X(e, P)] = 0.0  # expert e on a rank <= e (empty slice once e >= P-1)
     integrality = np.zeros(nvar)
-    integrality[: nx + ny] = 1
+    integrality[:nx] = 1
+    if pairwise:
+        ub[nx : nx + ny] = 0.0  # y is not used by the k = 2 form
+    else:
+        integrality[nx : nx + ny] = 1
     res = milp(
         c,
         constraints=LinearConstraint(A, lo, hi),
@@ -153,7 +178,6 @@ def solve_exact(
     x = np.rint(res.x[:nx]).reshape(E, P)
     rank_of = np.argmax(x, axis=1)
     placement = ExpertPlacement.from_rank_groups([np.nonzero(rank_of == r)[0].tolist() for r in range(P)])
-    const = 1.0 - theta
     bound = getattr(res, "mip_dual_bound", None)
     return ExactSolution(
         placement=placement,
