@@ -228,7 +228,7 @@ def evaluate_trace(
     placements: Sequence[ExpertPlacement],
     *,
     batch_size: int = 512,
-    method: AssignmentMethod = "optimal",
+    method: AssignmentMethod = "refine",
     progress: bool = False,
 ) -> Evaluation:
     """Simulate s-TS on ``trace`` (see the module docstring).
@@ -238,7 +238,8 @@ def evaluate_trace(
         predictor: a fitted RoutePredictor for the trace's L layers and E experts.
         placements: one ExpertPlacement per layer (length L): the plan's expert placement.
         batch_size: B, tokens per shuffle domain.
-        method: the balanced assignment method (``assignment.AssignmentMethod``).
+        method: the balanced assignment method (``assignment.AssignmentMethod``); default the
+            runtime's, "refine". Pass "optimal" for the exact ceiling of the oracle side.
         progress: print one line per layer to stderr.
 
     Returns:
