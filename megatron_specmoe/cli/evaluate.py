@@ -16,18 +16,10 @@ repeat prompts (the Mixtral MT-Bench files), or the numbers measure memory, not 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
 HELP = "simulate s-TS on routing traces with a plan: local activation rate, remote pairs, prediction"
-
-# Fallback when predictors/registry.py is absent: kind -> (module, class with from_state(state)).
-_KNOWN_KINDS = {
-    "token": ("megatron_specmoe.planning.predictors.token_table", "TokenTable"),
-    "layer": ("megatron_specmoe.planning.predictors.layer_table", "LayerTable"),
-    "history": ("megatron_specmoe.planning.predictors.history_mlp", "HistoryMLP"),
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,20 +48,9 @@ def load_predictor(plan, kind: str | None):
     kind = kinds[0] if kind is None else kind
     if kind not in kinds:
         raise ValueError(f"--kind {kind!r}: plan {plan.source} stores the predictors {kinds}")
-    state = plan.predictor_state[kind]
-    try:
-        registry = importlib.import_module("megatron_specmoe.planning.predictors.registry")
-    except ModuleNotFoundError as exc:
-        if exc.name != "megatron_specmoe.planning.predictors.registry":
-            raise
-        registry = None
-    if registry is not None and hasattr(registry, "predictor_from_state"):
-        return registry.predictor_from_state(kind, state)
-    if kind not in _KNOWN_KINDS:
-        raise ValueError(f"plan {plan.source}: cannot rebuild a {kind!r} predictor (known: "
-                         f"{sorted(_KNOWN_KINDS)}); pass --kind with one of {kinds}")
-    module, cls = _KNOWN_KINDS[kind]
-    return getattr(importlib.import_module(module), cls).from_state(state)
+    from megatron_specmoe.planning.predictors.registry import predictor_from_state
+
+    return predictor_from_state(kind, plan.predictor_state[kind])
 
 
 def _table(result: dict) -> str:
