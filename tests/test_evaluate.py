@@ -145,6 +145,7 @@ def test_json_has_the_named_fields():
                 "load_imbalance", "prediction"} <= set(out[side])
     assert set(out["specmoe"]["prediction"]) >= {"precision", "recall", "f1", "rank_accuracy"}
     assert out["baseline"]["local_activation_rate"] == pytest.approx(0.25)
+    assert out["baseline"]["prediction"] is None  # the baseline predicts nothing
 
 
 def test_errors_name_the_problem():

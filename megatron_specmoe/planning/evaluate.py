@@ -178,7 +178,9 @@ class Evaluation:
     seconds: float
 
     def to_json(self) -> dict:
-        """JSON-ready dict: each side's measures, ``prediction`` also inside ``specmoe``."""
+        """JSON-ready dict: each side's measures; ``prediction`` at the top and inside ``specmoe``
+        (the baseline predicts nothing: its ``prediction`` is null). Per-token measures are per
+        token and MoE layer (each layer dispatches once)."""
         pred = self.prediction.summary()
         pred["per_layer"] = {key: [getattr(c, key) for c in self.prediction_per_layer]
                              for key in ("precision", "recall", "f1", "rank_accuracy")}
@@ -192,11 +194,12 @@ class Evaluation:
                 "layers": len(self.baseline.per_layer),
                 "predictor": self.predictor_kind,
                 "seconds": round(self.seconds, 3),
+                "per_token_means": "per token and MoE layer",
             },
         }
         for side in SIDES:
             out[side] = getattr(self, side).summary()
-        out["baseline"]["prediction"] = PredictionCounts().summary() | {"note": "no prediction"}
+        out["baseline"]["prediction"] = None
         out["specmoe"]["prediction"] = pred
         out["prediction"] = pred
         return out
