@@ -36,7 +36,7 @@ from megatron_specmoe.planning.accounting import DispatchRecord
 from megatron_specmoe.planning.measures import WireFormat, measure_routes
 from megatron_specmoe.planning.placement import ExpertPlacement
 
-__all__ = ["SpecMoETokenDispatcher", "DispatchRecorder"]
+__all__ = ["SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_map"]
 
 
 class DispatchRecorder:
@@ -143,20 +143,40 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
     ) -> DispatchRecord:
         """This rank's row of the traffic matrix. ``routing_map`` is in physical order [T, E]."""
-        tokens = routing_map.shape[0]
-        hits = routing_map.view(tokens, self.ep_size, self.num_local_experts).sum(dim=2)
-        home = torch.full((tokens,), self._ep_rank, dtype=torch.long, device=hits.device)
-        measures = measure_routes(hits, home)
-        wire = WireFormat(
-            hidden_size=int(hidden_states.shape[-1]),
-            activation_bytes=hidden_states.element_size(),
-            prob_bytes=probs.element_size(),
-        )
-        return DispatchRecord(
-            layer_number=int(self.layer_number or 0),
+        return record_from_routing_map(
+            routing_map,
             ep_rank=self._ep_rank,
             ep_size=self.ep_size,
-            pairs_to_rank=measures.load_per_rank,
-            wire=wire,
-            measures=measures,
+            layer_number=int(self.layer_number or 0),
+            wire=WireFormat(
+                hidden_size=int(hidden_states.shape[-1]),
+                activation_bytes=hidden_states.element_size(),
+                prob_bytes=probs.element_size(),
+            ),
         )
+
+
+def record_from_routing_map(
+    routing_map: torch.Tensor, *, ep_rank: int, ep_size: int, layer_number: int, wire: WireFormat
+) -> DispatchRecord:
+    """The record of one rank's dispatch from its physical routing map.
+
+    Args:
+        routing_map: bool [T, E] in physical expert order (slot p on rank p // (E / P)); for
+            Megatron's own alltoall dispatcher this is its ``routing_map`` after a forward.
+        ep_rank, ep_size: this rank and P.
+        layer_number: for the record.
+        wire: bytes per pair.
+    """
+    tokens, num_experts = routing_map.shape
+    hits = routing_map.view(tokens, ep_size, num_experts // ep_size).sum(dim=2)
+    home = torch.full((tokens,), ep_rank, dtype=torch.long, device=hits.device)
+    measures = measure_routes(hits, home)
+    return DispatchRecord(
+        layer_number=layer_number,
+        ep_rank=ep_rank,
+        ep_size=ep_size,
+        pairs_to_rank=measures.load_per_rank,
+        wire=wire,
+        measures=measures,
+    )
