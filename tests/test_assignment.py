@@ -146,3 +146,12 @@ def test_round_robin_schedule_covers_every_pair_once_with_disjoint_rounds(ranks)
         assert all(row[row[r]] == r and row[r] != r for r in range(n))  # a perfect matching
         pairs += [(r, row[r]) for r in range(ranks) if r < row[r] < ranks]
     assert sorted(pairs) == [(x, y) for x in range(ranks) for y in range(x + 1, ranks)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["contiguous", "argsort", "greedy", "refine"])
+def test_torch_methods_on_cuda_match_cpu(method):
+    scores = torch.from_numpy(np.random.default_rng(7).dirichlet(np.full(8, 0.3), size=1000).astype(np.float32))
+    gpu = assign(scores.cuda(), method, validate=False)
+    assert gpu.order.device.type == "cuda"
+    assert torch.equal(gpu.order.cpu(), assign(scores, method).order)
