@@ -16,7 +16,8 @@ Part B - gap to the optimum: the exact 0-1 program (HiGHS) vs every heuristic on
 the first split, per layer, for --milp-layers layers.
 Part C - planning time: synthetic routes with planted structure (the shape of a 64-expert, top-6,
 27-layer model such as DeepSeek-V2-Lite; no such real trace is available here), 100k tokens, EP = 8,
-one CPU core.
+one CPU core (BLAS/OpenMP/torch threads set to 1). CPU time of this process is reported beside wall
+time, which other jobs on a shared machine inflate.
 
     python tools/bench_grouping.py                 # all parts
     python tools/bench_grouping.py --parts A       # only the Mixtral table
@@ -187,20 +188,20 @@ def _timing(args, methods):
     print(f"## C. Planning time: synthetic planted routes, T={T}, L={L}, E={E}, top-{k}, EP={P}, "
           f"theta={args.theta}, one CPU core")
     print()
-    print("| planner | time for 27 layers (s) | objective | LAR (co-location) | load imbalance |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| planner | CPU time, 27 layers (s) | wall time (s) | objective | LAR (co-location) | load imbalance |")
+    print("| --- | --- | --- | --- | --- | --- |")
     base = [grouping_cost(trace.experts[:, l], contiguous, theta=args.theta) for l in range(L)]
-    print(f"| contiguous | - | {np.mean([c.objective for c in base]):.4f} | "
+    print(f"| contiguous | - | - | {np.mean([c.objective for c in base]):.4f} | "
           f"{1 - np.mean([c.remote_share for c in base]):.3f} | {np.mean([c.load_imbalance for c in base]):.3f} |")
     for m in methods:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pls = group_experts(trace, ep_size=P, options=GroupingOptions(method=m, theta=args.theta, seed=args.seed),
                             progress=args.verbose)
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         costs = [grouping_cost(trace.experts[:, l], pl, theta=args.theta) for l, pl in enumerate(pls)]
-        print(f"| {m} | {secs:.1f} | {np.mean([c.objective for c in costs]):.4f} | "
+        print(f"| {m} | {cpu:.1f} | {secs:.1f} | {np.mean([c.objective for c in costs]):.4f} | "
               f"{1 - np.mean([c.remote_share for c in costs]):.3f} | {np.mean([c.load_imbalance for c in costs]):.3f} |")
-        print(f"[C] {m}: {secs:.1f} s", file=sys.stderr)
+        print(f"[C] {m}: {cpu:.1f} s CPU, {secs:.1f} s wall", file=sys.stderr)
     print()
 
 

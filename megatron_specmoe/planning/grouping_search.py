@@ -84,7 +84,13 @@ def compress_routes(experts_Tk: np.ndarray, num_experts: int, *, where: str = "r
             )
     if srt.min() < 0 or srt.max() >= num_experts:
         raise ValueError(f"{where}: expert ids must lie in 0..{num_experts - 1}")
-    sets, weights = np.unique(srt, axis=0, return_counts=True)
+    k = srt.shape[1]
+    if num_experts ** k < 2**62:  # one int64 key per row: a 1-D unique is ~10x faster
+        radix = num_experts ** np.arange(k - 1, -1, -1, dtype=np.int64)
+        keys, weights = np.unique(srt @ radix, return_counts=True)
+        sets = (keys[:, None] // radix[None, :]) % num_experts
+    else:
+        sets, weights = np.unique(srt, axis=0, return_counts=True)
     loads = np.bincount(srt.ravel(), minlength=num_experts).astype(np.int64)
     return LayerRoutes(sets=sets, weights=weights.astype(np.int64), loads=loads, num_experts=num_experts)
 
