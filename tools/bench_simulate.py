@@ -133,11 +133,11 @@ def _plot(results: dict, path: str, eps: list[int], *, title: str) -> None:
             t = [r[name]["layer_time_s"] for r in first]
             top.plot(eps, [x * 1e6 for x in t], "-o", color=colour, label=name, linewidth=width)
             bottom.plot(eps, [x / b for x, b in zip(t, base)], "-o", color=colour, linewidth=width)
-        colours = iter(["tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:gray"])
-        colour_of: dict[str, str] = {}
+        palette = ["tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:gray"]
+        names = list(dict.fromkeys(key.split(" | ")[2] for key in mine))
         for key, rows in mine.items():
             _, tp_desc, pname = key.split(" | ")
-            colour = colour_of.setdefault(pname, next(colours))
+            colour = palette[names.index(pname) % len(palette)]
             style = ("-" if pname == "oracle" else "--") + ("s" if tp_desc.startswith("TP = 8") else "^")
             t = [r["specmoe"]["layer_time_s"] for r in rows]
             top.plot(eps, [x * 1e6 for x in t], style, color=colour,
