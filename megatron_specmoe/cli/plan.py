@@ -1,0 +1,112 @@
+"""``specmoe plan``: fit route predictors and an expert placement on routing traces, write a plan.
+
+Steps (each prints a progress line to stderr):
+1. read the traces (any format ``planning/trace_io.py`` reads), optionally drop repeated routes;
+2. fit each requested predictor (``planning/predictors/registry.py``);
+3. group experts per layer (``planning/grouping.py``; ``--placement contiguous`` skips it);
+4. write the plan folder (``planning/plan.py``): header, placements, predictor states.
+
+Evaluate the plan on *other* traces than it was fitted on (``specmoe evaluate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+HELP = "fit route predictors and an expert placement on routing traces; write a plan folder"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--traces", required=True, nargs="+", metavar="FILE",
+                   help="routing traces to fit on (layer-major JSON, Megatron router-trace JSONL or folder, "
+                        "specmoe .npz)")
+    p.add_argument("--ep", required=True, type=int, metavar="P", help="expert-parallel size the plan is for")
+    p.add_argument("--out", required=True, metavar="DIR", help="plan folder to write")
+    p.add_argument("--predictor", nargs="+", default=None, metavar="KIND",
+                   help="predictor kinds to fit, first is the default at run time: token, layer, history, "
+                        "combined (default: combined; its members are token+layer when the traces carry "
+                        "token ids, else layer+history)")
+    p.add_argument("--members", default=None, metavar="K1,K2",
+                   help="members of the combined predictor (comma-separated kinds)")
+    p.add_argument("--placement", default="search", metavar="METHOD",
+                   help="expert grouping method (planning/grouping.py): contiguous, random, eplb, graph, "
+                        "alternating, search (default), milp")
+    p.add_argument("--theta", type=float, default=0.1, help="weight of load imbalance in the grouping objective")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dedup", action="store_true",
+                   help="drop tokens whose whole route repeats an earlier token's before fitting")
+    p.add_argument("--num-experts", type=int, default=None, help="E, if the traces cannot tell (checked)")
+    p.add_argument("--hidden-size", type=int, default=None, help="model hidden size, recorded in the plan")
+    p.add_argument("--vocab-size", type=int, default=None, help="model vocabulary, recorded in the plan")
+
+
+def _log(msg: str) -> None:
+    print(f"[specmoe plan] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_specmoe.planning.grouping import GroupingOptions, group_experts
+    from megatron_specmoe.planning.placement import ExpertPlacement
+    from megatron_specmoe.planning.plan import make_plan, save_plan
+    from megatron_specmoe.planning.predictors.registry import check_kind, fit_predictor
+    from megatron_specmoe.planning.trace_io import dedup_routes, read_traces
+
+    try:
+        if args.ep < 1:
+            raise ValueError(f"--ep must be >= 1, got {args.ep}")
+        options = GroupingOptions(method=args.placement, theta=args.theta, seed=args.seed)
+        t0 = time.perf_counter()
+        trace = read_traces(args.traces, num_experts=args.num_experts)
+        if trace.num_experts % args.ep:
+            raise ValueError(
+                f"--ep {args.ep} does not divide the traces' {trace.num_experts} experts; every EP rank "
+                "must host the same number of experts"
+            )
+        _log(f"read {trace.num_tokens} tokens, {trace.num_layers} MoE layers, top-{trace.topk} of "
+             f"{trace.num_experts} experts from {len(args.traces)} file(s) ({time.perf_counter() - t0:.1f}s)")
+        if args.dedup:
+            before = trace.num_tokens
+            trace, _ = dedup_routes(trace)
+            _log(f"--dedup: dropped {before - trace.num_tokens} of {before} tokens repeating an earlier route")
+
+        kinds = args.predictor or ["combined"]
+        has_ids = trace.token_ids is not None
+        members = (args.members.split(",") if args.members else (["token", "layer"] if has_ids else ["layer", "history"]))
+        states = {}
+        for kind in kinds:
+            check_kind(kind)
+            needs_ids = kind == "token" or (kind == "combined" and "token" in members)
+            if needs_ids and not has_ids:
+                raise ValueError(
+                    f"predictor {kind!r} needs token ids, and the traces {args.traces} carry none; use "
+                    "--predictor layer/history or --members layer,history"
+                )
+            t1 = time.perf_counter()
+            opts = {"members": tuple(members)} if kind == "combined" else {}
+            predictor = fit_predictor(kind, trace, **opts)
+            states[kind] = predictor.to_state()
+            _log(f"fitted {kind!r} ({predictor.memory_bytes() / 1e6:.2f} MB) in {time.perf_counter() - t1:.1f}s")
+
+        t2 = time.perf_counter()
+        if args.placement == "contiguous":
+            placements = [ExpertPlacement.contiguous(trace.num_experts, args.ep)] * trace.num_layers
+        else:
+            placements = group_experts(trace, ep_size=args.ep, options=options, progress=True)
+        _log(f"placement {args.placement!r} for {trace.num_layers} layers in {time.perf_counter() - t2:.1f}s")
+
+        plan = make_plan(
+            num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk, ep_size=args.ep,
+            hidden_size=args.hidden_size, vocab_size=args.vocab_size, placements=placements,
+            predictor_state=states,
+            notes={"traces": [str(p) for p in args.traces], "dedup": bool(args.dedup),
+                   "placement_method": args.placement, "theta": args.theta, "members": members},
+        )
+        saved = save_plan(plan, args.out)
+    except ValueError as exc:
+        print(f"specmoe plan: {exc}", file=sys.stderr)
+        return 2
+    _log(f"wrote {args.out} (predictors {list(states)}, checksum {saved.header.checksum[:12]}...) "
+         f"in {time.perf_counter() - t0:.1f}s total")
+    return 0

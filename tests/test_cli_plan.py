@@ -1,0 +1,52 @@
+"""``specmoe plan`` end to end on a small synthetic trace, and its errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_specmoe.cli.main import main
+from megatron_specmoe.planning.plan import load_plan
+from megatron_specmoe.planning.trace_io import write_trace
+from megatron_specmoe.planning.traces import RoutingTrace
+
+
+def _trace(tmp_path, with_ids=True):
+    rng = np.random.default_rng(0)
+    tokens, layers, experts = 400, 3, 8
+    # Two families of tokens: even ids use experts {0, 5}, odd ids {2, 7}, at every layer.
+    ids = rng.integers(0, 50, size=tokens)
+    fam = np.where(ids % 2 == 0, 0, 1)
+    pairs = np.array([[0, 5], [2, 7]])[fam]
+    ex = np.repeat(pairs[:, None, :], layers, axis=1).astype(np.int32)
+    trace = RoutingTrace(experts=ex, num_experts=experts, token_ids=ids if with_ids else None)
+    path = tmp_path / ("t.npz" if with_ids else "noids.npz")
+    write_trace(trace, path)
+    return path
+
+
+def test_plan_writes_a_loadable_plan(tmp_path, capsys):
+    path = _trace(tmp_path)
+    out = tmp_path / "plan"
+    assert main(["plan", "--traces", str(path), "--ep", "4", "--out", str(out), "--placement", "search"]) == 0
+    plan = load_plan(out)
+    assert plan.header.ep_size == 4 and plan.header.num_experts == 8 and plan.header.num_layers == 3
+    assert plan.header.predictor_kinds == ("combined",)
+    # Grouping puts the co-activated pairs {0,5} and {2,7} on one rank each, at every layer.
+    for placement in plan.placements:
+        rank = placement.rank_of_logical()
+        assert rank[0] == rank[5] and rank[2] == rank[7]
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_plan_refuses_bad_input(tmp_path, capsys):
+    path = _trace(tmp_path, with_ids=False)
+    out = str(tmp_path / "p")
+    assert main(["plan", "--traces", str(path), "--ep", "3", "--out", out]) == 2
+    assert "--ep 3 does not divide the traces' 8 experts" in capsys.readouterr().err
+    assert main(["plan", "--traces", str(path), "--ep", "2", "--out", out, "--predictor", "token"]) == 2
+    assert "needs token ids" in capsys.readouterr().err
+    assert main(["plan", "--traces", str(path), "--ep", "2", "--out", out, "--predictor", "magic"]) == 2
+    assert "unknown predictor kind 'magic'" in capsys.readouterr().err
+    assert main(["plan", "--traces", str(path), "--ep", "2", "--out", out, "--placement", "magic"]) == 2
+    assert "method='magic' is unknown" in capsys.readouterr().err
