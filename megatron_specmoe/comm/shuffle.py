@@ -1,0 +1,177 @@
+"""The two collectives of speculative token shuffling (s-TS), over the attention TP group.
+
+Notation
+    T: real tokens of the shuffle domain (a TP group's batch, S x B flattened in (s, b) order).
+    P: TP size (ranks of the group).   C: rows per rank, ceil(T / P).   T_pad = P * C.
+    H: hidden size.
+
+Glossary
+    true order       row t is token t (the order attention, rotary embeddings, masks and the KV
+                     cache need).
+    shuffled order   row i is token ``plan.order[i]``; rank r holds rows r*C .. (r+1)*C - 1.
+    partial sum      a row-parallel linear's output before its TP reduction: every rank holds
+                     [T, H] and the true value is the sum over ranks.
+    fold             rows this rank adds into its partial sum before reducing (the residual rows it
+                     holds, plus the projection bias): the reduction then delivers
+                     attention + residual + bias with no extra communication.
+
+The two collectives move exactly what Megatron's own do: ``shuffled_reduce_scatter`` is one
+reduce-scatter of [T_pad, H] (sequence parallelism reduce-scatters [T, H] there anyway), and
+``deferred_all_gather`` one all-gather of [C, H] per rank. Without sequence parallelism the pair
+replaces the output projection's all-reduce of [T, H]; a ring all-reduce moves the bytes of a
+reduce-scatter plus an all-gather. ``CollectiveCounter`` counts what each call moved so that tests
+and benchmarks compare bytes measured, not estimated.
+
+Forward only (inference): these calls do not build an autograd graph; ``shuffled_reduce_scatter``
+refuses inputs that require grad rather than silently dropping their gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_specmoe.planning.assignment import ShufflePlan
+
+__all__ = [
+    "CollectiveKind",
+    "CollectiveCounter",
+    "shuffled_reduce_scatter",
+    "deferred_all_gather",
+    "ring_bytes",
+]
+
+CollectiveKind = Literal["all_reduce", "reduce_scatter", "all_gather"]
+
+
+def ring_bytes(kind: CollectiveKind, payload_bytes: int, group_size: int) -> int:
+    """Bytes one rank sends in a ring implementation of ``kind`` over ``payload_bytes`` (the full
+    tensor: the reduce-scatter input, the all-gather output, the all-reduce buffer).
+
+    reduce-scatter and all-gather send (P-1)/P of the payload, an all-reduce twice that.
+    """
+    if group_size <= 1:
+        return 0
+    share = payload_bytes * (group_size - 1) // group_size
+    return 2 * share if kind == "all_reduce" else share
+
+
+@dataclass(kw_only=True)
+class CollectiveCounter:
+    """Counts collectives on one rank (mutable; one per measurement).
+
+    Attributes:
+        calls: number of calls per kind.
+        payload_bytes: full-tensor bytes per kind (see ``ring_bytes``).
+        sent_bytes: bytes this rank sends in a ring implementation, per kind.
+    """
+
+    calls: dict[str, int] = field(default_factory=dict)
+    payload_bytes: dict[str, int] = field(default_factory=dict)
+    sent_bytes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: CollectiveKind, payload_bytes: int, group_size: int) -> None:
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        self.payload_bytes[kind] = self.payload_bytes.get(kind, 0) + int(payload_bytes)
+        self.sent_bytes[kind] = self.sent_bytes.get(kind, 0) + ring_bytes(kind, payload_bytes, group_size)
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.sent_bytes.values())
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.payload_bytes.clear()
+        self.sent_bytes.clear()
+
+
+def _check_plan(plan: ShufflePlan, group) -> int:
+    size = dist.get_world_size(group)
+    if plan.num_ranks != size:
+        raise ValueError(
+            f"ShufflePlan.num_ranks={plan.num_ranks} but the TP group has {size} ranks; plan over "
+            "the TP size"
+        )
+    return dist.get_group_rank(group, dist.get_rank()) if group is not None else dist.get_rank()
+
+
+def shuffled_reduce_scatter(
+    partial: torch.Tensor,
+    plan: ShufflePlan,
+    group,
+    *,
+    fold_rows: Optional[torch.Tensor] = None,
+    fold: Optional[torch.Tensor] = None,
+    counter: Optional[CollectiveCounter] = None,
+) -> torch.Tensor:
+    """Sum ``partial`` over the group and give rank r the rows of its shard under ``plan``.
+
+    Args:
+        partial: float [T, H], this rank's partial sums in true order (identical row meaning on
+            every rank).
+        plan: the ShufflePlan (identical on every rank of ``group``; P = group size).
+        group: the TP process group.
+        fold_rows: int64 [F], token indices (true order, < T) whose ``fold`` rows this rank adds
+            before reducing; every token must be folded by exactly one rank of the group.
+        fold: float [F, H], the rows to add (residual + bias).
+        counter: optional CollectiveCounter.
+
+    Returns:
+        float [C, H]: this rank's shard, row j = token ``plan.order[r*C + j]`` (pad rows, if any,
+        are zero plus nothing: pads are never folded).
+    """
+    if partial.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "shuffled_reduce_scatter is forward-only (inference); run the model under "
+            "torch.no_grad() or torch.inference_mode()"
+        )
+    t, h = partial.shape
+    if t != plan.num_tokens:
+        raise ValueError(f"shuffled_reduce_scatter: partial has {t} rows, plan has {plan.num_tokens} tokens")
+    _check_plan(plan, group)
+    c = plan.capacity
+    # Step 1: rows in shuffled order (pad rows zero): buffer[i] = partial[order[i]].
+    buffer = partial.new_zeros(plan.padded_tokens, h)
+    real = plan.order < t
+    buffer[real] = partial.index_select(0, plan.order[real])
+    # Step 2: fold this rank's residual (+ bias) rows at their shuffled positions.
+    if fold is not None:
+        buffer.index_add_(0, plan.inverse.index_select(0, fold_rows), fold.to(buffer.dtype))
+    # Step 3: one reduce-scatter of [T_pad, H].
+    out = partial.new_empty(c, h)
+    dist.reduce_scatter_tensor(out, buffer, group=group)
+    if counter is not None:
+        counter.add("reduce_scatter", buffer.numel() * buffer.element_size(), plan.num_ranks)
+    return out
+
+
+def deferred_all_gather(
+    shard: torch.Tensor,
+    plan: ShufflePlan,
+    group,
+    *,
+    counter: Optional[CollectiveCounter] = None,
+) -> torch.Tensor:
+    """All-gather the shards of ``plan`` and return every token in true order.
+
+    Args:
+        shard: float [C, H], this rank's rows in shuffled order (its pad row, if any, last).
+        plan: the ShufflePlan the shards follow (identical on every rank).
+        group: the TP process group.
+        counter: optional CollectiveCounter.
+
+    Returns:
+        float [T, H], row t = token t (pad rows dropped).
+    """
+    _check_plan(plan, group)
+    c, h = shard.shape
+    if c != plan.capacity:
+        raise ValueError(f"deferred_all_gather: shard has {c} rows, plan capacity is {plan.capacity}")
+    gathered = shard.new_empty(plan.padded_tokens, h)
+    dist.all_gather_into_tensor(gathered, shard.contiguous(), group=group)
+    if counter is not None:
+        counter.add("all_gather", gathered.numel() * gathered.element_size(), plan.num_ranks)
+    return gathered.index_select(0, plan.inverse[: plan.num_tokens])

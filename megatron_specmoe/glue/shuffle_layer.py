@@ -1,0 +1,437 @@
+"""``ShuffleTransformerLayer``: speculative token shuffling (s-TS) inside Megatron's transformer layer.
+
+Notation
+    S: sequence length.   B: micro-batch.   T = S * B tokens of one TP group, row t = s * B + b.
+    H: hidden size.   P: attention TP size.   C = ceil(T / P) rows per rank.   E: experts, k: top-k.
+
+Glossary
+    TP rank r        this rank's index in the attention TP group.
+    EP rank          its index in the expert-parallel group. Under MoE parallel folding (expert
+                     TP = 1, TP group inside the EP group) TP rank r is EP rank ``ep_base + r``
+                     (checked at the first forward): the tokens TP rank r holds when the MoE layer
+                     starts have home EP rank ``ep_base + r``.
+    plan             ``planning.assignment.ShufflePlan`` over the T tokens and the P TP ranks.
+    carrier          ``ShuffleCarrier``: the explicit object through which one layer hands the
+                     residual stream's order (its plan) to the next (sequence parallel only).
+
+What one layer does (Megatron's TransformerLayer does the same arithmetic; only where the two TP
+collectives sit and which rows they carry changes):
+
+Sequence parallel on (input: this rank's C residual rows in the previous layer's shuffled order;
+the first layer's input is Megatron's contiguous shard, i.e. the contiguous plan):
+  1. input layernorm on the shard, then the all-gather that sequence parallelism performs anyway,
+     followed by the inverse of the previous plan: attention sees [S, B, H] in true order.
+  2. attention with linears that do not communicate (``NoComm*ParallelLinear``): qkv gets the
+     gathered input, the output projection returns its partial sum.
+  3. predict each token's EP rank from data every TP rank holds identically (``ShufflePredictor``:
+     "pregate" = this layer's router applied to the gathered, normalised layer input) and compute
+     the balanced plan (``planning.assignment.assign``; deterministic, so identical on every rank).
+  4. fold: each rank adds the residual rows it holds (+ the projection bias) into its partial sum,
+     permute by the plan, reduce-scatter (``comm.shuffle.shuffled_reduce_scatter``): TP rank r
+     receives the tokens predicted for its experts, already with attention + residual + bias.
+  5. pre-MLP layernorm and the MoE layer on the real rows of the shard (the specmoe dispatcher
+     finds most (token, expert) pairs local), plus the residual. Output: [C, 1, H] in the new
+     shuffled order; the plan goes to the carrier for the next layer.
+Sequence parallel off (inference): every rank holds [S, B, H] in true order; 1 is the layernorm
+alone; 2-5 as above (the shuffled reduce-scatter replaces the output projection's all-reduce, and
+each rank folds the residual rows of its own new shard); then
+  6. the deferred all-gather (``comm.shuffle.deferred_all_gather``) returns [S, B, H] in true
+     order. A reduce-scatter plus an all-gather move the bytes of the all-reduce they replace.
+
+Lossless: the real router still runs on every token after the shuffle; a wrong prediction only
+makes a pair remote. Forward only (inference, ``model.eval()`` under no_grad).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, get_args
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_specmoe.comm.shuffle import CollectiveCounter, deferred_all_gather, shuffled_reduce_scatter
+from megatron_specmoe.planning.assignment import (
+    AssignmentMethod,
+    ShufflePlan,
+    assign,
+    real_capacities,
+)
+
+__all__ = [
+    "ShufflePredictor",
+    "ShuffleOptions",
+    "ShuffleState",
+    "ShuffleCarrier",
+    "NoCommColumnParallelLinear",
+    "NoCommRowParallelLinear",
+    "ShuffleTransformerLayer",
+    "restore_true_order",
+]
+
+ShufflePredictor = Literal["pregate", "contiguous", "random", "adversarial"]
+"""How a layer scores tokens x TP ranks before its gate (all from data every TP rank holds):
+    pregate      this layer's router logits on the gathered, normalised layer input; score of
+                 rank r = how many of the token's predicted top-k experts it hosts.
+    contiguous   no prediction: Megatron's contiguous shards (the baseline order).
+    random       scores from a generator seeded by (options.seed, layer, call): for tests.
+    adversarial  minus the pregate score: tokens go where their predicted experts are *not*
+                 (lossless still, only slower): for tests."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShuffleOptions:
+    """Attributes: predictor (``ShufflePredictor``), method (``assignment.AssignmentMethod``;
+    "refine" is the runtime one), seed (for the "random" predictor), keep_plans (carrier keeps
+    every plan it sees, for tests and benchmarks)."""
+
+    predictor: ShufflePredictor = "pregate"
+    method: AssignmentMethod = "refine"
+    seed: int = 0
+    keep_plans: bool = False
+
+    def __post_init__(self) -> None:
+        if self.predictor not in get_args(ShufflePredictor):
+            raise ValueError(
+                f"ShuffleOptions.predictor={self.predictor!r}; choose one of {get_args(ShufflePredictor)}"
+            )
+        if self.method not in get_args(AssignmentMethod):
+            raise ValueError(
+                f"ShuffleOptions.method={self.method!r}; choose one of {get_args(AssignmentMethod)}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShuffleState:
+    """The order of the residual stream between two layers (sequence parallel on).
+
+    Attributes:
+        plan: the ShufflePlan whose shards the ranks hold.
+        seq, batch: S and B of the true-order tensor.
+        tensor: the layer output this state describes (a later input that is not this tensor is
+            taken to be Megatron's contiguous shard).
+    """
+
+    plan: ShufflePlan
+    seq: int
+    batch: int
+    tensor: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class ShuffleCarrier:
+    """Per-model, explicit s-TS state shared by the layers of one model (built by the spec).
+
+    Attributes:
+        options: ShuffleOptions.
+        state: the residual stream's current order (sequence parallel on), or None.
+        counter: CollectiveCounter for the TP collectives the layers issue, or None.
+        plans: (layer_number, plan) for every layer forward when ``options.keep_plans``.
+        calls: forwards seen (seeds the "random" predictor).
+    """
+
+    options: ShuffleOptions = field(default_factory=ShuffleOptions)
+    state: Optional[ShuffleState] = None
+    counter: Optional[CollectiveCounter] = None
+    plans: list = field(default_factory=list)
+    calls: int = 0
+
+    def reset(self) -> None:
+        """Forget the residual order and kept plans (start of a new forward)."""
+        self.state = None
+        self.plans.clear()
+
+
+class NoCommColumnParallelLinear(ColumnParallelLinear):
+    """Megatron's ColumnParallelLinear whose forward never communicates: the caller hands it the
+    already gathered input (Megatron's own "caller communicates" switch, ``explicit_expert_comm``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.explicit_expert_comm = True
+
+
+class NoCommRowParallelLinear(RowParallelLinear):
+    """Megatron's RowParallelLinear that returns its partial sum (no all-reduce or reduce-scatter)
+    and its bias separately; the shuffle layer reduces it. Needs ``skip_bias_add=True`` (as
+    attention's output projection is built)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.skip_bias_add:
+            raise ValueError(
+                "NoCommRowParallelLinear needs skip_bias_add=True (the shuffle layer folds the "
+                "bias into the reduce-scatter); use it only as attention's linear_proj"
+            )
+        self.explicit_expert_comm = True
+
+
+def _group_rank(group) -> int:
+    return dist.get_group_rank(group, dist.get_rank())
+
+
+class ShuffleTransformerLayer(TransformerLayer):
+    """A TransformerLayer that performs s-TS around attention's TP collectives (see module doc).
+
+    Built from ``glue.shuffle_specs.get_gpt_layer_shuffle_spec``; takes Megatron's arguments plus
+    ``carrier`` (the model's ShuffleCarrier).
+
+    Raises:
+        ValueError: settings the shuffle does not support (named, with the fix).
+    """
+
+    def __init__(self, config, submodules, *args, carrier: Optional[ShuffleCarrier] = None, **kwargs) -> None:
+        if carrier is None:
+            raise ValueError(
+                "ShuffleTransformerLayer needs carrier=ShuffleCarrier(...) (get_gpt_layer_shuffle_spec "
+                "makes one per model)"
+            )
+        _check_config(config)
+        super().__init__(config, submodules, *args, **kwargs)
+        self.carrier = carrier
+        self._check_modules()
+        self._ep_base: Optional[int] = None
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def _check_modules(self) -> None:
+        from megatron.core.transformer.moe.moe_layer import MoELayer
+
+        from megatron_specmoe.glue.dispatcher import SpecMoETokenDispatcher
+
+        attn = self.self_attention
+        if not isinstance(getattr(attn, "linear_qkv", None), NoCommColumnParallelLinear) or not isinstance(
+            getattr(attn, "linear_proj", None), NoCommRowParallelLinear
+        ):
+            raise ValueError(
+                "ShuffleTransformerLayer: self_attention must use NoCommColumnParallelLinear (linear_qkv) "
+                "and NoCommRowParallelLinear (linear_proj); build the layer from get_gpt_layer_shuffle_spec"
+            )
+        if not isinstance(self.cross_attention, IdentityOp):
+            raise ValueError("ShuffleTransformerLayer: cross attention is not supported; use a decoder-only spec")
+        if not isinstance(self.mlp, MoELayer) or not isinstance(
+            getattr(self.mlp, "token_dispatcher", None), SpecMoETokenDispatcher
+        ):
+            raise ValueError(
+                "ShuffleTransformerLayer: the MLP must be a MoE layer with the specmoe dispatcher "
+                "(moe_token_dispatcher_type='specmoe'); dense layers keep Megatron's TransformerLayer"
+            )
+        if getattr(self.mlp, "use_shared_expert", False) and self.tp_group.size() > 1:
+            raise ValueError(
+                "ShuffleTransformerLayer: shared experts with TP > 1 are not supported (their TP "
+                "linears expect every rank to hold the same tokens); set "
+                "moe_shared_expert_intermediate_size=None or TP=1"
+            )
+
+    def _ep_span(self) -> int:
+        """EP rank of TP rank 0 of this group; checks that TP rank r is EP rank ep_base + r."""
+        if self._ep_base is None:
+            dispatcher = self.mlp.token_dispatcher
+            tp = self.tp_group.size()
+            ep = dispatcher.ep_size
+            if ep % tp:
+                raise ValueError(
+                    f"ShuffleTransformerLayer: EP size {ep} is not a multiple of TP size {tp}; the "
+                    "attention TP group must lie inside the EP group (MoE parallel folding)"
+                )
+            ep_rank = dispatcher.ep_group.rank() if ep > 1 else 0
+            ranks = [None] * tp
+            dist.all_gather_object(ranks, ep_rank, group=self.tp_group)
+            base = ranks[0]
+            if ranks != list(range(base, base + tp)):
+                raise ValueError(
+                    f"ShuffleTransformerLayer: the TP group's EP ranks are {ranks}, not consecutive from "
+                    f"{base}; the TP group must lie inside one EP group in TP-rank order "
+                    "(Megatron's default order with expert_tensor_parallel_size=1)"
+                )
+            self._ep_base = base
+        return self._ep_base
+
+    # ---- prediction ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rank_scores(self, ln_full: torch.Tensor) -> torch.Tensor:
+        """float32 [T, P]: how well each TP rank suits each token, from ``ln_full`` [S, B, H] (the
+        gathered, normalised layer input, identical on every TP rank)."""
+        opts = self.carrier.options
+        tp = self.tp_group.size()
+        t = ln_full.shape[0] * ln_full.shape[1]
+        if opts.predictor == "contiguous":
+            return torch.zeros(t, tp, dtype=torch.float32, device=ln_full.device)
+        if opts.predictor == "random":
+            gen = torch.Generator().manual_seed(
+                opts.seed * 1_000_003 + self.layer_number * 7919 + self.carrier.calls
+            )
+            return torch.rand(t, tp, generator=gen).to(ln_full.device)
+        # pregate: the router's own gating on the layer input; top-k experts -> hosting EP rank.
+        dispatcher = self.mlp.token_dispatcher
+        logits = self.mlp.router.gating(ln_full.reshape(t, -1))
+        k = self.config.moe_router_topk
+        top = torch.topk(logits.float(), k, dim=1).indices  # logical experts [T, k]
+        rank_of = torch.as_tensor(dispatcher.placement.rank_of_logical(), device=top.device)
+        local = rank_of[top] - self._ep_span()  # EP rank relative to the TP group's span
+        inside = (local >= 0) & (local < tp)
+        scores = torch.zeros(t, tp, dtype=torch.float32, device=ln_full.device)
+        scores.scatter_add_(1, local.clamp(0, tp - 1), inside.float())
+        return -scores if opts.predictor == "adversarial" else scores
+
+    def shuffle_plan(self, ln_full: torch.Tensor) -> ShufflePlan:
+        """The balanced plan for this layer (identical on every TP rank)."""
+        return assign(self.rank_scores(ln_full), self.carrier.options.method, validate=False)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+        rotary_pos_emb: Optional[torch.Tensor] = None,
+        rotary_pos_cos: Optional[torch.Tensor] = None,
+        rotary_pos_sin: Optional[torch.Tensor] = None,
+        rotary_pos_cos_sin: Optional[torch.Tensor] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        inference_context: Optional[Any] = None,
+        packed_seq_params: Optional[Any] = None,
+        sequence_len_offset: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        *,
+        inference_params: Optional[Any] = None,
+        **unsupported: Any,
+    ):
+        """Megatron's TransformerLayer arguments; returns (hidden_states, context).
+
+        Sequence parallel on: ``hidden_states`` is this rank's shard ([S/P, B, H] contiguous from
+        the embedding, or [C, 1, H] from the previous shuffle layer) and so is the output.
+        Off: [S, B, H] in true order in and out.
+        """
+        if self.training:
+            raise ValueError("ShuffleTransformerLayer is for inference; call model.eval()")
+        if context is not None or packed_seq_params is not None or padding_mask is not None or unsupported:
+            raise ValueError(
+                "ShuffleTransformerLayer does not support cross-attention context, packed sequences "
+                f"or padding_mask (got extra {sorted(unsupported)}); pass None"
+            )
+        inference_context = inference_context if inference_context is not None else inference_params
+        group = self.tp_group
+        tp = group.size()
+        rank = _group_rank(group)
+        counter = self.carrier.counter
+        sp = self.config.sequence_parallel
+        h = hidden_states.shape[-1]
+
+        # Step 1: the layer input in true order ([S, B, H]) and this rank's residual rows.
+        ln = self.input_layernorm(hidden_states)
+        if sp:
+            prev = self._previous_state(hidden_states, tp)
+            seq, batch = prev.seq, prev.batch
+            ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
+            ln_full = ln_full.view(seq, batch, h)
+            mine = prev.plan.order[rank * prev.plan.capacity : (rank + 1) * prev.plan.capacity]
+            residual_rows = mine[mine < prev.plan.num_tokens]
+            residual = hidden_states.reshape(-1, h)[: residual_rows.shape[0]]
+        else:
+            seq, batch = hidden_states.shape[0], hidden_states.shape[1]
+            ln_full = ln
+        num_tokens = seq * batch
+
+        # Step 2: attention on true order; linear_proj returns the partial sum and its bias.
+        partial, proj_bias = self.self_attention(
+            ln_full,
+            attention_mask=attention_mask,
+            inference_context=inference_context,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            rotary_pos_cos_sin=rotary_pos_cos_sin,
+            attention_bias=attention_bias,
+            packed_seq_params=None,
+            sequence_len_offset=sequence_len_offset,
+        )
+
+        # Step 3: the balanced plan, identical on every TP rank.
+        plan = self.shuffle_plan(ln_full)
+        if self.carrier.options.keep_plans:
+            self.carrier.plans.append((self.layer_number, plan))
+
+        # Step 4: fold residual (+ bias) rows this rank holds, permute, reduce-scatter.
+        if not sp:
+            mine = plan.order[rank * plan.capacity : (rank + 1) * plan.capacity]
+            residual_rows = mine[mine < num_tokens]
+            residual = hidden_states.reshape(num_tokens, h).index_select(0, residual_rows)
+        fold = residual if proj_bias is None else residual + proj_bias
+        shard = shuffled_reduce_scatter(
+            partial.reshape(num_tokens, h), plan, group,
+            fold_rows=residual_rows, fold=fold, counter=counter,
+        )
+
+        # Step 5: MoE on the real rows of the shard (pad rows never reach the router).
+        real = real_capacities(num_tokens, tp)[rank]
+        x = shard[:real].view(real, 1, h)
+        mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
+        out = x + mlp_out if mlp_bias is None else x + mlp_out + mlp_bias
+        if real < plan.capacity:
+            out = torch.cat([out, out.new_zeros(plan.capacity - real, 1, h)], dim=0)
+        self.carrier.calls += 1
+
+        if sp:
+            self.carrier.state = ShuffleState(plan=plan, seq=seq, batch=batch, tensor=out)
+            return out, context
+        # Step 6: the deferred all-gather back to true order.
+        full = deferred_all_gather(out.view(plan.capacity, h), plan, group, counter=counter)
+        return full.view(seq, batch, h), context
+
+    def _previous_state(self, hidden_states: torch.Tensor, tp: int) -> ShuffleState:
+        state = self.carrier.state
+        if state is not None and state.tensor is hidden_states:
+            return state
+        # Megatron's contiguous sequence-parallel shard [S/P, B, H]: the contiguous plan.
+        seq, batch = hidden_states.shape[0] * tp, hidden_states.shape[1]
+        t = seq * batch
+        plan = assign(torch.zeros(t, tp), "contiguous", validate=False)
+        return ShuffleState(plan=plan, seq=seq, batch=batch, tensor=hidden_states)
+
+
+def restore_true_order(shard: torch.Tensor, carrier: ShuffleCarrier, group, *, counter=None) -> torch.Tensor:
+    """Turn the last shuffle layer's output shard back into Megatron's contiguous sequence-parallel
+    shard [S/P, B, H] (true order). Costs one all-gather of the hidden states; a model whose
+    output layer all-gathers anyway can use ``deferred_all_gather`` there instead.
+
+    Args:
+        shard: float [C, 1, H], the output of the last ShuffleTransformerLayer on this rank.
+        carrier: the model's ShuffleCarrier (its state must describe ``shard``).
+        group: the TP group.
+    """
+    state = carrier.state
+    if state is None or state.tensor is not shard:
+        raise ValueError("restore_true_order: the carrier's state does not describe this tensor")
+    h = shard.shape[-1]
+    full = deferred_all_gather(shard.reshape(-1, h), state.plan, group, counter=counter)
+    tp = group.size()
+    if state.seq % tp:
+        raise ValueError(f"restore_true_order: S={state.seq} is not a multiple of TP={tp}")
+    rank = _group_rank(group)
+    per = state.seq // tp
+    return full.view(state.seq, state.batch, h)[rank * per : (rank + 1) * per]
+
+
+def _check_config(config) -> None:
+    """Refuse settings the shuffle layer does not support, naming the field and the fix."""
+    problems = []
+    if getattr(config, "expert_tensor_parallel_size", 1) not in (1, None):
+        problems.append("expert_tensor_parallel_size must be 1 (MoE parallel folding)")
+    if getattr(config, "context_parallel_size", 1) != 1:
+        problems.append("context_parallel_size must be 1")
+    if getattr(config, "recompute_granularity", None) is not None:
+        problems.append("recompute_granularity must be None (inference)")
+    if getattr(config, "inference_fuse_tp_communication", False):
+        problems.append("inference_fuse_tp_communication must be False (the shuffle owns those collectives)")
+    if getattr(config, "moe_pad_expert_input_to_capacity", False):
+        problems.append("moe_pad_expert_input_to_capacity must be False (dropless routing)")
+    if getattr(config, "moe_token_dispatcher_type", None) != "specmoe":
+        problems.append("moe_token_dispatcher_type must be 'specmoe'")
+    if getattr(config, "cuda_graph_impl", "none") not in ("none", None):
+        problems.append("cuda_graph_impl must be 'none'")
+    if problems:
+        raise ValueError("ShuffleTransformerLayer: " + "; ".join(problems))

@@ -1,0 +1,308 @@
+"""The s-TS lossless check: a model with ``ShuffleTransformerLayer`` computes what Megatron computes.
+
+Each function runs on every rank of an initialised process group (``comm.spawn.run_local`` on the
+CPU). Three models with identical weights (expert weights from a seeded bank, arranged by the
+placement under test) see identical inputs:
+    ref       Megatron's layers with the ``alltoall`` dispatcher: the outputs to match.
+    base      Megatron's layers with the ``specmoe`` dispatcher and contiguous placement: what
+              ``alltoall`` sends, recorded by the dispatcher's own accounting.
+    shuffle   ``ShuffleTransformerLayer`` (s-TS) with the specmoe dispatcher, recorded likewise.
+Each returns the largest output difference, both models' summed route measures (this rank's
+records), the TP bytes each moved (counted), and whether every TP rank computed the same plans.
+
+Notation: S sequence length, B micro-batch, H hidden size, E experts, P TP size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_specmoe.comm.shuffle import CollectiveCounter
+from megatron_specmoe.glue import cpu_support, parallel
+from megatron_specmoe.glue.build import MoEShape, build_from_spec, make_config
+from megatron_specmoe.glue.experts import load_bank, make_expert_bank
+from megatron_specmoe.planning.measures import RouteMeasures
+from megatron_specmoe.planning.placement import ExpertPlacement
+
+__all__ = ["ShuffleCase", "ShuffleResult", "gpt_shuffle_lossless", "layers_shuffle_lossless", "run_shuffle_cases",
+           "count_tp_collectives"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShuffleCase:
+    """One configuration. Attributes: shape; tp, ep (etp is 1); placement (physical_to_logical
+    for every layer, None = contiguous); predictor, method (``ShuffleOptions``); seq, batch (S and
+    B of the whole sequence); seed; decode_steps (GPT case: extra one-token steps with a KV cache
+    after the prefill)."""
+
+    shape: MoEShape = field(default_factory=lambda: MoEShape(layers=2))
+    tp: int = 4
+    ep: int = 4
+    placement: Optional[tuple[int, ...]] = None
+    predictor: str = "pregate"
+    method: str = "refine"
+    seq: int = 8
+    batch: int = 2
+    seed: int = 7
+    decode_steps: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShuffleResult:
+    """Attributes: rank; max_out_diff (max |shuffle - ref| over every output compared);
+    base / shuffle: this rank's summed RouteMeasures (None when it recorded nothing);
+    base_tp_bytes / shuffle_tp_bytes: bytes this rank sent on TP collectives (ring model), by
+    kind; plans_agree: every TP rank computed identical plans; plans: layers x forwards planned."""
+
+    rank: int
+    max_out_diff: float
+    base: Optional[RouteMeasures]
+    shuffle: Optional[RouteMeasures]
+    base_tp_bytes: dict
+    shuffle_tp_bytes: dict
+    plans_agree: bool
+    plans: int
+
+
+@contextlib.contextmanager
+def count_tp_collectives(group, counter: CollectiveCounter):
+    """Count Megatron's collectives on ``group``: ``torch.distributed.all_reduce`` (looked up at
+    call time by ``mappings._reduce``) and the all-gather / reduce-scatter functions that
+    ``tensor_parallel.mappings`` and ``tensor_parallel.layers`` bind at import
+    (``dist_all_gather_func``, ``dist_reduce_scatter_func``). Explicit, reversed on exit;
+    measurement only (our own comm layer counts itself)."""
+    from megatron.core.tensor_parallel import layers, mappings
+
+    size = dist.get_world_size(group)
+    saved = [(dist, "all_reduce", dist.all_reduce)]
+    for module in (mappings, layers):
+        for name in ("dist_all_gather_func", "dist_reduce_scatter_func"):
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+
+    def wrap(kind, fn, payload_arg):
+        def counted(*args, **kwargs):
+            if kwargs.get("group") is group:
+                tensor = args[payload_arg]
+                counter.add(kind, tensor.numel() * tensor.element_size(), size)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    kinds = {"all_reduce": ("all_reduce", 0), "dist_all_gather_func": ("all_gather", 0),
+             "dist_reduce_scatter_func": ("reduce_scatter", 1)}
+    try:
+        for owner, name, fn in saved:
+            kind, arg = kinds[name]
+            setattr(owner, name, wrap(kind, fn, arg))
+        yield counter
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _placement(case: ShuffleCase) -> ExpertPlacement:
+    if case.placement is None:
+        return ExpertPlacement.contiguous(case.shape.experts, case.ep)
+    return ExpertPlacement(physical_to_logical=case.placement, ep_size=case.ep)
+
+
+@torch.no_grad()
+def _arrange(layers, case: ShuffleCase, placements, layer_index: int) -> None:
+    """Same router weights and logical experts in every model's MoE layer ``layer_index``."""
+    from megatron.core import parallel_state
+
+    shape = case.shape
+    gen = torch.Generator().manual_seed(case.seed * 7919 + layer_index)
+    router = torch.randn(shape.experts, shape.hidden, generator=gen) * 0.5
+    bank = make_expert_bank(layers[0], shape.experts, case.seed + 100 * layer_index)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    for layer, placement in zip(layers, placements):
+        layer.router.weight.copy_(router)
+        load_bank(layer, bank, placement, ep_rank)
+
+
+def _sum_measures(records) -> Optional[RouteMeasures]:
+    total = None
+    for rec in records:
+        total = rec.measures if total is None else total + rec.measures
+    return total
+
+
+def _plans_agree(plans, group) -> tuple[bool, int]:
+    mine = [p.order.tolist() for _, p in plans]
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    return all(other == every[0] for other in every), len(mine)
+
+
+def _setup(case: ShuffleCase) -> None:
+    warnings.filterwarnings("ignore")
+    cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout(tp=case.tp, ep=case.ep, etp=1), seed=case.seed)
+
+
+def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> ShuffleResult:
+    """Whole GPT model, sequence parallel off (inference): logits of the three models."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_specmoe.glue.build import build_gpt_model
+    from megatron_specmoe.glue.dispatcher import DispatchRecorder
+    from megatron_specmoe.glue.model_tools import attach_recorder, moe_sites, set_placements
+    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
+    from megatron_specmoe.glue.shuffle_specs import get_gpt_layer_shuffle_spec
+
+    _setup(case)
+    try:
+        shape = case.shape
+        cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=False)
+               for d in ("alltoall", "specmoe")}
+        ref = build_gpt_model(cfg["alltoall"], shape, specmoe=False).eval()
+        base = build_gpt_model(cfg["specmoe"], shape, specmoe=True).eval()
+        carrier = ShuffleCarrier(
+            options=ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True),
+            counter=CollectiveCounter(),
+        )
+        shuffle = GPTModel(
+            config=cfg["specmoe"],
+            transformer_layer_spec=get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier),
+            vocab_size=shape.vocab, max_sequence_length=shape.seq, position_embedding_type="rope",
+        ).eval()
+        base.load_state_dict(ref.state_dict(), strict=True)
+        shuffle.load_state_dict(ref.state_dict(), strict=True)
+        placement = _placement(case)
+        set_placements(shuffle, [placement] * shape.layers)
+        contiguous = ExpertPlacement.contiguous(shape.experts, case.ep)
+        for i, sites in enumerate(zip(moe_sites(ref), moe_sites(base), moe_sites(shuffle))):
+            _arrange([s.layer for s in sites], case, [contiguous, contiguous, placement], i)
+        recorders = {"base": DispatchRecorder(), "shuffle": DispatchRecorder()}
+        attach_recorder(base, recorders["base"])
+        attach_recorder(shuffle, recorders["shuffle"])
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        gen = torch.Generator().manual_seed(case.seed * 131 + dp_rank)
+        tokens = torch.randint(0, shape.vocab, (case.batch, case.seq), generator=gen)
+        positions = torch.arange(case.seq).unsqueeze(0).expand(case.batch, -1)
+        mask = torch.triu(torch.ones(1, 1, case.seq, case.seq, dtype=torch.bool), diagonal=1)
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        base_bytes = CollectiveCounter()
+        with torch.no_grad():
+            want = ref(tokens, positions, mask)
+            with count_tp_collectives(tp_group, base_bytes):
+                base_out = base(tokens, positions, mask)
+            with count_tp_collectives(tp_group, carrier.counter):
+                got = shuffle(tokens, positions, mask)
+        diff = max(float((want - got).abs().max()), float((want - base_out).abs().max()))
+        agree, planned = _plans_agree(carrier.plans, tp_group)
+        return ShuffleResult(
+            rank=rank, max_out_diff=diff,
+            base=_sum_measures(recorders["base"].records),
+            shuffle=_sum_measures(recorders["shuffle"].records),
+            base_tp_bytes=dict(base_bytes.sent_bytes), shuffle_tp_bytes=dict(carrier.counter.sent_bytes),
+            plans_agree=agree, plans=planned,
+        )
+    finally:
+        parallel.destroy()
+
+
+def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> ShuffleResult:
+    """A stack of ``shape.layers`` transformer layers with sequence parallelism on: Megatron's
+    layers (reduce-scatter / all-gather inside the linears) against the shuffle layers, from the
+    same contiguous input shard [S/P, B, H]; the shuffle output is brought back to true order
+    with ``restore_true_order`` and compared row for row."""
+    from megatron.core import parallel_state
+
+    from megatron_specmoe.glue.dispatcher import DispatchRecorder
+    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions, restore_true_order
+    from megatron_specmoe.glue.shuffle_specs import TokenwiseNorm, get_gpt_layer_shuffle_spec
+    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
+
+    _setup(case)
+    try:
+        shape = case.shape
+        if case.seq % case.tp:
+            raise ValueError(f"ShuffleCase.seq={case.seq} must be a multiple of tp={case.tp} with sequence parallelism")
+        cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=case.tp > 1)
+               for d in ("alltoall", "specmoe")}
+        carrier = ShuffleCarrier(
+            options=ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True),
+            counter=CollectiveCounter(),
+        )
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        def norms(spec):
+            import dataclasses
+
+            return dataclasses.replace(spec, submodules=dataclasses.replace(
+                spec.submodules, input_layernorm=TokenwiseNorm, pre_mlp_layernorm=TokenwiseNorm))
+
+        specs = {
+            "ref": norms(get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)),
+            "base": norms(get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False)),
+            "shuffle": get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier, sequence_parallel_norms=True),
+        }
+        stacks = {}
+        for name, spec in specs.items():
+            config = cfg["alltoall" if name == "ref" else "specmoe"]
+            torch.manual_seed(case.seed)
+            stacks[name] = [build_from_spec(spec, config=config, layer_number=i + 1).eval()
+                            for i in range(shape.layers)]
+        placement = _placement(case)
+        contiguous = ExpertPlacement.contiguous(shape.experts, case.ep)
+        for i in range(shape.layers):
+            state = stacks["ref"][i].state_dict()
+            stacks["base"][i].load_state_dict(state, strict=True)
+            stacks["shuffle"][i].load_state_dict(state, strict=True)
+            stacks["shuffle"][i].mlp.token_dispatcher.set_placement(placement)
+            _arrange([stacks[n][i].mlp for n in ("ref", "base", "shuffle")], case,
+                     [contiguous, contiguous, placement], i)
+        recorders = {"base": DispatchRecorder(), "shuffle": DispatchRecorder()}
+        for name in recorders:
+            for layer in stacks[name]:
+                layer.mlp.token_dispatcher.recorder = recorders[name]
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        gen = torch.Generator().manual_seed(case.seed * 131 + dp_rank)
+        full = torch.randn(case.seq, case.batch, shape.hidden, generator=gen)
+        per = case.seq // case.tp
+        x = full[tp_rank * per : (tp_rank + 1) * per].contiguous()
+        mask = torch.triu(torch.ones(1, 1, case.seq, case.seq, dtype=torch.bool), diagonal=1)
+
+        outs = {}
+        counters = {"ref": CollectiveCounter(), "base": CollectiveCounter(), "shuffle": carrier.counter}
+        with torch.no_grad():
+            for name in ("ref", "base", "shuffle"):
+                h = x
+                with count_tp_collectives(tp_group, counters[name]):
+                    for layer in stacks[name]:
+                        h, _ = layer(hidden_states=h, attention_mask=mask)
+                outs[name] = h
+            shuffled_out = outs["shuffle"]
+            outs["shuffle"] = restore_true_order(shuffled_out, carrier, tp_group)
+        diff = max(float((outs["ref"] - outs[n]).abs().max()) for n in ("base", "shuffle"))
+        agree, planned = _plans_agree(carrier.plans, tp_group)
+        return ShuffleResult(
+            rank=rank, max_out_diff=diff,
+            base=_sum_measures(recorders["base"].records),
+            shuffle=_sum_measures(recorders["shuffle"].records),
+            base_tp_bytes=dict(counters["base"].sent_bytes), shuffle_tp_bytes=dict(carrier.counter.sent_bytes),
+            plans_agree=agree, plans=planned,
+        )
+    finally:
+        parallel.destroy()
+
+
+def run_shuffle_cases(rank: int, world_size: int, cases) -> list[ShuffleResult]:
+    """Several (kind, case) pairs in one set of processes (kind: "gpt" or "layers")."""
+    kinds = {"gpt": gpt_shuffle_lossless, "layers": layers_shuffle_lossless}
+    return [kinds[kind](rank, world_size, case) for kind, case in cases]

@@ -1,0 +1,121 @@
+"""s-TS building blocks: the permuted reduce-scatter / deferred all-gather (hand-worked, 2 gloo
+ranks), byte counting, and the shuffle layer's refusals and spec."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_specmoe.comm.shuffle import CollectiveCounter, ring_bytes
+from megatron_specmoe.comm.spawn import run_local
+from megatron_specmoe.planning.assignment import plan_from_home
+
+
+def _collectives(rank, world_size):
+    import torch.distributed as dist
+
+    from megatron_specmoe.comm.shuffle import deferred_all_gather, shuffled_reduce_scatter
+
+    group = dist.new_group(list(range(world_size)))
+    # T = 3 tokens, P = 2, C = 2: rank 0 holds tokens 1 and 2, rank 1 holds token 0 and a pad row.
+    plan = plan_from_home(torch.tensor([1, 0, 0]), 2)
+    # Partial sums: rank r holds (r + 1) * [[1, 10], [2, 20], [3, 30]] in true order.
+    partial = (rank + 1) * torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    # Residual rows: rank 0 folds token 0 (+100), rank 1 folds tokens 1 and 2 (+1000, +2000).
+    if rank == 0:
+        rows, fold = torch.tensor([0]), torch.tensor([[100.0, 100.0]])
+    else:
+        rows, fold = torch.tensor([1, 2]), torch.tensor([[1000.0, 1000.0], [2000.0, 2000.0]])
+    counter = CollectiveCounter()
+    shard = shuffled_reduce_scatter(partial, plan, group, fold_rows=rows, fold=fold, counter=counter)
+    back = deferred_all_gather(shard, plan, group, counter=counter)
+    try:
+        shuffled_reduce_scatter(partial[:2], plan, group)
+        wrong_rows = None
+    except ValueError as err:
+        wrong_rows = str(err)
+    return shard.tolist(), back.tolist(), dict(counter.sent_bytes), dict(counter.calls), wrong_rows
+
+
+def test_shuffled_reduce_scatter_and_deferred_all_gather_hand_worked():
+    results = run_local(_collectives, 2)
+    # Sum over ranks = 3 * partial; token t gets its residual once.
+    want_true = [[3 + 100, 30 + 100], [6 + 1000, 60 + 1000], [9 + 2000, 90 + 2000]]
+    shard0, back0, sent0, calls0, err0 = results[0]
+    shard1, back1, _, _, _ = results[1]
+    assert shard0 == [want_true[1], want_true[2]]  # rank 0: tokens 1, 2
+    assert shard1 == [want_true[0], [0.0, 0.0]]  # rank 1: token 0, then its zero pad row
+    assert back0 == want_true and back1 == want_true
+    # [T_pad=4, H=2] fp32 = 32 bytes each way; a ring sends half of it at P = 2.
+    assert sent0 == {"reduce_scatter": 16, "all_gather": 16}
+    assert calls0 == {"reduce_scatter": 1, "all_gather": 1}
+    assert "partial has 2 rows, plan has 3 tokens" in err0
+
+
+def test_ring_bytes_all_reduce_equals_reduce_scatter_plus_all_gather():
+    payload = 8 * 16 * 4
+    for p in (1, 2, 4, 8):
+        assert ring_bytes("all_reduce", payload, p) == (
+            ring_bytes("reduce_scatter", payload, p) + ring_bytes("all_gather", payload, p)
+        )
+    assert ring_bytes("reduce_scatter", 400, 4) == 300
+    assert ring_bytes("all_gather", 400, 1) == 0
+
+
+def test_counter_accumulates_and_clears():
+    c = CollectiveCounter()
+    c.add("all_gather", 400, 4)
+    c.add("all_gather", 400, 4)
+    assert c.calls == {"all_gather": 2} and c.sent_bytes == {"all_gather": 600} and c.total_sent == 600
+    c.clear()
+    assert c.total_sent == 0
+
+
+def test_options_refuse_unknown_names():
+    from megatron_specmoe.glue.shuffle_layer import ShuffleOptions
+
+    with pytest.raises(ValueError, match="ShuffleOptions.predictor='oracle'"):
+        ShuffleOptions(predictor="oracle")
+    with pytest.raises(ValueError, match="ShuffleOptions.method='best'"):
+        ShuffleOptions(method="best")
+
+
+def test_layer_refuses_unsupported_settings():
+    from megatron_specmoe.glue.shuffle_layer import _check_config
+
+    ok = dict(expert_tensor_parallel_size=1, context_parallel_size=1, recompute_granularity=None,
+              inference_fuse_tp_communication=False, moe_pad_expert_input_to_capacity=False,
+              moe_token_dispatcher_type="specmoe", cuda_graph_impl="none")
+    _check_config(SimpleNamespace(**ok))
+    with pytest.raises(ValueError, match="expert_tensor_parallel_size must be 1"):
+        _check_config(SimpleNamespace(**{**ok, "expert_tensor_parallel_size": 2}))
+    with pytest.raises(ValueError, match="moe_token_dispatcher_type must be 'specmoe'"):
+        _check_config(SimpleNamespace(**{**ok, "moe_token_dispatcher_type": "alltoall"}))
+    with pytest.raises(ValueError, match="inference_fuse_tp_communication must be False"):
+        _check_config(SimpleNamespace(**{**ok, "inference_fuse_tp_communication": True}))
+
+
+def test_shuffle_spec_replaces_layer_linears_and_carries_one_carrier():
+    from megatron_specmoe.glue.install import SpecMoELayer
+    from megatron_specmoe.glue.shuffle_layer import (
+        NoCommColumnParallelLinear,
+        NoCommRowParallelLinear,
+        ShuffleCarrier,
+        ShuffleOptions,
+        ShuffleTransformerLayer,
+    )
+    from megatron_specmoe.glue.shuffle_specs import TokenwiseNorm, carrier_of, get_gpt_layer_shuffle_spec
+
+    carrier = ShuffleCarrier(options=ShuffleOptions(predictor="random"))
+    spec = get_gpt_layer_shuffle_spec(8, carrier=carrier, sequence_parallel_norms=True)
+    assert spec.module is ShuffleTransformerLayer
+    assert carrier_of(spec) is carrier
+    attn = spec.submodules.self_attention.submodules
+    assert attn.linear_qkv is NoCommColumnParallelLinear and attn.linear_proj is NoCommRowParallelLinear
+    assert spec.submodules.input_layernorm is TokenwiseNorm
+    mlp = spec.submodules.mlp
+    assert getattr(mlp, "module", getattr(mlp, "func", None)) is SpecMoELayer
+    fresh = get_gpt_layer_shuffle_spec(8, options=ShuffleOptions(method="greedy"))
+    assert carrier_of(fresh).options.method == "greedy"
+    with pytest.raises(ValueError, match="TransformerEngine linears are not supported"):
+        get_gpt_layer_shuffle_spec(8, use_transformer_engine=True)

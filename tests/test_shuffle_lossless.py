@@ -1,0 +1,70 @@
+"""s-TS inside Megatron's transformer layer is lossless, moves the same TP bytes, and cuts remote
+pairs: fp32 on 4 gloo ranks, one set of processes for all cases.
+
+Every case compares three models with identical weights on identical inputs (see
+``glue.shuffle_lossless``): Megatron with ``alltoall`` (the outputs to match), Megatron's layers
+with the specmoe dispatcher (what alltoall sends, by the dispatcher's own accounting), and the
+shuffle layers.
+"""
+
+from megatron_specmoe.comm.shuffle import ring_bytes
+from megatron_specmoe.comm.spawn import run_local
+from megatron_specmoe.glue.build import MoEShape
+from megatron_specmoe.glue.shuffle_lossless import ShuffleCase, run_shuffle_cases
+from megatron_specmoe.planning.assignment import capacity_of
+
+TOL = 1e-5
+WORLD = 4
+PERMUTED = (5, 2, 7, 0, 1, 6, 3, 4)
+
+CASES = [
+    # Sequence parallel off, whole GPT model (logits).
+    ("gpt", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
+    ("gpt", ShuffleCase(tp=4, ep=4, predictor="random")),
+    ("gpt", ShuffleCase(tp=4, ep=4, predictor="adversarial", seq=7, batch=2)),  # T = 14: padding
+    ("gpt", ShuffleCase(tp=2, ep=2, predictor="pregate", batch=3)),  # DP = 2
+    ("gpt", ShuffleCase(tp=2, ep=4, predictor="pregate", method="greedy")),  # TP group = half the EP group
+    # Sequence parallel on, a stack of layers from Megatron's contiguous shard.
+    ("layers", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
+    ("layers", ShuffleCase(tp=4, ep=4, predictor="adversarial")),
+    ("layers", ShuffleCase(tp=2, ep=2, predictor="random", seq=6, batch=3)),
+]
+
+
+def _tp_bytes_expected_extra(kind, case):
+    """Bytes the shuffle sends beyond Megatron: only the pad rows (none when P divides T)."""
+    t = case.seq * case.batch
+    pad = capacity_of(t, case.tp) * case.tp - t
+    per_layer = 2 * ring_bytes("reduce_scatter", pad * case.shape.hidden * 4, case.tp)
+    return case.shape.layers * per_layer
+
+
+def test_shuffle_lossless_four_ranks():
+    results = run_local(run_shuffle_cases, WORLD, CASES)
+    for i, (kind, case) in enumerate(CASES):
+        per_rank = [r[i] for r in results]
+        where = (kind, case.tp, case.ep, case.predictor)
+        t = case.seq * case.batch
+        dp = WORLD // case.tp
+        for res in per_rank:
+            # Lossless, whatever the predictions.
+            assert res.max_out_diff <= TOL, (where, res.rank, res.max_out_diff)
+            # Every TP rank computed the identical plan, once per layer.
+            assert res.plans_agree, where
+            assert res.plans == case.shape.layers, where
+            # Same TP bytes as Megatron (plus pad rows only).
+            base, shuf = sum(res.base_tp_bytes.values()), sum(res.shuffle_tp_bytes.values())
+            assert base > 0, where
+            assert shuf - base == _tp_bytes_expected_extra(kind, case), (where, res.base_tp_bytes, res.shuffle_tp_bytes)
+        # Accounting: the shuffle routes every real token exactly once per layer ...
+        shuffle_tokens = sum(r.shuffle.tokens for r in per_rank)
+        assert shuffle_tokens == dp * t * case.shape.layers, where
+        base_tokens = sum(r.base.tokens for r in per_rank)
+        # ... Megatron without sequence parallelism routes a full copy on every TP rank.
+        assert base_tokens == (WORLD if kind == "gpt" else dp) * t * case.shape.layers, where
+        shuffle_remote = sum(r.shuffle.remote_pairs for r in per_rank) / shuffle_tokens
+        base_remote = sum(r.base.remote_pairs for r in per_rank) / base_tokens
+        if case.predictor == "pregate":
+            assert shuffle_remote < base_remote, (where, shuffle_remote, base_remote)
+        if case.predictor == "adversarial":
+            assert shuffle_remote > base_remote, (where, shuffle_remote, base_remote)
