@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from megatron_specmoe.planning.predictors.base import RouteContext, top_experts
+from megatron_specmoe.planning.predictors.base import RouteContext, RoutePredictor, top_experts
 from megatron_specmoe.planning.predictors.combined import Combined, combine_scores
 from megatron_specmoe.planning.predictors.history_mlp import HistoryMLP, history_mlp_bytes
 from megatron_specmoe.planning.predictors.layer_table import LayerTable
@@ -248,6 +248,7 @@ def test_rows_sum_to_one_and_state_round_trips(kind):
     trace = _random_trace()
     predictor = fit_predictor(kind, trace, **FAST_OPTIONS[kind])
     assert predictor.kind == kind and predictor.num_experts == 6 and predictor.num_layers == 4
+    assert isinstance(predictor, RoutePredictor) and not isinstance(make(kind), RoutePredictor)
     assert predictor.memory_bytes() > 0
     state = predictor.to_state()
     assert json.loads(json.dumps(state["config"])) == state["config"]  # JSON-exact for the plan

@@ -6,9 +6,9 @@ Usage:
 Default data: /work/shared/traces/mixtral-mtbench (Mixtral-8x7B, 32 MoE layers, E = 8, top-2,
 one MT-Bench category per file). Each file is one workload. For every file in turn the
 predictors are fitted on the other files and scored on it (leave-one-workload-out); the table
-shows the mean over folds. Exact repeated routes are dropped within each side, and evaluation
-tokens whose route also occurs on the fitting side are dropped too (the README of the traces:
-otherwise the score measures memory, not prediction).
+shows the mean over folds. By default (--dedup full) exact repeated routes are dropped within
+each side, and evaluation tokens whose route also occurs on the fitting side are dropped too (the
+README of the traces: otherwise the score measures memory, not prediction).
 
 Measures (per token and layer, pooled over the layers of a fold, then averaged over folds)
     top1         the predictor's first expert is one of the true experts (layers >= 1; at layer 0
@@ -66,8 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--layer-n", type=int, default=None,
                     help="fix the layer table's context length (default: chosen on fitting data)")
     ap.add_argument("--folds", type=int, default=None, help="only the first N leave-one-out folds")
-    ap.add_argument("--no-dedup", action="store_true",
-                    help="keep repeated routes (inflates every score; only to compare with undeduplicated numbers)")
+    ap.add_argument("--dedup", choices=("full", "within", "none"), default="full",
+                    help="full (default): drop repeated routes within each side and eval routes seen in "
+                         "fitting; within: only within each side; none: keep all (inflates every score; "
+                         "only to compare with numbers measured that way)")
     ap.add_argument("--batch", type=int, default=4096, help="tokens per timed expert_scores call")
     ap.add_argument("--repeats", type=int, default=30, help="timed calls per predictor")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write all numbers as JSON")
@@ -202,8 +204,7 @@ def main(argv=None) -> int:
     traces = [t if t.num_experts == e else RoutingTrace(experts=t.experts, num_experts=e, source=t.source)
               for t in traces]
     k, layers = traces[0].topk, traces[0].num_layers
-    dedup = not args.no_dedup
-    splits = leave_one_out_splits(traces, dedup=dedup, drop_seen_in_fit=dedup)
+    splits = leave_one_out_splits(traces, dedup=args.dedup != "none", drop_seen_in_fit=args.dedup == "full")
     if args.folds is not None:
         splits, names = splits[: args.folds], names[: args.folds]
     placements = {p: ExpertPlacement.contiguous(e, p) for p in (4, 8) if e % p == 0}
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     header = f"{'predictor':26s} " + " ".join(f"{c:>9s}" for c in cols) + f" {'fit s':>7s} {'ms/' + str(args.batch):>8s} {'memory':>10s}"
     print(f"\nRoute predictors, leave-one-workload-out over {', '.join(names)} "
           f"(E={e}, top-{k}, {layers} layers; mean over {len(names)} folds; "
-          f"{'repeated routes dropped' if dedup else 'NOT deduplicated'})")
+          f"dedup={args.dedup})")
     print(header)
     print("-" * len(header))
     summary = {}

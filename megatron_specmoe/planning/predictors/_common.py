@@ -30,8 +30,10 @@ __all__ = [
 ]
 
 
-class NotFittedError(ValueError):
-    """A predictor was used before ``fit`` (or ``from_state``)."""
+class NotFittedError(ValueError, AttributeError):
+    """A predictor was used before ``fit`` (or ``from_state``). Also an AttributeError, so that
+    ``hasattr(p, "num_experts")`` (and ``isinstance(p, RoutePredictor)``) is False, not an error,
+    for an unfitted predictor."""
 
 
 def frequency_prior(experts: np.ndarray, num_experts: int) -> np.ndarray:
