@@ -194,7 +194,8 @@ def test_history_mlp_learns_a_deterministic_mapping():
     rng = np.random.default_rng(1)
     first = [pairs[i] for i in rng.integers(0, 6, size=400)]
     ex = np.array([[a, target[a]] for a in first], dtype=np.int32)  # [T, L=2, k=2]
-    model = HistoryMLP(hidden=16, epochs=40, patience=40, lr=1e-2, seed=0).fit(RoutingTrace(experts=ex, num_experts=4))
+    model = HistoryMLP(hidden=16, epochs=40, patience=40, lr=1e-2, seed=0)
+    model.fit(RoutingTrace(experts=ex, num_experts=4))
     hist = np.array([[p] for p in pairs])  # every pair once, [6, 1, 2]
     scores = model.expert_scores(RouteContext(layer=1, history=hist))
     predicted = [tuple(sorted(row)) for row in top_experts(scores, 2).tolist()]
@@ -217,7 +218,8 @@ def test_combine_rules_by_hand():
 
 def test_combined_token_wins_where_layer_table_knows_nothing():
     trace = trace_of(TOKEN_ROUTES, 4, TOKEN_IDS)
-    combined = Combined(members=("token", "layer"), member_options={"layer": {"n": 1, "min_count": 1, "alpha": 0.0}}).fit(trace)
+    exact_layer = {"layer": {"n": 1, "min_count": 1, "alpha": 0.0}}
+    combined = Combined(members=("token", "layer"), member_options=exact_layer).fit(trace)
     token = combined.predictors[0]
     ctx = RouteContext(layer=0, token_ids=np.array([5, 7]), history=np.zeros((2, 0, 2), np.int32))
     np.testing.assert_allclose(combined.expert_scores(ctx), token.expert_scores(ctx))
@@ -239,7 +241,10 @@ FAST_OPTIONS = {
     "token": {},
     "layer": {},
     "history": {"hidden": 8, "epochs": 2},
-    "combined": {"members": ("token", "layer", "history"), "member_options": {"history": {"hidden": 8, "epochs": 2}}},
+    "combined": {
+        "members": ("token", "layer", "history"),
+        "member_options": {"history": {"hidden": 8, "epochs": 2}},
+    },
 }
 
 
@@ -267,7 +272,8 @@ def test_rows_sum_to_one_and_state_round_trips(kind):
 
 # ---- registry ---------------------------------------------------------------------------------
 def test_registry_rejects_unknown_names():
-    with pytest.raises(ValueError, match=r"unknown predictor kind 'lstm'; allowed: token, layer, history, combined"):
+    allowed = r"unknown predictor kind 'lstm'; allowed: token, layer, history, combined"
+    with pytest.raises(ValueError, match=allowed):
         make("lstm")
     with pytest.raises(ValueError, match="'pregate' needs the model"):
         fit_predictor("pregate", _random_trace())

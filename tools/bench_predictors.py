@@ -255,7 +255,8 @@ def main(argv=None) -> int:
 
     # ---- report -----------------------------------------------------------------------------
     cols = ["top1", "top1_all", "precision", "recall", "f1"] + [f"rank@{p}" for p in placements]
-    header = f"{'predictor':26s} " + " ".join(f"{c:>9s}" for c in cols) + f" {'fit s':>7s} {'ms/' + str(args.batch):>8s} {'memory':>10s}"
+    header = (f"{'predictor':26s} " + " ".join(f"{c:>9s}" for c in cols)
+              + f" {'fit s':>7s} {'ms/' + str(args.batch):>8s} {'memory':>10s}")
     print(f"\nRoute predictors, leave-one-workload-out over {', '.join(names)} "
           f"(E={e}, top-{k}, {layers} layers; mean over {len(names)} folds; "
           f"dedup={args.dedup})")
@@ -263,7 +264,8 @@ def main(argv=None) -> int:
     print("-" * len(header))
     summary = {}
     for label, res in rows.items():
-        mean = {c: float(np.mean([r[c] for r in res])) for c in cols + ["fit_s", "ms_best", "ms_median", "memory_bytes"]}
+        keys = cols + ["fit_s", "ms_best", "ms_median", "memory_bytes"]
+        mean = {c: float(np.mean([r[c] for r in res])) for c in keys}
         summary[label] = mean
         print(f"{label:26s} " + " ".join(f"{mean[c]:9.4f}" for c in cols)
               + f" {mean['fit_s']:7.1f} {mean['ms_best']:8.2f} {mean['memory_bytes'] / 1e6:8.2f}MB")
@@ -277,7 +279,8 @@ def main(argv=None) -> int:
         print(f"token table: these traces have no token ids, so it is not scored; on a synthetic trace "
               f"of the same shape ({token_timing['seen_ids']} distinct ids) it fits in "
               f"{token_timing['fit_s']:.1f}s, holds {token_timing['memory_bytes'] / 1e6:.1f}MB and scores "
-              f"{args.batch} tokens in {token_timing['ms_best']:.3f} ms (median {token_timing['ms_median']:.3f})")
+              f"{args.batch} tokens in {token_timing['ms_best']:.3f} ms "
+              f"(median {token_timing['ms_median']:.3f})")
     print(f"\ntotal {time.perf_counter() - started:.0f}s; timings best of {args.repeats} calls, one thread")
     print(f"command: {command}")
     if args.json:

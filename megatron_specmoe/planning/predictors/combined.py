@@ -70,7 +70,9 @@ class Combined:
             raise ValueError("Combined: a member cannot itself be 'combined'")
         unknown = set(member_options or {}) - set(members)
         if unknown:
-            raise ValueError(f"Combined: member_options for {sorted(unknown)}, which are not in members {list(members)}")
+            raise ValueError(
+                f"Combined: member_options for {sorted(unknown)}, which are not in members {list(members)}"
+            )
         self.members = tuple(members)
         self.rule = rule
         self.member_options = {k: dict(v) for k, v in (member_options or {}).items()}
@@ -100,7 +102,9 @@ class Combined:
     # ---- protocol -----------------------------------------------------------------------------
     def _members(self) -> list[RoutePredictor]:
         if self._predictors is None:
-            raise NotFittedError("Combined is not fitted; call fit(trace), Combined.of() or Combined.from_state()")
+            raise NotFittedError(
+                "Combined is not fitted; call fit(trace), Combined.of() or Combined.from_state()"
+            )
         return self._predictors
 
     @property

@@ -85,7 +85,9 @@ class HistoryMLP:
         seed: int = 0,
         threads: int = 1,
     ):
-        for name, value in (("hidden", hidden), ("epochs", epochs), ("patience", patience), ("batch_size", batch_size), ("threads", threads)):
+        counts = {"hidden": hidden, "epochs": epochs, "patience": patience, "batch_size": batch_size,
+                  "threads": threads}
+        for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"HistoryMLP: {name} must be >= 1, got {value}")
         if lr <= 0 or weight_decay < 0:

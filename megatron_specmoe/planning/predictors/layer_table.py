@@ -408,7 +408,8 @@ class LayerTable:
                 for name in ("hashes", "keys", "counts", "tokens"):
                     arrays[f"l{layer}.o{j}.{name}"] = getattr(table, name)
         config = {"kind": self.kind, "val_fraction": self.val_fraction}
-        config.update({name: st[name] for name in ("num_experts", "num_layers", "topk", "n", "min_count", "alpha")})
+        for name in ("num_experts", "num_layers", "topk", "n", "min_count", "alpha"):
+            config[name] = st[name]
         return {"config": config, "arrays": arrays}
 
     @classmethod
@@ -419,10 +420,13 @@ class LayerTable:
         tables: list[list[_Table]] = []
         for layer in range(int(cfg["num_layers"])):
             orders = min(int(cfg["n"]), layer)
-            names = [f"l{layer}.o{j}.{x}" for j in range(1, orders + 1) for x in ("hashes", "keys", "counts", "tokens")]
+            parts = ("hashes", "keys", "counts", "tokens")
+            names = [f"l{layer}.o{j}.{x}" for j in range(1, orders + 1) for x in parts]
             missing = [x for x in names if x not in arr]
             if missing:
-                raise ValueError(f"layer predictor state lacks the arrays {missing[:4]}; re-save it with to_state()")
+                raise ValueError(
+                    f"layer predictor state lacks the arrays {missing[:4]}; re-save it with to_state()"
+                )
             tables.append(
                 [
                     _Table(

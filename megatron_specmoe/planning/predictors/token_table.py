@@ -156,7 +156,9 @@ class TokenTable:
                 f"0..{st['num_layers'] - 1}"
             )
         if ctx.token_ids is None:
-            raise ValueError("TokenTable.expert_scores: RouteContext.token_ids is None; the token table needs ids")
+            raise ValueError(
+                "TokenTable.expert_scores: RouteContext.token_ids is None; the token table needs ids"
+            )
         tids = np.asarray(ctx.token_ids).astype(np.int64, copy=False).reshape(-1)
         prior = st["prior"][ctx.layer]
         scores = np.broadcast_to(prior, (tids.shape[0], prior.shape[0])).copy()
