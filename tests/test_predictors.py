@@ -282,3 +282,18 @@ def test_registry_rejects_unknown_names():
     with pytest.raises(ValueError, match="filed as 'layer' has config\\['kind'\\]='token'"):
         predictor_from_state("layer", {"config": {"kind": "token"}, "arrays": {}})
     assert isinstance(make("layer", n=2), LayerTable)
+
+
+def test_validation_split_keeps_requests_whole():
+    from megatron_specmoe.planning.predictors._common import validation_split
+
+    ex = np.zeros((10, 1, 1), dtype=np.int32)
+    plain = RoutingTrace(experts=ex, num_experts=2)
+    fit, val = validation_split(plain, 0.3)
+    np.testing.assert_array_equal(val, [7, 8, 9])  # the last 30%, in trace order
+    # request 1 spans tokens 4..8: the cut at 7 moves back to its first token
+    req = RoutingTrace(experts=ex, num_experts=2, request_ids=np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 2]))
+    fit, val = validation_split(req, 0.3)
+    np.testing.assert_array_equal(fit, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="cannot split 10 tokens"):
+        validation_split(RoutingTrace(experts=ex, num_experts=2, request_ids=np.zeros(10)), 0.3)
