@@ -57,6 +57,7 @@ def _mixtral(args, methods):
                  "lar_s": RouteMeasures.empty(P), "lar_p": RouteMeasures.empty(P), "imb_layer": [],
                  "imb_batch": [], "secs": 0.0}
              for m in methods}
+    per_split: dict[tuple[str, str], list[int]] = {}
     for si, split in enumerate(splits):
         ev, fit = split.eval, split.fit
         print(f"[A] split {si + 1}/{len(splits)}: fit {[n for j, n in enumerate(names) if j != si]} "
@@ -83,8 +84,12 @@ def _mixtral(args, methods):
             for layer, pl in enumerate(pls):
                 rank_of = torch.from_numpy(pl.rank_of_logical())
                 hits = rank_hits(rank_of[ex_eval[:, layer]], P)
-                s["both"][0] += int((hits.max(dim=1).values == k).sum())
+                both = int((hits.max(dim=1).values == k).sum())
+                s["both"][0] += both
                 s["both"][1] += ev.num_tokens
+                per_split.setdefault((m, names[si]), [0, 0])
+                per_split[(m, names[si])][0] += both
+                per_split[(m, names[si])][1] += ev.num_tokens
                 fit_hits = rank_hits(rank_of[torch.from_numpy(fit.experts[:, layer].astype(np.int64))], P)
                 s["fit_both"][0] += int((fit_hits.max(dim=1).values == k).sum())
                 s["fit_both"][1] += fit.num_tokens
@@ -117,6 +122,14 @@ def _mixtral(args, methods):
         print(f"| {m} | {s['both'][0] / s['both'][1]:.3f} | {s['fit_both'][0] / s['fit_both'][1]:.3f} | "
               f"{s['lar_c'].local_activation_rate:.3f} | {s['lar_s'].local_activation_rate:.3f} | {lar_p} | "
               f"{np.mean(s['imb_layer']):.3f} | {np.mean(s['imb_batch']):.3f} | {s['secs']:.1f} |")
+    print()
+    print("Both-on-one-rank share per held-out category:")
+    print()
+    print("| planner | " + " | ".join(names) + " |")
+    print("| --- |" + " --- |" * len(names))
+    for m in methods:
+        vals = [per_split[(m, n)][0] / per_split[(m, n)][1] for n in names]
+        print(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     print()
 
 
