@@ -118,3 +118,21 @@ def test_cpu_support_is_reversible(world):
     cpu_support.enable()
     assert cpu_support.is_enabled()
     assert torch.cuda.current_device() == "cpu"
+
+
+def test_transformer_engine_fallback_is_detected_and_logged(world, caplog):
+    import logging
+
+    from megatron_specmoe.glue import specs
+
+    specs.have_te.cache_clear()
+    with caplog.at_level(logging.INFO, logger="megatron_specmoe.glue.specs"):
+        assert specs.have_te() is False  # never installed on the CPU machines
+        specs.have_te()
+    assert [r.getMessage() for r in caplog.records].count(
+        next(r.getMessage() for r in caplog.records if "not importable" in r.getMessage())) == 1
+    spec = specs.get_gpt_layer_specmoe_spec(8)
+    mlp = spec.submodules.mlp
+    experts = mlp.submodules.experts if hasattr(mlp, "submodules") else mlp.keywords["submodules"].experts
+    experts_cls = getattr(experts, "module", None) or experts.func
+    assert experts_cls.__name__ == "SequentialMLP"

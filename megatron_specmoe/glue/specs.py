@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -18,15 +19,26 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_specmoe.glue.install import SpecMoELayer
 
+log = logging.getLogger(__name__)
+
 __all__ = ["with_specmoe", "get_gpt_layer_specmoe_spec", "get_gpt_decoder_block_specmoe_spec", "have_te"]
 
 
+@functools.lru_cache(maxsize=1)
 def have_te() -> bool:
-    """Whether TransformerEngine imports (explicit detection; never required)."""
+    """Whether TransformerEngine imports (explicit detection; never required).
+
+    Decided once per process and logged once: experts then run as TE grouped GEMMs
+    (``TEGroupedMLP``) with TE linears, or else as ``SequentialMLP`` with Megatron's local linears.
+    """
     try:
         import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - the TE meta package raises RuntimeError on a CPU box
+    except Exception as exc:  # noqa: BLE001 - the TE meta package raises RuntimeError on a CPU box
+        log.info("megatron_specmoe: TransformerEngine not importable (%s: %s); experts use "
+                 "SequentialMLP and local linears", type(exc).__name__, exc)
         return False
+    log.info("megatron_specmoe: TransformerEngine found; experts use TEGroupedMLP (grouped GEMM) "
+             "and TE linears")
     return True
 
 
