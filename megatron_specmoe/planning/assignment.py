@@ -44,7 +44,7 @@ method returns the contiguous shards.
                 round-robin tournament, so each step works on P/2 disjoint pairs at once. The
                 runtime method: within 0.5% of the optimum on the Mixtral traces, fixed shapes, no
                 host synchronisation or host copy with ``validate=False`` (CUDA-graph friendly).
-                Torch, any device. About 370 aten ops per call at P=8 (each a kernel launch on a
+                Torch, any device. About 360 aten ops per call at P=8 (each a kernel launch on a
                 GPU), so at runtime compute it on a side stream while attention runs: its inputs
                 (the route history) are known before attention starts.
     optimal     exact: a min-cost flow (successive shortest paths over the P-node graph of ranks,
