@@ -132,9 +132,10 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
             (permuted tokens [T*k, H], permuted probs [T*k]) as Megatron's alltoall dispatcher.
         """
         if self._columns is not None:
-            columns = self._columns.to(routing_map.device, non_blocking=True)
-            routing_map = routing_map.index_select(1, columns)
-            probs = probs.index_select(1, columns)
+            if self._columns.device != routing_map.device:  # once, on the first forward
+                self._columns = self._columns.to(routing_map.device)
+            routing_map = routing_map.index_select(1, self._columns)
+            probs = probs.index_select(1, self._columns)
         if self.recorder is not None:
             self.recorder.add(self._record(hidden_states, routing_map, probs))
         return super().dispatch_preprocess(hidden_states, routing_map, probs)

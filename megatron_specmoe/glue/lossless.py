@@ -41,6 +41,7 @@ class LosslessCase:
         ragged: rank r gets ``seq + r`` tokens (MoE-layer case with tp = 1 only).
         seed: weights and inputs.
         via: how specmoe is selected: "spec" (the specmoe layer spec) or "hook" (install()).
+        device: "cpu" (gloo) or "cuda" (NCCL; rank r uses GPU r mod the visible count).
     """
 
     shape: MoEShape = field(default_factory=MoEShape)
@@ -54,6 +55,7 @@ class LosslessCase:
     ragged: bool = False
     seed: int = 7
     via: str = "spec"
+    device: str = "cpu"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +78,8 @@ def _setup(case: LosslessCase) -> None:
     warnings.filterwarnings("ignore")
     if case.etp != 1:
         raise ValueError("LosslessCase.etp must be 1 (expert banks hold whole experts)")
+    if case.device == "cuda":
+        torch.cuda.set_device(torch.distributed.get_rank() % torch.cuda.device_count())
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=case.tp, ep=case.ep, etp=case.etp), seed=case.seed)
 
@@ -133,6 +137,8 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
         spec = build_moe_layer(make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep), shape, specmoe=True, via=case.via)
         spec.token_dispatcher.set_placement(_placement(case))
         _arrange(ref, spec, case, 0)
+        ref.to(case.device)
+        spec.to(case.device)
         recorder = DispatchRecorder()
         spec.token_dispatcher.recorder = recorder
 
@@ -140,7 +146,8 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
         gen = torch.Generator().manual_seed(case.seed * 31 + rank)
         x = torch.randn(seq, case.batch, shape.hidden, generator=gen)
         x[..., 0] = x[..., 0].abs() + 1.0
-        upstream = torch.randn(seq, case.batch, shape.hidden, generator=gen)
+        upstream = torch.randn(seq, case.batch, shape.hidden, generator=gen).to(case.device)
+        x = x.to(case.device)
 
         outs, grads = [], []
         for layer in (ref, spec):
@@ -182,6 +189,8 @@ def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResu
         set_placements(spec, [_placement(case)] * shape.layers)
         for i, (a, b) in enumerate(zip(moe_sites(ref), moe_sites(spec))):
             _arrange(a.layer, b.layer, case, i)
+        ref.to(case.device)
+        spec.to(case.device)
         recorder = DispatchRecorder()
         attach_recorder(spec, recorder)
 
@@ -193,6 +202,7 @@ def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResu
         tokens = torch.randint(0, shape.vocab, (case.batch, case.seq), generator=gen)
         positions = torch.arange(case.seq).unsqueeze(0).expand(case.batch, -1)
         mask = torch.triu(torch.ones(1, 1, case.seq, case.seq, dtype=torch.bool), diagonal=1)
+        tokens, positions, mask = (t.to(case.device) for t in (tokens, positions, mask))
 
         logits, grads = [], []
         for model in (ref, spec):
