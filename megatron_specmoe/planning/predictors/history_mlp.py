@@ -20,7 +20,7 @@ Fitting uses torch on the CPU (AdamW, mini-batches), one layer at a time, and st
 the lowest loss on it is kept (at most ``epochs``; stop after ``patience`` epochs without
 improvement). Weights are initialised from a ``numpy`` generator seeded by ``seed`` and batches
 drawn from a private ``torch.Generator``, so fitting is reproducible and touches no global RNG.
-Inference is two numpy matmuls per layer.
+Inference is a gather-sum of W1 rows (torch ``embedding_bag``) and one small matmul per layer.
 
 Memory (``history_mlp_bytes``): float32 weights, sum over l = 1 .. L-1 of (l*E*H + H + H*E + E),
 plus the [L, E] prior. Mixtral-8x7B (L = 32, E = 8) with H = 128: 2,176,480 B ~ 2.2 MB; a
@@ -67,7 +67,7 @@ class HistoryMLP:
         lr: AdamW learning rate.   weight_decay: AdamW weight decay.   batch_size: tokens per step.
         val_fraction: share of the fitting tokens held out for early stopping.
         seed: seeds initialisation and batch order.
-        threads: torch intra-op threads while fitting (restored afterwards).
+        threads: torch intra-op threads while fitting and scoring (restored afterwards).
     """
 
     kind = "history"
@@ -223,16 +223,28 @@ class HistoryMLP:
         prior = st["prior"][ctx.layer]
         if hist is None:
             return np.broadcast_to(prior, (ctx.num_tokens, prior.shape[0])).astype(np.float32)
+        import torch
+
         w1, b1, w2, b2 = st["weights"][ctx.layer]
-        x = multi_hot(hist, st["num_experts"])
-        hidden = x @ w1
-        hidden += b1
-        np.maximum(hidden, 0.0, out=hidden)
-        logits = hidden @ w2
-        logits += b2
-        np.clip(logits, -30.0, 30.0, out=logits)  # sigmoid is flat there; avoids exp overflow
-        probs = 1.0 / (1.0 + np.exp(-logits))
-        return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+        # x @ W1 for a multi-hot x is the sum of the W1 rows of the l*k experts used: one
+        # embedding-bag gather-sum instead of a dense [T, l*E] matmul (~3x less work at E = 8,
+        # ~16x at E = 64, k = 6). torch.from_numpy shares memory, nothing is copied.
+        tokens, layer, topk = hist.shape
+        offsets = np.arange(layer, dtype=np.int64)[None, :, None] * st["num_experts"]
+        rows = torch.from_numpy((hist.astype(np.int64) + offsets).reshape(tokens, layer * topk))
+        # All of it in torch under a scoped thread count: BLAS/OpenMP thread pools that spin on a
+        # busy machine made this 10x slower than one thread (measured); restored afterwards.
+        saved_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            hidden = torch.nn.functional.embedding_bag(rows, torch.from_numpy(w1), mode="sum")
+            hidden = torch.relu(hidden + torch.from_numpy(b1))
+            logits = torch.addmm(torch.from_numpy(b2), hidden, torch.from_numpy(w2))
+            probs = torch.sigmoid(logits).clamp_min_(1e-12)  # a positive row sum, always
+            probs = probs / probs.sum(dim=1, keepdim=True)
+        finally:
+            torch.set_num_threads(saved_threads)
+        return probs.numpy().astype(np.float32, copy=False)
 
     def memory_bytes(self) -> int:
         st = self._state()
