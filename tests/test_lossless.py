@@ -48,6 +48,20 @@ def _check_accounting(kind, case, per_rank):
         if case.placement is None and case.ep > 1:
             for src in range(case.ep):
                 assert tuple(report.pairs[src]) == per_rank[src].alltoall_input_splits[layer_index]
+        # The cluster simulator, replaying the same routes with the same placement, computes
+        # exactly the matrices the dispatcher reported (MoE-layer cases; no duplicated TP copies).
+        if kind == "layer" and case.tp == 1 and case.ep > 1:
+            import numpy as np
+
+            from megatron_specmoe.planning.placement import ExpertPlacement
+            from megatron_specmoe.planning.simulate import assert_matches_report, layer_bytes
+
+            placement = ExpertPlacement(physical_to_logical=case.placement or tuple(range(case.shape.experts)),
+                                        ep_size=case.ep)
+            routes = [per_rank[r].routes[layer_index] for r in range(case.ep)]
+            expert_rank = placement.rank_of_logical()[np.concatenate(routes)]
+            home = np.concatenate([np.full(len(x), r) for r, x in enumerate(routes)])
+            assert_matches_report(layer_bytes(expert_rank, home, num_ranks=case.ep, wire=wire, dispatcher="specmoe"), report)
         # Silent experts: the ranks that host only them receive nothing.
         if case.silent_experts:
             placement = case.placement or tuple(range(case.shape.experts))

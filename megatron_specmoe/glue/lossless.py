@@ -64,7 +64,8 @@ class LosslessResult:
     this rank; reports: the specmoe dispatcher's traffic reports (whole EP group), one per
     MoE-layer forward; alltoall_input_splits: Megatron's own ``input_splits`` of the reference
     dispatcher on this rank, per MoE layer (pairs sent to each EP rank under the contiguous
-    placement), to check the accounting against."""
+    placement), to check the accounting against; routes: per MoE layer, int64 [T, k] the logical
+    experts the router chose for this rank's tokens (MoE-layer case), to replay in the simulator."""
 
     rank: int
     max_out_diff: float
@@ -72,6 +73,7 @@ class LosslessResult:
     tokens: int
     reports: tuple[TrafficReport, ...]
     alltoall_input_splits: tuple[tuple[int, ...], ...] = ()
+    routes: tuple = ()
 
 
 def _setup(case: LosslessCase) -> None:
@@ -116,6 +118,13 @@ def _splits(dispatcher, ep: int) -> tuple[int, ...]:
     if splits is None:  # EP = 1 and TP = 1: Megatron skips the split computation
         return (int(dispatcher.routing_map.sum()),) if ep == 1 else ()
     return tuple(int(s) for s in splits)
+
+
+def _logical_routes(dispatcher, topk: int):
+    """int64 [T, k]: logical experts per token from the dispatcher's last (physical) routing map."""
+    physical = dispatcher.routing_map.nonzero()[:, 1].view(-1, topk).cpu()
+    p2l = torch.tensor(dispatcher.placement.physical_to_logical, dtype=torch.long)
+    return p2l[physical].numpy()
 
 
 def _reports(spec_recorder) -> tuple[TrafficReport, ...]:
@@ -163,6 +172,7 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
             tokens=seq * case.batch,
             reports=_reports(recorder),
             alltoall_input_splits=(_splits(ref.token_dispatcher, case.ep),),
+            routes=(_logical_routes(spec.token_dispatcher, shape.topk),),
         )
     finally:
         parallel.destroy()
