@@ -219,13 +219,19 @@ def test_combine_rules_by_hand():
 def test_combined_token_wins_where_layer_table_knows_nothing():
     trace = trace_of(TOKEN_ROUTES, 4, TOKEN_IDS)
     exact_layer = {"layer": {"n": 1, "min_count": 1, "alpha": 0.0}}
-    combined = Combined(members=("token", "layer"), member_options=exact_layer).fit(trace)
+    combined = Combined(members=("token", "layer"), rule="max_confidence", member_options=exact_layer)
+    combined.fit(trace)
     token = combined.predictors[0]
     ctx = RouteContext(layer=0, token_ids=np.array([5, 7]), history=np.zeros((2, 0, 2), np.int32))
     np.testing.assert_allclose(combined.expert_scores(ctx), token.expert_scores(ctx))
     # at layer 1 the layer table is certain (alpha 0): it wins for token 5
     ctx1 = RouteContext(layer=1, token_ids=np.array([5]), history=np.array([[[2, 0]]]))
     np.testing.assert_allclose(combined.expert_scores(ctx1)[0], [0, 0.5, 0, 0.5])
+    # the default rule mixes by confidence: token 5's certain layer-1 row keeps most of the weight
+    mixed = Combined.of(combined.predictors).expert_scores(ctx1)[0]
+    token1 = token.expert_scores(ctx1)[0]
+    expect = 0.5 * np.array([0, 0.5, 0, 0.5]) + token1.max() * token1
+    np.testing.assert_allclose(mixed, expect / expect.sum(), rtol=1e-5)
     with pytest.raises(ValueError, match="cannot itself be 'combined'"):
         Combined(members=("combined",))
 
