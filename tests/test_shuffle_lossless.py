@@ -24,19 +24,36 @@ CASES = [
     ("gpt", ShuffleCase(tp=4, ep=4, predictor="adversarial", seq=7, batch=2)),  # T = 14: padding
     ("gpt", ShuffleCase(tp=2, ep=2, predictor="pregate", batch=3)),  # DP = 2
     ("gpt", ShuffleCase(tp=2, ep=4, predictor="pregate", method="greedy")),  # TP group = half the EP group
-    # Sequence parallel on, a stack of layers from Megatron's contiguous shard.
+    # Prefill, then decode steps with a KV cache (T = 3 < P = 4: one rank has no real token).
+    ("gpt", ShuffleCase(tp=4, ep=4, predictor="pregate", batch=3, decode_steps=2)),
+    # Sequence parallel on, whole GPT model (logits in true order through the output layer's
+    # own all-gather) ...
+    ("gpt_sp", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
+    ("gpt_sp", ShuffleCase(tp=2, ep=2, predictor="adversarial", batch=3)),
+    # ... and a stack of layers from Megatron's contiguous shard, back with restore_true_order.
     ("layers", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
-    ("layers", ShuffleCase(tp=4, ep=4, predictor="adversarial")),
     ("layers", ShuffleCase(tp=2, ep=2, predictor="random", seq=6, batch=3)),
 ]
 
 
-def _tp_bytes_expected_extra(kind, case):
+def _steps(case):
+    """Tokens T of each forward: the prefill, then one token per sequence per decode step."""
+    return [case.seq * case.batch] + [case.batch] * case.decode_steps
+
+
+def _tp_bytes_expected_extra(case):
     """Bytes the shuffle sends beyond Megatron: only the pad rows (none when P divides T)."""
-    t = case.seq * case.batch
-    pad = capacity_of(t, case.tp) * case.tp - t
-    per_layer = 2 * ring_bytes("reduce_scatter", pad * case.shape.hidden * 4, case.tp)
-    return case.shape.layers * per_layer
+    extra = 0
+    for t in _steps(case):
+        pad = capacity_of(t, case.tp) * case.tp - t
+        extra += case.shape.layers * 2 * ring_bytes("reduce_scatter", pad * case.shape.hidden * 4, case.tp)
+    return extra
+
+
+def _shuffle_tokens(case):
+    """Tokens routed per TP group: every real token once, plus one zero row on each rank that has
+    no real token (T < P), which still takes part in the EP collectives."""
+    return sum(t + max(0, case.tp - t) for t in _steps(case)) * case.shape.layers
 
 
 def test_shuffle_lossless_four_ranks():
@@ -44,24 +61,24 @@ def test_shuffle_lossless_four_ranks():
     for i, (kind, case) in enumerate(CASES):
         per_rank = [r[i] for r in results]
         where = (kind, case.tp, case.ep, case.predictor)
-        t = case.seq * case.batch
         dp = WORLD // case.tp
         for res in per_rank:
             # Lossless, whatever the predictions.
             assert res.max_out_diff <= TOL, (where, res.rank, res.max_out_diff)
             # Every TP rank computed the identical plan, once per layer.
             assert res.plans_agree, where
-            assert res.plans == case.shape.layers, where
+            assert res.plans == case.shape.layers * len(_steps(case)), where
             # Same TP bytes as Megatron (plus pad rows only).
             base, shuf = sum(res.base_tp_bytes.values()), sum(res.shuffle_tp_bytes.values())
             assert base > 0, where
-            assert shuf - base == _tp_bytes_expected_extra(kind, case), (where, res.base_tp_bytes, res.shuffle_tp_bytes)
+            assert shuf - base == _tp_bytes_expected_extra(case), (where, res.base_tp_bytes, res.shuffle_tp_bytes)
         # Accounting: the shuffle routes every real token exactly once per layer ...
         shuffle_tokens = sum(r.shuffle.tokens for r in per_rank)
-        assert shuffle_tokens == dp * t * case.shape.layers, where
+        assert shuffle_tokens == dp * _shuffle_tokens(case), where
         base_tokens = sum(r.base.tokens for r in per_rank)
         # ... Megatron without sequence parallelism routes a full copy on every TP rank.
-        assert base_tokens == (WORLD if kind == "gpt" else dp) * t * case.shape.layers, where
+        copies = WORLD if kind == "gpt" else dp
+        assert base_tokens == copies * sum(_steps(case)) * case.shape.layers, where
         shuffle_remote = sum(r.shuffle.remote_pairs for r in per_rank) / shuffle_tokens
         base_remote = sum(r.base.remote_pairs for r in per_rank) / base_tokens
         if case.predictor == "pregate":

@@ -70,6 +70,7 @@ __all__ = [
     "NoCommRowParallelLinear",
     "ShuffleTransformerLayer",
     "restore_true_order",
+    "pregate_rank_scores",
 ]
 
 ShufflePredictor = Literal["pregate", "contiguous", "random", "adversarial"]
@@ -169,6 +170,29 @@ class NoCommRowParallelLinear(RowParallelLinear):
         self.explicit_expert_comm = True
 
 
+def pregate_rank_scores(
+    logits: torch.Tensor, *, k: int, rank_of: torch.Tensor, ep_base: int, tp: int
+) -> torch.Tensor:
+    """Rank scores from router logits: how many of each token's top-k experts each TP rank hosts.
+
+    Args:
+        logits: float [T, E], router logits (logical experts).
+        k: top-k.
+        rank_of: int64 [E], EP rank hosting each logical expert (``placement.rank_of_logical()``).
+        ep_base: EP rank of TP rank 0 (the TP group spans EP ranks ep_base .. ep_base + tp - 1).
+        tp: P.
+
+    Returns:
+        float32 [T, P]; experts outside the TP group's span count nowhere.
+    """
+    top = torch.topk(logits.float(), k, dim=1).indices  # logical experts [T, k]
+    local = rank_of[top] - ep_base
+    inside = (local >= 0) & (local < tp)
+    scores = torch.zeros(logits.shape[0], tp, dtype=torch.float32, device=logits.device)
+    scores.scatter_add_(1, local.clamp(0, tp - 1), inside.float())
+    return scores
+
+
 def _group_rank(group) -> int:
     return dist.get_group_rank(group, dist.get_rank())
 
@@ -265,15 +289,11 @@ class ShuffleTransformerLayer(TransformerLayer):
             )
             return torch.rand(t, tp, generator=gen).to(ln_full.device)
         # pregate: the router's own gating on the layer input; top-k experts -> hosting EP rank.
-        dispatcher = self.mlp.token_dispatcher
         logits = self.mlp.router.gating(ln_full.reshape(t, -1))
-        k = self.config.moe_router_topk
-        top = torch.topk(logits.float(), k, dim=1).indices  # logical experts [T, k]
-        rank_of = torch.as_tensor(dispatcher.placement.rank_of_logical(), device=top.device)
-        local = rank_of[top] - self._ep_span()  # EP rank relative to the TP group's span
-        inside = (local >= 0) & (local < tp)
-        scores = torch.zeros(t, tp, dtype=torch.float32, device=ln_full.device)
-        scores.scatter_add_(1, local.clamp(0, tp - 1), inside.float())
+        rank_of = torch.as_tensor(self.mlp.token_dispatcher.placement.rank_of_logical(), device=logits.device)
+        scores = pregate_rank_scores(
+            logits, k=self.config.moe_router_topk, rank_of=rank_of, ep_base=self._ep_span(), tp=tp
+        )
         return -scores if opts.predictor == "adversarial" else scores
 
     def shuffle_plan(self, ln_full: torch.Tensor) -> ShufflePlan:
@@ -366,13 +386,16 @@ class ShuffleTransformerLayer(TransformerLayer):
             fold_rows=residual_rows, fold=fold, counter=counter,
         )
 
-        # Step 5: MoE on the real rows of the shard (pad rows never reach the router).
+        # Step 5: MoE on the real rows of the shard (pad rows never reach the router). A rank
+        # with no real token (T < P, e.g. a decode step) still takes part in the EP collectives:
+        # it routes its one zero pad row, whose output is dropped (it shows in the accounting).
         real = real_capacities(num_tokens, tp)[rank]
-        x = shard[:real].view(real, 1, h)
+        rows = max(real, 1)
+        x = shard[:rows].view(rows, 1, h)
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
         out = x + mlp_out if mlp_bias is None else x + mlp_out + mlp_bias
         if real < plan.capacity:
-            out = torch.cat([out, out.new_zeros(plan.capacity - real, 1, h)], dim=0)
+            out = torch.cat([out[:real], out.new_zeros(plan.capacity - real, 1, h)], dim=0)
         self.carrier.calls += 1
 
         if sp:

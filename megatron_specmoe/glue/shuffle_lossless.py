@@ -16,6 +16,7 @@ Notation: S sequence length, B micro-batch, H hidden size, E experts, P TP size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -148,33 +149,55 @@ def _setup(case: ShuffleCase) -> None:
     parallel.initialize(parallel.ParallelLayout(tp=case.tp, ep=case.ep, etp=1), seed=case.seed)
 
 
-def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> ShuffleResult:
-    """Whole GPT model, sequence parallel off (inference): logits of the three models."""
+def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence_parallel: bool = False) -> ShuffleResult:
+    """Whole GPT model: logits of the three models (prefill, then ``case.decode_steps`` one-token
+    steps with a KV cache). Sequence parallel off: Megatron's local spec. On: every model's norms
+    are ``TokenwiseNorm`` (torch norms refuse sequence parallelism) and the shuffle model's
+    logits come back in true order through ``true_order_output``."""
     from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_specmoe.glue.build import build_gpt_model
     from megatron_specmoe.glue.dispatcher import DispatchRecorder
     from megatron_specmoe.glue.model_tools import attach_recorder, moe_sites, set_placements
     from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
-    from megatron_specmoe.glue.shuffle_specs import get_gpt_layer_shuffle_spec
+    from megatron_specmoe.glue.shuffle_specs import (
+        get_gpt_block_shuffle_spec,
+        get_gpt_layer_shuffle_spec,
+        true_order_output,
+        with_tokenwise_norms,
+    )
+    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
 
+    if sequence_parallel and case.decode_steps:
+        raise ValueError("ShuffleCase.decode_steps: decode is checked with sequence parallelism off")
     _setup(case)
     try:
         shape = case.shape
-        cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=False)
+        cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=sequence_parallel)
                for d in ("alltoall", "specmoe")}
-        ref = build_gpt_model(cfg["alltoall"], shape, specmoe=False).eval()
-        base = build_gpt_model(cfg["specmoe"], shape, specmoe=True).eval()
         carrier = ShuffleCarrier(
             options=ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True),
             counter=CollectiveCounter(),
         )
-        shuffle = GPTModel(
-            config=cfg["specmoe"],
-            transformer_layer_spec=get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier),
-            vocab_size=shape.vocab, max_sequence_length=shape.seq, position_embedding_type="rope",
-        ).eval()
+        layer_specs = {
+            "ref": get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False),
+            "base": get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False),
+            "shuffle": get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier,
+                                                  sequence_parallel_norms=sequence_parallel),
+        }
+        models = {}
+        for name, spec in layer_specs.items():
+            config = cfg["alltoall" if name == "ref" else "specmoe"]
+            if sequence_parallel:
+                spec = get_gpt_block_shuffle_spec(config, spec if name == "shuffle" else with_tokenwise_norms(spec))
+            models[name] = GPTModel(
+                config=config, transformer_layer_spec=spec, vocab_size=shape.vocab,
+                max_sequence_length=shape.seq + case.decode_steps, position_embedding_type="rope",
+            ).eval()
+        ref, base, shuffle = models["ref"], models["base"], models["shuffle"]
+        if sequence_parallel:
+            true_order_output(shuffle, carrier)
         base.load_state_dict(ref.state_dict(), strict=True)
         shuffle.load_state_dict(ref.state_dict(), strict=True)
         placement = _placement(case)
@@ -194,13 +217,34 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Shuff
 
         tp_group = parallel_state.get_tensor_model_parallel_group()
         base_bytes = CollectiveCounter()
+        counters = {"ref": CollectiveCounter(), "base": base_bytes, "shuffle": carrier.counter}
+        diff = 0.0
+        if case.decode_steps:
+            from megatron.core.inference.contexts import StaticInferenceContext
+
+            contexts = {n: StaticInferenceContext(case.batch, case.seq + case.decode_steps) for n in models}
+        else:
+            contexts = {n: None for n in models}
+        # Prefill, then (with decode_steps) one-token steps that read the KV cache.
+        steps = [(tokens, positions, mask)]
+        full = torch.triu(torch.ones(1, 1, case.seq + case.decode_steps, case.seq + case.decode_steps,
+                                     dtype=torch.bool), diagonal=1)
+        for i in range(case.decode_steps):
+            pos = case.seq + i
+            step_tokens = torch.randint(0, shape.vocab, (case.batch, 1), generator=gen)
+            steps.append((step_tokens, torch.full((case.batch, 1), pos), full[..., pos : pos + 1, : pos + 1]))
         with torch.no_grad():
-            want = ref(tokens, positions, mask)
-            with count_tp_collectives(tp_group, base_bytes):
-                base_out = base(tokens, positions, mask)
-            with count_tp_collectives(tp_group, carrier.counter):
-                got = shuffle(tokens, positions, mask)
-        diff = max(float((want - got).abs().max()), float((want - base_out).abs().max()))
+            for step_tokens, step_positions, step_mask in steps:
+                outs = {}
+                for name, model in models.items():
+                    with count_tp_collectives(tp_group, counters[name]):
+                        extra = {} if contexts[name] is None else {
+                            "inference_context": contexts[name], "runtime_gather_output": True}
+                        outs[name] = model(step_tokens, step_positions, step_mask, **extra)
+                    if contexts[name] is not None:
+                        contexts[name].sequence_len_offset += step_tokens.shape[1]
+                diff = max(diff, float((outs["ref"] - outs["shuffle"]).abs().max()),
+                           float((outs["ref"] - outs["base"]).abs().max()))
         agree, planned = _plans_agree(carrier.plans, tp_group)
         return ShuffleResult(
             rank=rank, max_out_diff=diff,
@@ -303,6 +347,10 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
 
 
 def run_shuffle_cases(rank: int, world_size: int, cases) -> list[ShuffleResult]:
-    """Several (kind, case) pairs in one set of processes (kind: "gpt" or "layers")."""
-    kinds = {"gpt": gpt_shuffle_lossless, "layers": layers_shuffle_lossless}
+    """Several (kind, case) pairs in one set of processes (kind: "gpt", "gpt_sp" or "layers")."""
+    kinds = {
+        "gpt": gpt_shuffle_lossless,
+        "gpt_sp": functools.partial(gpt_shuffle_lossless, sequence_parallel=True),
+        "layers": layers_shuffle_lossless,
+    }
     return [kinds[kind](rank, world_size, case) for kind, case in cases]

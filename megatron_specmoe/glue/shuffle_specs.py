@@ -30,7 +30,14 @@ from megatron_specmoe.glue.shuffle_layer import (
     ShuffleTransformerLayer,
 )
 
-__all__ = ["TokenwiseNorm", "get_gpt_layer_shuffle_spec", "get_gpt_block_shuffle_spec"]
+__all__ = [
+    "TokenwiseNorm",
+    "with_tokenwise_norms",
+    "get_gpt_layer_shuffle_spec",
+    "get_gpt_block_shuffle_spec",
+    "carrier_of",
+    "true_order_output",
+]
 
 
 class TokenwiseNorm:
@@ -51,6 +58,12 @@ def _replace(spec: Any, **changes: Any) -> Any:
     """dataclasses.replace for a ModuleSpec's submodules (both core versions use ModuleSpec at the
     layer and attention level)."""
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **changes))
+
+
+def with_tokenwise_norms(spec: ModuleSpec) -> ModuleSpec:
+    """A copy of a layer spec whose input and pre-MLP norms are ``TokenwiseNorm`` (so that
+    Megatron's own layers build with sequence parallelism and no TE, e.g. as a reference)."""
+    return _replace(spec, input_layernorm=TokenwiseNorm, pre_mlp_layernorm=TokenwiseNorm)
 
 
 def get_gpt_layer_shuffle_spec(
@@ -111,3 +124,55 @@ def carrier_of(spec: Any) -> ShuffleCarrier:
     if isinstance(spec, functools.partial):
         return spec.keywords["carrier"]
     return spec.params["carrier"]
+
+
+class _OutputHandle:
+    """Undo for ``true_order_output``: ``remove()`` restores the output layer."""
+
+    def __init__(self, layer, hook, saved_flag) -> None:
+        self._layer, self._hook, self._saved = layer, hook, saved_flag
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self._layer.explicit_expert_comm = self._saved
+
+
+def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
+    """Make a sequence-parallel GPTModel with shuffle layers return its logits in true order at no
+    extra communication: the output layer's own sequence-parallel all-gather becomes the deferred
+    all-gather of the last layer's plan (followed by the inverse permutation).
+
+    Explicit and reversible: returns a handle whose ``remove()`` restores the output layer.
+
+    Args:
+        model: a GPTModel built with ``get_gpt_block_shuffle_spec`` / ``get_gpt_layer_shuffle_spec``
+            and ``sequence_parallel=True``.
+        carrier: the model's ShuffleCarrier.
+    """
+    from megatron_specmoe.comm.shuffle import deferred_all_gather
+
+    layer = getattr(model, "output_layer", None)
+    if layer is None or not getattr(layer, "sequence_parallel", False):
+        raise ValueError(
+            "true_order_output: the model has no sequence-parallel output_layer; without sequence "
+            "parallelism the shuffle layers already return true order"
+        )
+    group = layer.tp_group
+
+    def gather_true_order(_module, args, kwargs):
+        state = carrier.state
+        hidden = args[0]
+        if state is None or hidden.shape[0] != state.plan.capacity:
+            raise ValueError(
+                "true_order_output: the output layer's input is not the last shuffle layer's shard "
+                f"(rows {hidden.shape[0]}, plan capacity {None if state is None else state.plan.capacity})"
+            )
+        h = hidden.shape[-1]
+        full = deferred_all_gather(hidden.reshape(-1, h), state.plan, group, counter=carrier.counter)
+        carrier.state = None
+        return (full.view(state.seq, state.batch, h),) + tuple(args[1:]), kwargs
+
+    saved = layer.explicit_expert_comm
+    hook = layer.register_forward_pre_hook(gather_true_order, with_kwargs=True)
+    layer.explicit_expert_comm = True  # the hook gathers; the linear itself must not
+    return _OutputHandle(layer, hook, saved)

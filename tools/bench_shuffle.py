@@ -1,0 +1,335 @@
+"""Benchmark s-TS inside Megatron's transformer layer (CPU, gloo).
+
+Part 1, plan overhead. The work a ShuffleTransformerLayer adds per forward on every TP rank: the
+pre-attention gate (router gating on the gathered, normalised layer input [T, H]), the top-k ->
+rank scores [T, P] and the balanced plan (``assign(..., "refine")``), for T = ``--plan-tokens``
+(8192) at P = ``--plan-tp`` (8). Compared with the forward time of one Megatron MoE transformer
+layer on the same T tokens in one process (``--plan-hidden`` ...): the ratio to the whole layer,
+and to 1/P of it (a TP rank's share of the layer's arithmetic: an estimate, labelled so). Memory:
+the plan's tensors, counted from their sizes.
+
+Part 2, traffic and time on ``--ranks`` (4) gloo ranks with a small GPT (TP = EP = ranks, every
+layer MoE, sequence parallel on; with ``--no-sp`` off). Three models with identical weights see
+the same batches: Megatron ``alltoall`` (timed), Megatron's layers with the specmoe dispatcher and
+contiguous placement (= what alltoall sends, by the dispatcher's own accounting), and the shuffle
+layers with the pregate predictor (needs no fitted plan; recorded and timed). Reported: remote
+(token, expert) pairs and dispatch+combine bytes per token, local activation rate, load imbalance;
+MoE-layer forward time (forward hooks on the MoE layers) and whole-model forward time as ratios to
+alltoall measured in the same run (median over ``--repeats`` forwards, averaged over ranks).
+
+Prints the exact command, then the numbers; ``--json OUT`` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def log(msg: str) -> None:
+    print(f"[bench_shuffle] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- part 1: plan overhead -------------------------------------------------------------------
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def part_plan(rank: int, world_size: int, args) -> dict:
+    """One process: time the plan for T tokens at P ranks and one MoE layer's forward on T tokens."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron_specmoe.glue import cpu_support, parallel
+    from megatron_specmoe.glue.build import MoEShape, build_from_spec, make_config
+    from megatron_specmoe.glue.shuffle_layer import pregate_rank_scores
+    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
+    from megatron_specmoe.planning.assignment import assign
+    from megatron_specmoe.planning.placement import ExpertPlacement
+
+    cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout(tp=1, ep=1))
+    try:
+        t, p, h = args.plan_tokens, args.plan_tp, args.plan_hidden
+        shape = MoEShape(hidden=h, ffn=args.plan_ffn, experts=args.plan_experts, topk=args.plan_topk,
+                         heads=args.plan_heads, layers=1, seq=args.plan_seq)
+        config = make_config(shape, dispatcher="specmoe", sequence_parallel=False)
+        layer = build_from_spec(get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False),
+                                config=config, layer_number=1).eval()
+        batch = t // args.plan_seq
+        x = torch.randn(args.plan_seq, batch, h)
+        mask = torch.triu(torch.ones(1, 1, args.plan_seq, args.plan_seq, dtype=torch.bool), diagonal=1)
+        rank_of = torch.as_tensor(ExpertPlacement.contiguous(shape.experts, p).rank_of_logical())
+        router = layer.mlp.router
+
+        def plan():
+            ln = layer.input_layernorm(x)
+            logits = router.gating(ln.reshape(t, h))
+            scores = pregate_rank_scores(logits, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
+            return assign(scores, "refine", validate=False)
+
+        def assign_only():
+            return assign(scores_fixed, "refine", validate=False)
+
+        def forward():
+            return layer(hidden_states=x, attention_mask=mask)
+
+        with torch.no_grad():
+            ln = layer.input_layernorm(x)
+            scores_fixed = pregate_rank_scores(router.gating(ln.reshape(t, h)), k=shape.topk,
+                                               rank_of=rank_of, ep_base=0, tp=p)
+            log(f"part 1: plan for T={t}, P={p} ...")
+            plan_s = _median_time(plan, args.repeats)
+            assign_s = _median_time(assign_only, args.repeats)
+            log(f"part 1: layer forward on T={t} (H={h}) ...")
+            layer_s = _median_time(forward, max(1, args.repeats // 2))
+        c = -(-t // p)
+        n = p + (p % 2)
+        # Plan tensors: scores [T, P] f32; home [T], order and inverse [T_pad] int64; the refine
+        # step's extended score table [(T_pad + 1), n] f32 and its [n, C] shard / gain tables.
+        plan_bytes = t * p * 4 + t * 8 + 2 * p * c * 8
+        work_bytes = (p * c + 1) * n * 4 + 4 * n * c * 8 + t * shape.experts * 4
+        return {
+            "tokens": t, "tp": p, "hidden": h, "experts": shape.experts, "topk": shape.topk,
+            "plan_ms": plan_s * 1e3, "assign_ms": assign_s * 1e3, "layer_forward_ms": layer_s * 1e3,
+            "plan_over_layer": plan_s / layer_s, "plan_over_layer_share_est": plan_s / (layer_s / p),
+            "plan_state_bytes": plan_bytes, "plan_work_bytes": work_bytes,
+        }
+    finally:
+        parallel.destroy()
+
+
+# ---- part 2: traffic and time on gloo ranks --------------------------------------------------
+
+
+def part_traffic(rank: int, world_size: int, args) -> dict:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_specmoe.glue import cpu_support, parallel
+    from megatron_specmoe.glue.build import MoEShape, make_config
+    from megatron_specmoe.glue.dispatcher import DispatchRecorder
+    from megatron_specmoe.glue.model_tools import attach_recorder, moe_sites
+    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
+    from megatron_specmoe.glue.shuffle_lossless import ShuffleCase, _arrange
+    from megatron_specmoe.glue.shuffle_specs import (
+        get_gpt_block_shuffle_spec,
+        get_gpt_layer_shuffle_spec,
+        true_order_output,
+        with_tokenwise_norms,
+    )
+    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
+    from megatron_specmoe.planning.placement import ExpertPlacement
+
+    sp = not args.no_sp
+    tp = ep = world_size
+    shape = MoEShape(hidden=args.hidden, ffn=args.ffn, experts=args.experts, topk=args.topk,
+                     heads=args.heads, layers=args.layers, vocab=args.vocab, seq=args.seq)
+    cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout(tp=tp, ep=ep), seed=args.seed)
+    try:
+        cfg = {d: make_config(shape, dispatcher=d, tp=tp, ep=ep, sequence_parallel=sp) for d in ("alltoall", "specmoe")}
+        carrier = ShuffleCarrier(options=ShuffleOptions(predictor="pregate", method=args.method))
+        specs = {
+            "alltoall": get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False),
+            "base": get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False),
+            "specmoe": get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier, sequence_parallel_norms=sp),
+        }
+        models = {}
+        for name, spec in specs.items():
+            config = cfg["alltoall" if name == "alltoall" else "specmoe"]
+            if sp:
+                spec = get_gpt_block_shuffle_spec(config, spec if name == "specmoe" else with_tokenwise_norms(spec))
+            models[name] = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=shape.vocab,
+                                    max_sequence_length=shape.seq, position_embedding_type="rope").eval()
+        if sp:
+            true_order_output(models["specmoe"], carrier)
+        state = models["alltoall"].state_dict()
+        models["base"].load_state_dict(state, strict=True)
+        models["specmoe"].load_state_dict(state, strict=True)
+        case = ShuffleCase(shape=shape, tp=tp, ep=ep, seed=args.seed)
+        contiguous = ExpertPlacement.contiguous(shape.experts, ep)
+        for i, sites in enumerate(zip(*(moe_sites(m) for m in models.values()))):
+            _arrange([s.layer for s in sites], case, [contiguous] * 3, i)
+        recorders = {n: DispatchRecorder() for n in ("base", "specmoe")}
+        for name, rec in recorders.items():
+            attach_recorder(models[name], rec)
+
+        # MoE-layer time: forward hooks on every MoE layer.
+        moe_time = {n: 0.0 for n in models}
+        starts = {}
+
+        def hooks(name):
+            def pre(module, _args):
+                starts[id(module)] = time.perf_counter()
+
+            def post(module, _args, _out):
+                moe_time[name] += time.perf_counter() - starts.pop(id(module))
+
+            return pre, post
+
+        for name, model in models.items():
+            pre, post = hooks(name)
+            for site in moe_sites(model):
+                site.layer.register_forward_pre_hook(pre)
+                site.layer.register_forward_hook(post)
+
+        gen = torch.Generator().manual_seed(args.seed)
+        mask = torch.triu(torch.ones(1, 1, args.seq, args.seq, dtype=torch.bool), diagonal=1)
+        positions = torch.arange(args.seq).unsqueeze(0).expand(args.batch, -1)
+        per_forward = {n: [] for n in models}
+        per_moe = {n: [] for n in models}
+        diff = 0.0
+        with torch.no_grad():
+            for step in range(args.repeats + 1):
+                tokens = torch.randint(0, shape.vocab, (args.batch, args.seq), generator=gen)
+                outs = {}
+                for name, model in models.items():
+                    torch.distributed.barrier()
+                    moe_time[name] = 0.0
+                    t0 = time.perf_counter()
+                    outs[name] = model(tokens, positions, mask)
+                    elapsed = time.perf_counter() - t0
+                    if step:  # the first forward warms up
+                        per_forward[name].append(elapsed)
+                        per_moe[name].append(moe_time[name])
+                diff = max(diff, float((outs["alltoall"] - outs["specmoe"]).abs().max()))
+                if rank == 0:
+                    log(f"part 2: forward {step}/{args.repeats} done")
+        summed = {}
+        for name, rec in recorders.items():
+            total = None
+            for r in rec.records:
+                total = r.measures if total is None else total + r.measures
+            summed[name] = total
+        return {
+            "diff": diff,
+            "measures": summed,
+            "forward_s": {n: statistics.median(v) for n, v in per_forward.items()},
+            "moe_s": {n: statistics.median(v) for n, v in per_moe.items()},
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        }
+    finally:
+        parallel.destroy()
+
+
+def summarize_traffic(results, args) -> dict:
+    out = {}
+    pair_bytes = args.hidden * 4 + 4 + args.hidden * 4  # dispatch (activation + prob) + combine
+    for name in ("base", "specmoe"):
+        total = None
+        for r in results:
+            m = r["measures"][name]
+            total = m if total is None else total + m
+        load = total.load_per_rank
+        out[name] = {
+            "tokens": total.tokens,
+            "remote_pairs_per_token": total.remote_pairs / total.tokens,
+            "remote_bytes_per_token": total.remote_pairs * pair_bytes / total.tokens,
+            "lar": total.local_activation_rate,
+            "load_imbalance": max(load) / (sum(load) / len(load)) if sum(load) else 0.0,
+        }
+    for kind in ("forward_s", "moe_s"):
+        mean = {n: statistics.mean(r[kind][n] for r in results) for n in ("alltoall", "base", "specmoe")}
+        out[kind] = mean
+        out[kind + "_ratio_specmoe_over_alltoall"] = mean["specmoe"] / mean["alltoall"]
+    out["max_logit_diff"] = max(r["diff"] for r in results)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("plan", "traffic", "both"), default="both")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--plan-tokens", type=int, default=8192)
+    ap.add_argument("--plan-tp", type=int, default=8)
+    ap.add_argument("--plan-hidden", type=int, default=1024)
+    ap.add_argument("--plan-ffn", type=int, default=1792)
+    ap.add_argument("--plan-heads", type=int, default=16)
+    ap.add_argument("--plan-experts", type=int, default=8)
+    ap.add_argument("--plan-topk", type=int, default=2)
+    ap.add_argument("--plan-seq", type=int, default=512, help="sequence length; batch = tokens / seq")
+    ap.add_argument("--plan-threads", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--no-sp", action="store_true", help="sequence parallel off in part 2")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--ffn", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--method", default="refine")
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from megatron_specmoe.comm.spawn import run_local
+
+    print("command:", shlex.join([sys.executable, "tools/bench_shuffle.py", *(argv if argv is not None else sys.argv[1:])]))
+    report = {}
+    if args.part in ("plan", "both"):
+        r = run_local(part_plan, 1, args, threads=args.plan_threads, timeout_s=3600)[0]
+        report["plan"] = r
+        print(f"\n[plan overhead] T={r['tokens']} tokens, TP={r['tp']}, H={r['hidden']}, E={r['experts']}, "
+              f"k={r['topk']}, {args.plan_threads} threads")
+        print(f"  plan (pregate gating + rank scores + refine assignment): {r['plan_ms']:.2f} ms "
+              f"(assignment alone {r['assign_ms']:.2f} ms)")
+        print(f"  one MoE transformer layer forward on all T tokens (1 process): {r['layer_forward_ms']:.1f} ms")
+        print(f"  plan / layer forward: {100 * r['plan_over_layer']:.2f}%;  plan / (layer forward / TP) "
+              f"[a TP rank's share, estimated]: {100 * r['plan_over_layer_share_est']:.2f}%")
+        print(f"  plan memory: {r['plan_state_bytes'] / 1024:.0f} KiB kept (scores, home, order, inverse), "
+              f"~{r['plan_work_bytes'] / 1024:.0f} KiB transient (refine tables, logits)")
+    if args.part in ("traffic", "both"):
+        log(f"part 2: {args.ranks} gloo ranks, TP = EP = {args.ranks}, sequence parallel "
+            f"{'off' if args.no_sp else 'on'}")
+        results = run_local(part_traffic, args.ranks, args, timeout_s=3600)
+        s = summarize_traffic(results, args)
+        report["traffic"] = s
+        t = args.seq * args.batch
+        print(f"\n[traffic] {args.ranks} gloo ranks, TP=EP={args.ranks}, SP {'off' if args.no_sp else 'on'}, "
+              f"GPT L={args.layers} H={args.hidden} E={args.experts} k={args.topk}, T={t} tokens per forward, "
+              f"{args.repeats} forwards (+1 warm-up), predictor pregate ({args.method}), no fitted plan needed")
+        print(f"  {'dispatcher':<22}{'remote pairs/tok':>17}{'remote bytes/tok':>17}{'LAR':>8}{'imbalance':>11}")
+        for name, label in (("base", "alltoall (recorded)"), ("specmoe", "specmoe + s-TS")):
+            m = s[name]
+            print(f"  {label:<22}{m['remote_pairs_per_token']:>17.3f}{m['remote_bytes_per_token']:>17.1f}"
+                  f"{m['lar']:>8.3f}{m['load_imbalance']:>11.3f}")
+        print(f"  MoE-layer forward time per model forward (mean over ranks of the median): alltoall "
+              f"{1e3 * s['moe_s']['alltoall']:.2f} ms, specmoe+s-TS {1e3 * s['moe_s']['specmoe']:.2f} ms, "
+              f"ratio {s['moe_s_ratio_specmoe_over_alltoall']:.3f}")
+        print(f"  whole-model forward: alltoall {1e3 * s['forward_s']['alltoall']:.2f} ms, specmoe+s-TS "
+              f"{1e3 * s['forward_s']['specmoe']:.2f} ms, ratio {s['forward_s_ratio_specmoe_over_alltoall']:.3f}")
+        print(f"  max |logits specmoe - alltoall| = {s['max_logit_diff']:.2e}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
