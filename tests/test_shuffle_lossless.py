@@ -33,6 +33,8 @@ CASES = [
     # ... and a stack of layers from Megatron's contiguous shard, back with restore_true_order.
     ("layers", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
     ("layers", ShuffleCase(tp=2, ep=2, predictor="random", seq=6, batch=3)),
+    # Refused: shared experts at TP > 1; EP (2) not a multiple of TP (4).
+    ("refuse", ShuffleCase(tp=4, ep=2, shape=MoEShape(layers=1))),
 ]
 
 
@@ -60,6 +62,11 @@ def test_shuffle_lossless_four_ranks():
     results = run_local(run_shuffle_cases, WORLD, CASES)
     for i, (kind, case) in enumerate(CASES):
         per_rank = [r[i] for r in results]
+        if kind == "refuse":
+            for shared_msg, ep_msg in per_rank:
+                assert "shared experts with TP > 1 are not supported" in shared_msg
+                assert "EP size 2 is not a multiple of TP size 4" in ep_msg
+            continue
         where = (kind, case.tp, case.ep, case.predictor)
         dp = WORLD // case.tp
         for res in per_rank:

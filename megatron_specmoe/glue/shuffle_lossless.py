@@ -31,8 +31,15 @@ from megatron_specmoe.glue.experts import load_bank, make_expert_bank
 from megatron_specmoe.planning.measures import RouteMeasures
 from megatron_specmoe.planning.placement import ExpertPlacement
 
-__all__ = ["ShuffleCase", "ShuffleResult", "gpt_shuffle_lossless", "layers_shuffle_lossless", "run_shuffle_cases",
-           "count_tp_collectives"]
+__all__ = [
+    "ShuffleCase",
+    "ShuffleResult",
+    "gpt_shuffle_lossless",
+    "layers_shuffle_lossless",
+    "shuffle_refusals",
+    "run_shuffle_cases",
+    "count_tp_collectives",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,11 +353,43 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
         parallel.destroy()
 
 
+def shuffle_refusals(rank: int, world_size: int, case: ShuffleCase) -> tuple[str, ...]:
+    """Settings the shuffle layer refuses, on a live process group: the error messages of (1) a
+    model with shared experts at TP > 1 (at build time) and (2) a forward with an EP size that is
+    not a multiple of the TP size (``case.ep``, at the first forward)."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_specmoe.glue.shuffle_specs import get_gpt_layer_shuffle_spec
+
+    _setup(case)
+    messages = []
+    try:
+        shared = MoEShape(layers=1, shared_ffn=24)
+        for shape in (shared, case.shape):
+            config = make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep, sequence_parallel=False)
+            try:
+                model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_shuffle_spec(shape.experts),
+                                 vocab_size=shape.vocab, max_sequence_length=shape.seq,
+                                 position_embedding_type="rope").eval()
+                tokens = torch.zeros(1, case.seq, dtype=torch.long)
+                positions = torch.arange(case.seq).unsqueeze(0)
+                with torch.no_grad():
+                    model(tokens, positions, None)
+                messages.append("")
+            except ValueError as err:
+                messages.append(str(err))
+        return tuple(messages)
+    finally:
+        parallel.destroy()
+
+
 def run_shuffle_cases(rank: int, world_size: int, cases) -> list[ShuffleResult]:
-    """Several (kind, case) pairs in one set of processes (kind: "gpt", "gpt_sp" or "layers")."""
+    """Several (kind, case) pairs in one set of processes (kind: "gpt", "gpt_sp", "layers" or
+    "refuse")."""
     kinds = {
         "gpt": gpt_shuffle_lossless,
         "gpt_sp": functools.partial(gpt_shuffle_lossless, sequence_parallel=True),
         "layers": layers_shuffle_lossless,
+        "refuse": shuffle_refusals,
     }
     return [kinds[kind](rank, world_size, case) for kind, case in cases]
