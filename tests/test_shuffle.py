@@ -91,6 +91,9 @@ def test_layer_refuses_unsupported_settings():
         _check_config(SimpleNamespace(**{**ok, "expert_tensor_parallel_size": 2}))
     with pytest.raises(ValueError, match="moe_token_dispatcher_type must be 'specmoe'"):
         _check_config(SimpleNamespace(**{**ok, "moe_token_dispatcher_type": "alltoall"}))
+    with pytest.raises(ValueError, match="pipeline_model_parallel_size must be 1 with sequence_parallel=True"):
+        _check_config(SimpleNamespace(**{**ok, "sequence_parallel": True, "pipeline_model_parallel_size": 2}))
+    _check_config(SimpleNamespace(**{**ok, "sequence_parallel": False, "pipeline_model_parallel_size": 2}))
     with pytest.raises(ValueError, match="inference_fuse_tp_communication must be False"):
         _check_config(SimpleNamespace(**{**ok, "inference_fuse_tp_communication": True}))
 

@@ -226,6 +226,20 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
                         per_moe[name].append(moe_time[name])
                 if rank == 0:
                     log(f"part 2: timed forward {step}/{args.repeats} done")
+            if args.profile and rank == 0:
+                from torch.profiler import ProfilerActivity, profile
+
+                tokens = next(batches())
+                for name in ("alltoall", "specmoe"):
+                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        models[name](tokens, positions, mask)
+                    log(f"profile of one {name} forward on rank 0:\n"
+                        + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+                # Other ranks take part in the two profiled forwards' collectives.
+            elif args.profile:
+                tokens = next(batches())
+                for name in ("alltoall", "specmoe"):
+                    models[name](tokens, positions, mask)
             # Pass 2, the same batches recorded by the dispatchers' own accounting.
             for name, rec in recorders.items():
                 attach_recorder(models[name], rec)
@@ -300,6 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--method", default="refine")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="part 2: torch profiler table of one forward (rank 0)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 

@@ -132,6 +132,11 @@ class ShuffleCarrier:
         counter: CollectiveCounter for the TP collectives the layers issue, or None.
         plans: (layer_number, plan) for every layer forward when ``options.keep_plans``.
         calls: forwards seen (seeds the "random" predictor).
+        output_consumer: with sequence parallelism the last layer's output is in shuffled order;
+            who restores true order: "output_layer" (set by ``shuffle_specs.true_order_output``) or
+            "restore_true_order" (set by the caller who calls it). Layers refuse to run with
+            sequence parallelism while it is None, rather than hand shuffled rows to code that
+            expects Megatron's contiguous shards.
     """
 
     options: ShuffleOptions = field(default_factory=ShuffleOptions)
@@ -139,6 +144,7 @@ class ShuffleCarrier:
     counter: Optional[CollectiveCounter] = None
     plans: list = field(default_factory=list)
     calls: int = 0
+    output_consumer: Optional[Literal["output_layer", "restore_true_order"]] = None
 
     def reset(self) -> None:
         """Forget the residual order and kept plans (start of a new forward)."""
@@ -344,6 +350,13 @@ class ShuffleTransformerLayer(TransformerLayer):
         # Step 1: the layer input in true order ([S, B, H]) and this rank's residual rows.
         ln = self.input_layernorm(hidden_states)
         if sp:
+            if self.carrier.output_consumer is None:
+                raise ValueError(
+                    "ShuffleTransformerLayer with sequence_parallel=True leaves tokens in shuffled order; "
+                    "call shuffle_specs.true_order_output(model, carrier) for a GPTModel, or set "
+                    "carrier.output_consumer='restore_true_order' and pass the last output to "
+                    "restore_true_order()"
+                )
             prev = self._previous_state(hidden_states, tp)
             seq, batch = prev.seq, prev.batch
             ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
@@ -454,6 +467,11 @@ def _check_config(config) -> None:
         problems.append("moe_pad_expert_input_to_capacity must be False (dropless routing)")
     if getattr(config, "moe_token_dispatcher_type", None) != "specmoe":
         problems.append("moe_token_dispatcher_type must be 'specmoe'")
+    if getattr(config, "sequence_parallel", False) and getattr(config, "pipeline_model_parallel_size", 1) > 1:
+        problems.append(
+            "pipeline_model_parallel_size must be 1 with sequence_parallel=True (the residual order "
+            "does not cross pipeline stages); turn sequence parallelism off for pipelined inference"
+        )
     if getattr(config, "cuda_graph_impl", "none") not in ("none", None):
         problems.append("cuda_graph_impl must be 'none'")
     if problems:

@@ -286,6 +286,7 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
         carrier = ShuffleCarrier(
             options=ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True),
             counter=CollectiveCounter(),
+            output_consumer="restore_true_order",
         )
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -355,20 +356,24 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
 
 def shuffle_refusals(rank: int, world_size: int, case: ShuffleCase) -> tuple[str, ...]:
     """Settings the shuffle layer refuses, on a live process group: the error messages of (1) a
-    model with shared experts at TP > 1 (at build time) and (2) a forward with an EP size that is
-    not a multiple of the TP size (``case.ep``, at the first forward)."""
+    model with shared experts at TP > 1 (at build time), (2) a forward with an EP size that is
+    not a multiple of the TP size (``case.ep``, at the first forward) and (3) a sequence-parallel
+    GPT whose output layer was not told to restore true order (``true_order_output``)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_specmoe.glue.shuffle_specs import get_gpt_layer_shuffle_spec
+    from megatron_specmoe.glue.shuffle_specs import get_gpt_block_shuffle_spec, get_gpt_layer_shuffle_spec
 
     _setup(case)
     messages = []
     try:
         shared = MoEShape(layers=1, shared_ffn=24)
-        for shape in (shared, case.shape):
-            config = make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep, sequence_parallel=False)
+        for shape, sp in ((shared, False), (case.shape, False), (case.shape, True)):
+            config = make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep, sequence_parallel=sp)
+            spec = get_gpt_layer_shuffle_spec(shape.experts, sequence_parallel_norms=sp)
+            if sp:
+                spec = get_gpt_block_shuffle_spec(config, spec)
             try:
-                model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_shuffle_spec(shape.experts),
+                model = GPTModel(config=config, transformer_layer_spec=spec,
                                  vocab_size=shape.vocab, max_sequence_length=shape.seq,
                                  position_embedding_type="rope").eval()
                 tokens = torch.zeros(1, case.seq, dtype=torch.long)

@@ -129,12 +129,13 @@ def carrier_of(spec: Any) -> ShuffleCarrier:
 class _OutputHandle:
     """Undo for ``true_order_output``: ``remove()`` restores the output layer."""
 
-    def __init__(self, layer, hook, saved_flag) -> None:
-        self._layer, self._hook, self._saved = layer, hook, saved_flag
+    def __init__(self, layer, hook, saved_flag, carrier) -> None:
+        self._layer, self._hook, self._saved, self._carrier = layer, hook, saved_flag, carrier
 
     def remove(self) -> None:
         self._hook.remove()
         self._layer.explicit_expert_comm = self._saved
+        self._carrier.output_consumer = None
 
 
 def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
@@ -173,6 +174,7 @@ def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
         return (full.view(state.seq, state.batch, h),) + tuple(args[1:]), kwargs
 
     saved = layer.explicit_expert_comm
+    carrier.output_consumer = "output_layer"
     hook = layer.register_forward_pre_hook(gather_true_order, with_kwargs=True)
     layer.explicit_expert_comm = True  # the hook gathers; the linear itself must not
-    return _OutputHandle(layer, hook, saved)
+    return _OutputHandle(layer, hook, saved, carrier)
