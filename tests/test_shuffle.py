@@ -78,6 +78,8 @@ def test_options_refuse_unknown_names():
         ShuffleOptions(predictor="oracle")
     with pytest.raises(ValueError, match="ShuffleOptions.method='best'"):
         ShuffleOptions(method="best")
+    with pytest.raises(ValueError, match="predictor='route' needs route_predictor="):
+        ShuffleOptions(predictor="route")
 
 
 def test_layer_refuses_unsupported_settings():

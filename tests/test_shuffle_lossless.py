@@ -26,10 +26,13 @@ CASES = [
     ("gpt", ShuffleCase(tp=2, ep=4, predictor="pregate", method="greedy")),  # TP group = half the EP group
     # Prefill, then decode steps with a KV cache (T = 3 < P = 4: one rank has no real token).
     ("gpt", ShuffleCase(tp=4, ep=4, predictor="pregate", batch=3, decode_steps=2)),
+    # A fitted route predictor on token ids (a stand-in table), prefill + decode.
+    ("gpt", ShuffleCase(tp=4, ep=4, predictor="route", placement=PERMUTED, decode_steps=1)),
     # Sequence parallel on, whole GPT model (logits in true order through the output layer's
     # own all-gather) ...
     ("gpt_sp", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
     ("gpt_sp", ShuffleCase(tp=2, ep=2, predictor="adversarial", batch=3)),
+    ("gpt_sp", ShuffleCase(tp=2, ep=4, predictor="route")),
     # ... and a stack of layers from Megatron's contiguous shard, back with restore_true_order.
     ("layers", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
     ("layers", ShuffleCase(tp=2, ep=2, predictor="random", seq=6, batch=3)),

@@ -73,10 +73,14 @@ __all__ = [
     "pregate_rank_scores",
 ]
 
-ShufflePredictor = Literal["pregate", "contiguous", "random", "adversarial"]
+ShufflePredictor = Literal["pregate", "route", "contiguous", "random", "adversarial"]
 """How a layer scores tokens x TP ranks before its gate (all from data every TP rank holds):
     pregate      this layer's router logits on the gathered, normalised layer input; score of
                  rank r = how many of the token's predicted top-k experts it hosts.
+    route        a fitted ``RoutePredictor`` (``options.route_predictor``, e.g. the plan's token
+                 table) on the batch's token ids (``carrier.token_ids``, fed by
+                 ``shuffle_specs.feed_token_ids``); scores summed per EP rank of the TP span.
+                 The MoE-layer index is ``layer_number - 1`` (every layer of a shuffle spec is MoE).
     contiguous   no prediction: Megatron's contiguous shards (the baseline order).
     random       scores from a generator seeded by (options.seed, layer, call): for tests.
     adversarial  minus the pregate score: tokens go where their predicted experts are *not*
@@ -87,17 +91,24 @@ ShufflePredictor = Literal["pregate", "contiguous", "random", "adversarial"]
 class ShuffleOptions:
     """Attributes: predictor (``ShufflePredictor``), method (``assignment.AssignmentMethod``;
     "refine" is the runtime one), seed (for the "random" predictor), keep_plans (carrier keeps
-    every plan it sees, for tests and benchmarks)."""
+    every plan it sees, for tests and benchmarks), route_predictor (a fitted
+    ``planning.predictors.base.RoutePredictor``, for predictor="route")."""
 
     predictor: ShufflePredictor = "pregate"
     method: AssignmentMethod = "refine"
     seed: int = 0
     keep_plans: bool = False
+    route_predictor: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if self.predictor not in get_args(ShufflePredictor):
             raise ValueError(
                 f"ShuffleOptions.predictor={self.predictor!r}; choose one of {get_args(ShufflePredictor)}"
+            )
+        if self.predictor == "route" and self.route_predictor is None:
+            raise ValueError(
+                "ShuffleOptions.predictor='route' needs route_predictor= a fitted RoutePredictor "
+                "(e.g. from the plan: planning.plan.load_plan)"
             )
         if self.method not in get_args(AssignmentMethod):
             raise ValueError(
@@ -137,6 +148,8 @@ class ShuffleCarrier:
             "restore_true_order" (set by the caller who calls it). Layers refuse to run with
             sequence parallelism while it is None, rather than hand shuffled rows to code that
             expects Megatron's contiguous shards.
+        token_ids: int64 [T] token ids of the current forward in (s, b) order (predictor "route";
+            set by ``shuffle_specs.feed_token_ids``).
     """
 
     options: ShuffleOptions = field(default_factory=ShuffleOptions)
@@ -145,6 +158,7 @@ class ShuffleCarrier:
     plans: list = field(default_factory=list)
     calls: int = 0
     output_consumer: Optional[Literal["output_layer", "restore_true_order"]] = None
+    token_ids: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
         """Forget the residual order and kept plans (start of a new forward)."""
@@ -294,6 +308,8 @@ class ShuffleTransformerLayer(TransformerLayer):
                 opts.seed * 1_000_003 + self.layer_number * 7919 + self.carrier.calls
             )
             return torch.rand(t, tp, generator=gen).to(ln_full.device)
+        if opts.predictor == "route":
+            return self._route_scores(t, tp).to(ln_full.device)
         # pregate: the router's own gating on the layer input; top-k experts -> hosting EP rank.
         logits = self.mlp.router.gating(ln_full.reshape(t, -1))
         rank_of = torch.as_tensor(self.mlp.token_dispatcher.placement.rank_of_logical(), device=logits.device)
@@ -301,6 +317,22 @@ class ShuffleTransformerLayer(TransformerLayer):
             logits, k=self.config.moe_router_topk, rank_of=rank_of, ep_base=self._ep_span(), tp=tp
         )
         return -scores if opts.predictor == "adversarial" else scores
+
+    def _route_scores(self, t: int, tp: int) -> torch.Tensor:
+        """float32 [T, P] from the fitted RoutePredictor on the carrier's token ids (host code)."""
+        from megatron_specmoe.planning.predictors.base import RouteContext, rank_scores
+
+        ids = self.carrier.token_ids
+        if ids is None or ids.shape != (t,):
+            raise ValueError(
+                f"ShuffleTransformerLayer: predictor='route' needs carrier.token_ids of shape ({t},), got "
+                f"{None if ids is None else tuple(ids.shape)}; attach shuffle_specs.feed_token_ids(model, carrier)"
+            )
+        ctx = RouteContext(layer=self.layer_number - 1, token_ids=ids.cpu().numpy())
+        expert_scores = self.carrier.options.route_predictor.expert_scores(ctx)
+        per_rank = rank_scores(expert_scores, self.mlp.token_dispatcher.placement)  # [T, EP]
+        base = self._ep_span()
+        return torch.from_numpy(per_rank[:, base : base + tp].copy())
 
     def shuffle_plan(self, ln_full: torch.Tensor) -> ShufflePlan:
         """The balanced plan for this layer (identical on every TP rank)."""

@@ -115,6 +115,40 @@ def count_tp_collectives(group, counter: CollectiveCounter):
             setattr(owner, name, fn)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TokenModuloPredictor:
+    """A stand-in fitted RoutePredictor for tests: token v at MoE layer l scores experts
+    ``(v + l) % E`` and ``(3v + 1) % E`` (half each). Any fixed map exercises the "route" path;
+    its accuracy is irrelevant to losslessness."""
+
+    kind: str = "modulo"
+    num_experts: int = 8
+    num_layers: int = 2
+
+    def expert_scores(self, ctx):
+        import numpy as np
+
+        ids = np.asarray(ctx.token_ids, dtype=np.int64)
+        out = np.zeros((ids.shape[0], self.num_experts), dtype=np.float32)
+        rows = np.arange(ids.shape[0])
+        np.add.at(out, (rows, (ids + ctx.layer) % self.num_experts), 0.5)
+        np.add.at(out, (rows, (3 * ids + 1) % self.num_experts), 0.5)
+        return out
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+def _options(case: ShuffleCase):
+    from megatron_specmoe.glue.shuffle_layer import ShuffleOptions
+
+    route = None
+    if case.predictor == "route":
+        route = TokenModuloPredictor(num_experts=case.shape.experts, num_layers=case.shape.layers)
+    return ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True,
+                          route_predictor=route)
+
+
 def _placement(case: ShuffleCase) -> ExpertPlacement:
     if case.placement is None:
         return ExpertPlacement.contiguous(case.shape.experts, case.ep)
@@ -167,8 +201,9 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
 
     from megatron_specmoe.glue.dispatcher import DispatchRecorder
     from megatron_specmoe.glue.model_tools import attach_recorder, moe_sites, set_placements
-    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
+    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier
     from megatron_specmoe.glue.shuffle_specs import (
+        feed_token_ids,
         get_gpt_block_shuffle_spec,
         get_gpt_layer_shuffle_spec,
         true_order_output,
@@ -184,7 +219,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
         cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=sequence_parallel)
                for d in ("alltoall", "specmoe")}
         carrier = ShuffleCarrier(
-            options=ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True),
+            options=_options(case),
             counter=CollectiveCounter(),
         )
         layer_specs = {
@@ -205,6 +240,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
         ref, base, shuffle = models["ref"], models["base"], models["shuffle"]
         if sequence_parallel:
             true_order_output(shuffle, carrier)
+        feed_token_ids(shuffle, carrier)
         base.load_state_dict(ref.state_dict(), strict=True)
         shuffle.load_state_dict(ref.state_dict(), strict=True)
         placement = _placement(case)
@@ -272,7 +308,7 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
     from megatron.core import parallel_state
 
     from megatron_specmoe.glue.dispatcher import DispatchRecorder
-    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions, restore_true_order
+    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, restore_true_order
     from megatron_specmoe.glue.shuffle_specs import TokenwiseNorm, get_gpt_layer_shuffle_spec
     from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
 
@@ -284,7 +320,7 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
         cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=case.tp > 1)
                for d in ("alltoall", "specmoe")}
         carrier = ShuffleCarrier(
-            options=ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True),
+            options=_options(case),
             counter=CollectiveCounter(),
             output_consumer="restore_true_order",
         )

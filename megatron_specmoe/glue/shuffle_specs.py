@@ -37,6 +37,7 @@ __all__ = [
     "get_gpt_block_shuffle_spec",
     "carrier_of",
     "true_order_output",
+    "feed_token_ids",
 ]
 
 
@@ -178,3 +179,18 @@ def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
     hook = layer.register_forward_pre_hook(gather_true_order, with_kwargs=True)
     layer.explicit_expert_comm = True  # the hook gathers; the linear itself must not
     return _OutputHandle(layer, hook, saved, carrier)
+
+
+def feed_token_ids(model, carrier: ShuffleCarrier):
+    """Hand every forward's token ids to the shuffle layers (for ``ShuffleOptions(predictor=
+    "route")``): a forward pre-hook on the GPTModel stores ``input_ids`` [B, S] as
+    ``carrier.token_ids`` [S * B] in (s, b) order. Returns the hook handle (``remove()`` undoes)."""
+
+    def store(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise ValueError("feed_token_ids: the model was called without input_ids")
+        carrier.token_ids = ids.transpose(0, 1).reshape(-1)
+        return None
+
+    return model.register_forward_pre_hook(store, with_kwargs=True)
