@@ -7,6 +7,8 @@ with the specmoe dispatcher (what alltoall sends, by the dispatcher's own accoun
 shuffle layers.
 """
 
+import pytest
+
 from megatron_specmoe.comm.shuffle import ring_bytes
 from megatron_specmoe.comm.spawn import run_local
 from megatron_specmoe.glue.build import MoEShape
@@ -63,8 +65,23 @@ def _shuffle_tokens(case):
 
 
 def test_shuffle_lossless_four_ranks():
-    results = run_local(run_shuffle_cases, WORLD, CASES)
-    for i, (kind, case) in enumerate(CASES):
+    _check(run_local(run_shuffle_cases, WORLD, CASES), CASES, WORLD)
+
+
+@pytest.mark.slow
+def test_shuffle_lossless_eight_ranks():
+    """TP = EP = 8 at tiny sizes: decode with T = 2 < P (six ranks route only a zero row), and
+    sequence parallelism with adversarial predictions."""
+    shape = MoEShape(layers=2, heads=8)
+    cases = [
+        ("gpt", ShuffleCase(tp=8, ep=8, predictor="pregate", seq=5, batch=2, decode_steps=1, shape=shape)),
+        ("gpt_sp", ShuffleCase(tp=8, ep=8, predictor="adversarial", seq=8, batch=2, shape=shape)),
+    ]
+    _check(run_local(run_shuffle_cases, 8, cases), cases, 8)
+
+
+def _check(results, cases, world):
+    for i, (kind, case) in enumerate(cases):
         per_rank = [r[i] for r in results]
         if kind == "refuse":
             for shared_msg, ep_msg, order_msg in per_rank:
@@ -73,7 +90,7 @@ def test_shuffle_lossless_four_ranks():
                 assert "leaves tokens in shuffled order; call shuffle_specs.true_order_output" in order_msg
             continue
         where = (kind, case.tp, case.ep, case.predictor)
-        dp = WORLD // case.tp
+        dp = world // case.tp
         for res in per_rank:
             # Lossless, whatever the predictions.
             assert res.max_out_diff <= TOL, (where, res.rank, res.max_out_diff)
@@ -89,7 +106,7 @@ def test_shuffle_lossless_four_ranks():
         assert shuffle_tokens == dp * _shuffle_tokens(case), where
         base_tokens = sum(r.base.tokens for r in per_rank)
         # ... Megatron without sequence parallelism routes a full copy on every TP rank.
-        copies = WORLD if kind == "gpt" else dp
+        copies = world if kind == "gpt" else dp
         assert base_tokens == copies * sum(_steps(case)) * case.shape.layers, where
         shuffle_remote = sum(r.shuffle.remote_pairs for r in per_rank) / shuffle_tokens
         base_remote = sum(r.base.remote_pairs for r in per_rank) / base_tokens
