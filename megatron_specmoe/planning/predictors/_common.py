@@ -27,6 +27,7 @@ __all__ = [
     "check_state",
     "validation_split",
     "NotFittedError",
+    "FittedTables",
 ]
 
 
@@ -34,6 +35,28 @@ class NotFittedError(ValueError, AttributeError):
     """A predictor was used before ``fit`` (or ``from_state``). Also an AttributeError, so that
     ``hasattr(p, "num_experts")`` (and ``isinstance(p, RoutePredictor)``) is False, not an error,
     for an unfitted predictor."""
+
+
+class FittedTables:
+    """Mixin for predictors that keep their fitted state in ``self._fitted`` (a dict with at
+    least ``num_experts`` and ``num_layers``): the not-fitted error and the two shape properties
+    of the ``RoutePredictor`` protocol, written once."""
+
+    _fitted: Optional[dict[str, Any]]
+
+    def _state(self) -> dict[str, Any]:
+        if self._fitted is None:
+            name = type(self).__name__
+            raise NotFittedError(f"{name} is not fitted; call fit(trace) or {name}.from_state()")
+        return self._fitted
+
+    @property
+    def num_experts(self) -> int:
+        return int(self._state()["num_experts"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._state()["num_layers"])
 
 
 def frequency_prior(experts: np.ndarray, num_experts: int) -> np.ndarray:

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from megatron_specmoe.planning.predictors._common import (
+    FittedTables,
     NotFittedError,
     check_history,
     check_state,
@@ -57,7 +58,7 @@ def history_mlp_bytes(*, layers: int, experts: int, hidden: int) -> int:
     return 4 * (weights + layers * experts)
 
 
-class HistoryMLP:
+class HistoryMLP(FittedTables):
     """Per-layer one-hidden-layer MLP from the full route history to this layer's experts.
 
     Args:
@@ -200,19 +201,6 @@ class HistoryMLP:
         return self
 
     # ---- protocol -----------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        if self._fitted is None:
-            raise NotFittedError("HistoryMLP is not fitted; call fit(trace) or HistoryMLP.from_state()")
-        return self._fitted
-
-    @property
-    def num_experts(self) -> int:
-        return int(self._state()["num_experts"])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self._state()["num_layers"])
-
     def expert_scores(self, ctx: RouteContext) -> np.ndarray:
         """float32 [T, E] (module docstring); uses ``ctx.history`` int [T, l, k]."""
         st = self._state()

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from megatron_specmoe.planning.predictors._common import (
+    FittedTables,
     NotFittedError,
     check_history,
     check_state,
@@ -231,7 +232,7 @@ class _Table:
         return self.hashes.nbytes + self.keys.nbytes + self.counts.nbytes + self.tokens.nbytes + extra
 
 
-class LayerTable:
+class LayerTable(FittedTables):
     """n-gram over previous layers' expert sets with back-off, per layer.
 
     Args:
@@ -364,19 +365,6 @@ class LayerTable:
         return tables
 
     # ---- protocol -----------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        if self._fitted is None:
-            raise NotFittedError("LayerTable is not fitted; call fit(trace) or LayerTable.from_state()")
-        return self._fitted
-
-    @property
-    def num_experts(self) -> int:
-        return int(self._state()["num_experts"])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self._state()["num_layers"])
-
     @property
     def chosen(self) -> dict[str, Any]:
         """The hyper-parameters in use: n, min_count, alpha."""

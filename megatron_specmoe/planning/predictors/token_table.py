@@ -36,6 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from megatron_specmoe.planning.predictors._common import (
+    FittedTables,
     NotFittedError,
     check_state,
     frequency_prior,
@@ -62,7 +63,7 @@ def token_table_bytes(*, vocab: int, layers: int, experts: int, keep: int) -> in
     return vocab * (8 + 4) + vocab * layers * keep * (id_bytes + 2) + layers * experts * 4
 
 
-class TokenTable:
+class TokenTable(FittedTables):
     """Per-layer token id -> expert distribution, fitted from traces that carry token ids.
 
     Args:
@@ -134,19 +135,6 @@ class TokenTable:
         return self
 
     # ---- protocol -----------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        if self._fitted is None:
-            raise NotFittedError("TokenTable is not fitted; call fit(trace) or TokenTable.from_state()")
-        return self._fitted
-
-    @property
-    def num_experts(self) -> int:
-        return int(self._state()["num_experts"])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self._state()["num_layers"])
-
     def expert_scores(self, ctx: RouteContext) -> np.ndarray:
         """float32 [T, E] (module docstring); needs ``ctx.token_ids`` int64 [T]."""
         st = self._state()
