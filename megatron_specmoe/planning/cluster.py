@@ -148,28 +148,24 @@ _GLOO_ALPHA = 1.25e-4
 
 
 def _presets() -> dict[str, ClusterSpec]:
+    h100 = ClusterSpec(
+        name="h100-ib",
+        gpus_per_node=8,
+        nodes=1,
+        nvlink_bw_bytes_per_s=_NVLINK4_PER_DIRECTION,
+        nic_bw_bytes_per_s=_CX7_NDR_PER_GPU,
+        intra_alpha_s=_GPU_INTRA_ALPHA,
+        inter_alpha_s=_GPU_INTER_ALPHA,
+        source="NVIDIA H100 datasheet (NVLink 900 GB/s bidir), ConnectX-7 400 Gb/s per GPU; alpha assumed",
+    )
     return {
-        "h100-ib": ClusterSpec(
-            name="h100-ib",
-            gpus_per_node=8,
-            nodes=1,
-            nvlink_bw_bytes_per_s=_NVLINK4_PER_DIRECTION,
-            nic_bw_bytes_per_s=_CX7_NDR_PER_GPU,
-            intra_alpha_s=_GPU_INTRA_ALPHA,
-            inter_alpha_s=_GPU_INTER_ALPHA,
-            source="NVIDIA H100 datasheet (NVLink 900 GB/s bidir), ConnectX-7 400 Gb/s per GPU; alpha assumed",
-        ),
+        "h100-ib": h100,
         # H200 SXM has the same NVLink 4 and the same ConnectX-7 networking as H100 SXM, so its
         # communication constants are identical; it differs in HBM (141 GB, 4.8 TB/s), which a
         # communication model does not see.
-        "h200-ib": ClusterSpec(
+        "h200-ib": dataclasses.replace(
+            h100,
             name="h200-ib",
-            gpus_per_node=8,
-            nodes=1,
-            nvlink_bw_bytes_per_s=_NVLINK4_PER_DIRECTION,
-            nic_bw_bytes_per_s=_CX7_NDR_PER_GPU,
-            intra_alpha_s=_GPU_INTRA_ALPHA,
-            inter_alpha_s=_GPU_INTER_ALPHA,
             source="NVIDIA H200 datasheet (NVLink 900 GB/s bidir), ConnectX-7 400 Gb/s per GPU; alpha assumed",
         ),
         "pcie-eth": ClusterSpec(
