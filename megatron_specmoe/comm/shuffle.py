@@ -133,10 +133,11 @@ def shuffled_reduce_scatter(
         raise ValueError(f"shuffled_reduce_scatter: partial has {t} rows, plan has {plan.num_tokens} tokens")
     _check_plan(plan, group)
     c = plan.capacity
-    # Step 1: rows in shuffled order (pad rows zero): buffer[i] = partial[order[i]].
-    buffer = partial.new_zeros(plan.padded_tokens, h)
-    real = plan.order < t
-    buffer[real] = partial.index_select(0, plan.order[real])
+    # Step 1: rows in shuffled order, pad rows zero: buffer[i] = padded[order[i]] (shapes come
+    # from the plan, not from data: no host synchronisation on a GPU).
+    if plan.padded_tokens > t:
+        partial = torch.cat([partial, partial.new_zeros(plan.padded_tokens - t, h)])
+    buffer = partial.index_select(0, plan.order)
     # Step 2: fold this rank's residual (+ bias) rows at their shuffled positions.
     if fold is not None:
         buffer.index_add_(0, plan.inverse.index_select(0, fold_rows), fold.to(buffer.dtype))

@@ -393,9 +393,11 @@ class ShuffleTransformerLayer(TransformerLayer):
             seq, batch = prev.seq, prev.batch
             ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
             ln_full = ln_full.view(seq, batch, h)
-            mine = prev.plan.order[rank * prev.plan.capacity : (rank + 1) * prev.plan.capacity]
-            residual_rows = mine[mine < prev.plan.num_tokens]
-            residual = hidden_states.reshape(-1, h)[: residual_rows.shape[0]]
+            # A shard holds its real tokens first, then its pad row (if any).
+            prev_real = real_capacities(prev.plan.num_tokens, tp)[rank]
+            start = rank * prev.plan.capacity
+            residual_rows = prev.plan.order[start : start + prev_real]
+            residual = hidden_states.reshape(-1, h)[:prev_real]
         else:
             seq, batch = hidden_states.shape[0], hidden_states.shape[1]
             ln_full = ln
@@ -421,9 +423,9 @@ class ShuffleTransformerLayer(TransformerLayer):
             self.carrier.plans.append((self.layer_number, plan))
 
         # Step 4: fold residual (+ bias) rows this rank holds, permute, reduce-scatter.
+        real = real_capacities(num_tokens, tp)[rank]
         if not sp:
-            mine = plan.order[rank * plan.capacity : (rank + 1) * plan.capacity]
-            residual_rows = mine[mine < num_tokens]
+            residual_rows = plan.order[rank * plan.capacity : rank * plan.capacity + real]
             residual = hidden_states.reshape(num_tokens, h).index_select(0, residual_rows)
         fold = residual if proj_bias is None else residual + proj_bias
         shard = shuffled_reduce_scatter(
@@ -434,7 +436,6 @@ class ShuffleTransformerLayer(TransformerLayer):
         # Step 5: MoE on the real rows of the shard (pad rows never reach the router). A rank
         # with no real token (T < P, e.g. a decode step) still takes part in the EP collectives:
         # it routes its one zero pad row, whose output is dropped (it shows in the accounting).
-        real = real_capacities(num_tokens, tp)[rank]
         rows = max(real, 1)
         x = shard[:rows].view(rows, 1, h)
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
