@@ -24,8 +24,9 @@ the first layer's input is Megatron's contiguous shard, i.e. the contiguous plan
   2. attention with linears that do not communicate (``NoComm*ParallelLinear``): qkv gets the
      gathered input, the output projection returns its partial sum.
   3. predict each token's EP rank from data every TP rank holds identically (``ShufflePredictor``:
-     "pregate" = this layer's router applied to the gathered, normalised layer input) and compute
-     the balanced plan (``planning.assignment.assign``; deterministic, so identical on every rank).
+     "pregate" = this layer's router applied to the gathered, normalised layer input; "route" = a
+     fitted RoutePredictor on token ids) and compute the balanced plan
+     (``planning.assignment.assign``; deterministic, so identical on every rank).
   4. fold: each rank adds the residual rows it holds (+ the projection bias) into its partial sum,
      permute by the plan, reduce-scatter (``comm.shuffle.shuffled_reduce_scatter``): TP rank r
      receives the tokens predicted for its experts, already with attention + residual + bias.
@@ -40,6 +41,11 @@ each rank folds the residual rows of its own new shard); then
 
 Lossless: the real router still runs on every token after the shuffle; a wrong prediction only
 makes a pair remote. Forward only (inference, ``model.eval()`` under no_grad).
+
+With sequence parallelism the model's output must be brought back to true order:
+``shuffle_specs.true_order_output`` makes a GPTModel's output layer do it inside its own
+all-gather; layer stacks call ``restore_true_order``. Layers refuse to run until one is declared
+(``carrier.output_consumer``).
 """
 
 from __future__ import annotations
