@@ -138,6 +138,7 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
     from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
     from megatron_specmoe.glue.shuffle_lossless import ShuffleCase, _arrange
     from megatron_specmoe.glue.shuffle_specs import (
+        feed_token_ids,
         get_gpt_block_shuffle_spec,
         get_gpt_layer_shuffle_spec,
         true_order_output,
@@ -148,13 +149,35 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
 
     sp = not args.no_sp
     tp = ep = world_size
-    shape = MoEShape(hidden=args.hidden, ffn=args.ffn, experts=args.experts, topk=args.topk,
-                     heads=args.heads, layers=args.layers, vocab=args.vocab, seq=args.seq)
+    card = None
+    gpt_kwargs: dict = {"position_embedding_type": "rope"}
+    config_extra: dict = {}
+    if args.demo:
+        from megatron_specmoe.glue.checkpoint import read_card
+
+        card = read_card()
+        shape = card.shape
+        config_extra = dict(card.config)
+        gpt = dict(card.gpt)
+        gpt_kwargs = {"position_embedding_type": gpt["position_embedding_type"],
+                      "rotary_base": int(gpt["rotary_base"]),
+                      "share_embeddings_and_output_weights": bool(gpt["share_embeddings_and_output_weights"])}
+    else:
+        shape = MoEShape(hidden=args.hidden, ffn=args.ffn, experts=args.experts, topk=args.topk,
+                         heads=args.heads, layers=args.layers, vocab=args.vocab, seq=args.seq)
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=tp, ep=ep), seed=args.seed)
     try:
-        cfg = {d: make_config(shape, dispatcher=d, tp=tp, ep=ep, sequence_parallel=sp) for d in ("alltoall", "specmoe")}
-        carrier = ShuffleCarrier(options=ShuffleOptions(predictor="pregate", method=args.method))
+        cfg = {d: make_config(shape, dispatcher=d, tp=tp, ep=ep, **{**config_extra, "sequence_parallel": sp})
+               for d in ("alltoall", "specmoe")}
+        route = None
+        if args.predictor == "route":
+            from megatron_specmoe.planning.predictors.token_table import TokenTable
+            from megatron_specmoe.planning.trace_io import read_trace
+
+            route = TokenTable(vocab_size=shape.vocab).fit(read_trace(args.fit_trace))
+        carrier = ShuffleCarrier(options=ShuffleOptions(predictor=args.predictor, method=args.method,
+                                                        route_predictor=route))
         specs = {
             "alltoall": get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False),
             "base": get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False),
@@ -166,16 +189,24 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
             if sp:
                 spec = get_gpt_block_shuffle_spec(config, spec if name == "specmoe" else with_tokenwise_norms(spec))
             models[name] = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=shape.vocab,
-                                    max_sequence_length=shape.seq, position_embedding_type="rope").eval()
+                                    max_sequence_length=shape.seq, **gpt_kwargs).eval()
         if sp:
             true_order_output(models["specmoe"], carrier)
-        state = models["alltoall"].state_dict()
-        models["base"].load_state_dict(state, strict=True)
-        models["specmoe"].load_state_dict(state, strict=True)
-        case = ShuffleCase(shape=shape, tp=tp, ep=ep, seed=args.seed)
-        contiguous = ExpertPlacement.contiguous(shape.experts, ep)
-        for i, sites in enumerate(zip(*(moe_sites(m) for m in models.values()))):
-            _arrange([s.layer for s in sites], case, [contiguous] * 3, i)
+        feed_token_ids(models["specmoe"], carrier)
+        if card is not None:  # the trained weights, in every model
+            from megatron_specmoe.glue.checkpoint import load_state, read_weights
+
+            weights = read_weights(card)
+            for model in models.values():
+                load_state(model, weights, source=card.weights_path)
+        else:  # seeded weights: same dense weights, same router and experts by logical id
+            state = models["alltoall"].state_dict()
+            models["base"].load_state_dict(state, strict=True)
+            models["specmoe"].load_state_dict(state, strict=True)
+            case = ShuffleCase(shape=shape, tp=tp, ep=ep, seed=args.seed)
+            contiguous = ExpertPlacement.contiguous(shape.experts, ep)
+            for i, sites in enumerate(zip(*(moe_sites(m) for m in models.values()))):
+                _arrange([s.layer for s in sites], case, [contiguous] * 3, i)
         recorders = {n: DispatchRecorder() for n in ("base", "specmoe")}
         for name, rec in recorders.items():
             attach_recorder(models[name], rec)
@@ -205,10 +236,23 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
         per_moe = {n: [] for n in models}
         diff = 0.0
 
+        windows = None
+        if args.demo:  # real text: consecutive windows of the evaluation trace's token ids
+            from megatron_specmoe.planning.trace_io import read_trace
+
+            ids = torch.as_tensor(read_trace(args.eval_trace).token_ids.astype("int64"))
+            windows = ids[: ids.shape[0] // args.seq * args.seq].view(-1, args.seq)
+            if windows.shape[0] < (args.repeats + 1) * args.batch:
+                raise ValueError(f"--eval-trace has {windows.shape[0]} windows of {args.seq} tokens; "
+                                 f"need (repeats + 1) * batch = {(args.repeats + 1) * args.batch}")
+
         def batches():
             gen = torch.Generator().manual_seed(args.seed)
-            for _ in range(args.repeats + 1):
-                yield torch.randint(0, shape.vocab, (args.batch, args.seq), generator=gen)
+            for step in range(args.repeats + 1):
+                if windows is not None:
+                    yield windows[step * args.batch : (step + 1) * args.batch]
+                else:
+                    yield torch.randint(0, shape.vocab, (args.batch, args.seq), generator=gen)
 
         with torch.no_grad():
             # Pass 1, timed, recorders off (recording costs host work the runtime does not do).
@@ -258,6 +302,7 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
             "forward_s": {n: statistics.median(v) for n, v in per_forward.items()},
             "moe_s": {n: statistics.median(v) for n, v in per_moe.items()},
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "shape": {"layers": shape.layers, "hidden": shape.hidden, "experts": shape.experts, "topk": shape.topk},
         }
     finally:
         parallel.destroy()
@@ -265,7 +310,8 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
 
 def summarize_traffic(results, args) -> dict:
     out = {}
-    pair_bytes = args.hidden * 4 + 4 + args.hidden * 4  # dispatch (activation + prob) + combine
+    hidden = results[0]["shape"]["hidden"]
+    pair_bytes = hidden * 4 + 4 + hidden * 4  # dispatch (activation + prob) + combine
     for name in ("base", "specmoe"):
         total = None
         for r in results:
@@ -284,6 +330,7 @@ def summarize_traffic(results, args) -> dict:
         out[kind] = mean
         out[kind + "_ratio_specmoe_over_alltoall"] = mean["specmoe"] / mean["alltoall"]
     out["max_logit_diff"] = max(r["diff"] for r in results)
+    out["shape"] = results[0]["shape"]
     return out
 
 
@@ -313,6 +360,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--method", default="refine")
+    ap.add_argument("--predictor", choices=("pregate", "route"), default="pregate",
+                    help="route: a token table fitted on --fit-trace (separate data), on token ids")
+    ap.add_argument("--demo", action="store_true",
+                    help="part 2 on the shipped trained demo model (megatron_specmoe/data), batches "
+                         "from --eval-trace; --hidden etc. are then ignored")
+    data = REPO / "megatron_specmoe" / "data" / "traces"
+    ap.add_argument("--fit-trace", type=Path, default=data / "demo-calibration.npz")
+    ap.add_argument("--eval-trace", type=Path, default=data / "demo-evaluation.npz")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="part 2: torch profiler table of one forward (rank 0)")
     ap.add_argument("--json", type=Path, default=None)
@@ -342,8 +397,10 @@ def main(argv=None) -> int:
         report["traffic"] = s
         t = args.seq * args.batch
         print(f"\n[traffic] {args.ranks} gloo ranks, TP=EP={args.ranks}, SP {'off' if args.no_sp else 'on'}, "
-              f"GPT L={args.layers} H={args.hidden} E={args.experts} k={args.topk}, T={t} tokens per forward, "
-              f"{args.repeats} forwards (+1 warm-up), predictor pregate ({args.method}), no fitted plan needed")
+              f"{'trained demo GPT' if args.demo else 'seeded GPT'} L={s['shape']['layers']} H={s['shape']['hidden']} "
+              f"E={s['shape']['experts']} k={s['shape']['topk']}, T={t} tokens per forward, "
+              f"{args.repeats} forwards (+1 warm-up), predictor {args.predictor} ({args.method}), "
+              + ("token table fitted on " + args.fit_trace.name if args.predictor == "route" else "no fitted plan needed"))
         print(f"  {'dispatcher':<22}{'remote pairs/tok':>17}{'remote bytes/tok':>17}{'LAR':>8}{'imbalance':>11}")
         for name, label in (("base", "alltoall (recorded)"), ("specmoe", "specmoe + s-TS")):
             m = s[name]
