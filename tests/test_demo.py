@@ -2,12 +2,35 @@
 
 import json
 
+import pytest
+
 from megatron_specmoe.cli.main import main
 
 
-def test_demo_writes_json_and_figure(tmp_path, capsys):
+def test_demo_pipeline_on_the_shipped_model(tmp_path, capsys):
+    """profile -> plan -> serve -> report on the trained model: lossless, and the shuffle with the
+    plan's token table and grouping makes more activations local than alltoall."""
+    code = main(["demo", "--calib-windows", "16", "--eval-windows", "8", "--seq", "64", "--batch", "2",
+                 "--out-dir", str(tmp_path)])
+    assert code == 0
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["mode"] == "pipeline" and doc["settings"]["tp"] == 4 and doc["settings"]["ep"] == 4
+    assert doc["lossless_max_abs_diff"] <= 1e-4
+    a2a, spec = doc["dispatchers"]["alltoall"], doc["dispatchers"]["specmoe"]
+    assert a2a["tokens"] == spec["tokens"] == 8 * 64
+    assert a2a["moe_layers"] == spec["moe_layers"] == 4
+    # Every pair is accounted on both sides: 4 layers x tokens x top-4.
+    assert a2a["remote_pairs"] / (1 - a2a["local_activation_rate"]) == pytest.approx(4 * 512 * 4)
+    assert spec["local_activation_rate"] > a2a["local_activation_rate"] + 0.1
+    assert spec["bytes_on_wire"] < a2a["bytes_on_wire"]
+    assert (tmp_path / "plan" / "plan.json").is_file()
+    assert (tmp_path / "lar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_synthetic_writes_json_and_figure(tmp_path, capsys):
     out, fig = tmp_path / "demo.json", tmp_path / "lar.png"
-    code = main(["demo", "--batches", "2", "--seq", "16", "--batch", "2", "--json", str(out), "--figure", str(fig)])
+    code = main(["demo", "--synthetic", "--batches", "2", "--seq", "16", "--batch", "2", "--json", str(out),
+                 "--figure", str(fig), "--out-dir", str(tmp_path)])
     assert code == 0
     doc = json.loads(out.read_text())
     assert doc["lossless_max_abs_diff"] <= 1e-5
@@ -27,7 +50,7 @@ def test_demo_writes_json_and_figure(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_layout(capsys):
-    import pytest
-
     with pytest.raises(SystemExit, match="--ep 3 must divide --ranks 4"):
         main(["demo", "--ep", "3"])
+    with pytest.raises(SystemExit, match="--ep 2 must be a multiple of --tp 4"):
+        main(["demo", "--ep", "2"])
