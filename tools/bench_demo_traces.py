@@ -100,6 +100,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _check_options(args) -> None:
+    """Fail before any work on a bad --parts, --assignment or --methods."""
+    from typing import get_args
+
+    from megatron_specmoe.planning.assignment import AssignmentMethod
+    from megatron_specmoe.planning.grouping import GroupingOptions
+
+    if not args.parts or set(args.parts) - set("AB"):
+        raise ValueError(f"--parts {args.parts!r}: use A, B or AB")
+    if args.assignment not in get_args(AssignmentMethod):
+        raise ValueError(f"--assignment {args.assignment!r} is unknown; choose one of "
+                         f"{list(get_args(AssignmentMethod))}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    for method in args.methods:
+        GroupingOptions(method=method, theta=args.theta, seed=args.seed)  # raises naming the method
+
+
 def _load(args):
     from megatron_specmoe.planning.trace_io import read_trace
 
@@ -108,10 +126,11 @@ def _load(args):
         if tr.token_ids is None:
             raise ValueError(f"{name} {tr.source}: the trace has no token_ids; the token table needs "
                              "them (export the trace with token ids, e.g. tools/make_demo_traces.py)")
-    shape = lambda tr: (tr.num_layers, tr.num_experts, tr.topk)  # noqa: E731
-    if shape(fit) != shape(ev):
-        raise ValueError(f"--fit {fit.source} has (L, E, k)={shape(fit)} but --eval {ev.source} has "
-                         f"{shape(ev)}; give two traces of the same model")
+    fit_shape = (fit.num_layers, fit.num_experts, fit.topk)
+    ev_shape = (ev.num_layers, ev.num_experts, ev.topk)
+    if fit_shape != ev_shape:
+        raise ValueError(f"--fit {fit.source} has (L, E, k)={fit_shape} but --eval {ev.source} has "
+                         f"{ev_shape}; give two traces of the same model")
     for p in args.ep:
         if p < 1 or fit.num_experts % p:
             raise ValueError(f"--ep {p} does not divide E={fit.num_experts}; choose divisors of E")
@@ -150,7 +169,7 @@ def table_a(args, fit, ev, fitted: dict) -> list[dict]:
                 "lar_oracle": e.oracle.local_activation_rate,
                 "evaluation": e.to_json(),
             }
-            # precision / recall / F1 do not depend on the placement: keep the last EP's.
+            # precision / recall / F1 do not depend on the placement (same for every EP size).
             row.update(precision=e.prediction.precision, recall=e.prediction.recall, f1=e.prediction.f1)
             _log(f"A: {spec.label} EP={p}: F1 {e.prediction.f1:.3f}, LAR baseline "
                  f"{e.baseline.local_activation_rate:.3f} specmoe {e.specmoe.local_activation_rate:.3f} "
@@ -248,8 +267,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    if set(args.parts) - set("AB") or not args.parts:
-        raise ValueError(f"--parts {args.parts!r}: use A, B or AB")
+    _check_options(args)
     command = shlex.join(["python", "tools/bench_demo_traces.py",
                           *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
