@@ -158,6 +158,8 @@ def run(args) -> int:
         raise SystemExit(f"specmoe demo: {exc}") from None
     if card.shape.experts % ep:
         raise SystemExit(f"specmoe demo: --ep {ep} must divide the model's {card.shape.experts} experts")
+    if card.shape.heads % tp:
+        raise SystemExit(f"specmoe demo: --tp {tp} must divide the model's {card.shape.heads} attention heads")
     if args.seq > card.shape.seq:
         raise SystemExit(f"specmoe demo: --seq {args.seq} exceeds the model's sequence length {card.shape.seq}")
     print(f"[specmoe demo] model {card.directory}: {card.shape.layers} MoE layers, {card.shape.experts} experts, "
