@@ -76,7 +76,8 @@ def _alltoall_records(model, ep_rank: int, ep_size: int, hidden: int) -> list[Di
     out = []
     for site in moe_sites(model):
         d = site.dispatcher
-        wire = WireFormat(hidden_size=hidden, activation_bytes=4, prob_bytes=d.probs.element_size())
+        activation_bytes = torch.finfo(site.layer.config.params_dtype).bits // 8
+        wire = WireFormat(hidden_size=hidden, activation_bytes=activation_bytes, prob_bytes=d.probs.element_size())
         out.append(record_from_routing_map(d.routing_map, ep_rank=ep_rank, ep_size=ep_size,
                                            layer_number=site.layer_number, wire=wire))
     return out
