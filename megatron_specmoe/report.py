@@ -23,7 +23,10 @@ def _total(reports: Sequence[TrafficReport]) -> RouteMeasures:
     return total
 
 
-def run_summary(name: str, reports: Sequence[TrafficReport], forward_s: Sequence[float], tokens: int) -> dict:
+def run_summary(
+    name: str, reports: Sequence[TrafficReport], forward_s: Sequence[float], tokens: int,
+    a2a_s: Sequence[float] = (),
+) -> dict:
     """JSON-ready numbers of one dispatcher over all MoE layers and batches.
 
     ``tokens`` is the number of tokens served; per-token figures are per token per MoE layer.
@@ -45,15 +48,19 @@ def run_summary(name: str, reports: Sequence[TrafficReport], forward_s: Sequence
         "per_layer_local_activation_rate": [r.measures.local_activation_rate for r in reports],
         "forward_s_median": statistics.median(forward_s) if forward_s else 0.0,
         "forward_s": list(forward_s),
+        "a2a_s_median": statistics.median(a2a_s) if a2a_s else None,
+        "a2a_s": list(a2a_s),
     }
 
 
 def format_table(summaries: Sequence[dict], max_abs_diff: float, baseline: str = "alltoall") -> str:
     """A fixed-width table; times as a ratio to ``baseline`` measured in the same run."""
     base = next((s for s in summaries if s["dispatcher"] == baseline), summaries[0])
+    timed_a2a = all(s.get("a2a_s_median") for s in summaries)
     head = (
         f"{'dispatcher':<10} {'lossless':>10} {'remote pairs/tok':>16} {'bytes/tok':>10} "
         f"{'LAR':>6} {'remote ranks/tok':>16} {'imbalance':>9} {'fwd time':>9}"
+        + (f" {'a2a time':>9}" if timed_a2a else "")
     )
     lines = [head, "-" * len(head)]
     for s in summaries:
@@ -63,10 +70,13 @@ def format_table(summaries: Sequence[dict], max_abs_diff: float, baseline: str =
             f"{s['dispatcher']:<10} {lossless:>10} {s['remote_pairs_per_token']:>16.3f} "
             f"{s['bytes_per_token']:>10.1f} {s['local_activation_rate']:>6.3f} "
             f"{s['remote_ranks_per_token']:>16.3f} {s['load_imbalance']:>9.3f} {ratio:>8.2f}x"
+            + (f" {s['a2a_s_median'] / base['a2a_s_median']:>8.2f}x" if timed_a2a else "")
         )
     lines.append(
         "per MoE layer and token; LAR = local activation rate; imbalance = max/mean pairs per rank "
         "(worst layer); fwd time = median forward, ratio to " + base["dispatcher"]
+        + ("; a2a time = median time in the EP all-to-all phases (dispatch + combine), same ratio"
+           if timed_a2a else "")
     )
     return "\n".join(lines)
 

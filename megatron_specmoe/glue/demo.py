@@ -28,7 +28,7 @@ from megatron_specmoe.planning.accounting import DispatchRecord, TrafficReport
 from megatron_specmoe.planning.measures import WireFormat
 from megatron_specmoe.planning.placement import ExpertPlacement
 
-__all__ = ["DemoSettings", "DispatcherRun", "DemoResult", "serve_worker"]
+__all__ = ["DemoSettings", "DispatcherRun", "DemoResult", "PhaseTimer", "serve_worker"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,11 +54,51 @@ class DispatcherRun:
         name: "alltoall" or "specmoe".
         reports: per MoE layer, the traffic summed over batches (whole EP group).
         forward_s: per batch, the slowest rank's forward time in seconds.
+        a2a_s: per batch, the slowest rank's time inside the EP all-to-all phases
+            (``token_dispatch`` + ``token_combine``, all MoE layers); empty when not measured.
     """
 
     name: str
     reports: tuple[TrafficReport, ...]
     forward_s: tuple[float, ...]
+    a2a_s: tuple[float, ...] = ()
+
+
+class PhaseTimer:
+    """Accumulates the time a model's dispatchers spend in their communication phases
+    (``token_dispatch`` and ``token_combine``: the EP all-to-alls). Wraps the methods on the
+    dispatcher *instances* of one model (the demo's own measurement; nothing global) and
+    ``remove()`` restores them."""
+
+    def __init__(self, model) -> None:
+        self.seconds = 0.0
+        self._wrapped = []
+        for site in moe_sites(model):
+            d = site.dispatcher
+            for name in ("token_dispatch", "token_combine"):
+                inner = getattr(d, name)
+
+                def timed(*args, _inner=inner, **kwargs):
+                    start = time.perf_counter()
+                    try:
+                        return _inner(*args, **kwargs)
+                    finally:
+                        self.seconds += time.perf_counter() - start
+
+                setattr(d, name, timed)
+                self._wrapped.append((d, name))
+
+    def take(self) -> float:
+        """The slowest rank's accumulated seconds since the last ``take`` (collective)."""
+        value = torch.tensor([self.seconds], dtype=torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        self.seconds = 0.0
+        return float(value)
+
+    def remove(self) -> None:
+        for d, name in self._wrapped:
+            delattr(d, name)  # back to the class's method
+        self._wrapped.clear()
 
 
 @dataclass(frozen=True, kw_only=True)

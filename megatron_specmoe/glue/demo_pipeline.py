@@ -31,7 +31,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_specmoe.glue import cpu_support, parallel
-from megatron_specmoe.glue.demo import DemoResult, DispatcherRun, _alltoall_records, _sum_reports, _timed
+from megatron_specmoe.glue.demo import (
+    DemoResult,
+    DispatcherRun,
+    PhaseTimer,
+    _alltoall_records,
+    _sum_reports,
+    _timed,
+)
 
 __all__ = ["PipelineSettings", "PipelineResult", "pipeline_worker"]
 
@@ -219,16 +226,20 @@ def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -
     mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
     reports = {"alltoall": [], "specmoe": []}
     times = {"alltoall": [], "specmoe": []}
+    a2a = {"alltoall": [], "specmoe": []}
+    timers = {name: PhaseTimer(model) for name, model in models.items()}
     max_diff, start = 0.0, time.perf_counter()
     with torch.no_grad():
         for name in models:  # one untimed forward each: first-call allocations
             models[name](batches[0], positions, mask)
+            timers[name].take()
         recorder.clear()
         for b, tokens in enumerate(batches):
             outs = {}
             for name in ("alltoall", "specmoe"):
                 outs[name], elapsed = _timed(lambda m=models[name]: m(tokens, positions, mask))
                 times[name].append(elapsed)
+                a2a[name].append(timers[name].take())
             reports["alltoall"].append(gather_reports(
                 _alltoall_records(models["alltoall"], ep_rank, settings.ep, card.shape.hidden), ep_group))
             reports["specmoe"].append(gather_reports(recorder.records, ep_group))
@@ -241,7 +252,8 @@ def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -
     if rank != 0:
         return None
     return DemoResult(
-        runs=tuple(DispatcherRun(name=n, reports=_sum_reports(reports[n]), forward_s=tuple(times[n]))
+        runs=tuple(DispatcherRun(name=n, reports=_sum_reports(reports[n]), forward_s=tuple(times[n]),
+                                 a2a_s=tuple(a2a[n]))
                    for n in ("alltoall", "specmoe")),
         max_abs_diff=max_diff,
         tokens=len(batches) * settings.batch * seq * dp,
