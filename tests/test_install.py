@@ -136,3 +136,18 @@ def test_transformer_engine_fallback_is_detected_and_logged(world, caplog):
     experts = mlp.submodules.experts if hasattr(mlp, "submodules") else mlp.keywords["submodules"].experts
     experts_cls = getattr(experts, "module", None) or experts.func
     assert experts_cls.__name__ == "SequentialMLP"
+
+
+def test_specmoe_spec_with_shuffle_selects_the_shuffle_layer(world):
+    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions, ShuffleTransformerLayer
+    from megatron_specmoe.glue.shuffle_specs import carrier_of
+    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
+
+    carrier = ShuffleCarrier(options=ShuffleOptions(predictor="pregate"))
+    spec = get_gpt_layer_specmoe_spec(8, use_transformer_engine=False, shuffle=carrier)
+    assert spec.module is ShuffleTransformerLayer and carrier_of(spec) is carrier
+    assert get_gpt_layer_specmoe_spec(8, use_transformer_engine=False, shuffle=ShuffleOptions()).module is ShuffleTransformerLayer
+    with pytest.raises(ValueError, match="shuffle must be a ShuffleCarrier or ShuffleOptions, got str"):
+        get_gpt_layer_specmoe_spec(8, shuffle="yes")
+    with pytest.raises(ValueError, match="needs local linears"):
+        get_gpt_layer_specmoe_spec(8, use_transformer_engine=True, shuffle=carrier)

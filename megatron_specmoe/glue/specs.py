@@ -71,6 +71,7 @@ def get_gpt_layer_specmoe_spec(
     *,
     use_transformer_engine: bool | None = None,
     moe_grouped_gemm: bool | None = None,
+    shuffle: Any = None,
     **kwargs: Any,
 ):
     """Megatron's GPT layer spec with the specmoe MoE layer.
@@ -81,9 +82,31 @@ def get_gpt_layer_specmoe_spec(
             when TransformerEngine imports, else the local spec (SequentialMLP, plain linears,
             runs on the CPU).
         moe_grouped_gemm: defaults to ``use_transformer_engine``.
+        shuffle: a ``glue.shuffle_layer.ShuffleCarrier`` (or ``ShuffleOptions``) turns on speculative
+            token shuffling: the layer becomes ``ShuffleTransformerLayer``
+            (``glue.shuffle_specs.get_gpt_layer_shuffle_spec``; local linears only). ``None``: the
+            dispatcher alone.
         kwargs: passed to Megatron's spec builder (qk_layernorm, multi_latent_attention, ...).
     """
     from megatron.core.models.gpt import gpt_layer_specs
+
+    if shuffle is not None:
+        from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
+        from megatron_specmoe.glue.shuffle_specs import get_gpt_layer_shuffle_spec
+
+        if isinstance(shuffle, ShuffleOptions):
+            shuffle = ShuffleCarrier(options=shuffle)
+        if not isinstance(shuffle, ShuffleCarrier):
+            raise ValueError(
+                f"get_gpt_layer_specmoe_spec: shuffle must be a ShuffleCarrier or ShuffleOptions, got "
+                f"{type(shuffle).__name__}"
+            )
+        if use_transformer_engine:
+            raise ValueError(
+                "get_gpt_layer_specmoe_spec: shuffle=... needs local linears (TransformerEngine's fused "
+                "layernorm-linear all-gathers inside TE); pass use_transformer_engine=False"
+            )
+        return get_gpt_layer_shuffle_spec(num_experts, carrier=shuffle, **kwargs)
 
     if use_transformer_engine is None:
         use_transformer_engine = have_te()
