@@ -455,15 +455,18 @@ def detect_format(path: PathLike) -> TraceFormat:
 
 
 def _expand(paths: Union[PathLike, Sequence[PathLike]]) -> list[str]:
-    """Files, with a directory standing for its router_trace_rank*.jsonl files."""
+    """Files, with a directory standing for its router_trace_rank*.jsonl files and its *.npz
+    traces (e.g. the ``routes-rank*-part*.npz`` of ``--specmoe-record-routes``), in name order."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
             found = sorted(str(q) for q in Path(p).glob("router_trace_rank*.jsonl"))
+            found += sorted(str(q) for q in Path(p).glob("*.npz"))
             if not found:
-                raise ValueError(f"{p}: directory holds no router_trace_rank*.jsonl files")
+                raise ValueError(f"{p}: directory holds no router_trace_rank*.jsonl files "
+                                 "and no *.npz traces")
             out.extend(found)
         else:
             out.append(str(p))
@@ -480,7 +483,7 @@ def read_traces(
 ) -> RoutingTrace:
     """Read one or more trace files into one RoutingTrace (tokens concatenated in path order).
 
-    A directory stands for the ``router_trace_rank*.jsonl`` files in it. All Megatron JSONL files
+    A directory stands for the ``router_trace_rank*.jsonl`` and ``*.npz`` files in it. All Megatron JSONL files
     are merged in one ``read_megatron_jsonl`` call (ranks belong together), placed where the first
     of them appears; other files are read one by one. ``fmt="auto"`` detects each file's format.
     If ``num_experts`` is None, every file's E is inferred and the largest is used for all."""
