@@ -67,6 +67,7 @@ SPECMOE_OPTION_STRINGS: tuple[str, ...] = (
     "--specmoe-plan",
     "--specmoe-predictor",
     "--specmoe-record-routes",
+    "--specmoe-record-every",
     "--specmoe-stats",
     "--specmoe-fallback-alltoall",
 )
@@ -176,6 +177,14 @@ def add_specmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         metavar="DIR",
         help="Calibration: write every MoE layer's routes (top-k experts per token, with token "
         "ids) to DIR, one file per rank, for `specmoe plan`. Works with any dispatcher.",
+    )
+    group.add_argument(
+        "--specmoe-record-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="With --specmoe-record-routes: write a trace part every N model forwards (bounds "
+        "the memory of long runs); 0 (default) writes once at exit.",
     )
     group.add_argument(
         "--specmoe-stats",
@@ -327,6 +336,12 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
             "the command line was parsed without the specmoe flags: pass "
             "megatron_specmoe.glue.megatron_args.add_specmoe_args as extra_args_provider (or "
             "compose(yours)), or start the script with specmoe-launch"
+        )
+    every = getattr(args, "specmoe_record_every", 0) or 0
+    if every < 0 or (every and not getattr(args, "specmoe_record_routes", None)):
+        raise SpecMoEArgumentError(
+            f"--specmoe-record-every {every}: must be >= 0 and needs --specmoe-record-routes DIR "
+            "(it says how often to write the recorded routes)"
         )
 
     if dispatcher != DISPATCHER:
