@@ -18,8 +18,13 @@ Steps, in this order:
    examples/inference/offline_inference.py, launch_inference_server.py) and
    ``initialize_megatron(extra_args_provider=...)`` (earlier: tools/run_text_generation_server.py,
    examples/inference/gpt/gpt_static_inference.py, pretrain_gpt.py).
-4. ``runpy`` runs the script as ``__main__`` with ``sys.argv = [SCRIPT, ARGS...]``.
-5. Both hooks are removed afterwards (also on error or ``sys.exit``).
+4. ``glue.megatron_runtime.install_runtime_hook()``: after Megatron-LM's ``get_model`` and
+   ``load_checkpoint`` return, the ``--specmoe-*`` flags take effect on the model: the plan's
+   expert placements are applied (``--specmoe-plan``), routes are recorded
+   (``--specmoe-record-routes``) and dispatch stats kept (``--specmoe-stats``), written at exit.
+5. ``runpy`` runs the script as ``__main__`` with ``sys.argv = [SCRIPT, ARGS...]``.
+6. The hooks are removed afterwards (also on error or ``sys.exit``); recorded routes and stats
+   are still written at interpreter exit.
 
 This module imports no megatron itself; the glue layer does, inside ``main``.
 """
@@ -122,7 +127,7 @@ def _import_megatron_training(target: LaunchTarget) -> None:
 def launch(target: LaunchTarget) -> None:
     """Install the plug-in and the argument hook, run ``target`` as ``__main__``, remove both."""
     import megatron_specmoe
-    from megatron_specmoe.glue import megatron_args
+    from megatron_specmoe.glue import megatron_args, megatron_runtime
 
     saved_argv, saved_path0 = list(sys.argv), (sys.path[0] if sys.path else None)
     # 1. sys.path[0] as `python SCRIPT.py` / `python -m MODULE` would set it.
@@ -132,12 +137,14 @@ def launch(target: LaunchTarget) -> None:
     else:
         sys.path.insert(0, entry)
     _import_megatron_training(target)
-    # 2.-3. the plug-in and the argument hook.
+    # 2.-4. the plug-in, the argument hook and the runtime hook.
     was_installed = megatron_specmoe.is_installed()
     megatron_specmoe.install()
     megatron_args.install_args_hook()
+    runtime_was_installed = megatron_runtime.is_runtime_hook_installed()
+    megatron_runtime.install_runtime_hook()
     try:
-        # 4. the script, unmodified.
+        # 5. the script, unmodified.
         if target.script is not None:
             sys.argv = [str(target.script), *target.argv]
             runpy.run_path(str(target.script), run_name="__main__")
@@ -145,7 +152,9 @@ def launch(target: LaunchTarget) -> None:
             sys.argv = [target.module, *target.argv]
             runpy.run_module(target.module, run_name="__main__", alter_sys=True)
     finally:
-        # 5. leave the process as we found it.
+        # 6. leave the process as we found it.
+        if not runtime_was_installed:
+            megatron_runtime.uninstall_runtime_hook()
         megatron_args.uninstall_args_hook()
         if not was_installed:
             megatron_specmoe.uninstall()
