@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import types
+import typing
 import warnings
 
 import numpy as np
@@ -244,6 +245,8 @@ def test_settings_from_args():
     assert setup_specmoe_runtime(torch.nn.Linear(2, 2), _args()) is None  # nothing asked
     assert RuntimeSettings.from_args(_args(specmoe_plan="p")).applies_plan
     assert not RuntimeSettings.from_args(_args(moe_token_dispatcher_type="alltoall", specmoe_plan="p")).active
+    with pytest.raises(ValueError, match="--specmoe-plan p with --save ckpt: .*Drop --save"):
+        setup_specmoe_runtime(torch.nn.Linear(2, 2), _args(specmoe_plan="p", save="ckpt"))
     with pytest.raises(ValueError, match="--specmoe-record-every -1: must be >= 0"):
         RuntimeSettings.from_args(_args(specmoe_record_every=-1))
     with pytest.raises(ValueError, match="model_from='args'"):
@@ -277,3 +280,39 @@ def test_record_every_needs_record_routes():
 
     with pytest.raises(SpecMoEArgumentError, match="--specmoe-record-every 4: .*needs --specmoe-record-routes"):
         validate_specmoe_args(_args(moe_token_dispatcher_type="alltoall", specmoe_record_every=4))
+
+
+LAUNCHED_SCRIPT = '''
+import json, os, sys
+import megatron.training.checkpointing as C
+import megatron.training.training as T
+from megatron.training.checkpointing import load_checkpoint
+with open(os.environ["SPECMOE_TEST_OUT"], "w") as f:
+    json.dump({"ckpt": hasattr(C.load_checkpoint, "__specmoe_runtime_hook__"),
+               "by_name": load_checkpoint is C.load_checkpoint is T.load_checkpoint,
+               "get_model": hasattr(T.get_model, "__specmoe_runtime_hook__")}, f)
+'''
+
+
+def test_launcher_installs_the_runtime_hook_around_the_script(monkeypatch, tmp_path):
+    if not hasattr(typing, "override"):
+        import typing_extensions
+
+        monkeypatch.setattr(typing, "override", typing_extensions.override, raising=False)
+    try:
+        import megatron.training.checkpointing as C
+        import megatron.training.training as T
+    except ImportError as exc:
+        pytest.skip(f"megatron.training is not importable here ({exc}); it ships from core 0.19")
+    from megatron_specmoe import launch
+    from megatron_specmoe.glue import megatron_runtime as R
+
+    script = tmp_path / "script.py"
+    script.write_text(LAUNCHED_SCRIPT)
+    monkeypatch.setenv("SPECMOE_TEST_OUT", str(tmp_path / "out.json"))
+    original = (C.load_checkpoint, T.get_model, T.__dict__.get("load_checkpoint"))
+    assert launch.main([str(script)]) == 0
+    assert json.loads((tmp_path / "out.json").read_text()) == {"ckpt": True, "by_name": True,
+                                                               "get_model": True}
+    assert (C.load_checkpoint, T.get_model, T.__dict__.get("load_checkpoint")) == original
+    assert not R.is_runtime_hook_installed()

@@ -28,6 +28,8 @@ What each flag does here (``glue/megatron_args.py`` parses and checks them befor
     (also for a sequence-parallel shard); otherwise the trace is written without them and stderr
     says why. With TP > 1 and no sequence parallelism all TP ranks route the same tokens, so only
     TP rank 0 writes. Pipeline parallelism is refused (each stage sees other layers).
+``--save`` with ``--specmoe-plan`` is refused: a checkpoint saved after the move would store
+    experts under the wrong names.
 ``--specmoe-stats PATH``  (specmoe dispatcher)
     A ``DispatchRecorder`` on every specmoe dispatcher; at exit one JSON line per MoE layer:
     ``rank, ep_rank, ep_size, layer_number, forwards, measures`` (``RouteMeasures.summary()`` of
@@ -456,6 +458,13 @@ def setup_specmoe_runtime(model: Any, args: Any = None, *, after_load: bool = Fa
     settings = RuntimeSettings.from_args(args)
     if not settings.active:
         return None
+    if settings.applies_plan and getattr(args, "save", None):
+        raise ValueError(
+            f"--specmoe-plan {settings.plan} with --save {args.save}: the plan moves expert weights "
+            "between EP ranks while their checkpoint names stay Megatron's contiguous ones, so a "
+            "saved checkpoint would hold experts in the wrong places. Drop --save (the specmoe "
+            "dispatcher is for inference), or save without --specmoe-plan"
+        )
     chunks = unwrap_chunks(model)
     runtime = chunks[0].__dict__.get(_RUNTIME_ATTR)
     if runtime is not None and runtime.settings != settings:
