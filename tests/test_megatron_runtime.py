@@ -316,3 +316,76 @@ def test_launcher_installs_the_runtime_hook_around_the_script(monkeypatch, tmp_p
                                                                "get_model": True}
     assert (C.load_checkpoint, T.get_model, T.__dict__.get("load_checkpoint")) == original
     assert not R.is_runtime_hook_installed()
+
+
+def _tp_worker(rank, world, plan_dir, out_dir):
+    """TP = 2 without sequence parallelism (Megatron's torch norms on the CPU have none), EP = 4:
+    both TP ranks route the same tokens, only TP rank 0 writes them."""
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+
+    from megatron_specmoe.glue import cpu_support, parallel
+    from megatron_specmoe.glue import megatron_runtime as R
+    from megatron_specmoe.glue.build import MoEShape, build_gpt_model, make_config
+    from megatron_specmoe.glue.experts import load_bank, make_expert_bank
+    from megatron_specmoe.glue.model_tools import moe_sites
+    from megatron_specmoe.planning.trace_io import read_trace
+
+    cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout(tp=2, ep=4))
+    try:
+        shape = MoEShape(layers=2)
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        ref = build_gpt_model(make_config(shape, dispatcher="alltoall", tp=2, ep=4, sequence_parallel=False), shape, specmoe=False).eval()
+        spec = build_gpt_model(make_config(shape, dispatcher="specmoe", tp=2, ep=4, sequence_parallel=False), shape, specmoe=True).eval()
+        for i, site in enumerate(moe_sites(ref)):
+            load_bank(site.layer, make_expert_bank(site.layer, 8, seed=11 + i), ExpertPlacement.contiguous(8, 4), ep_rank)
+        spec.load_state_dict(ref.state_dict())
+        runtime = R.setup_specmoe_runtime([_Wrapper(spec)], _args(specmoe_plan=plan_dir,
+                                          specmoe_record_routes=out_dir), after_load=True)
+        gen = torch.Generator().manual_seed(5 + parallel_state.get_data_parallel_rank())
+        tokens = torch.randint(0, shape.vocab, (B, S), generator=gen)
+        pos = torch.arange(S).unsqueeze(0).expand(B, -1)
+        mask = torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool), diagonal=1)
+        with torch.no_grad():
+            diff = float((spec(tokens, pos, mask) - ref(tokens, pos, mask)).abs().max())
+        runtime.close()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        if tp_rank:
+            return tp_rank, diff, runtime.last_apply.layers, runtime.parts_written, None
+        trace = read_trace(runtime.parts_written[0])
+        ids = bool(np.array_equal(trace.token_ids, tokens.reshape(-1).numpy()))
+        return tp_rank, diff, runtime.last_apply.layers, trace.num_tokens, ids
+    finally:
+        parallel.destroy()
+
+
+def test_plan_and_routes_with_tensor_parallel(tmp_path):
+    save_plan(make_plan(num_layers=2, num_experts=8, topk=2, ep_size=4, hidden_size=16,
+                        placements=[ExpertPlacement(physical_to_logical=t, ep_size=4) for t in TARGETS]),
+              tmp_path / "plan")
+    results = run_local(_tp_worker, 4, str(tmp_path / "plan"), str(tmp_path / "routes"))
+    assert sorted(r[0] for r in results) == [0, 0, 1, 1]
+    for rank, (tp_rank, diff, layers, written, ids_match) in enumerate(results):
+        assert diff <= 1e-5 and layers == 2, (rank, diff)
+        if tp_rank:
+            assert written == [], rank  # the same tokens as TP rank 0: not written twice
+        else:
+            assert written == B * S and ids_match, rank
+
+
+def test_token_ids_of_a_sequence_parallel_shard():
+    from megatron_specmoe.glue.megatron_runtime import RuntimeSettings, SpecMoERuntime
+
+    rt = SpecMoERuntime(RuntimeSettings(dispatcher="alltoall"), [torch.nn.Linear(2, 2)])
+    ids = torch.arange(16).reshape(2, 8)  # [B=2, S=8]
+    rt._input_ids = [ids]
+    rt._sequence_parallel, rt._tp_size, rt._tp_rank = True, 2, 1
+    got, _ = rt._token_ids([8])  # this TP rank routed S/2 * B = 8 tokens: positions 4..7
+    assert got.tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
+    got, why = rt._token_ids([6])
+    assert got is None and "input_ids has shape (2, 8) but the routers saw 6 tokens" in why
+    rt._sequence_parallel = False
+    assert rt._token_ids([16])[0].tolist() == list(range(16))
+    rt._input_ids = [ids, ids]
+    assert "2 model forwards but 1 router calls" in rt._token_ids([16])[1]
