@@ -474,9 +474,12 @@ def setup_specmoe_runtime(model: Any, args: Any = None, *, after_load: bool = Fa
     if new:
         runtime = SpecMoERuntime(settings, chunks)
     if settings.applies_plan:
-        runtime.last_apply = apply_specmoe_plan(
-            chunks, settings.plan, after_load=after_load,
-            vocab_size=getattr(args, "padded_vocab_size", None))
+        report = apply_specmoe_plan(chunks, settings.plan, after_load=after_load,
+                                    vocab_size=getattr(args, "padded_vocab_size", None))
+        runtime.last_apply = report
+        if runtime.rank == 0:
+            print(f"specmoe: plan {settings.plan} applied to {report.layers} MoE layer(s) "
+                  f"({report.transfers} expert transfers on rank 0)", file=sys.stderr)
     if new:
         try:
             if settings.record_routes is not None:
