@@ -23,7 +23,7 @@ from megatron_specmoe.glue.experts import load_bank, make_expert_bank
 from megatron_specmoe.planning.accounting import TrafficReport
 from megatron_specmoe.planning.placement import ExpertPlacement
 
-__all__ = ["LosslessCase", "LosslessResult", "moe_layer_lossless", "gpt_lossless", "run_cases"]
+__all__ = ["LosslessCase", "LosslessResult", "arrange_layers", "moe_layer_lossless", "gpt_lossless", "run_cases"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,22 +93,38 @@ def _placement(case: LosslessCase) -> ExpertPlacement:
 
 
 @torch.no_grad()
-def _arrange(ref_layer, spec_layer, case: LosslessCase, layer_index: int) -> None:
-    """Same router, same experts by logical id, shared experts copied."""
+def arrange_layers(layers, placements, *, seed: int, layer_index: int, silent_experts=()) -> None:
+    """Give the MoE layers of several models the same router and the same logical experts.
+
+    Args:
+        layers: MoE layers (one per model) for MoE-layer ``layer_index``.
+        placements: one ``ExpertPlacement`` per layer: how that model's slots hold the experts.
+        seed, layer_index: seed the router weights and the expert bank.
+        silent_experts: logical experts the router is made never to select (inputs carry a positive
+            feature 0 and these rows get a large negative weight on it), so ranks can be left empty.
+    """
     from megatron.core import parallel_state
 
-    shape = case.shape
-    gen = torch.Generator().manual_seed(case.seed * 7919 + layer_index)
-    router = torch.randn(shape.experts, shape.hidden, generator=gen) * 0.5
-    for e in case.silent_experts:
+    first = layers[0]
+    num_experts, hidden = first.router.weight.shape
+    gen = torch.Generator().manual_seed(seed * 7919 + layer_index)
+    router = torch.randn(num_experts, hidden, generator=gen) * 0.5
+    for e in silent_experts:
         router[e] = 0.0
-        router[e, 0] = -1e4  # inputs carry a positive feature 0, so e never wins
-    ref_layer.router.weight.copy_(router)
-    spec_layer.router.weight.copy_(router)
-    bank = make_expert_bank(ref_layer, shape.experts, case.seed + 100 * layer_index)
+        router[e, 0] = -1e4
+    bank = make_expert_bank(first, num_experts, seed + 100 * layer_index)
     ep_rank = parallel_state.get_expert_model_parallel_rank()
-    load_bank(ref_layer, bank, ExpertPlacement.contiguous(shape.experts, case.ep), ep_rank)
-    load_bank(spec_layer, bank, _placement(case), ep_rank)
+    for layer, placement in zip(layers, placements):
+        layer.router.weight.copy_(router)
+        load_bank(layer, bank, placement, ep_rank)
+
+
+@torch.no_grad()
+def _arrange(ref_layer, spec_layer, case: LosslessCase, layer_index: int) -> None:
+    """Same router, same experts by logical id (reference contiguous), shared experts copied."""
+    contiguous = ExpertPlacement.contiguous(case.shape.experts, case.ep)
+    arrange_layers([ref_layer, spec_layer], [contiguous, _placement(case)], seed=case.seed,
+                   layer_index=layer_index, silent_experts=case.silent_experts)
     if getattr(ref_layer, "shared_experts", None) is not None:
         spec_layer.shared_experts.load_state_dict(ref_layer.shared_experts.state_dict())
 

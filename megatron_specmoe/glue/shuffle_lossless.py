@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron_specmoe.comm.shuffle import CollectiveCounter
 from megatron_specmoe.glue import cpu_support, parallel
 from megatron_specmoe.glue.build import MoEShape, build_from_spec, make_config
-from megatron_specmoe.glue.experts import load_bank, make_expert_bank
+from megatron_specmoe.glue.lossless import arrange_layers
 from megatron_specmoe.planning.measures import RouteMeasures
 from megatron_specmoe.planning.placement import ExpertPlacement
 
@@ -158,16 +158,7 @@ def _placement(case: ShuffleCase) -> ExpertPlacement:
 @torch.no_grad()
 def _arrange(layers, case: ShuffleCase, placements, layer_index: int) -> None:
     """Same router weights and logical experts in every model's MoE layer ``layer_index``."""
-    from megatron.core import parallel_state
-
-    shape = case.shape
-    gen = torch.Generator().manual_seed(case.seed * 7919 + layer_index)
-    router = torch.randn(shape.experts, shape.hidden, generator=gen) * 0.5
-    bank = make_expert_bank(layers[0], shape.experts, case.seed + 100 * layer_index)
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    for layer, placement in zip(layers, placements):
-        layer.router.weight.copy_(router)
-        load_bank(layer, bank, placement, ep_rank)
+    arrange_layers(layers, placements, seed=case.seed, layer_index=layer_index)
 
 
 def _sum_measures(records) -> Optional[RouteMeasures]:
