@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-__all__ = ["MoEShape", "make_config", "build_from_spec", "build_moe_layer", "build_gpt_model"]
+__all__ = ["MoEShape", "make_config", "build_from_spec", "layer_spec", "build_moe_layer", "build_gpt_model"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +78,7 @@ def build_from_spec(spec: Any, **kwargs: Any):
 Via = Literal["spec", "hook"]
 
 
-def _layer_spec(shape: MoEShape, specmoe: bool, via: Via = "spec"):
+def layer_spec(shape: MoEShape, specmoe: bool, via: Via = "spec"):
     """Megatron's local layer spec; with ``specmoe`` either the specmoe spec (``via="spec"``) or
     the stock spec after ``megatron_specmoe.install()`` (``via="hook"``)."""
     if via not in get_args(Via):
@@ -99,7 +99,7 @@ def _layer_spec(shape: MoEShape, specmoe: bool, via: Via = "spec"):
 def build_moe_layer(config, shape: MoEShape, *, specmoe: bool, via: Via = "spec", layer_number: int = 1):
     """A lone ``MoELayer`` (SequentialMLP experts) from Megatron's local spec; with ``specmoe``
     through the specmoe spec or the install hook (``via``)."""
-    spec = _layer_spec(shape, specmoe, via).submodules.mlp
+    spec = layer_spec(shape, specmoe, via).submodules.mlp
     layer = build_from_spec(spec, config=config)
     layer.set_layer_number(layer_number)
     return layer
@@ -111,7 +111,7 @@ def build_gpt_model(config, shape: MoEShape, *, specmoe: bool, via: Via = "spec"
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(shape, specmoe, via),
+        transformer_layer_spec=layer_spec(shape, specmoe, via),
         vocab_size=shape.vocab,
         max_sequence_length=shape.seq,
         position_embedding_type="rope",

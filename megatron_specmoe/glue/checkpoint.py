@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from megatron_specmoe.glue.build import MoEShape, make_config
+from megatron_specmoe.glue.build import MoEShape, layer_spec, make_config
 
 __all__ = [
     "CARD_FORMAT",
@@ -213,22 +213,6 @@ def read_weights(card: ModelCard, *, verify: bool = True) -> dict[str, torch.Ten
     return state
 
 
-def _layer_spec(shape: MoEShape, *, specmoe: bool, via: str):
-    if specmoe and via == "spec":
-        from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
-
-        return get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False)
-    if specmoe and via == "hook":
-        from megatron_specmoe.glue.install import install
-
-        install()
-    elif specmoe:
-        raise ValueError(f"via={via!r}: choose 'spec' or 'hook'")
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    return get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)
-
-
 def build_model(
     card: ModelCard,
     *,
@@ -255,7 +239,7 @@ def build_model(
     gpt = dict(card.gpt)
     return GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(card.shape, specmoe=specmoe, via=via),
+        transformer_layer_spec=layer_spec(card.shape, specmoe=specmoe, via=via),
         vocab_size=card.shape.vocab,
         max_sequence_length=card.shape.seq,
         parallel_output=parallel_output,
