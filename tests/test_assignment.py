@@ -155,3 +155,113 @@ def test_torch_methods_on_cuda_match_cpu(method):
     gpu = assign(scores.cuda(), method, validate=False)
     assert gpu.order.device.type == "cuda"
     assert torch.equal(gpu.order.cpu(), assign(scores, method).order)
+
+
+# ---- refine_spread: refine plus spreading the off-domain load over the domain's ranks ----------
+
+
+def _off_loads(plan, weight) -> list[float]:
+    w = torch.as_tensor(weight, dtype=torch.float64)
+    return [float(w[plan.home_rank == r].sum()) for r in range(plan.num_ranks)]
+
+
+def test_refine_spread_hand_worked_lowers_the_max_off_domain_load_at_equal_score():
+    # Tokens 0, 1 belong on rank 1 (score 1 there). Tokens 2..5 score 0 everywhere; 2 and 3 have
+    # all their pairs off the domain (weight 1), 4 and 5 none. Greedy round 1: rank 0 takes the
+    # score-0 asks 2, 3, 4 (ties: lower index), token 5 goes to rank 1; no exchange gains, so
+    # refine leaves off-domain loads [2, 0]. Spreading swaps rank 0's heaviest mover (token 2, w 1)
+    # with rank 1's lightest eligible one (token 5, w 0; tokens 0, 1 would lose score 1): [1, 1].
+    scores = np.array([[0, 1], [0, 1], [0, 0], [0, 0], [0, 0], [0, 0]], dtype=np.float32)
+    weight = np.array([0, 0, 1, 1, 0, 0], dtype=np.float32)
+    refine = assign(scores, "refine")
+    assert refine.home_rank.tolist() == [1, 1, 0, 0, 0, 1]
+    assert _off_loads(refine, weight) == [2.0, 0.0]
+    spread = assign(scores, "refine_spread", off_domain=weight)
+    spread.check()
+    assert spread.home_rank.tolist() == [1, 1, 1, 0, 0, 0]
+    assert _off_loads(spread, weight) == [1.0, 1.0]
+    assert planned_score(scores, spread) == planned_score(scores, refine) == 2.0
+
+
+def test_refine_spread_tolerance_allows_bounded_score_loss():
+    # Rank 0 holds tokens 0, 1 (weight 1, score 0 everywhere); rank 1 holds tokens 2, 3 (weight
+    # 0), which score 0.75 / 0.5 on rank 1 and 0.5 / 0.125 on rank 0: moving token 2 costs 0.25,
+    # token 3 costs 0.375. With tol 0 nothing is eligible on rank 1; with tol 0.25 token 2 swaps
+    # with token 0 (loads [1, 1], score 1.25 -> 1.0, a loss <= 2 * tol); tol 0.125 is not enough.
+    scores = np.array([[0, 0], [0, 0], [0.5, 0.75], [0.125, 0.5]], dtype=np.float32)
+    weight = np.array([1, 1, 0, 0], dtype=np.float32)
+    assert assign(scores, "refine").home_rank.tolist() == [0, 0, 1, 1]
+    for tol, home in [(0.0, [0, 0, 1, 1]), (0.125, [0, 0, 1, 1]), (0.25, [1, 0, 0, 1])]:
+        plan = assign(scores, "refine_spread", off_domain=weight, spread_tol=tol)
+        assert plan.home_rank.tolist() == home, tol
+    plan = assign(scores, "refine_spread", off_domain=weight, spread_tol=0.25)
+    assert _off_loads(plan, weight) == [1.0, 1.0]
+    assert planned_score(scores, plan) == 1.0
+
+
+@pytest.mark.parametrize("tokens,ranks", [(13, 3), (40, 4), (61, 5), (64, 8)])
+def test_refine_spread_respects_capacity_keeps_score_and_never_raises_the_max(tokens, ranks):
+    rng = np.random.default_rng(tokens + ranks)
+    for _ in range(3):
+        # Shares of activations: a row over the domain's ranks sums to the in-domain share.
+        inside = rng.random(tokens) ** 2
+        scores = (rng.dirichlet(np.full(ranks, 0.3), size=tokens) * inside[:, None]).astype(np.float32)
+        weight = (1.0 - scores.sum(1)).astype(np.float32)
+        refine = assign(scores, "refine")
+        spread = assign(scores, "refine_spread", off_domain=weight)
+        spread.check()  # permutation, inverse, real tokens per rank, pad rows last
+        assert torch.bincount(spread.home_rank, minlength=ranks).tolist() == real_capacities(tokens, ranks)
+        # tol 0: no moved token loses score.
+        assert planned_score(scores, spread) >= planned_score(scores, refine) - 1e-5
+        assert max(_off_loads(spread, weight)) <= max(_off_loads(refine, weight)) + 1e-5
+        # None: the weight is 1 - the row sum of the (share) scores.
+        assert torch.equal(assign(scores, "refine_spread").home_rank, spread.home_rank)
+
+
+def test_refine_spread_spreads_a_pile_on_a_larger_batch():
+    # 64 tokens, 8 ranks: the 16 all-off-domain tokens (weight 1, score 0 everywhere) go wherever
+    # refine has room left (6 of them on rank 4). Rank 0 holds 8 tokens that score 1 there (none
+    # can move at tol 0), so the other 7 ranks share the 16: at best 3 on the busiest. Spreading
+    # reaches that without losing score.
+    rng = np.random.default_rng(11)
+    scores = np.zeros((64, 8), dtype=np.float32)
+    local = rng.permutation(64)[:48]
+    scores[local, rng.integers(0, 8, size=48)] = 1.0
+    weight = (1.0 - scores.sum(1)).astype(np.float32)
+    refine = assign(scores, "refine")
+    spread = assign(scores, "refine_spread", off_domain=weight)
+    assert max(_off_loads(refine, weight)) == 6.0
+    assert _off_loads(spread, weight)[0] == 0.0 and max(_off_loads(spread, weight)) == 3.0
+    assert planned_score(scores, spread) == planned_score(scores, refine)
+
+
+def test_refine_spread_is_deterministic():
+    scores = np.round(np.random.default_rng(5).random((40, 4)) * 0.25, 1).astype(np.float32)  # many ties
+    weight = np.round(1.0 - scores.sum(1), 1).astype(np.float32)
+    a = assign(scores, "refine_spread", off_domain=weight)
+    b = assign(torch.from_numpy(scores.copy()), "refine_spread", off_domain=torch.from_numpy(weight.copy()))
+    c = assign(scores, "refine_spread", off_domain=weight)
+    assert torch.equal(a.order, b.order) and torch.equal(a.order, c.order)
+    assert torch.equal(a.home_rank, b.home_rank)
+
+
+def test_refine_spread_bad_input_errors():
+    scores = np.zeros((4, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="off_domain is used by method='refine_spread' only"):
+        assign(scores, "refine", off_domain=np.zeros(4, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"off_domain must have shape \(4,\)"):
+        assign(scores, "refine_spread", off_domain=np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="off_domain contains NaN"):
+        assign(scores, "refine_spread", off_domain=np.array([0, np.inf, 0, 0], dtype=np.float32))
+    with pytest.raises(ValueError, match="spread_tol must be >= 0"):
+        assign(scores, "refine_spread", off_domain=np.zeros(4, dtype=np.float32), spread_tol=-0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_refine_spread_on_cuda_matches_cpu():
+    rng = np.random.default_rng(7)
+    scores = torch.from_numpy((rng.dirichlet(np.full(8, 0.3), size=1000) * rng.random((1000, 1))).astype(np.float32))
+    weight = 1.0 - scores.sum(1)
+    gpu = assign(scores.cuda(), "refine_spread", validate=False, off_domain=weight.cuda())
+    assert gpu.order.device.type == "cuda"
+    assert torch.equal(gpu.order.cpu(), assign(scores, "refine_spread", off_domain=weight).order)

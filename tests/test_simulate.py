@@ -344,3 +344,49 @@ def test_cli_simulate_with_fitted_predictor_and_plan(tmp_path, capsys):
     assert "unknown predictor kind 'crystal-ball'" in capsys.readouterr().err
     assert main(common + ["--predictor", "layer"]) == 2
     assert "--predictor layer needs --fit-traces" in capsys.readouterr().err
+
+
+def test_refine_spread_evens_the_busiest_gpus_off_group_pairs():
+    rng = np.random.default_rng(8)
+    layout = ParallelLayout(tp=4, ep=8)  # 2 TP groups (nodes) of 4 ranks; E = 8, expert e on rank e
+    experts = np.stack([rng.choice(8, 2, replace=False) for _ in range(256 * 2)]).reshape(256, 2, 2)
+    trace = RoutingTrace(experts=experts.astype(np.int32), num_experts=8)
+    scores = layer_rank_scores(oracle_expert_scores(trace), [ExpertPlacement.contiguous(8, 8)] * 2)
+    home = {m: shuffled_home_ranks(scores, layout=layout, tokens_per_group=32, method=m)
+            for m in ("refine", "refine_spread")}
+    base = contiguous_home_ranks(256, 2, layout=layout, tokens_per_group=32)
+    off_pairs = (experts // 4 != base[..., None] // 4).sum(-1)  # [T, L] true off-group pairs
+    busiest = {}
+    for m, h in home.items():
+        assert ((h // 4) == (base // 4)).all()  # nobody leaves its TP group
+        loads = np.zeros((256 // 64, 2, 8))  # [step, layer, rank]
+        for t in range(256):
+            for layer in range(2):
+                loads[t // 64, layer, h[t, layer]] += off_pairs[t, layer]
+        assert (np.stack([np.bincount(h[s : s + 64, 0], minlength=8) for s in range(0, 256, 64)]) == 8).all()
+        busiest[m] = loads.max(-1)
+    # Oracle weights are the true off-group shares: the pass never raises a group's busiest rank.
+    assert (busiest["refine_spread"] <= busiest["refine"]).all()
+    assert busiest["refine_spread"].sum() < busiest["refine"].sum()
+    # ... and keeps every local pair refine found (tol 0).
+    local = {m: (experts == h[..., None]).sum() for m, h in home.items()}
+    assert local["refine_spread"] >= local["refine"]
+
+
+def test_cli_assignment_choices_are_the_assignment_methods(tmp_path, capsys):
+    from megatron_specmoe.cli.main import main
+    from megatron_specmoe.cli.simulate import ASSIGNMENT_CHOICES
+    from megatron_specmoe.planning.assignment import AssignmentMethod
+
+    from megatron_specmoe.planning.trace_io import write_trace
+
+    assert ASSIGNMENT_CHOICES == get_args(AssignmentMethod)
+    rng = np.random.default_rng(6)
+    experts = np.stack([rng.choice(8, 2, replace=False) for _ in range(256 * 2)]).reshape(256, 2, 2)
+    write_trace(RoutingTrace(experts=experts.astype(np.int32), num_experts=8), tmp_path / "t.npz")
+    assert main(["simulate", "--traces", str(tmp_path / "t.npz"), "--ep", "16", "--tokens-per-rank", "8",
+                 "--hidden", "16", "--assignment", "refine_spread"]) == 0
+    assert "| 16 | 2 | 8 | x2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["simulate", "--traces", str(tmp_path / "t.npz"), "--assignment", "hungarian"])
+    assert "invalid choice: 'hungarian'" in capsys.readouterr().err

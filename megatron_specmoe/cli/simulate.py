@@ -24,6 +24,10 @@ from typing import Sequence
 
 HELP = "predict MoE all-to-all time of specmoe vs alltoall vs dedup on a cluster, from traces"
 
+# assignment.AssignmentMethod, spelled out so that building the parser does not import torch
+# (tests/test_simulate.py checks that the two agree).
+ASSIGNMENT_CHOICES = ("contiguous", "argsort", "greedy", "refine", "refine_spread", "optimal")
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_specmoe.planning.cluster import PresetName
     from typing import get_args
@@ -54,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens each GPU holds in a step (64 x TP 8 = the 512-token batch of DESIGN.md)")
     parser.add_argument("--dedup", action="store_true",
                         help="drop tokens whose whole route repeats an earlier one (Mixtral MT-Bench traces)")
-    parser.add_argument("--assignment", default="refine",
-                        help="balanced assignment method (planning/assignment.py): refine, greedy, optimal, ...")
+    parser.add_argument("--assignment", default="refine", choices=ASSIGNMENT_CHOICES,
+                        help="balanced assignment method (planning/assignment.py); refine_spread also "
+                             "spreads predicted inter-node pairs evenly over a node's GPUs (TP < EP)")
     parser.add_argument("--json", metavar="OUT", default=None, help="write all numbers as JSON")
     parser.add_argument("--plot", metavar="OUT.png", default=None, help="write a PNG of time vs EP")
 

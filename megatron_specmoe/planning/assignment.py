@@ -47,6 +47,20 @@ method returns the contiguous shards.
                 Torch, any device. About 360 aten ops per call at P=8 (each a kernel launch on a
                 GPU), so at runtime compute it on a side stream while attention runs: its inputs
                 (the route history) are known before attention starts.
+    refine_spread  refine, then a spreading pass for shuffle domains smaller than the EP group (TP =
+                one node, EP over several nodes): a token's predicted *off-domain* pairs (``off_domain``,
+                e.g. 1 - the sum of its in-domain rank scores) leave through the node's NICs whatever
+                rank inside the domain holds it, so s-TS cannot lower the node's inter-node bytes, but
+                refine places the tokens that score low everywhere (mostly off-domain experts) where
+                room is left, piling them on a few ranks; the busiest GPU's inter-node bytes set the
+                time. The pass runs ``sweeps`` (2) round-robin tournaments over rank pairs (a, b) with
+                off-domain loads L_a > L_b: a's eligible tokens by falling weight are paired with b's
+                by rising weight and the prefix of swaps is taken that keeps the moved weight D below
+                (L_a - L_b) / 2 before its last swap and below L_a - L_b after it, so max(L_a, L_b)
+                falls and the maximum over ranks never rises. A token is eligible if moving it to the
+                partner lowers its score by at most ``spread_tol`` (so each swap costs the objective
+                at most 2 * spread_tol; with 0 the objective never falls). Torch, any device, fixed
+                shapes, no host synchronisation.
     optimal     exact: a min-cost flow (successive shortest paths over the P-node graph of ranks,
                 with one lazy heap per ordered rank pair). Start from every token on its best rank
                 (optimal without capacities), then move one token at a time along the cheapest
@@ -74,9 +88,14 @@ __all__ = [
     "real_capacities",
     "plan_from_home",
     "planned_score",
+    "SPREAD_TOL",
 ]
 
-AssignmentMethod = Literal["contiguous", "argsort", "greedy", "refine", "optimal"]
+AssignmentMethod = Literal["contiguous", "argsort", "greedy", "refine", "refine_spread", "optimal"]
+
+# refine_spread: the most score a token may lose by moving in the spreading pass (scores are shares
+# of a token's activations, rows summing to at most 1). See the module docstring.
+SPREAD_TOL = 0.0
 
 # Swaps must raise the objective by more than this (float32 scores), so that exchange sweeps never
 # flip-flop on rounding noise.
@@ -306,6 +325,81 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
     return home
 
 
+def _refine_spread(
+    scores: torch.Tensor,
+    room: torch.Tensor,
+    off_domain: torch.Tensor | None = None,
+    spread_tol: float = SPREAD_TOL,
+    sweeps: int = 2,
+) -> torch.Tensor:
+    """refine, then the spreading pass (module docstring); ``off_domain`` float [T] on the scores'
+    device, the weight each token adds to its rank's off-domain load (None: 1 - row sum, >= 0)."""
+    if off_domain is None:
+        # Rank scores are shares of a token's activations (rows of expert scores sum to 1): what
+        # the domain's ranks do not hold is off-domain.
+        off_domain = (1.0 - scores.sum(1)).clamp(min=0.0)
+    t, p = scores.shape
+    device = scores.device
+    home = _refine(scores, room)
+    if p < 2 or t == 0:
+        return home
+    c = capacity_of(t, p)
+    n = p + (p % 2)
+    shards = plan_from_home(home, p).order.view(p, c)
+    # Step 1: extended tables as in _refine: pad rows and the dummy rank's sentinel row score 0 on
+    # their own rank and -big elsewhere (moving one costs big > spread_tol: never eligible), real
+    # tokens score -big on the dummy rank; pad rows weigh 0.
+    big = 4.0 * (scores.abs().max() + 1.0) + spread_tol
+    s_ext = (-big).expand(p * c + 1, n).clone()
+    s_ext[:t, :p] = scores
+    pad_rows = torch.arange(t, p * c + 1, device=device)
+    pad_rank = torch.cat([torch.arange(p - (p * c - t), p, device=device),
+                          torch.full((1,), n - 1, device=device)])
+    s_ext[pad_rows, pad_rank] = 0.0
+    w_ext = scores.new_zeros(p * c + 1)
+    w_ext[:t] = off_domain.to(scores.dtype)
+    if n > p:
+        shards = torch.cat([shards, shards.new_full((1, c), p * c)])
+    s_flat = s_ext.view(-1)
+    own_rank = torch.arange(n, device=device).view(-1, 1)
+    partner_of = _round_robin(p, device)
+    inf = scores.new_full((), float("inf"))
+    for _ in range(sweeps):
+        for r in range(n - 1):
+            partner = partner_of[r]  # [n]
+            w = w_ext[shards]  # [n, C]
+            load = w.sum(1)  # [n]
+            delta = (load - load[partner]).view(-1, 1)  # > 0 on the heavier rank of each pair
+            heavy = delta > _SWAP_EPS
+            # Step 2: eligible movers (score loss <= tol), heavy side by falling weight, light
+            # side by rising weight; ineligible ones last (stable: ties by shard position).
+            base = shards * n
+            cost = s_flat[base + own_rank] - s_flat[base + partner.view(-1, 1)]  # [n, C]
+            elig = cost <= spread_tol
+            key = torch.where(elig, torch.where(heavy, -w, w), inf)
+            idx = torch.sort(key, dim=1, stable=True).indices
+            movers = shards.gather(1, idx)
+            w_s, elig_s = w.gather(1, idx), elig.gather(1, idx)
+            # Step 3: the i-th heavy mover swaps with the partner's i-th light mover; the moved
+            # weight d falls with i, so the useful swaps form a prefix; stop before the pair's
+            # loads cross over.
+            d = w_s - w_s[partner]
+            valid = elig_s & elig_s[partner] & (d > _SWAP_EPS) & heavy
+            valid = torch.cumprod(valid.long(), dim=1).bool()
+            dv = torch.where(valid, d, torch.zeros_like(d))
+            moved = torch.cumsum(dv, dim=1)
+            take = valid & (moved - dv < delta / 2) & (moved < delta - _SWAP_EPS)
+            take = take | take[partner]  # the light rank swaps the same positions
+            shards = shards.scatter(1, idx, torch.where(take, movers[partner], movers))
+    shards = shards[:p]
+    slot_rank = torch.arange(p, device=device).repeat_interleave(c)
+    flat = shards.reshape(-1)
+    real = flat < t
+    home = torch.empty(t, dtype=torch.int64, device=device)
+    home[flat[real]] = slot_rank[real]
+    return home
+
+
 def _optimal(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     s = scores.detach().to("cpu", torch.float64).numpy()
     cap = room.cpu().numpy().astype(np.int64)
@@ -377,13 +471,19 @@ ASSIGNMENT_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     "argsort": _argsort,
     "greedy": _greedy,
     "refine": _refine,
+    "refine_spread": _refine_spread,
     "optimal": _optimal,
 }
 assert set(ASSIGNMENT_METHODS) == set(get_args(AssignmentMethod))
 
 
 def assign(
-    scores: torch.Tensor | np.ndarray, method: AssignmentMethod = "refine", *, validate: bool = True
+    scores: torch.Tensor | np.ndarray,
+    method: AssignmentMethod = "refine",
+    *,
+    validate: bool = True,
+    off_domain: torch.Tensor | np.ndarray | None = None,
+    spread_tol: float = SPREAD_TOL,
 ) -> ShufflePlan:
     """Balanced assignment of T tokens to P ranks, maximising predicted local activations.
 
@@ -391,8 +491,13 @@ def assign(
         scores: float32 [T, P] rank scores (``predictors.base.rank_scores``); a numpy array or a
             torch tensor on any device (the plan lives on the same device). Must be finite.
         method: one of ``AssignmentMethod`` (see the module docstring).
-        validate: check that the scores are finite. The check reads a flag back to the host; the
-            runtime passes False so that the torch methods never synchronise.
+        validate: check that the scores (and ``off_domain``) are finite. The check reads a flag
+            back to the host; the runtime passes False so that the torch methods never synchronise.
+        off_domain: float [T], ``refine_spread`` only (refused by the other methods): each
+            token's predicted off-domain weight, its share of activations on experts outside the
+            domain's P ranks. None: ``max(0, 1 - scores.sum(1))``, right when the scores are the
+            shares of ``rank_scores`` restricted to the domain's ranks.
+        spread_tol: ``refine_spread`` only: the most score one token may lose when it moves (>= 0).
 
     Returns:
         ShufflePlan with capacity C = ceil(T/P) per rank.
@@ -409,8 +514,23 @@ def assign(
     if validate and not bool(torch.isfinite(s).all()):
         raise ValueError("assign: scores contain NaN or inf; rank scores must be finite")
     t, p = s.shape
+    extra = {}
+    if method == "refine_spread":
+        w = (1.0 - s.sum(1)).clamp(min=0.0) if off_domain is None else torch.as_tensor(off_domain, device=s.device)
+        if w.shape != (t,):
+            raise ValueError(f"assign: off_domain must have shape ({t},) (one weight per token), got {tuple(w.shape)}")
+        if validate and not bool(torch.isfinite(w).all()):
+            raise ValueError("assign: off_domain contains NaN or inf; weights must be finite")
+        if not spread_tol >= 0:
+            raise ValueError(f"assign: spread_tol must be >= 0 (score a moved token may lose), got {spread_tol!r}")
+        extra = {"off_domain": w.to(s.dtype), "spread_tol": float(spread_tol)}
+    elif off_domain is not None:
+        raise ValueError(
+            f"assign: off_domain is used by method='refine_spread' only, not {method!r}; drop it or "
+            "choose refine_spread"
+        )
     c = capacity_of(t, p)
     # real_capacities(t, p), computed on the device (no host copy): C, less one on the last ranks.
     room = c - (torch.arange(p, device=s.device) >= p - (p * c - t)).long()
-    home = ASSIGNMENT_METHODS[method](s, room) if t else torch.zeros(0, dtype=torch.int64, device=s.device)
+    home = ASSIGNMENT_METHODS[method](s, room, **extra) if t else torch.zeros(0, dtype=torch.int64, device=s.device)
     return plan_from_home(home, p)

@@ -135,7 +135,9 @@ def shuffled_home_ranks(
         layout: TP, EP.
         tokens_per_group: B.
         method: the balanced assignment, an ``assignment.AssignmentMethod`` ("refine": greedy
-            proposal rounds plus pairwise exchanges; "optimal": exact min-cost flow, slower).
+            proposal rounds plus pairwise exchanges; "optimal": exact min-cost flow, slower;
+            "refine_spread": refine, then spread each token's predicted off-group pairs, its
+            scores on the P - p ranks outside its TP group, evenly over the group's ranks).
     """
     num_tokens, num_layers, num_ranks = scores.shape
     if num_ranks != layout.ep:
@@ -151,7 +153,12 @@ def shuffled_home_ranks(
         lo = group * layout.tp
         sl = slice(start, start + tokens_per_group)
         for layer in range(num_layers):
-            plan = assign(scores[sl, layer, lo : lo + layout.tp], method)
+            domain = scores[sl, layer, lo : lo + layout.tp]
+            if method == "refine_spread":
+                off = scores[sl, layer].sum(-1) - domain.sum(-1)
+                plan = assign(domain, method, off_domain=np.maximum(off, 0.0).astype(np.float32))
+            else:
+                plan = assign(domain, method)
             out[sl, layer] = lo + plan.home_rank.numpy()
     return out
 
