@@ -16,6 +16,12 @@ expert cut into EP/8 slices along its FFN dimension, a token's row sent to every
 for all dispatchers. Prints one markdown table per combination, the command, and writes a PNG.
 
     /work/venvs/mc016/bin/python tools/bench_simulate.py --plot docs/figures/simulate_h200.png
+
+``--compare-assignments refine,refine_spread`` instead prints one table comparing balanced
+assignment methods for TP = 8 (one node): alltoall and specmoe with each method, time per MoE
+layer per step and the busiest GPU's NIC bytes (``busiest_nic_bytes``), both NIC routings.
+
+    /work/venvs/mc016/bin/python tools/bench_simulate.py --ep 16,32 --compare-assignments refine,refine_spread
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assignment", default="refine", help="balanced assignment method")
     parser.add_argument("--predictors", default="layer,history",
                         help="registry predictor kinds fitted on --fit (the oracle always runs)")
+    parser.add_argument("--compare-assignments", default=None, metavar="M1,M2,...",
+                        help="compare these assignment methods at TP = 8 instead of the full grid")
     parser.add_argument("--plot", default=None, help="PNG path (folders are created)")
     parser.add_argument("--json", default=None, help="write every row as JSON")
     args = parser.parse_args(argv)
@@ -84,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind} predictor fitted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     base = cluster_preset(args.cluster)
+    if args.compare_assignments:
+        return _compare_assignments(args, ev, predictors, base, eps, command)
     results: dict[str, list[dict]] = {}
     print(f"# Predicted MoE-layer communication time per step (dispatch + combine), {args.cluster}")
     print(f"cluster: {base.source}")
@@ -110,6 +120,102 @@ def main(argv: list[str] | None = None) -> int:
         _plot(results, args.plot, eps, title=f"{args.cluster}, Mixtral-8x7B traces, "
               f"H={args.hidden} {args.dtype}, {args.tokens_per_rank} tok/GPU")
         print(f"plot: {args.plot}")
+    return 0
+
+
+def busiest_nic_bytes(sent, gpus_per_node: int, routing: str):
+    """float64 [S, L]: bytes through the busiest NIC of one phase, max over GPUs of max(out, in).
+
+    Args:
+        sent: int64 [S, L, P, P], bytes on the wire src -> dst (``SimResult.dispatch_bytes``, or
+            the transposed ``combine_bytes``).
+        gpus_per_node: G.
+        routing: "direct" (a GPU's own NIC sends its inter-node bytes) or "rail" (PXN: GPU j of
+            node a sends node a's bytes for every GPU with local index j on other nodes).
+    """
+    import numpy as np
+
+    num_ranks = sent.shape[-1]
+    node = np.arange(num_ranks) // gpus_per_node
+    inter = sent * (node[:, None] != node[None, :])
+    recv = inter.sum(-2)
+    if routing == "direct":
+        out = inter.sum(-1)
+    else:
+        nodes = num_ranks // gpus_per_node
+        six = inter.reshape(*inter.shape[:-2], nodes, gpus_per_node, nodes, gpus_per_node)
+        out = six.sum((-3, -2)).reshape(*inter.shape[:-2], num_ranks)  # [.., node a, local j]
+    return np.maximum(out, recv).max(-1).astype(np.float64)
+
+
+def _compare_assignments(args, ev, predictors: dict, base, eps: list[int], command: str) -> int:
+    """One table: alltoall vs specmoe with each of ``--compare-assignments``, TP = 8."""
+    import numpy as np
+
+    from megatron_specmoe.cli.simulate import ASSIGNMENT_CHOICES, resolve_tp
+    from megatron_specmoe.planning.simulate_compare import compare_dispatchers
+
+    methods = args.compare_assignments.split(",")
+    unknown = [m for m in methods if m not in ASSIGNMENT_CHOICES]
+    if unknown:
+        raise SystemExit(f"--compare-assignments: unknown {unknown}; choose from {list(ASSIGNMENT_CHOICES)}")
+    print(f"# Assignment methods at TP = 8 (one node), {args.cluster}: time per MoE layer per step "
+          "(dispatch + combine), busiest NIC = mean over steps and layers of the max over GPUs of "
+          "max(NIC bytes out, in), dispatch + combine")
+    print(f"cluster: {base.source}; Mixtral-8x7B traces, H={args.hidden} {args.dtype}, "
+          f"{args.tokens_per_rank} tokens per GPU per step, {ev.num_tokens} tokens\n")
+    head = ("| EP | NIC routing | predictor | alltoall us | " + " | ".join(f"specmoe {m} us" for m in methods)
+            + " | busiest NIC MB/layer a2a / " + " / ".join(methods)
+            + " | inter-node MB/layer a2a / " + " / ".join(methods)
+            + " | LAR " + " / ".join(methods) + " |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1), flush=True)
+    results = []
+    for routing in ("direct", "rail"):
+        cluster = dataclasses.replace(base, inter_node_routing=routing)
+        for pname, scores in predictors.items():
+            for ep in eps:
+                tp = resolve_tp("node", ep, cluster.gpus_per_node)
+                runs = {}
+                for m in methods:
+                    t0 = time.perf_counter()
+                    runs[m] = compare_dispatchers(
+                        ev, scores, ep=ep, tp=tp, cluster=cluster, hidden_size=args.hidden,
+                        dtype=args.dtype, tokens_per_rank=args.tokens_per_rank, method=m,
+                    )
+                    print(f"EP={ep} {routing} {pname} {m}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+                gpn = runs[methods[0]].results["alltoall"].cluster.gpus_per_node
+
+                def nic(res):
+                    both = busiest_nic_bytes(res.dispatch_bytes, gpn, routing) + busiest_nic_bytes(
+                        np.swapaxes(res.combine_bytes, -1, -2), gpn, routing)
+                    return float(both.mean())
+
+                a2a = runs[methods[0]].results["alltoall"]
+                spec = {m: runs[m].results["specmoe"] for m in methods}
+                row = {
+                    "ep": ep, "tp": tp, "routing": routing, "predictor": pname,
+                    "alltoall": {"layer_time_s": float(a2a.layer_time_s.mean()), "busiest_nic_bytes": nic(a2a),
+                                 **{k: a2a.summary()[k] for k in ("inter_node_bytes_per_layer",)}},
+                    **{m: {"layer_time_s": float(r.layer_time_s.mean()), "busiest_nic_bytes": nic(r),
+                           **{k: r.summary()[k] for k in ("inter_node_bytes_per_layer", "local_activation_rate")}}
+                       for m, r in spec.items()},
+                }
+                results.append(row)
+                ta = row["alltoall"]["layer_time_s"]
+                print(f"| {ep} | {routing} | {pname} | {ta * 1e6:.1f} | "
+                      + " | ".join(f"{row[m]['layer_time_s'] * 1e6:.1f} ({ta / row[m]['layer_time_s']:.2f}x)"
+                                   for m in methods)
+                      + f" | {row['alltoall']['busiest_nic_bytes'] / 1e6:.2f} / "
+                      + " / ".join(f"{row[m]['busiest_nic_bytes'] / 1e6:.2f}" for m in methods)
+                      + f" | {row['alltoall']['inter_node_bytes_per_layer'] / 1e6:.1f} / "
+                      + " / ".join(f"{row[m]['inter_node_bytes_per_layer'] / 1e6:.1f}" for m in methods)
+                      + " | " + " / ".join(f"{row[m]['local_activation_rate']:.3f}" for m in methods) + " |",
+                      flush=True)
+    print(f"\ncommand: {command}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "compare_assignments": results}, f, indent=1)
     return 0
 
 
