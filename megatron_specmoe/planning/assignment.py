@@ -280,19 +280,19 @@ def _round_robin(num_ranks: int, device: torch.device) -> torch.Tensor:
     return partner
 
 
-def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: int = 2) -> torch.Tensor:
+def _extended(scores: torch.Tensor, home: torch.Tensor, big: torch.Tensor):
+    """The tables both exchange passes work on.
+
+    Returns (shards int64 [n, C], s_ext float [T_pad + 1, n]): the plan's shards (plus, for odd
+    P, a dummy rank n-1 holding only the sentinel row T_pad) and the extended score table, where
+    pad rows and the sentinel score 0 on their own rank and -big elsewhere, and real tokens score
+    -big on the dummy rank, so that any move involving them costs more than any gain.
+    """
     t, p = scores.shape
     device = scores.device
-    home = _greedy(scores, room, rounds)
-    if p < 2 or t == 0:
-        return home
     c = capacity_of(t, p)
     n = p + (p % 2)
     shards = plan_from_home(home, p).order.view(p, c)
-    # Step 1: an extended score table [T_pad + 1, n]. Pad rows (and, for odd P, a dummy rank n-1
-    # holding only the sentinel row T_pad) score 0 on their own rank and -big elsewhere, and real
-    # tokens score -big on the dummy rank: any swap involving them loses, so they never move.
-    big = 4.0 * (scores.abs().max() + 1.0)
     s_ext = (-big).expand(p * c + 1, n).clone()
     s_ext[:t, :p] = scores
     pad_rows = torch.arange(t, p * c + 1, device=device)
@@ -301,6 +301,31 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
     s_ext[pad_rows, pad_rank] = 0.0
     if n > p:
         shards = torch.cat([shards, shards.new_full((1, c), p * c)])
+    return shards, s_ext
+
+
+def _home_from_shards(shards: torch.Tensor, num_tokens: int, num_ranks: int) -> torch.Tensor:
+    """int64 [T]: the rank whose shard holds each real token (drops the dummy rank and pads)."""
+    c = shards.shape[1]
+    shards = shards[:num_ranks]
+    slot_rank = torch.arange(num_ranks, device=shards.device).repeat_interleave(c)
+    flat = shards.reshape(-1)
+    real = flat < num_tokens
+    home = torch.empty(num_tokens, dtype=torch.int64, device=shards.device)
+    home[flat[real]] = slot_rank[real]
+    return home
+
+
+def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: int = 2) -> torch.Tensor:
+    t, p = scores.shape
+    device = scores.device
+    home = _greedy(scores, room, rounds)
+    if p < 2 or t == 0:
+        return home
+    n = p + (p % 2)
+    # Step 1: the plan's shards and the extended score table (``_extended``): pad rows and the
+    # odd-P dummy rank never move.
+    shards, s_ext = _extended(scores, home, 4.0 * (scores.abs().max() + 1.0))
     s_flat = s_ext.view(-1)
     own_rank = torch.arange(n, device=device).view(-1, 1)
     partner_of = _round_robin(p, device)
@@ -316,13 +341,7 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
             movers = shards.gather(1, idx)
             swap = (g + g[partner]) > _SWAP_EPS
             shards = shards.scatter(1, idx, torch.where(swap, movers[partner], movers))
-    shards = shards[:p]
-    slot_rank = torch.arange(p, device=device).repeat_interleave(c)
-    flat = shards.reshape(-1)
-    real = flat < t
-    home = torch.empty(t, dtype=torch.int64, device=device)
-    home[flat[real]] = slot_rank[real]
-    return home
+    return _home_from_shards(shards, t, p)
 
 
 def _refine_spread(
@@ -345,21 +364,11 @@ def _refine_spread(
         return home
     c = capacity_of(t, p)
     n = p + (p % 2)
-    shards = plan_from_home(home, p).order.view(p, c)
-    # Step 1: extended tables as in _refine: pad rows and the dummy rank's sentinel row score 0 on
-    # their own rank and -big elsewhere (moving one costs big > spread_tol: never eligible), real
-    # tokens score -big on the dummy rank; pad rows weigh 0.
-    big = 4.0 * (scores.abs().max() + 1.0) + spread_tol
-    s_ext = (-big).expand(p * c + 1, n).clone()
-    s_ext[:t, :p] = scores
-    pad_rows = torch.arange(t, p * c + 1, device=device)
-    pad_rank = torch.cat([torch.arange(p - (p * c - t), p, device=device),
-                          torch.full((1,), n - 1, device=device)])
-    s_ext[pad_rows, pad_rank] = 0.0
+    # Step 1: tables as in _refine (big > spread_tol, so pad rows and the sentinel are never
+    # eligible); pad rows weigh 0.
+    shards, s_ext = _extended(scores, home, 4.0 * (scores.abs().max() + 1.0) + spread_tol)
     w_ext = scores.new_zeros(p * c + 1)
     w_ext[:t] = off_domain.to(scores.dtype)
-    if n > p:
-        shards = torch.cat([shards, shards.new_full((1, c), p * c)])
     s_flat = s_ext.view(-1)
     own_rank = torch.arange(n, device=device).view(-1, 1)
     partner_of = _round_robin(p, device)
@@ -391,13 +400,7 @@ def _refine_spread(
             take = valid & (moved - dv < delta / 2) & (moved < delta - _SWAP_EPS)
             take = take | take[partner]  # the light rank swaps the same positions
             shards = shards.scatter(1, idx, torch.where(take, movers[partner], movers))
-    shards = shards[:p]
-    slot_rank = torch.arange(p, device=device).repeat_interleave(c)
-    flat = shards.reshape(-1)
-    real = flat < t
-    home = torch.empty(t, dtype=torch.int64, device=device)
-    home[flat[real]] = slot_rank[real]
-    return home
+    return _home_from_shards(shards, t, p)
 
 
 def _optimal(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
