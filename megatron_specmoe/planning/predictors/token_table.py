@@ -176,6 +176,12 @@ class TokenTable(FittedTables):
         scores[seen] = blended / blended.sum(axis=1, keepdims=True)
         return scores.astype(np.float32, copy=False)
 
+    def fitted_id_bound(self) -> int:
+        """One past the largest token id seen while fitting (0 if none): every id at or above it
+        scores the layer prior (``rank_table.token_id_bound``)."""
+        ids = self._state()["ids"]
+        return int(ids[-1]) + 1 if ids.shape[0] else 0
+
     def memory_bytes(self) -> int:
         st = self._state()
         return int(sum(st[name].nbytes for name in ("ids", "occurrences", "top_ids", "top_share", "prior")))
