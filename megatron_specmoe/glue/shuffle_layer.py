@@ -85,7 +85,9 @@ ShufflePredictor = Literal["pregate", "route", "contiguous", "random", "adversar
                  rank r = how many of the token's predicted top-k experts it hosts.
     route        a fitted ``RoutePredictor`` (``options.route_predictor``, e.g. the plan's token
                  table) on the batch's token ids (``carrier.token_ids``, fed by
-                 ``shuffle_specs.feed_token_ids``); scores summed per EP rank of the TP span.
+                 ``shuffle_specs.feed_token_ids``); scores summed per EP rank of the TP span,
+                 precomputed for every id into a device table (``RankTable``): one gather per
+                 forward, no host synchronisation.
                  The MoE-layer index is ``layer_number - 1`` (every layer of a shuffle spec is MoE).
     contiguous   no prediction: Megatron's contiguous shards (the baseline order).
     random       scores from a generator seeded by (options.seed, layer, call): for tests.
@@ -98,13 +100,16 @@ class ShuffleOptions:
     """Attributes: predictor (``ShufflePredictor``), method (``assignment.AssignmentMethod``;
     "refine" is the runtime one), seed (for the "random" predictor), keep_plans (carrier keeps
     every plan it sees, for tests and benchmarks), route_predictor (a fitted
-    ``planning.predictors.base.RoutePredictor``, for predictor="route")."""
+    ``planning.predictors.base.RoutePredictor``, for predictor="route"; called with token ids only
+    and compiled per layer into a device table, ``planning.predictors.rank_table``),
+    route_vocab_size (V of that table; None: the predictor's own vocab_size or fitted id bound)."""
 
     predictor: ShufflePredictor = "pregate"
     method: AssignmentMethod = "refine"
     seed: int = 0
     keep_plans: bool = False
     route_predictor: Optional[Any] = None
+    route_vocab_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.predictor not in get_args(ShufflePredictor):
@@ -116,6 +121,8 @@ class ShuffleOptions:
                 "ShuffleOptions.predictor='route' needs route_predictor= a fitted RoutePredictor "
                 "(e.g. from the plan: planning.plan.load_plan)"
             )
+        if self.route_vocab_size is not None and self.route_vocab_size < 0:
+            raise ValueError(f"ShuffleOptions.route_vocab_size must be >= 0 or None, got {self.route_vocab_size}")
         if self.method not in get_args(AssignmentMethod):
             raise ValueError(
                 f"ShuffleOptions.method={self.method!r}; choose one of {get_args(AssignmentMethod)}"
@@ -219,6 +226,12 @@ def pregate_rank_scores(
     return scores
 
 
+def _is_static(inference_context) -> bool:
+    """True for Megatron's static inference context (and for contexts that predate the method)."""
+    check = getattr(inference_context, "is_static_batching", None)
+    return True if check is None else bool(check())
+
+
 def _group_rank(group) -> int:
     return dist.get_group_rank(group, dist.get_rank())
 
@@ -244,6 +257,9 @@ class ShuffleTransformerLayer(TransformerLayer):
         self.carrier = carrier
         self._check_modules()
         self._ep_base: Optional[int] = None
+        # (placement, RankTable) for predictor="route", built on first use (``_rank_table``).
+        self._route_table: Optional[tuple] = None
+        self._rank_of_cache: Optional[tuple] = None  # (placement, int64 [E]) for "pregate"
 
     # ---- checks ----------------------------------------------------------------------------------
     def _check_modules(self) -> None:
@@ -318,27 +334,53 @@ class ShuffleTransformerLayer(TransformerLayer):
             return self._route_scores(t, tp).to(ln_full.device)
         # pregate: the router's own gating on the layer input; top-k experts -> hosting EP rank.
         logits = self.mlp.router.gating(ln_full.reshape(t, -1))
-        rank_of = torch.as_tensor(self.mlp.token_dispatcher.placement.rank_of_logical(), device=logits.device)
+        rank_of = self._rank_of(logits.device)
         scores = pregate_rank_scores(
             logits, k=self.config.moe_router_topk, rank_of=rank_of, ep_base=self._ep_span(), tp=tp
         )
         return -scores if opts.predictor == "adversarial" else scores
 
-    def _route_scores(self, t: int, tp: int) -> torch.Tensor:
-        """float32 [T, P] from the fitted RoutePredictor on the carrier's token ids (host code)."""
-        from megatron_specmoe.planning.predictors.base import RouteContext, rank_scores
+    def _rank_of(self, device: torch.device) -> torch.Tensor:
+        """int64 [E] EP rank of each logical expert, kept on ``device`` until the dispatcher's
+        placement object changes (no host -> device copy per forward)."""
+        placement = self.mlp.token_dispatcher.placement
+        cached = self._rank_of_cache
+        if cached is None or cached[0] is not placement or cached[1].device != device:
+            cached = (placement, torch.as_tensor(placement.rank_of_logical(), device=device))
+            self._rank_of_cache = cached
+        return cached[1]
 
+    def _route_scores(self, t: int, tp: int) -> torch.Tensor:
+        """float32 [T, P] from the fitted RoutePredictor on the carrier's token ids: one gather
+        from the layer's ``RankTable`` (compiled on first use and whenever the dispatcher's
+        placement changes), on the ids' device, with no host synchronisation."""
         ids = self.carrier.token_ids
         if ids is None or ids.shape != (t,):
             raise ValueError(
                 f"ShuffleTransformerLayer: predictor='route' needs carrier.token_ids of shape ({t},), got "
                 f"{None if ids is None else tuple(ids.shape)}; attach shuffle_specs.feed_token_ids(model, carrier)"
             )
-        ctx = RouteContext(layer=self.layer_number - 1, token_ids=ids.cpu().numpy())
-        expert_scores = self.carrier.options.route_predictor.expert_scores(ctx)
-        per_rank = rank_scores(expert_scores, self.mlp.token_dispatcher.placement)  # [T, EP]
-        base = self._ep_span()
-        return torch.from_numpy(per_rank[:, base : base + tp].copy())
+        return self._rank_table(tp, ids.device).lookup(ids)
+
+    def _rank_table(self, tp: int, device: torch.device):
+        """This layer's ``planning.predictors.rank_table.RankTable`` for the current placement."""
+        from megatron_specmoe.planning.predictors.rank_table import compile_rank_table
+
+        placement = self.mlp.token_dispatcher.placement
+        cached = self._route_table
+        if cached is not None and cached[0] is placement and cached[1].table.device == device:
+            return cached[1]
+        key = tuple(int(r) for r in placement.rank_of_logical())
+        if cached is not None and cached[1].placement_key == key and cached[1].table.device == device:
+            table = cached[1]
+        else:
+            table = compile_rank_table(
+                self.carrier.options.route_predictor, layer=self.layer_number - 1, placement=placement,
+                ep_base=self._ep_span(), tp=tp, vocab_size=self.carrier.options.route_vocab_size,
+                device=device,
+            )
+        self._route_table = (placement, table)
+        return table
 
     def shuffle_plan(self, ln_full: torch.Tensor) -> ShufflePlan:
         """The balanced plan for this layer (identical on every TP rank)."""
@@ -378,6 +420,13 @@ class ShuffleTransformerLayer(TransformerLayer):
                 f"or padding_mask (got extra {sorted(unsupported)}); pass None"
             )
         inference_context = inference_context if inference_context is not None else inference_params
+        if inference_context is not None and not _is_static(inference_context):
+            raise ValueError(
+                "ShuffleTransformerLayer: Megatron's dynamic inference context (continuous batching of "
+                "packed requests) is not supported yet; serve with the static context "
+                "(StaticInferenceContext, Megatron's static batching engine) or build the model without "
+                "the shuffle spec (the specmoe dispatcher alone works with either)"
+            )
         group = self.tp_group
         tp = group.size()
         rank = _group_rank(group)

@@ -146,7 +146,7 @@ def _options(case: ShuffleCase):
     if case.predictor == "route":
         route = TokenModuloPredictor(num_experts=case.shape.experts, num_layers=case.shape.layers)
     return ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True,
-                          route_predictor=route)
+                          route_predictor=route, route_vocab_size=case.shape.vocab if route else None)
 
 
 def _placement(case: ShuffleCase) -> ExpertPlacement:
