@@ -183,6 +183,8 @@ class NoCommColumnParallelLinear(ColumnParallelLinear):
     """Megatron's ColumnParallelLinear whose forward never communicates: the caller hands it the
     already gathered input (Megatron's own "caller communicates" switch, ``explicit_expert_comm``)."""
 
+    specmoe_no_comm = True  # checked by ShuffleTransformerLayer (the TE versions set it too)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.explicit_expert_comm = True
@@ -192,6 +194,8 @@ class NoCommRowParallelLinear(RowParallelLinear):
     """Megatron's RowParallelLinear that returns its partial sum (no all-reduce or reduce-scatter)
     and its bias separately; the shuffle layer reduces it. Needs ``skip_bias_add=True`` (as
     attention's output projection is built)."""
+
+    specmoe_no_comm = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -268,12 +272,13 @@ class ShuffleTransformerLayer(TransformerLayer):
         from megatron_specmoe.glue.dispatcher import SpecMoETokenDispatcher
 
         attn = self.self_attention
-        if not isinstance(getattr(attn, "linear_qkv", None), NoCommColumnParallelLinear) or not isinstance(
-            getattr(attn, "linear_proj", None), NoCommRowParallelLinear
+        if not all(
+            getattr(type(getattr(attn, name, None)), "specmoe_no_comm", False) for name in ("linear_qkv", "linear_proj")
         ):
             raise ValueError(
-                "ShuffleTransformerLayer: self_attention must use NoCommColumnParallelLinear (linear_qkv) "
-                "and NoCommRowParallelLinear (linear_proj); build the layer from get_gpt_layer_shuffle_spec"
+                "ShuffleTransformerLayer: self_attention must use non-communicating linears "
+                "(NoCommColumnParallelLinear / NoCommRowParallelLinear, or their TE versions in "
+                "glue.te_shuffle) as linear_qkv / linear_proj; build the layer from get_gpt_layer_shuffle_spec"
             )
         if not isinstance(self.cross_attention, IdentityOp):
             raise ValueError("ShuffleTransformerLayer: cross attention is not supported; use a decoder-only spec")
@@ -560,6 +565,8 @@ def _check_config(config) -> None:
             "pipeline_model_parallel_size must be 1 with sequence_parallel=True (the residual order "
             "does not cross pipeline stages); turn sequence parallelism off for pipelined inference"
         )
+    if getattr(config, "tp_comm_overlap", False):
+        problems.append("tp_comm_overlap must be False (the shuffle owns attention's TP collectives)")
     if getattr(config, "cuda_graph_impl", "none") not in ("none", None):
         problems.append("cuda_graph_impl must be 'none'")
     if problems:
