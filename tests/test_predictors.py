@@ -303,3 +303,23 @@ def test_validation_split_keeps_requests_whole():
     np.testing.assert_array_equal(fit, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="cannot split 10 tokens"):
         validation_split(RoutingTrace(experts=ex, num_experts=2, request_ids=np.zeros(10)), 0.3)
+
+
+def test_history_layer_scorer_matches_expert_scores_on_device_tensors():
+    import torch
+
+    rng = np.random.default_rng(4)
+    e, k, layers, t = 6, 2, 3, 300
+    ex = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(layers)]) for _ in range(t)])
+    ex[:, 1, 0] = (ex[:, 0, 0] + 1) % e  # a learnable dependence, so the weights are not trivial
+    model = HistoryMLP(hidden=8, epochs=2, seed=1).fit(RoutingTrace(experts=ex.astype(np.int32), num_experts=e))
+    query = ex[:40]
+    for layer in range(layers):
+        want = model.expert_scores(RouteContext(layer=layer, history=query[:, :layer]))
+        scorer = model.layer_scorer(layer)
+        got = scorer.scores(torch.as_tensor(query[:, :layer]))
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"history must be \[T, 2, k\], got \(40, 1, 2\)"):
+        model.layer_scorer(2).scores(torch.as_tensor(query[:, :1]))
+    with pytest.raises(ValueError, match="layer=3 is outside the fitted layers 0..2"):
+        model.layer_scorer(3)

@@ -20,7 +20,9 @@ Fitting uses torch on the CPU (AdamW, mini-batches), one layer at a time, and st
 the lowest loss on it is kept (at most ``epochs``; stop after ``patience`` epochs without
 improvement). Weights are initialised from a ``numpy`` generator seeded by ``seed`` and batches
 drawn from a private ``torch.Generator``, so fitting is reproducible and touches no global RNG.
-Inference is a gather-sum of W1 rows (torch ``embedding_bag``) and one small matmul per layer.
+Inference is a gather-sum of W1 rows (torch ``embedding_bag``) and one small matmul per layer;
+``layer_scorer`` hands one layer's weights over as device tensors (``HistoryLayerScorer``), for the
+same computation at run time on a history that never leaves the device.
 
 Memory (``history_mlp_bytes``): float32 weights, sum over l = 1 .. L-1 of (l*E*H + H + H*E + E),
 plus the [L, E] prior. Mixtral-8x7B (L = 32, E = 8) with H = 128: 2,176,480 B ~ 2.2 MB; a
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -47,7 +50,7 @@ from megatron_specmoe.planning.predictors._common import (
 from megatron_specmoe.planning.predictors.base import RouteContext
 from megatron_specmoe.planning.traces import RoutingTrace
 
-__all__ = ["HistoryMLP", "history_mlp_bytes"]
+__all__ = ["HistoryMLP", "HistoryLayerScorer", "history_mlp_bytes"]
 
 _ARRAYS = ("w1", "b1", "w2", "b2")
 
@@ -56,6 +59,46 @@ def history_mlp_bytes(*, layers: int, experts: int, hidden: int) -> int:
     """Bytes a fitted ``HistoryMLP`` holds (module docstring)."""
     weights = sum(l * experts * hidden + hidden + hidden * experts + experts for l in range(1, layers))
     return 4 * (weights + layers * experts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HistoryLayerScorer:
+    """One layer's fitted MLP as torch tensors on the run-time device (``HistoryMLP.layer_scorer``):
+    the same scores as ``HistoryMLP.expert_scores`` from a history that lives on the device, with
+    no host copy and no synchronisation (the shuffle layer's "history" predictor).
+
+    Attributes:
+        layer: l.   num_experts: E.
+        prior: float32 [E], the layer's frequency prior (l = 0, or an empty history).
+        w1: float32 [l*E, H] (None for l = 0).   b1: float32 [H].   w2: float32 [H, E].   b2: float32 [E].
+    """
+
+    layer: int
+    num_experts: int
+    prior: Any
+    w1: Any = None
+    b1: Any = None
+    w2: Any = None
+    b2: Any = None
+
+    def scores(self, history):
+        """float32 [T, E] from ``history`` int [T, l, k] (the experts of MoE layers 0 .. l-1 on the
+        scorer's device); rows sum to 1."""
+        import torch
+
+        tokens = history.shape[0]
+        if self.w1 is None:
+            return self.prior.expand(tokens, -1).clone()
+        if history.dim() != 3 or history.shape[1] != self.layer:
+            raise ValueError(
+                f"HistoryLayerScorer(layer={self.layer}): history must be [T, {self.layer}, k], got "
+                f"{tuple(history.shape)}"
+            )
+        offsets = torch.arange(self.layer, device=history.device).view(1, -1, 1) * self.num_experts
+        rows = (history.long() + offsets).reshape(tokens, -1)
+        hidden = torch.relu(torch.nn.functional.embedding_bag(rows, self.w1, mode="sum") + self.b1)
+        probs = torch.sigmoid(torch.addmm(self.b2, hidden, self.w2)).clamp_min_(1e-12)
+        return probs / probs.sum(dim=1, keepdim=True)
 
 
 class HistoryMLP(FittedTables):
@@ -233,6 +276,22 @@ class HistoryMLP(FittedTables):
         finally:
             torch.set_num_threads(saved_threads)
         return probs.numpy().astype(np.float32, copy=False)
+
+    def layer_scorer(self, layer: int, device: Any = "cpu") -> HistoryLayerScorer:
+        """Layer ``layer``'s weights as torch tensors on ``device`` (``HistoryLayerScorer``)."""
+        import torch
+
+        st = self._state()
+        if not 0 <= layer < st["num_layers"]:
+            raise ValueError(
+                f"HistoryMLP.layer_scorer: layer={layer} is outside the fitted layers 0..{st['num_layers'] - 1}"
+            )
+        prior = torch.as_tensor(st["prior"][layer], dtype=torch.float32, device=device)
+        if layer == 0:
+            return HistoryLayerScorer(layer=0, num_experts=st["num_experts"], prior=prior)
+        w1, b1, w2, b2 = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in st["weights"][layer])
+        return HistoryLayerScorer(layer=layer, num_experts=st["num_experts"], prior=prior,
+                                  w1=w1, b1=b1, w2=w2, b2=b2)
 
     def memory_bytes(self) -> int:
         st = self._state()
