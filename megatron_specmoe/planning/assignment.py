@@ -190,11 +190,11 @@ def plan_from_home(home_rank: torch.Tensor, num_ranks: int) -> ShufflePlan:
     pads = t_pad - t
     pad_home = torch.arange(num_ranks - pads, num_ranks, device=device, dtype=torch.int64)
     full_home = torch.cat([home_rank.long(), pad_home])
-    # Sort by (home rank, row index): real tokens keep their relative order, pad rows come last.
-    key = full_home * t_pad + torch.arange(t_pad, device=device)
-    order = torch.argsort(key)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(t_pad, device=device)
+    # A stable sort by home rank orders rows by (home rank, row index): real tokens keep their
+    # relative order and each pad row (index >= T) comes last on its rank. The keys are P small
+    # integers, which sort several times faster than T_pad distinct ones.
+    order = torch.sort(full_home, stable=True).indices
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(t_pad, device=device))
     return ShufflePlan(
         home_rank=home_rank.long(), order=order, inverse=inverse, capacity=c, num_tokens=t,
         num_ranks=num_ranks,
@@ -230,31 +230,33 @@ def _greedy(scores: torch.Tensor, room: torch.Tensor, rounds: int | None = None)
     t, p = scores.shape
     rounds = p if rounds is None else rounds
     device = scores.device
-    home = torch.full((t,), -1, dtype=torch.int64, device=device)
-    room = room.clone()
+    home = torch.full((t,), p, dtype=torch.int64, device=device)  # p: not placed yet
     arange = torch.arange(t, device=device)
-    neg_inf = scores.new_full((), float("-inf"))
-    for _ in range(rounds):
-        # Step 1: every unplaced token asks for its best rank that still has room.
-        open_scores = torch.where((room > 0).view(1, p), scores, neg_inf)
-        ask_score, ask = open_scores.max(dim=1)
-        unplaced = home < 0
-        ask = torch.where(unplaced, ask, torch.full_like(ask, p))  # placed tokens ask nobody
-        # Step 2: group the asks by rank, best score first (stable sorts: ties by token index).
-        by_score = torch.sort(-ask_score, stable=True).indices
-        sorted_idx = by_score[torch.sort(ask[by_score], stable=True).indices]
-        counts = torch.bincount(ask, minlength=p + 1)
-        starts = torch.cumsum(counts, 0) - counts
-        sorted_ask = ask[sorted_idx]
-        pos = arange - starts[sorted_ask]
-        # Step 3: each rank takes as many as it has room for.
-        room_ext = torch.cat([room, room.new_zeros(1)])
-        take = pos < room_ext[sorted_ask]
-        home[sorted_idx[take]] = sorted_ask[take]
-        room = room - torch.bincount(sorted_ask[take], minlength=p + 1)[:p]
+    zero = room.new_zeros(1)
+    for i in range(rounds):
+        # Step 1: every unplaced token asks for its best rank that still has room. In round 0
+        # nobody is placed, and every rank has room when T >= P (known from the shapes).
+        if i == 0 and t >= p:
+            ask_score, ask = scores.max(dim=1)
+        else:
+            closed = torch.where(room > 0, 0.0, float("-inf")).to(scores.dtype)
+            ask_score, ask = (scores + closed).max(dim=1)
+            ask = torch.where(home == p, ask, p)  # placed tokens ask nobody (p)
+        # Step 2: group the asks by rank, best score first (stable sorts: ties by token index;
+        # the second sorts P + 1 small keys).
+        by_score = torch.sort(ask_score, descending=True, stable=True).indices
+        sorted_ask, by_rank = torch.sort(ask[by_score], stable=True)
+        sorted_idx = by_score[by_rank]
+        # Step 3: each rank takes as many as it has room for: the asks at sorted positions below
+        # (first ask of the rank) + room. Rank p has no room.
+        counts = torch.bincount(sorted_ask, minlength=p + 1)
+        limit = torch.cumsum(counts, 0) - counts + torch.cat([room, zero])
+        take = arange < limit[sorted_ask]
+        home = home.scatter(0, sorted_idx, torch.where(take, sorted_ask, home[sorted_idx]))
+        room = (room - counts[:p]).clamp_(min=0)  # a rank takes min(asks, room)
     # Step 4 (only when rounds < P left tokens unplaced): the rest fill the free rows in index
     # order, rank by rank.
-    unplaced = home < 0
+    unplaced = home == p
     nth = torch.cumsum(unplaced.long(), 0) - 1
     fill = torch.bucketize(nth, torch.cumsum(room, 0), right=True).clamp_(max=p - 1)
     return torch.where(unplaced, fill, home)
@@ -307,13 +309,11 @@ def _extended(scores: torch.Tensor, home: torch.Tensor, big: torch.Tensor):
 def _home_from_shards(shards: torch.Tensor, num_tokens: int, num_ranks: int) -> torch.Tensor:
     """int64 [T]: the rank whose shard holds each real token (drops the dummy rank and pads)."""
     c = shards.shape[1]
-    shards = shards[:num_ranks]
     slot_rank = torch.arange(num_ranks, device=shards.device).repeat_interleave(c)
-    flat = shards.reshape(-1)
-    real = flat < num_tokens
-    home = torch.empty(num_tokens, dtype=torch.int64, device=shards.device)
-    home[flat[real]] = slot_rank[real]
-    return home
+    # Every row, pads included, gets its rank; rows >= T are cut off (no mask, no host sync).
+    home = torch.empty(num_ranks * c, dtype=torch.int64, device=shards.device)
+    home.scatter_(0, shards[:num_ranks].reshape(-1), slot_rank)
+    return home[:num_tokens]
 
 
 def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: int = 2) -> torch.Tensor:
@@ -329,19 +329,26 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
     s_flat = s_ext.view(-1)
     own_rank = torch.arange(n, device=device).view(-1, 1)
     partner_of = _round_robin(p, device)
+    # The sweeps carry each slot's flat index into s_ext at its own rank's column, so that one
+    # gather reads both the partner's and the own score: ``at[r, 0]`` offsets to the partner's
+    # column in round r, ``at[r, 1]`` is zero.
+    at = torch.stack([partner_of - own_rank.view(1, -1), torch.zeros_like(partner_of)], dim=1).unsqueeze(-1)
+    slot = shards * n + own_rank  # [n, C]
     for _ in range(sweeps):
         for r in range(n - 1):
             partner = partner_of[r]  # [n]
             # Step 2: gain of moving each token to its rank's partner this round.
-            base = shards * n
-            gain = s_flat[base + partner.view(-1, 1)] - s_flat[base + own_rank]  # [n, C]
+            both = s_flat.take(slot.unsqueeze(0) + at[r])  # [2, n, C]: partner's score, own score
+            gain = both[0] - both[1]
             # Step 3: pair the i-th best mover of a rank with the i-th best of its partner; the
-            # joint gain falls with i, so the swaps that pay form a prefix.
+            # joint gain falls with i, so the swaps that pay form a prefix. A token moving from
+            # rank b to a = partner[b] has flat index slot + at[r, 0, b] there.
             g, idx = torch.sort(gain, dim=1, descending=True, stable=True)
-            movers = shards.gather(1, idx)
-            swap = (g + g[partner]) > _SWAP_EPS
-            shards = shards.scatter(1, idx, torch.where(swap, movers[partner], movers))
-    return _home_from_shards(shards, t, p)
+            movers = slot.gather(1, idx)
+            swap = (g + g.index_select(0, partner)) > _SWAP_EPS
+            arrivals = (movers + at[r, 0]).index_select(0, partner)
+            slot = slot.scatter(1, idx, torch.where(swap, arrivals, movers))
+    return _home_from_shards(torch.div(slot, n, rounding_mode="floor"), t, p)
 
 
 def _refine_spread(
