@@ -151,3 +151,21 @@ def test_pregate_rank_scores_counts_top_k_experts_inside_the_tp_span():
     # Two experts per rank (EP = 2 = P, span from 0): counts per rank.
     got = pregate_rank_scores(logits, k=2, rank_of=torch.tensor([0, 0, 1, 1]), ep_base=0, tp=2)
     assert got.tolist() == [[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 2.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_route_columns_travel_bit_for_bit(dtype):
+    from megatron_specmoe.comm.shuffle import append_route_columns, split_route_columns
+
+    rows = torch.tensor([[1.5, -2.0, 3.25], [0.0, 7.0, -1.0]], dtype=dtype)
+    routes = torch.tensor([[0, 255], [31, 7]])
+    packed = append_route_columns(rows, routes)
+    assert packed.shape == (2, 5) and packed.dtype == dtype
+    # A row gather (what the deferred all-gather's inverse permutation does) keeps the bits.
+    back_rows, back_routes = split_route_columns(packed.index_select(0, torch.tensor([1, 0])), 2)
+    assert torch.equal(back_rows, rows[[1, 0]])
+    assert torch.equal(back_routes, routes[[1, 0]]) and back_routes.dtype == torch.int64
+    with pytest.raises(ValueError, match=r"routes must be \[N=2, k\], got \(3, 2\)"):
+        append_route_columns(rows, torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="has no integer twin"):
+        append_route_columns(rows.double(), routes)

@@ -22,6 +22,13 @@ replaces the output projection's all-reduce of [T, H]; a ring all-reduce moves t
 reduce-scatter plus an all-gather. ``CollectiveCounter`` counts what each call moved so that tests
 and benchmarks compare bytes measured, not estimated.
 
+Route columns. The "history" predictor needs every earlier MoE layer's real routes on every TP
+rank in true order. Each layer's routes ride along with the all-gather that follows it
+(``append_route_columns`` before, ``split_route_columns`` after): the k expert ids of a row are
+stored bit for bit in k extra columns of the hidden dtype (int32 viewed as float32 for 4-byte
+dtypes, int16 for 2-byte ones; collectives and row gathers copy bits, so ids arrive exact). Cost:
+k * element size bytes per token, counted by ``CollectiveCounter`` with the rest.
+
 Forward only (inference): these calls do not build an autograd graph; ``shuffled_reduce_scatter``
 refuses inputs that require grad rather than silently dropping their gradient.
 """
@@ -42,6 +49,8 @@ __all__ = [
     "shuffled_reduce_scatter",
     "deferred_all_gather",
     "ring_bytes",
+    "append_route_columns",
+    "split_route_columns",
 ]
 
 CollectiveKind = Literal["all_reduce", "reduce_scatter", "all_gather"]
@@ -176,3 +185,27 @@ def deferred_all_gather(
     if counter is not None:
         counter.add("all_gather", gathered.numel() * gathered.element_size(), plan.num_ranks)
     return gathered.index_select(0, plan.inverse[: plan.num_tokens])
+
+
+_ID_DTYPES = {4: torch.int32, 2: torch.int16}
+
+
+def append_route_columns(rows: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    """[N, H + k]: ``rows`` float [N, H] with ``routes`` int [N, k] (expert ids) appended bit for
+    bit as k columns of ``rows.dtype`` (see "Route columns"). Ids must fit the integer twin of the
+    dtype (E <= 32768 for 2-byte dtypes; the shuffle layer checks E once, not per call)."""
+    id_dtype = _ID_DTYPES.get(rows.element_size()) if rows.is_floating_point() else None
+    if id_dtype is None:
+        raise ValueError(f"append_route_columns: hidden dtype {rows.dtype} has no integer twin; use fp32/bf16/fp16")
+    if routes.dim() != 2 or routes.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"append_route_columns: routes must be [N={rows.shape[0]}, k], got {tuple(routes.shape)}"
+        )
+    return torch.cat([rows, routes.to(id_dtype).view(rows.dtype)], dim=1)
+
+
+def split_route_columns(packed: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``append_route_columns``: (rows float [N, H], routes int64 [N, k])."""
+    id_dtype = _ID_DTYPES[packed.element_size()]
+    h = packed.shape[1] - topk
+    return packed[:, :h], packed[:, h:].contiguous().view(id_dtype).long()
