@@ -30,11 +30,15 @@ CASES = [
     ("gpt", ShuffleCase(tp=4, ep=4, predictor="pregate", batch=3, decode_steps=2)),
     # A fitted route predictor on token ids (a stand-in table), prefill + decode.
     ("gpt", ShuffleCase(tp=4, ep=4, predictor="route", placement=PERMUTED, decode_steps=1)),
+    # A fitted history MLP on the routes carried along with the all-gathers, prefill + decode.
+    ("gpt", ShuffleCase(tp=4, ep=4, predictor="history", placement=PERMUTED, seq=7, decode_steps=1,
+                        shape=MoEShape(layers=3))),
     # Sequence parallel on, whole GPT model (logits in true order through the output layer's
     # own all-gather) ...
     ("gpt_sp", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
     ("gpt_sp", ShuffleCase(tp=2, ep=2, predictor="adversarial", batch=3)),
     ("gpt_sp", ShuffleCase(tp=2, ep=4, predictor="route")),
+    ("gpt_sp", ShuffleCase(tp=4, ep=4, predictor="history", shape=MoEShape(layers=3))),
     # ... and a stack of layers from Megatron's contiguous shard, back with restore_true_order.
     ("layers", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
     ("layers", ShuffleCase(tp=2, ep=2, predictor="random", seq=6, batch=3)),
@@ -49,12 +53,18 @@ def _steps(case):
     return [case.seq * case.batch] + [case.batch] * case.decode_steps
 
 
-def _tp_bytes_expected_extra(case):
-    """Bytes the shuffle sends beyond Megatron: only the pad rows (none when P divides T)."""
+def _tp_bytes_expected_extra(case, kind):
+    """Bytes the shuffle sends beyond Megatron: the pad rows (none when P divides T), and with the
+    "history" predictor k fp32 route columns on the all-gathers that carry routes: every layer's
+    deferred all-gather without sequence parallelism, the next layer's input all-gather with it
+    (the last layer's routes are not needed, so L - 1)."""
     extra = 0
     for t in _steps(case):
-        pad = capacity_of(t, case.tp) * case.tp - t
-        extra += case.shape.layers * 2 * ring_bytes("reduce_scatter", pad * case.shape.hidden * 4, case.tp)
+        t_pad = capacity_of(t, case.tp) * case.tp
+        extra += case.shape.layers * 2 * ring_bytes("reduce_scatter", (t_pad - t) * case.shape.hidden * 4, case.tp)
+        if case.predictor == "history":
+            carrying = case.shape.layers if kind == "gpt" else case.shape.layers - 1
+            extra += carrying * ring_bytes("all_gather", t_pad * case.shape.topk * 4, case.tp)
     return extra
 
 
@@ -100,7 +110,9 @@ def _check(results, cases, world):
             # Same TP bytes as Megatron (plus pad rows only).
             base, shuf = sum(res.base_tp_bytes.values()), sum(res.shuffle_tp_bytes.values())
             assert base > 0, where
-            assert shuf - base == _tp_bytes_expected_extra(case), (where, res.base_tp_bytes, res.shuffle_tp_bytes)
+            assert shuf - base == _tp_bytes_expected_extra(case, kind), (where, res.base_tp_bytes, res.shuffle_tp_bytes)
+            # The carried route history is Megatron's own routes, token for token.
+            assert res.history_ok is (True if case.predictor == "history" else None), (where, res.history_ok)
         # Accounting: the shuffle routes every real token exactly once per layer ...
         shuffle_tokens = sum(r.shuffle.tokens for r in per_rank)
         assert shuffle_tokens == dp * _shuffle_tokens(case), where

@@ -59,7 +59,13 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_specmoe.comm.shuffle import CollectiveCounter, deferred_all_gather, shuffled_reduce_scatter
+from megatron_specmoe.comm.shuffle import (
+    CollectiveCounter,
+    append_route_columns,
+    deferred_all_gather,
+    shuffled_reduce_scatter,
+    split_route_columns,
+)
 from megatron_specmoe.planning.assignment import (
     AssignmentMethod,
     ShufflePlan,
@@ -72,6 +78,7 @@ __all__ = [
     "ShuffleOptions",
     "ShuffleState",
     "ShuffleCarrier",
+    "RouteHistory",
     "NoCommColumnParallelLinear",
     "NoCommRowParallelLinear",
     "ShuffleTransformerLayer",
@@ -79,7 +86,7 @@ __all__ = [
     "pregate_rank_scores",
 ]
 
-ShufflePredictor = Literal["pregate", "route", "contiguous", "random", "adversarial"]
+ShufflePredictor = Literal["pregate", "route", "history", "contiguous", "random", "adversarial"]
 """How a layer scores tokens x TP ranks before its gate (all from data every TP rank holds):
     pregate      this layer's router logits on the gathered, normalised layer input; score of
                  rank r = how many of the token's predicted top-k experts it hosts.
@@ -88,7 +95,14 @@ ShufflePredictor = Literal["pregate", "route", "contiguous", "random", "adversar
                  ``shuffle_specs.feed_token_ids``); scores summed per EP rank of the TP span,
                  precomputed for every id into a device table (``RankTable``): one gather per
                  forward, no host synchronisation.
-                 The MoE-layer index is ``layer_number - 1`` (every layer of a shuffle spec is MoE).
+                 The MoE-layer index comes from ``config.moe_layer_freq`` (dense layers skipped).
+    history      a fitted ``HistoryMLP`` (``options.route_predictor``) on the real routes of the
+                 earlier MoE layers (``RouteHistory``), scored on the device
+                 (``HistoryMLP.layer_scorer``). Each layer's routes ride along with the all-gather
+                 that follows it (``comm.shuffle.append_route_columns``: k ids per token, e.g. 4
+                 bytes next to 2H bytes of hidden state), so every TP rank holds the same history
+                 in true order. The first MoE layer has no history and scores the prior. Needs the
+                 MoE layers to be consecutive shuffle layers.
     contiguous   no prediction: Megatron's contiguous shards (the baseline order).
     random       scores from a generator seeded by (options.seed, layer, call): for tests.
     adversarial  minus the pregate score: tokens go where their predicted experts are *not*
@@ -121,6 +135,12 @@ class ShuffleOptions:
                 "ShuffleOptions.predictor='route' needs route_predictor= a fitted RoutePredictor "
                 "(e.g. from the plan: planning.plan.load_plan)"
             )
+        if self.predictor == "history" and not callable(getattr(self.route_predictor, "layer_scorer", None)):
+            raise ValueError(
+                "ShuffleOptions.predictor='history' needs route_predictor= a fitted HistoryMLP (the "
+                "plan's 'history' predictor), got "
+                f"{type(self.route_predictor).__name__ if self.route_predictor is not None else None}"
+            )
         if self.route_vocab_size is not None and self.route_vocab_size < 0:
             raise ValueError(f"ShuffleOptions.route_vocab_size must be >= 0 or None, got {self.route_vocab_size}")
         if self.method not in get_args(AssignmentMethod):
@@ -146,6 +166,25 @@ class ShuffleState:
     tensor: torch.Tensor
 
 
+@dataclass(frozen=True, kw_only=True)
+class RouteHistory:
+    """The real routes of the earlier MoE layers of this forward (predictor "history").
+
+    Attributes:
+        tensor: the layer output this describes (a later input that is not this tensor starts a
+            new history: the first MoE layer of a forward).
+        history: int64 [T, l, k], the experts of the l MoE layers before the next one, true order,
+            identical on every TP rank.
+        pending: int64 [C, k] or None: with sequence parallelism, the producing layer's routes of
+            this rank's shard rows (shuffled order, pad rows 0); the next layer's all-gather
+            brings them into ``history``. Without it, already in ``history``.
+    """
+
+    tensor: torch.Tensor
+    history: torch.Tensor
+    pending: Optional[torch.Tensor] = None
+
+
 @dataclass(kw_only=True)
 class ShuffleCarrier:
     """Per-model, explicit s-TS state shared by the layers of one model (built by the spec).
@@ -163,6 +202,7 @@ class ShuffleCarrier:
             expects Megatron's contiguous shards.
         token_ids: int64 [T] token ids of the current forward in (s, b) order (predictor "route";
             set by ``shuffle_specs.feed_token_ids``).
+        routes: the RouteHistory handed from layer to layer (predictor "history").
     """
 
     options: ShuffleOptions = field(default_factory=ShuffleOptions)
@@ -172,10 +212,12 @@ class ShuffleCarrier:
     calls: int = 0
     output_consumer: Optional[Literal["output_layer", "restore_true_order"]] = None
     token_ids: Optional[torch.Tensor] = None
+    routes: Optional[RouteHistory] = None
 
     def reset(self) -> None:
-        """Forget the residual order and kept plans (start of a new forward)."""
+        """Forget the residual order, the route history and kept plans (start of a new forward)."""
         self.state = None
+        self.routes = None
         self.plans.clear()
 
 
@@ -264,6 +306,16 @@ class ShuffleTransformerLayer(TransformerLayer):
         # (placement, RankTable) for predictor="route", built on first use (``_rank_table``).
         self._route_table: Optional[tuple] = None
         self._rank_of_cache: Optional[tuple] = None  # (placement, int64 [E]) for "pregate"
+        # predictor "history": this layer's scorer (built on first use) and the router's last
+        # top-k ids, kept by a forward hook on the router.
+        self._history_scorer = None
+        self._last_routes: Optional[torch.Tensor] = None
+        self._moe_index: Optional[int] = None
+        if carrier.options.predictor == "history":
+            if config.num_moe_experts > 32768:
+                raise ValueError("ShuffleTransformerLayer: predictor='history' carries expert ids in "
+                                 "2-byte columns; num_moe_experts must be <= 32768")
+            self.mlp.router.register_forward_hook(self._keep_routes)
 
     # ---- checks ----------------------------------------------------------------------------------
     def _check_modules(self) -> None:
@@ -321,10 +373,33 @@ class ShuffleTransformerLayer(TransformerLayer):
         return self._ep_base
 
     # ---- prediction ------------------------------------------------------------------------------
+    @property
+    def moe_index(self) -> int:
+        """This layer's index among the model's MoE layers (0-based), from ``config.moe_layer_freq``
+        and the global ``layer_number``: the layer index of routing traces and plans."""
+        if self._moe_index is None:
+            from megatron_specmoe.glue.megatron_runtime import moe_layer_numbers
+
+            numbers = moe_layer_numbers(self.config)
+            if self.layer_number not in numbers:
+                raise ValueError(
+                    f"ShuffleTransformerLayer: layer {self.layer_number} is not an MoE layer by "
+                    f"config.moe_layer_freq={getattr(self.config, 'moe_layer_freq', 1)!r}; the config "
+                    "and the layer specs disagree"
+                )
+            self._moe_index = numbers.index(self.layer_number)
+        return self._moe_index
+
+    def _keep_routes(self, _router, _args, output) -> None:
+        from megatron_specmoe.glue.route_recorder import _topk_from_output
+
+        self._last_routes = _topk_from_output(output, self.config.moe_router_topk)[0]
+
     @torch.no_grad()
-    def rank_scores(self, ln_full: torch.Tensor) -> torch.Tensor:
+    def rank_scores(self, ln_full: torch.Tensor, history: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32 [T, P]: how well each TP rank suits each token, from ``ln_full`` [S, B, H] (the
-        gathered, normalised layer input, identical on every TP rank)."""
+        gathered, normalised layer input, identical on every TP rank) and, for predictor
+        "history", ``history`` int64 [T, l, k] (earlier MoE layers' routes, true order)."""
         opts = self.carrier.options
         tp = self.tp_group.size()
         t = ln_full.shape[0] * ln_full.shape[1]
@@ -337,6 +412,8 @@ class ShuffleTransformerLayer(TransformerLayer):
             return torch.rand(t, tp, generator=gen).to(ln_full.device)
         if opts.predictor == "route":
             return self._route_scores(t, tp).to(ln_full.device)
+        if opts.predictor == "history":
+            return self._history_scores(history, tp)
         # pregate: the router's own gating on the layer input; top-k experts -> hosting EP rank.
         logits = self.mlp.router.gating(ln_full.reshape(t, -1))
         rank_of = self._rank_of(logits.device)
@@ -354,6 +431,25 @@ class ShuffleTransformerLayer(TransformerLayer):
             cached = (placement, torch.as_tensor(placement.rank_of_logical(), device=device))
             self._rank_of_cache = cached
         return cached[1]
+
+    def _history_scores(self, history: Optional[torch.Tensor], tp: int) -> torch.Tensor:
+        """float32 [T, P] from the HistoryMLP on the carried routes, all on the history's device."""
+        index = self.moe_index
+        if history is None or history.shape[1] != index:
+            raise ValueError(
+                f"ShuffleTransformerLayer: predictor='history' at MoE layer {index} received the routes of "
+                f"{None if history is None else history.shape[1]} earlier layers; every MoE layer must be "
+                "a ShuffleTransformerLayer and the MoE layers consecutive (no dense layer between them)"
+            )
+        scorer = self._history_scorer
+        if scorer is None or scorer.prior.device != history.device:
+            scorer = self.carrier.options.route_predictor.layer_scorer(index, device=history.device)
+            self._history_scorer = scorer
+        expert_scores = scorer.scores(history)  # [T, E]
+        # Sum over the experts each TP rank of the span hosts: a [E, P] 0/1 matrix product.
+        local = self._rank_of(history.device) - self._ep_span()
+        hosts = (local.view(-1, 1) == torch.arange(tp, device=history.device).view(1, -1)).float()
+        return expert_scores @ hosts
 
     def _route_scores(self, t: int, tp: int) -> torch.Tensor:
         """float32 [T, P] from the fitted RoutePredictor on the carrier's token ids: one gather
@@ -380,16 +476,36 @@ class ShuffleTransformerLayer(TransformerLayer):
             table = cached[1]
         else:
             table = compile_rank_table(
-                self.carrier.options.route_predictor, layer=self.layer_number - 1, placement=placement,
+                self.carrier.options.route_predictor, layer=self.moe_index, placement=placement,
                 ep_base=self._ep_span(), tp=tp, vocab_size=self.carrier.options.route_vocab_size,
                 device=device,
             )
         self._route_table = (placement, table)
         return table
 
-    def shuffle_plan(self, ln_full: torch.Tensor) -> ShufflePlan:
+    def shuffle_plan(self, ln_full: torch.Tensor, history: Optional[torch.Tensor] = None) -> ShufflePlan:
         """The balanced plan for this layer (identical on every TP rank)."""
-        return assign(self.rank_scores(ln_full), self.carrier.options.method, validate=False)
+        return assign(self.rank_scores(ln_full, history), self.carrier.options.method, validate=False)
+
+    # ---- route history ---------------------------------------------------------------------------
+    @property
+    def _carries_routes(self) -> bool:
+        return self.carrier.options.predictor == "history"
+
+    def _incoming_routes(self, hidden_states: torch.Tensor) -> Optional[RouteHistory]:
+        routes = self.carrier.routes
+        return routes if routes is not None and routes.tensor is hidden_states else None
+
+    def _shard_routes(self, real: int, capacity: int) -> torch.Tensor:
+        """int64 [C, k]: this layer's routes of the shard's real rows, then 0 for the pad row."""
+        mine = self._last_routes
+        k = self.config.moe_router_topk
+        if mine is None:
+            raise ValueError("ShuffleTransformerLayer: the router hook recorded no routes this forward")
+        mine = mine[:real]
+        if real < capacity:
+            mine = torch.cat([mine, mine.new_zeros(capacity - real, k)], dim=0)
+        return mine
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(
@@ -451,8 +567,18 @@ class ShuffleTransformerLayer(TransformerLayer):
                 )
             prev = self._previous_state(hidden_states, tp)
             seq, batch = prev.seq, prev.batch
-            ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
-            ln_full = ln_full.view(seq, batch, h)
+            incoming = self._incoming_routes(hidden_states) if self._carries_routes else None
+            if incoming is not None and incoming.pending is not None:
+                # The previous layer's routes ride along with this all-gather.
+                packed = deferred_all_gather(append_route_columns(ln.reshape(-1, h), incoming.pending),
+                                             prev.plan, group, counter=counter)
+                ln_flat, new = split_route_columns(packed, self.config.moe_router_topk)
+                ln_full = ln_flat.contiguous().view(seq, batch, h)
+                history = torch.cat([incoming.history, new.unsqueeze(1)], dim=1)
+            else:
+                ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
+                ln_full = ln_full.view(seq, batch, h)
+                history = None if incoming is None else incoming.history
             # A shard holds its real tokens first, then its pad row (if any).
             prev_real = real_capacities(prev.plan.num_tokens, tp)[rank]
             start = rank * prev.plan.capacity
@@ -461,7 +587,12 @@ class ShuffleTransformerLayer(TransformerLayer):
         else:
             seq, batch = hidden_states.shape[0], hidden_states.shape[1]
             ln_full = ln
+            incoming = self._incoming_routes(hidden_states) if self._carries_routes else None
+            history = None if incoming is None else incoming.history
         num_tokens = seq * batch
+        if self._carries_routes and history is None:  # the first MoE layer of this forward
+            history = torch.zeros(num_tokens, 0, self.config.moe_router_topk, dtype=torch.long,
+                                  device=hidden_states.device)
 
         # Step 2: attention on true order; linear_proj returns the partial sum and its bias.
         partial, proj_bias = self.self_attention(
@@ -478,7 +609,7 @@ class ShuffleTransformerLayer(TransformerLayer):
         )
 
         # Step 3: the balanced plan, identical on every TP rank.
-        plan = self.shuffle_plan(ln_full)
+        plan = self.shuffle_plan(ln_full, history)
         if self.carrier.options.keep_plans:
             self.carrier.plans.append((self.layer_number, plan))
 
@@ -506,8 +637,21 @@ class ShuffleTransformerLayer(TransformerLayer):
 
         if sp:
             self.carrier.state = ShuffleState(plan=plan, seq=seq, batch=batch, tensor=out)
+            if self._carries_routes:
+                self.carrier.routes = RouteHistory(tensor=out, history=history,
+                                                   pending=self._shard_routes(real, plan.capacity))
             return out, context
-        # Step 6: the deferred all-gather back to true order.
+        # Step 6: the deferred all-gather back to true order (with this layer's routes for
+        # predictor "history").
+        if self._carries_routes:
+            packed = deferred_all_gather(
+                append_route_columns(out.view(plan.capacity, h), self._shard_routes(real, plan.capacity)),
+                plan, group, counter=counter,
+            )
+            full, new = split_route_columns(packed, self.config.moe_router_topk)
+            result = full.contiguous().view(seq, batch, h)
+            self.carrier.routes = RouteHistory(tensor=result, history=torch.cat([history, new.unsqueeze(1)], dim=1))
+            return result, context
         full = deferred_all_gather(out.view(plan.capacity, h), plan, group, counter=counter)
         return full.view(seq, batch, h), context
 

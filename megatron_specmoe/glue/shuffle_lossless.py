@@ -66,7 +66,10 @@ class ShuffleResult:
     """Attributes: rank; max_out_diff (max |shuffle - ref| over every output compared);
     base / shuffle: this rank's summed RouteMeasures (None when it recorded nothing);
     base_tp_bytes / shuffle_tp_bytes: bytes this rank sent on TP collectives (ring model), by
-    kind; plans_agree: every TP rank computed identical plans; plans: layers x forwards planned."""
+    kind; plans_agree: every TP rank computed identical plans; plans: layers x forwards planned;
+    history_ok (predictor "history", GPT cases): after the prefill, the route history the shuffle
+    layers carried equals the routes Megatron's own routers chose, token for token (None: not
+    checked)."""
 
     rank: int
     max_out_diff: float
@@ -76,6 +79,7 @@ class ShuffleResult:
     shuffle_tp_bytes: dict
     plans_agree: bool
     plans: int
+    history_ok: Optional[bool] = None
 
 
 @contextlib.contextmanager
@@ -139,14 +143,36 @@ class TokenModuloPredictor:
         return 0
 
 
+def toy_history_mlp(shape: MoEShape, seed: int = 0):
+    """A HistoryMLP fitted (seeded, so identically on every rank) on 256 tokens of random routes
+    with a planted dependence (layer l's first expert follows layer l-1's): a real fitted model
+    for the "history" predictor; its accuracy is irrelevant to losslessness."""
+    import numpy as np
+
+    from megatron_specmoe.planning.predictors.history_mlp import HistoryMLP
+    from megatron_specmoe.planning.traces import RoutingTrace
+
+    rng = np.random.default_rng(seed)
+    e, k, layers = shape.experts, shape.topk, shape.layers
+    ex = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(layers)]) for _ in range(256)])
+    for layer in range(1, layers):
+        follow = (ex[:, layer - 1, 0] + 3) % e
+        clash = (ex[:, layer, 1:] == follow[:, None]).any(axis=1)
+        ex[~clash, layer, 0] = follow[~clash]
+    return HistoryMLP(hidden=8, epochs=2, seed=seed).fit(RoutingTrace(experts=ex.astype(np.int32), num_experts=e))
+
+
 def _options(case: ShuffleCase):
     from megatron_specmoe.glue.shuffle_layer import ShuffleOptions
 
     route = None
+    if case.predictor == "history":
+        route = toy_history_mlp(case.shape)
     if case.predictor == "route":
         route = TokenModuloPredictor(num_experts=case.shape.experts, num_layers=case.shape.layers)
     return ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True,
-                          route_predictor=route, route_vocab_size=case.shape.vocab if route else None)
+                          route_predictor=route,
+                          route_vocab_size=case.shape.vocab if case.predictor == "route" else None)
 
 
 def _placement(case: ShuffleCase) -> ExpertPlacement:
@@ -242,6 +268,11 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
         recorders = {"base": DispatchRecorder(), "shuffle": DispatchRecorder()}
         attach_recorder(base, recorders["base"])
         attach_recorder(shuffle, recorders["shuffle"])
+        ref_routes: dict[int, torch.Tensor] = {}
+        if case.predictor == "history":
+            for i, site in enumerate(moe_sites(ref)):
+                site.layer.router.register_forward_hook(functools.partial(_keep_router_routes, ref_routes, i, shape.topk))
+        history_ok = None
 
         dp_rank = parallel_state.get_data_parallel_rank()
         gen = torch.Generator().manual_seed(case.seed * 131 + dp_rank)
@@ -268,7 +299,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             step_tokens = torch.randint(0, shape.vocab, (case.batch, 1), generator=gen)
             steps.append((step_tokens, torch.full((case.batch, 1), pos), full[..., pos : pos + 1, : pos + 1]))
         with torch.no_grad():
-            for step_tokens, step_positions, step_mask in steps:
+            for step_index, (step_tokens, step_positions, step_mask) in enumerate(steps):
                 outs = {}
                 for name, model in models.items():
                     with count_tp_collectives(tp_group, counters[name]):
@@ -279,16 +310,41 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
                         contexts[name].sequence_len_offset += step_tokens.shape[1]
                 diff = max(diff, float((outs["ref"] - outs["shuffle"]).abs().max()),
                            float((outs["ref"] - outs["base"]).abs().max()))
+                if case.predictor == "history" and step_index == 0:
+                    history_ok = _history_matches(carrier, ref_routes, tp_group, sequence_parallel)
         agree, planned = _plans_agree(carrier.plans, tp_group)
         return ShuffleResult(
             rank=rank, max_out_diff=diff,
             base=_sum_measures(recorders["base"].records),
             shuffle=_sum_measures(recorders["shuffle"].records),
             base_tp_bytes=dict(base_bytes.sent_bytes), shuffle_tp_bytes=dict(carrier.counter.sent_bytes),
-            plans_agree=agree, plans=planned,
+            plans_agree=agree, plans=planned, history_ok=history_ok,
         )
     finally:
         parallel.destroy()
+
+
+def _keep_router_routes(store: dict, index: int, topk: int, _router, _args, output) -> None:
+    from megatron_specmoe.glue.route_recorder import _topk_from_output
+
+    store[index] = _topk_from_output(output, topk)[0]
+
+
+def _history_matches(carrier, ref_routes: dict, tp_group, sequence_parallel: bool) -> bool:
+    """Whether the carried route history equals Megatron's routes (as sets per token and layer).
+    Without sequence parallelism every TP rank of the reference routes all T tokens in (s, b)
+    order; with it, rank r routes the contiguous shard r, so the shards are all-gathered."""
+    carried = carrier.routes.history  # [T, l, k]
+    truth = torch.stack([ref_routes[i] for i in sorted(ref_routes)], dim=1)  # [rows, L, k]
+    if sequence_parallel:
+        parts = [torch.empty_like(truth) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(parts, truth.contiguous(), group=tp_group)
+        truth = torch.cat(parts, dim=0)
+    layers = carried.shape[1]
+    want_layers = truth.shape[1] - (1 if sequence_parallel else 0)  # SP: the last layer's are pending
+    return layers == want_layers and torch.equal(
+        torch.sort(carried, dim=-1).values, torch.sort(truth[:, :layers], dim=-1).values
+    )
 
 
 def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> ShuffleResult:
