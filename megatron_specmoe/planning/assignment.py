@@ -330,23 +330,24 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
     own_rank = torch.arange(n, device=device).view(-1, 1)
     partner_of = _round_robin(p, device)
     # The sweeps carry each slot's flat index into s_ext at its own rank's column, so that one
-    # gather reads both the partner's and the own score: ``at[r, 0]`` offsets to the partner's
-    # column in round r, ``at[r, 1]`` is zero.
-    at = torch.stack([partner_of - own_rank.view(1, -1), torch.zeros_like(partner_of)], dim=1).unsqueeze(-1)
+    # take reads both the partner's and the own score: ``at[r][0]`` offsets each rank's slots to
+    # its partner's column in round r, ``at[r][1]`` is zero. Per-round views are cut once.
+    to_partner = (partner_of - own_rank.view(1, -1)).unsqueeze(-1)  # [R, n, 1]
+    at = torch.stack([to_partner, torch.zeros_like(to_partner)], dim=1).unbind(0)  # R x [2, n, 1]
+    to_partner, partners = to_partner.unbind(0), partner_of.unbind(0)
     slot = shards * n + own_rank  # [n, C]
     for _ in range(sweeps):
         for r in range(n - 1):
-            partner = partner_of[r]  # [n]
             # Step 2: gain of moving each token to its rank's partner this round.
-            both = s_flat.take(slot.unsqueeze(0) + at[r])  # [2, n, C]: partner's score, own score
-            gain = both[0] - both[1]
+            to_score, own_score = s_flat.take(slot + at[r]).unbind(0)  # [n, C] each
+            gain = to_score - own_score
             # Step 3: pair the i-th best mover of a rank with the i-th best of its partner; the
             # joint gain falls with i, so the swaps that pay form a prefix. A token moving from
-            # rank b to a = partner[b] has flat index slot + at[r, 0, b] there.
+            # rank b to a = partners[r][b] has flat index slot + to_partner[r][b] there.
             g, idx = torch.sort(gain, dim=1, descending=True, stable=True)
             movers = slot.gather(1, idx)
-            swap = (g + g.index_select(0, partner)) > _SWAP_EPS
-            arrivals = (movers + at[r, 0]).index_select(0, partner)
+            swap = (g + g.index_select(0, partners[r])) > _SWAP_EPS
+            arrivals = (movers + to_partner[r]).index_select(0, partners[r])
             slot = slot.scatter(1, idx, torch.where(swap, arrivals, movers))
     return _home_from_shards(torch.div(slot, n, rounding_mode="floor"), t, p)
 
