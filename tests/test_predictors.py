@@ -317,9 +317,9 @@ def test_history_layer_scorer_matches_expert_scores_on_device_tensors():
     for layer in range(layers):
         want = model.expert_scores(RouteContext(layer=layer, history=query[:, :layer]))
         scorer = model.layer_scorer(layer)
-        got = scorer.scores(torch.as_tensor(query[:, :layer]))
+        got = scorer.scores(history=torch.as_tensor(query[:, :layer]))
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"history must be \[T, 2, k\], got \(40, 1, 2\)"):
-        model.layer_scorer(2).scores(torch.as_tensor(query[:, :1]))
+        model.layer_scorer(2).scores(history=torch.as_tensor(query[:, :1]))
     with pytest.raises(ValueError, match="layer=3 is outside the fitted layers 0..2"):
         model.layer_scorer(3)

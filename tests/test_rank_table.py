@@ -1,4 +1,4 @@
-"""The token table compiled to a dense device table (``planning.predictors.rank_table``): row for
+"""Predictors in device form (``planning.predictors.rank_table``, ``device_scorer``): row for
 row equal to the host path, hand-worked values, ids outside the table, and the refusals."""
 
 from __future__ import annotations
@@ -66,3 +66,36 @@ def test_refusals_name_the_field():
     history_only = LayerTable(n=1, min_count=1, alpha=1.0).fit(RoutingTrace(experts=ROUTES, num_experts=4))
     with pytest.raises(ValueError, match="'layer' predictor states no vocabulary size; pass vocab_size="):
         compile_rank_table(history_only, layer=0, placement=placement, ep_base=0, tp=2)
+
+
+@pytest.mark.parametrize("rule", ["mixture", "max_confidence"])
+def test_device_scorers_equal_the_host_predictors(rule):
+    from megatron_specmoe.planning.predictors.combined import Combined
+    from megatron_specmoe.planning.predictors.device_scorer import layer_device_scorer
+    from megatron_specmoe.planning.predictors.history_mlp import HistoryMLP
+
+    rng = np.random.default_rng(2)
+    t, layers, e, k = 300, 3, 6, 2
+    experts = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(layers)]) for _ in range(t)])
+    ids = rng.integers(0, 25, size=t)
+    trace = RoutingTrace(experts=experts.astype(np.int32), num_experts=e, token_ids=ids)
+    token = TokenTable(alpha=1.0).fit(trace)
+    history = HistoryMLP(hidden=8, epochs=2).fit(trace)
+    combined = Combined.of([token, history], rule=rule)
+    q_ids = np.concatenate([rng.integers(-3, 40, size=50), [24, 25]])
+    q_hist = experts[rng.integers(0, t, size=q_ids.shape[0])]
+    for layer in range(layers):
+        ctx = RouteContext(layer=layer, token_ids=q_ids, history=q_hist[:, :layer])
+        for pred in (token, history, combined):
+            scorer = layer_device_scorer(pred, layer=layer)
+            got = scorer.scores(token_ids=torch.as_tensor(q_ids), history=torch.as_tensor(q_hist[:, :layer]))
+            np.testing.assert_allclose(got.numpy(), pred.expert_scores(ctx), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{pred.kind} layer {layer}")
+
+
+def test_device_scorer_refuses_kinds_without_a_device_form():
+    from megatron_specmoe.planning.predictors.device_scorer import layer_device_scorer
+
+    table = LayerTable(n=1, min_count=1, alpha=1.0).fit(RoutingTrace(experts=ROUTES, num_experts=4))
+    with pytest.raises(ValueError, match="the 'layer' predictor has no device form; use one of"):
+        layer_device_scorer(table, layer=0)

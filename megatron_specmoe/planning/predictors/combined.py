@@ -28,7 +28,7 @@ from megatron_specmoe.planning.predictors._common import NotFittedError, check_s
 from megatron_specmoe.planning.predictors.base import RouteContext, RoutePredictor
 from megatron_specmoe.planning.traces import RoutingTrace
 
-__all__ = ["Combined", "CombineRule"]
+__all__ = ["Combined", "CombineRule", "combine_scores_torch"]
 
 CombineRule = Literal["max_confidence", "mixture"]
 
@@ -43,6 +43,24 @@ def combine_scores(scores: Sequence[np.ndarray], rule: str) -> np.ndarray:
     if rule == "mixture":
         mixed = (conf[:, :, None] * stack).sum(axis=0)
         return mixed / mixed.sum(axis=1, keepdims=True)
+    raise ValueError(f"Combined: rule must be one of {list(get_args(CombineRule))}, got {rule!r}")
+
+
+def combine_scores_torch(scores, rule: str):
+    """``combine_scores`` on torch tensors (float32 [T, E] each, any device): the same rule, for
+    the run-time device scorers (``device_scorer.CombinedScorer``)."""
+    import torch
+
+    stack = torch.stack([s.float() for s in scores])  # [S, T, E]
+    conf = stack.amax(dim=2)  # [S, T]
+    if rule == "max_confidence":
+        # First maximum (ties: the earlier member), as numpy's argmax.
+        best = conf.amax(dim=0, keepdim=True)
+        first = (conf == best).float().argmax(dim=0)
+        return stack.gather(0, first.view(1, -1, 1).expand(1, -1, stack.shape[2]))[0]
+    if rule == "mixture":
+        mixed = (conf.unsqueeze(2) * stack).sum(dim=0)
+        return mixed / mixed.sum(dim=1, keepdim=True)
     raise ValueError(f"Combined: rule must be one of {list(get_args(CombineRule))}, got {rule!r}")
 
 

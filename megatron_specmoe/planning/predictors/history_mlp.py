@@ -81,9 +81,9 @@ class HistoryLayerScorer:
     w2: Any = None
     b2: Any = None
 
-    def scores(self, history):
+    def scores(self, *, history, token_ids=None):
         """float32 [T, E] from ``history`` int [T, l, k] (the experts of MoE layers 0 .. l-1 on the
-        scorer's device); rows sum to 1."""
+        scorer's device; ``token_ids`` unused); rows sum to 1."""
         import torch
 
         tokens = history.shape[0]

@@ -25,15 +25,13 @@ layer=l, token_ids=ids)), placement)[:, ep_base : ep_base + P]`` row for row, fo
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from megatron_specmoe.planning.placement import ExpertPlacement
-from megatron_specmoe.planning.predictors.base import RouteContext, rank_scores
+from megatron_specmoe.planning.predictors.base import rank_scores
 
 __all__ = ["RankTable", "compile_rank_table", "token_id_bound"]
 
@@ -119,17 +117,13 @@ def compile_rank_table(
             f"compile_rank_table: the span ep_base={ep_base} .. {ep_base + tp - 1} (tp={tp}) lies "
             f"outside the placement's {placement.ep_size} EP ranks"
         )
-    if chunk < 1:
-        raise ValueError(f"compile_rank_table: chunk must be >= 1, got {chunk}")
-    # Ids 0 .. V-1, then -1 for the prior row (an id no table holds).
-    ids = np.concatenate([np.arange(v, dtype=np.int64), np.array([-1], dtype=np.int64)])
-    out = np.empty((v + 1, tp), dtype=np.float32)
-    for start in range(0, v + 1, chunk):
-        part = ids[start : start + chunk]
-        scores = predictor.expert_scores(RouteContext(layer=layer, token_ids=part))
-        out[start : start + part.shape[0]] = rank_scores(scores, placement)[:, ep_base : ep_base + tp]
-        if v > 8 * chunk and (start // chunk) % 8 == 7:
-            print(f"[rank_table] layer {layer}: {start + part.shape[0]}/{v + 1} ids", file=sys.stderr)
+    from megatron_specmoe.planning.predictors.device_scorer import per_id_scores
+
+    # Ids 0 .. V-1, then -1 for the prior row (an id no table holds), summed per rank of the span.
+    out = per_id_scores(
+        predictor, layer=layer, vocab_size=v, chunk=chunk,
+        reduce=lambda scores: rank_scores(scores, placement)[:, ep_base : ep_base + tp],
+    )
     return RankTable(
         table=torch.from_numpy(out).to(device),
         layer=layer,
