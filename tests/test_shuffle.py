@@ -80,6 +80,8 @@ def test_options_refuse_unknown_names():
         ShuffleOptions(method="best")
     with pytest.raises(ValueError, match="predictor='route' needs route_predictor="):
         ShuffleOptions(predictor="route")
+    with pytest.raises(ValueError, match="predictor='history' needs route_predictor= a fitted 'history' predictor .* got 'token'"):
+        ShuffleOptions(predictor="history", route_predictor=SimpleNamespace(kind="token"))
 
 
 def test_layer_refuses_unsupported_settings():

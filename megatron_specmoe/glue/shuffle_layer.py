@@ -96,13 +96,15 @@ ShufflePredictor = Literal["pregate", "route", "history", "contiguous", "random"
                  precomputed for every id into a device table (``RankTable``): one gather per
                  forward, no host synchronisation.
                  The MoE-layer index comes from ``config.moe_layer_freq`` (dense layers skipped).
-    history      a fitted ``HistoryMLP`` (``options.route_predictor``) on the real routes of the
-                 earlier MoE layers (``RouteHistory``), scored on the device
-                 (``HistoryMLP.layer_scorer``). Each layer's routes ride along with the all-gather
+    history      a fitted ``HistoryMLP``, or a ``Combined`` of the token table and it
+                 (``options.route_predictor``), on the real routes of the earlier MoE layers
+                 (``RouteHistory``) and, for the token member, the token ids; scored on the device
+                 (``planning.predictors.device_scorer``). Each layer's routes ride along with the all-gather
                  that follows it (``comm.shuffle.append_route_columns``: k ids per token, e.g. 4
                  bytes next to 2H bytes of hidden state), so every TP rank holds the same history
-                 in true order. The first MoE layer has no history and scores the prior. Needs the
-                 MoE layers to be consecutive shuffle layers.
+                 in true order. The first MoE layer has no history (the history member scores the
+                 prior there, so a combined predictor leans on the token table). Needs the MoE
+                 layers to be consecutive shuffle layers.
     contiguous   no prediction: Megatron's contiguous shards (the baseline order).
     random       scores from a generator seeded by (options.seed, layer, call): for tests.
     adversarial  minus the pregate score: tokens go where their predicted experts are *not*
@@ -135,11 +137,11 @@ class ShuffleOptions:
                 "ShuffleOptions.predictor='route' needs route_predictor= a fitted RoutePredictor "
                 "(e.g. from the plan: planning.plan.load_plan)"
             )
-        if self.predictor == "history" and not callable(getattr(self.route_predictor, "layer_scorer", None)):
+        if self.predictor == "history" and getattr(self.route_predictor, "kind", None) not in ("history", "combined"):
             raise ValueError(
-                "ShuffleOptions.predictor='history' needs route_predictor= a fitted HistoryMLP (the "
-                "plan's 'history' predictor), got "
-                f"{type(self.route_predictor).__name__ if self.route_predictor is not None else None}"
+                "ShuffleOptions.predictor='history' needs route_predictor= a fitted 'history' predictor "
+                "(HistoryMLP) or a 'combined' of 'token' and 'history' (from the plan), got "
+                f"{getattr(self.route_predictor, 'kind', type(self.route_predictor).__name__)!r}"
             )
         if self.route_vocab_size is not None and self.route_vocab_size < 0:
             raise ValueError(f"ShuffleOptions.route_vocab_size must be >= 0 or None, got {self.route_vocab_size}")
@@ -306,7 +308,7 @@ class ShuffleTransformerLayer(TransformerLayer):
         # (placement, RankTable) for predictor="route", built on first use (``_rank_table``).
         self._route_table: Optional[tuple] = None
         self._rank_of_cache: Optional[tuple] = None  # (placement, int64 [E]) for "pregate"
-        # predictor "history": this layer's scorer (built on first use) and the router's last
+        # predictor "history": (device, scorer) for this layer (built on first use) and the router's last
         # top-k ids, kept by a forward hook on the router.
         self._history_scorer = None
         self._last_routes: Optional[torch.Tensor] = None
@@ -433,7 +435,8 @@ class ShuffleTransformerLayer(TransformerLayer):
         return cached[1]
 
     def _history_scores(self, history: Optional[torch.Tensor], tp: int) -> torch.Tensor:
-        """float32 [T, P] from the HistoryMLP on the carried routes, all on the history's device."""
+        """float32 [T, P] from the history (or combined) predictor on the carried routes and the
+        token ids, all on the history's device."""
         index = self.moe_index
         if history is None or history.shape[1] != index:
             raise ValueError(
@@ -441,11 +444,22 @@ class ShuffleTransformerLayer(TransformerLayer):
                 f"{None if history is None else history.shape[1]} earlier layers; every MoE layer must be "
                 "a ShuffleTransformerLayer and the MoE layers consecutive (no dense layer between them)"
             )
-        scorer = self._history_scorer
-        if scorer is None or scorer.prior.device != history.device:
-            scorer = self.carrier.options.route_predictor.layer_scorer(index, device=history.device)
-            self._history_scorer = scorer
-        expert_scores = scorer.scores(history)  # [T, E]
+        from megatron_specmoe.planning.predictors.device_scorer import layer_device_scorer
+
+        opts = self.carrier.options
+        cached = self._history_scorer
+        if cached is None or cached[0] != history.device:
+            scorer = layer_device_scorer(opts.route_predictor, layer=index, device=history.device,
+                                         vocab_size=opts.route_vocab_size)
+            cached = (history.device, scorer)
+            self._history_scorer = cached
+        ids = self.carrier.token_ids
+        if ids is not None and ids.shape != (history.shape[0],):
+            raise ValueError(
+                f"ShuffleTransformerLayer: carrier.token_ids has shape {tuple(ids.shape)}, this forward has "
+                f"{history.shape[0]} tokens; feed_token_ids(model, carrier) must see this forward's input_ids"
+            )
+        expert_scores = cached[1].scores(token_ids=ids, history=history)  # [T, E]
         # Sum over the experts each TP rank of the span hosts: a [E, P] 0/1 matrix product.
         local = self._rank_of(history.device) - self._ep_span()
         hosts = (local.view(-1, 1) == torch.arange(tp, device=history.device).view(1, -1)).float()

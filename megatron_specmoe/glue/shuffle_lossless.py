@@ -143,13 +143,16 @@ class TokenModuloPredictor:
         return 0
 
 
-def toy_history_mlp(shape: MoEShape, seed: int = 0):
-    """A HistoryMLP fitted (seeded, so identically on every rank) on 256 tokens of random routes
-    with a planted dependence (layer l's first expert follows layer l-1's): a real fitted model
-    for the "history" predictor; its accuracy is irrelevant to losslessness."""
+def toy_history_predictor(shape: MoEShape, seed: int = 0):
+    """The "history" predictor's usual form, a Combined (mixture) of a TokenTable and a HistoryMLP,
+    fitted (seeded, so identically on every rank) on 256 tokens of random ids and routes with a
+    planted dependence (layer l's first expert follows layer l-1's): real fitted models for the
+    run-time path; their accuracy is irrelevant to losslessness."""
     import numpy as np
 
+    from megatron_specmoe.planning.predictors.combined import Combined
     from megatron_specmoe.planning.predictors.history_mlp import HistoryMLP
+    from megatron_specmoe.planning.predictors.token_table import TokenTable
     from megatron_specmoe.planning.traces import RoutingTrace
 
     rng = np.random.default_rng(seed)
@@ -159,7 +162,10 @@ def toy_history_mlp(shape: MoEShape, seed: int = 0):
         follow = (ex[:, layer - 1, 0] + 3) % e
         clash = (ex[:, layer, 1:] == follow[:, None]).any(axis=1)
         ex[~clash, layer, 0] = follow[~clash]
-    return HistoryMLP(hidden=8, epochs=2, seed=seed).fit(RoutingTrace(experts=ex.astype(np.int32), num_experts=e))
+    trace = RoutingTrace(experts=ex.astype(np.int32), num_experts=e,
+                         token_ids=rng.integers(0, shape.vocab, size=ex.shape[0]))
+    return Combined.of([TokenTable(vocab_size=shape.vocab).fit(trace),
+                        HistoryMLP(hidden=8, epochs=2, seed=seed).fit(trace)])
 
 
 def _options(case: ShuffleCase):
@@ -167,7 +173,7 @@ def _options(case: ShuffleCase):
 
     route = None
     if case.predictor == "history":
-        route = toy_history_mlp(case.shape)
+        route = toy_history_predictor(case.shape)
     if case.predictor == "route":
         route = TokenModuloPredictor(num_experts=case.shape.experts, num_layers=case.shape.layers)
     return ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True,
