@@ -34,8 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
     p.add_argument("--seq", type=int, default=128, help="tokens per window (default 128, at most the model's)")
     p.add_argument("--batch", type=int, default=4, help="windows per forward per DP group (default 4)")
-    p.add_argument("--predictor", choices=("route", "pregate"), default="route",
-                   help="runtime predictor: the plan's token table (route, default) or the layer's router (pregate)")
+    p.add_argument("--predictor", choices=("route", "history", "pregate"), default="route",
+                   help="runtime predictor: the plan's token table (route, default), the table combined with the "
+                        "plan's route-history MLP on the routes carried between layers (history), or the "
+                        "layer's router (pregate)")
     p.add_argument("--placement", default="search", help="expert grouping method (default search)")
     p.add_argument("--out-dir", default="specmoe-demo", help="plan, figure and JSON go here (default ./specmoe-demo)")
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON (default OUT_DIR/report.json)")

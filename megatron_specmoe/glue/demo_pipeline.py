@@ -5,8 +5,10 @@ B sequences per forward per DP group, L MoE layers, E experts, k top-k.
 
 1. profile  the ``alltoall`` model runs the calibration windows; a ``RouteRecorder`` on TP rank 0
             of each DP group records every MoE layer's top-k with token ids; rank 0 merges them.
-2. plan     rank 0 fits the token table (the runtime predictor, on token ids every TP rank holds)
-            and the expert grouping, and writes the plan folder; every rank loads it back.
+2. plan     rank 0 fits the token table (the runtime predictor, on token ids every TP rank holds;
+            with ``predictor="history"`` also the route-history MLP, combined with the table) and the
+            expert grouping, and
+            writes the plan folder; every rank loads it back.
 3. serve    the evaluation windows go through two models with the same trained weights:
             ``alltoall`` (Megatron's layers) and ``specmoe`` (``ShuffleTransformerLayer`` with the
             plan's token table, and the plan's placement applied by moving expert weights between
@@ -50,7 +52,9 @@ class PipelineSettings:
     calib, evalu: int64 [N, S] token windows (prepared by the caller, identical on every rank).
     tp, ep: layout (TP group inside the EP group, expert tensor parallel 1).
     batch: B.
-    predictor: "route" (the plan's token table) or "pregate" (the layer's router; no fitting).
+    predictor: "route" (the plan's token table), "history" (the plan's token table combined with
+        its route-history MLP on the routes carried between layers) or "pregate" (the layer's
+        router; no fitting).
     placement: expert grouping method (``planning.grouping.GroupingMethod``).
     plan_dir: where the plan is written.
     seed: grouping seed.
@@ -136,6 +140,15 @@ def _plan(trace, card, settings: PipelineSettings) -> dict:
     from megatron_specmoe.planning.predictors.token_table import TokenTable
 
     table = TokenTable(vocab_size=card.shape.vocab).fit(trace)
+    states = {"token": table.to_state()}
+    memory = table.memory_bytes()
+    if settings.predictor == "history":
+        from megatron_specmoe.planning.predictors.combined import Combined
+        from megatron_specmoe.planning.predictors.history_mlp import HistoryMLP
+
+        combined = Combined.of([table, HistoryMLP().fit(trace)])
+        states["combined"] = combined.to_state()
+        memory = combined.memory_bytes()
     placements = group_experts(trace, ep_size=settings.ep,
                                options=GroupingOptions(method=settings.placement, seed=settings.seed))
     contiguous = ExpertPlacement.contiguous(trace.num_experts, settings.ep)
@@ -146,12 +159,12 @@ def _plan(trace, card, settings: PipelineSettings) -> dict:
     ]
     plan = make_plan(num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk,
                      ep_size=settings.ep, hidden_size=card.shape.hidden, vocab_size=card.shape.vocab,
-                     placements=placements, predictor_state={"token": table.to_state()},
+                     placements=placements, predictor_state=states,
                      notes={"source": "specmoe demo", "placement_method": settings.placement})
     save_plan(plan, settings.plan_dir)
     return {
-        "predictor": "token",
-        "predictor_memory_bytes": table.memory_bytes(),
+        "predictor": "combined" if settings.predictor == "history" else "token",
+        "predictor_memory_bytes": memory,
         "placement": settings.placement,
         "co_located_share_contiguous": float(np.mean([c for c, _ in colocated])),
         "co_located_share_grouped": float(np.mean([g for _, g in colocated])),
@@ -177,7 +190,8 @@ def _serve_models(card, settings: PipelineSettings, plan):
     from megatron_specmoe.planning.predictors.registry import predictor_from_state
 
     shape = card.shape
-    route = predictor_from_state("token", plan.predictor_state["token"]) if settings.predictor == "route" else None
+    kind = {"route": "token", "history": "combined"}.get(settings.predictor)
+    route = predictor_from_state(kind, plan.predictor_state[kind]) if kind else None
     carrier = ShuffleCarrier(options=ShuffleOptions(predictor=settings.predictor, route_predictor=route))
     gpt = dict(card.gpt)
     gpt_kwargs = {"position_embedding_type": gpt["position_embedding_type"],
@@ -276,7 +290,8 @@ def pipeline_worker(rank: int, world_size: int, settings: PipelineSettings) -> O
         t1 = time.perf_counter()
         summary = _plan(trace, card, settings) if rank == 0 else None
         if rank == 0:
-            print(f"[specmoe demo] plan: {trace.num_tokens} profiled tokens -> token table "
+            label = "token table + route-history MLP" if summary["predictor"] == "combined" else "token table"
+            print(f"[specmoe demo] plan: {trace.num_tokens} profiled tokens -> {label} "
                   f"({summary['predictor_memory_bytes'] / 1e6:.2f} MB) + '{settings.placement}' grouping "
                   f"(tokens with all experts on one rank: {summary['co_located_share_contiguous']:.3f} "
                   f"contiguous -> {summary['co_located_share_grouped']:.3f}); wrote {settings.plan_dir}",
