@@ -265,3 +265,81 @@ def test_refine_spread_on_cuda_matches_cpu():
     gpu = assign(scores.cuda(), "refine_spread", validate=False, off_domain=weight.cuda())
     assert gpu.order.device.type == "cuda"
     assert torch.equal(gpu.order.cpu(), assign(scores, "refine_spread", off_domain=weight).order)
+
+
+# ---- the packed sort keys and the CPU top-k exchange step ---------------------------------------
+
+
+def test_falling_orders_float32_values_and_ties_zeros():
+    from megatron_specmoe.planning.assignment import _falling
+
+    x = torch.tensor([float("-inf"), -2.5, -1e-30, -0.0, 0.0, 1e-30, 1.0, float("inf")])
+    key = _falling(x).tolist()
+    assert key[3] == key[4]  # -0.0 == 0.0
+    strict = key[:4] + key[5:]  # drop the duplicate zero: larger value, smaller key
+    assert strict == sorted(strict, reverse=True) and len(set(strict)) == len(strict)
+    assert all(0 <= k < 2**32 for k in key)
+
+
+def test_desc_key_orders_rows_like_the_stable_descending_sort():
+    from megatron_specmoe.planning.assignment import _desc_key
+
+    gain = torch.tensor([[1.0, 0.0, 1.0, -1.0], [0.0, -0.0, 2.0, 2.0]])
+    # Row 0: gains 1 (positions 0, 2: lower first), 0, -1. Row 1: the 2s, then the zeros.
+    assert torch.argsort(_desc_key(gain), dim=1, descending=True).tolist() == [[0, 2, 1, 3], [2, 3, 0, 1]]
+    assert torch.equal(torch.sort(gain, dim=1, descending=True, stable=True).indices,
+                       torch.argsort(_desc_key(gain), dim=1, descending=True))
+
+
+def test_paying_swaps_top_k_step_and_its_fallback_to_the_full_sort():
+    from megatron_specmoe.planning.assignment import _paying_swaps
+
+    partner = torch.tensor([1, 0])
+    # Rank 0's movers by falling gain: 0.5 (pos 0), 0.4 (pos 2), 0.3 (pos 3), -0.1 (pos 1); rank
+    # 1's: -0.3 (pos 1), -0.45 (pos 0), -0.5, -0.6. Joint gains 0.2, -0.05, ...: one swap.
+    gain = torch.tensor([[0.5, -0.1, 0.4, 0.3], [-0.45, -0.3, -0.5, -0.6]])
+    g, idx, swap = _paying_swaps(gain, partner, top=2)
+    assert idx.tolist() == [[0, 2], [1, 0]] and swap.tolist() == [[True, False], [True, False]]
+    assert torch.equal(g, gain.gather(1, idx))
+    # Now rank 1's gains 0.2 (pos 0), 0.1 (pos 2), -0.2, -0.3: joint 0.7, 0.5, 0.1, -0.4, three
+    # swaps. top=2 would swap both kept movers, so the step redoes the full sort (K = C = 4).
+    gain = torch.tensor([[0.5, -0.1, 0.4, 0.3], [0.2, -0.3, 0.1, -0.2]])
+    g, idx, swap = _paying_swaps(gain, partner, top=2)
+    assert idx.tolist() == [[0, 2, 3, 1], [0, 2, 3, 1]]
+    assert swap.tolist() == [[True, True, True, False]] * 2
+    assert torch.equal(swap, _paying_swaps(gain, partner, top=4)[2])
+
+
+@pytest.mark.parametrize("tokens,ranks", [(1000, 4), (2049, 8), (777, 3)])
+def test_refine_cpu_top_k_path_gives_the_full_sort_plan(tokens, ranks, monkeypatch):
+    from megatron_specmoe.planning import assignment
+
+    rng = np.random.default_rng(tokens)
+    soft = rng.dirichlet(np.full(ranks, 0.3), size=tokens).astype(np.float32)
+    counts = np.zeros((tokens, ranks), dtype=np.float32)  # pregate-like: many equal gains
+    np.add.at(counts, (np.repeat(np.arange(tokens), 2), rng.integers(0, ranks, size=2 * tokens)), 1.0)
+    for scores in (soft, counts):
+        default = assign(scores, "refine").order  # top = max(64, C / 4) < C here
+        monkeypatch.setattr(assignment, "_TOP_DIV", 1)  # top = C: the full sort (the GPU path)
+        full = assign(scores, "refine").order
+        monkeypatch.setattr(assignment, "_TOP_MIN", 1)
+        monkeypatch.setattr(assignment, "_TOP_DIV", 10**6)  # top = 1: nearly every step falls back
+        tiny = assign(scores, "refine").order
+        monkeypatch.undo()
+        assert torch.equal(default, full) and torch.equal(tiny, full)
+
+
+def test_greedy_packed_key_matches_the_two_sort_path():
+    from megatron_specmoe.planning.assignment import _greedy
+
+    # Multiples of 1/8 (exact in float32 and float64), negative values, signed zeros, many ties:
+    # float32 takes the packed int64 sort, float64 the two stable sorts.
+    rng = np.random.default_rng(2)
+    scores = rng.integers(-4, 5, size=(200, 5)) / 8.0
+    scores[rng.random((200, 5)) < 0.1] = -0.0
+    room = torch.tensor(real_capacities(200, 5))
+    for rounds in (1, 2, None):
+        a = _greedy(torch.tensor(scores, dtype=torch.float32), room, rounds)
+        b = _greedy(torch.tensor(scores, dtype=torch.float64), room, rounds)
+        assert torch.equal(a, b)
+        assert torch.bincount(a, minlength=5).tolist() == real_capacities(200, 5)

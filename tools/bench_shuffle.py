@@ -1,13 +1,14 @@
 """Benchmark s-TS inside Megatron's transformer layer (CPU, gloo).
 
-Part 1, plan overhead. The work a ShuffleTransformerLayer adds per forward on every TP rank: the
-pre-attention gate (router gating on the gathered, normalised layer input [T, H], which the layer
-computes for attention anyway), the top-k ->
-rank scores [T, P] and the balanced plan (``assign(..., "refine")``), for T = ``--plan-tokens``
-(8192) at P = ``--plan-tp`` (8). Compared with the forward time of one Megatron MoE transformer
-layer on the same T tokens in one process (``--plan-hidden`` ...): the ratio to the whole layer,
-and to 1/P of it (a TP rank's share of the layer's arithmetic: an estimate, labelled so). Memory:
-the plan's tensors, counted from their sizes.
+Part 1, plan overhead. The work a ShuffleTransformerLayer adds per forward on every TP rank, for
+T = ``--plan-tokens`` (8192) at P = ``--plan-tp`` (8), timed as three steps and as a whole: the
+pre-attention gate (router gating, a [T, H] x [H, E] matmul on the gathered, normalised layer input,
+which the layer computes for attention anyway), the top-k -> rank scores [T, P]
+(``pregate_rank_scores``) and the balanced plan (``assign(..., "refine", validate=False)``).
+Compared with the forward time of one Megatron MoE transformer layer on the same T tokens in one
+process (``--plan-hidden`` ...): the ratio to the whole layer, and to 1/P of it (a TP rank's share
+of the layer's arithmetic: an estimate, labelled so), for the whole plan and for the plan without
+the gating matmul. Memory: the plan's tensors, counted from their sizes.
 
 Part 2, traffic and time on ``--ranks`` (4) gloo ranks with a small GPT (TP = EP = ranks, every
 layer MoE, sequence parallel on; with ``--no-sp`` off). Three models with identical weights see
@@ -89,6 +90,12 @@ def part_plan(rank: int, world_size: int, args) -> dict:
             scores = pregate_rank_scores(logits, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
             return assign(scores, "refine", validate=False)
 
+        def gating_only():
+            return router.gating(ln.reshape(t, h))
+
+        def scores_only():
+            return pregate_rank_scores(logits_fixed, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
+
         def assign_only():
             return assign(scores_fixed, "refine", validate=False)
 
@@ -97,10 +104,12 @@ def part_plan(rank: int, world_size: int, args) -> dict:
 
         with torch.no_grad():
             ln = layer.input_layernorm(x)
-            scores_fixed = pregate_rank_scores(router.gating(ln.reshape(t, h)), k=shape.topk,
-                                               rank_of=rank_of, ep_base=0, tp=p)
+            logits_fixed = router.gating(ln.reshape(t, h))
+            scores_fixed = pregate_rank_scores(logits_fixed, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
             log(f"part 1: plan for T={t}, P={p} ...")
             plan_s = _median_time(plan, args.repeats)
+            gating_s = _median_time(gating_only, args.repeats)
+            scores_s = _median_time(scores_only, args.repeats)
             assign_s = _median_time(assign_only, args.repeats)
             log(f"part 1: layer forward on T={t} (H={h}) ...")
             layer_s = _median_time(forward, max(1, args.repeats // 2))
@@ -112,8 +121,11 @@ def part_plan(rank: int, world_size: int, args) -> dict:
         work_bytes = (p * c + 1) * n * 4 + 4 * n * c * 8 + t * shape.experts * 4
         return {
             "tokens": t, "tp": p, "hidden": h, "experts": shape.experts, "topk": shape.topk,
-            "plan_ms": plan_s * 1e3, "assign_ms": assign_s * 1e3, "layer_forward_ms": layer_s * 1e3,
+            "plan_ms": plan_s * 1e3, "gating_ms": gating_s * 1e3, "rank_scores_ms": scores_s * 1e3,
+            "assign_ms": assign_s * 1e3, "layer_forward_ms": layer_s * 1e3,
             "plan_over_layer": plan_s / layer_s, "plan_over_layer_share_est": plan_s / (layer_s / p),
+            "no_gating_over_layer_share_est": (scores_s + assign_s) / (layer_s / p),
+            "assign_over_layer_share_est": assign_s / (layer_s / p),
             "plan_state_bytes": plan_bytes, "plan_work_bytes": work_bytes,
         }
     finally:
@@ -382,11 +394,16 @@ def main(argv=None) -> int:
         report["plan"] = r
         print(f"\n[plan overhead] T={r['tokens']} tokens, TP={r['tp']}, H={r['hidden']}, E={r['experts']}, "
               f"k={r['topk']}, {args.plan_threads} threads")
-        print(f"  plan (pregate gating + rank scores + refine assignment): {r['plan_ms']:.2f} ms "
-              f"(assignment alone {r['assign_ms']:.2f} ms)")
+        print(f"  gating (router matmul [T, H] x [H, E]): {r['gating_ms']:.2f} ms")
+        print(f"  rank scores (pregate_rank_scores, top-k -> [T, P]): {r['rank_scores_ms']:.2f} ms")
+        print(f"  assignment (assign refine, validate=False): {r['assign_ms']:.2f} ms")
+        print(f"  plan, the three timed together: {r['plan_ms']:.2f} ms")
         print(f"  one MoE transformer layer forward on all T tokens (1 process): {r['layer_forward_ms']:.1f} ms")
         print(f"  plan / layer forward: {100 * r['plan_over_layer']:.2f}%;  plan / (layer forward / TP) "
               f"[a TP rank's share, estimated]: {100 * r['plan_over_layer_share_est']:.2f}%")
+        print(f"  without the gating matmul: (rank scores + assignment) / (layer forward / TP): "
+              f"{100 * r['no_gating_over_layer_share_est']:.2f}%;  assignment alone: "
+              f"{100 * r['assign_over_layer_share_est']:.2f}%")
         print(f"  plan memory: {r['plan_state_bytes'] / 1024:.0f} KiB kept (scores, home, order, inverse), "
               f"~{r['plan_work_bytes'] / 1024:.0f} KiB transient (refine tables, logits)")
     if args.part in ("traffic", "both"):

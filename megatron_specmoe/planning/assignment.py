@@ -37,16 +37,25 @@ method returns the contiguous shards.
                 each rank takes its highest-scoring asks up to its room. P rounds always suffice
                 (each round places every ask or fills a rank) and are run as exactly P rounds, so
                 that nothing depends on the data; with fewer rounds the tokens still unplaced fill
-                the free rows in index order. Torch, any device.
+                the free rows in index order. One stable sort per round for float32 scores (of the
+                asked rank and the falling score packed in an int64, ``_falling``), two for other
+                dtypes. Torch, any device.
     refine      greedy (2 rounds), then pairwise exchange sweeps (2): for each pair of ranks (a, b)
                 swap the tokens on a that gain most by moving to b with those on b that gain most
                 by moving to a, while the swap raises the objective. The pairs of a sweep follow a
                 round-robin tournament, so each step works on P/2 disjoint pairs at once. The
                 runtime method: within 0.5% of the optimum on the Mixtral traces, fixed shapes, no
-                host synchronisation or host copy with ``validate=False`` (CUDA-graph friendly).
-                Torch, any device. About 360 aten ops per call at P=8 (each a kernel launch on a
-                GPU), so at runtime compute it on a side stream while attention runs: its inputs
-                (the route history) are known before attention starts.
+                host synchronisation or host copy on a GPU with ``validate=False`` (CUDA-graph
+                friendly). Torch, any device. On a GPU about 290 kernel launches per call at P=8
+                (323 aten ops, views included), so at runtime compute it on a side stream while
+                attention runs: its inputs (the route history) are known before attention starts.
+                On the CPU, where a host read is free and the sort of each [n, C] gain table is the
+                largest cost, an exchange step sorts only each rank's first max(64, C/4) movers
+                (``torch.topk`` on a packed int64 key with the stable sort's order) and redoes the
+                step with the full sort when some pair would swap all of them, so every device
+                computes the same plan. T = 8192, P = 8, one CPU thread: about 3.5 ms with
+                pregate-like rank scores, 5 ms with Dirichlet(0.3) ones (was 4.6 and 9.1 ms;
+                ``tools/bench_assignment.py``, ``tools/bench_shuffle.py --part plan``).
     refine_spread  refine, then a spreading pass for shuffle domains smaller than the EP group (TP =
                 one node, EP over several nodes): a token's predicted *off-domain* pairs (``off_domain``,
                 e.g. 1 - the sum of its in-domain rank scores) leave through the node's NICs whatever
@@ -100,6 +109,11 @@ SPREAD_TOL = 0.0
 # Swaps must raise the objective by more than this (float32 scores), so that exchange sweeps never
 # flip-flop on rounding noise.
 _SWAP_EPS = 1e-6
+
+# refine on the CPU: each exchange round sorts only the first max(_TOP_MIN, C / _TOP_DIV) movers
+# of each rank (``_paying_swaps``; the result is the same as with the full sort).
+_TOP_MIN = 64
+_TOP_DIV = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,11 +256,15 @@ def _greedy(scores: torch.Tensor, room: torch.Tensor, rounds: int | None = None)
             closed = torch.where(room > 0, 0.0, float("-inf")).to(scores.dtype)
             ask_score, ask = (scores + closed).max(dim=1)
             ask = torch.where(home == p, ask, p)  # placed tokens ask nobody (p)
-        # Step 2: group the asks by rank, best score first (stable sorts: ties by token index;
-        # the second sorts P + 1 small keys).
-        by_score = torch.sort(ask_score, descending=True, stable=True).indices
-        sorted_ask, by_rank = torch.sort(ask[by_score], stable=True)
-        sorted_idx = by_score[by_rank]
+        # Step 2: group the asks by rank, best score first (stable: ties by token index). float32
+        # scores: one sort of (rank, falling score) packed in an int64; else two stable sorts.
+        if scores.dtype == torch.float32:
+            packed, sorted_idx = torch.sort((ask << 32) + _falling(ask_score), stable=True)
+            sorted_ask = packed >> 32
+        else:
+            by_score = torch.sort(ask_score, descending=True, stable=True).indices
+            sorted_ask, by_rank = torch.sort(ask[by_score], stable=True)
+            sorted_idx = by_score[by_rank]
         # Step 3: each rank takes as many as it has room for: the asks at sorted positions below
         # (first ask of the rank) + room. Rank p has no room.
         counts = torch.bincount(sorted_ask, minlength=p + 1)
@@ -316,6 +334,49 @@ def _home_from_shards(shards: torch.Tensor, num_tokens: int, num_ranks: int) -> 
     return home[:num_tokens]
 
 
+def _falling(x: torch.Tensor) -> torch.Tensor:
+    """int64, same shape as ``x`` (float32, no NaN), in 0 .. 2^32 - 1: smaller for larger x,
+    equal for equal x. The float's bits read as an int32 have the float's order once all but the
+    sign bit are flipped on negative floats (-0.0 is first made +0.0, which compares equal)."""
+    bits = (x + 0.0).view(torch.int32)
+    rising = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return 0x7FFFFFFF - rising.long()
+
+
+def _desc_key(gain: torch.Tensor) -> torch.Tensor:
+    """int64 [n, C], distinct in each row, whose falling order is the order in which the stable
+    descending sort of ``gain`` (float32 [n, C]) puts it: larger gain first, then lower position."""
+    c = gain.shape[1]
+    shift = max(1, (c - 1).bit_length())
+    return -((_falling(gain) << shift) + torch.arange(c, device=gain.device))
+
+
+def _paying_swaps(gain: torch.Tensor, partner: torch.Tensor, top: int):
+    """The movers of each rank by falling gain, paired i-th with i-th across each pair.
+
+    Args:
+        gain: float [n, C], gain of moving each slot's token to its rank's partner.
+        partner: int64 [n], each rank's partner (an involution).
+        top: sort only the first ``top`` movers of each rank (``top < C``: the CPU path): they
+            are found with ``topk`` on ``_desc_key`` (same order as the stable sort). If some pair
+            would swap all ``top`` (more may pay) the full sort is done instead, so the result
+            never depends on ``top``; that check reads one flag back to the host, free on the CPU.
+
+    Returns:
+        (g float [n, K], idx int64 [n, K], swap bool [n, K]) with K = top or C: the sorted gains,
+        their slot positions, and whether the i-th movers of a pair swap (a prefix: the joint
+        gain falls with i).
+    """
+    if top < gain.shape[1] and gain.dtype == torch.float32:
+        idx = torch.topk(_desc_key(gain), top, dim=1).indices
+        g = gain.gather(1, idx)
+        swap = (g + g.index_select(0, partner)) > _SWAP_EPS
+        if not bool(swap[:, -1].any()):
+            return g, idx, swap
+    g, idx = torch.sort(gain, dim=1, descending=True, stable=True)
+    return g, idx, (g + g.index_select(0, partner)) > _SWAP_EPS
+
+
 def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: int = 2) -> torch.Tensor:
     t, p = scores.shape
     device = scores.device
@@ -336,6 +397,9 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
     at = torch.stack([to_partner, torch.zeros_like(to_partner)], dim=1).unbind(0)  # R x [2, n, 1]
     to_partner, partners = to_partner.unbind(0), partner_of.unbind(0)
     slot = shards * n + own_rank  # [n, C]
+    # On the CPU only the first ``top`` movers of each rank are sorted (``_paying_swaps``).
+    c = shards.shape[1]
+    top = min(c, max(_TOP_MIN, -(-c // _TOP_DIV))) if device.type == "cpu" else c
     for _ in range(sweeps):
         for r in range(n - 1):
             # Step 2: gain of moving each token to its rank's partner this round.
@@ -344,9 +408,8 @@ def _refine(scores: torch.Tensor, room: torch.Tensor, rounds: int = 2, sweeps: i
             # Step 3: pair the i-th best mover of a rank with the i-th best of its partner; the
             # joint gain falls with i, so the swaps that pay form a prefix. A token moving from
             # rank b to a = partners[r][b] has flat index slot + to_partner[r][b] there.
-            g, idx = torch.sort(gain, dim=1, descending=True, stable=True)
+            g, idx, swap = _paying_swaps(gain, partners[r], top)
             movers = slot.gather(1, idx)
-            swap = (g + g.index_select(0, partners[r])) > _SWAP_EPS
             arrivals = (movers + to_partner[r]).index_select(0, partners[r])
             slot = slot.scatter(1, idx, torch.where(swap, arrivals, movers))
     return _home_from_shards(torch.div(slot, n, rounding_mode="floor"), t, p)
