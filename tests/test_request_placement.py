@@ -60,3 +60,21 @@ def test_request_affinity_sums_tokens_and_layers():
     aff = request_affinity(_TwoTokenPredictor(), [np.array([0, 0]), np.array([1])], placements)
     # layer 0: expert 0 on rank 0, expert 3 on rank 1; layer 1: expert 0 on rank 1, expert 3 on rank 0.
     assert aff.tolist() == [[2.0, 2.0], [1.0, 1.0]]
+
+
+def test_online_rank_hand_worked():
+    from megatron_specmoe.planning.request_placement import online_rank
+
+    # Shares 0.1 / 0.6 / 0.3; free slots 4/4, 1/4, 3/4 (max 4).
+    aff, pending = np.array([1.0, 6.0, 3.0]), np.array([0, 3, 1])
+    # weight 0.5: 0.5*[0.1, 0.6, 0.3] + 0.5*[1, 0.25, 0.75] = [0.55, 0.425, 0.525] -> rank 0.
+    assert online_rank(aff, pending, max_requests=4, weight=0.5) == 0
+    # weight 0.9: [0.19, 0.565, 0.345] -> rank 1 (affinity wins).
+    assert online_rank(aff, pending, max_requests=4, weight=0.9) == 1
+    # weight 0: Megatron's least-loaded; ties (no affinity, equal load) go to the lower rank.
+    assert online_rank(aff, pending, max_requests=4, weight=0.0) == 0
+    assert online_rank(np.zeros(3), np.array([2, 1, 1]), max_requests=4) == 1
+    with pytest.raises(ValueError, match=r"weight must be in \[0, 1\], got 1.5"):
+        online_rank(aff, pending, max_requests=4, weight=1.5)
+    with pytest.raises(ValueError, match=r"both be \[P\], got \(3,\) and \(2,\)"):
+        online_rank(aff, pending[:2], max_requests=4)

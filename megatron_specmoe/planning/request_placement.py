@@ -28,6 +28,13 @@ How a front end calls it: every ``window`` new requests (or every scheduling tic
 prompts, compute ``request_affinity`` with the plan's token predictor and placements, call
 ``place_requests``, and enqueue request i on DP rank ``placement.rank[i]`` (for Megatron's
 inference engine: submit it to the engine process of that DP rank).
+
+A coordinator that routes requests one at a time as they arrive (Megatron's
+``DataParallelInferenceCoordinator``; ``glue/dp_coordinator.py`` plugs this in) uses
+``online_rank``: each rank scores ``weight * share + (1 - weight) * free``, where share is the
+request's predicted share of pairs on that rank (affinity / its row sum) and free the rank's free
+request slots as a fraction of ``max_requests`` (Megatron's own load term); highest score wins,
+ties to the lower rank. weight = 0 is Megatron's least-loaded routing.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import numpy as np
 from megatron_specmoe.planning.placement import ExpertPlacement
 from megatron_specmoe.planning.predictors.base import RouteContext, rank_scores
 
-__all__ = ["RequestMethod", "RequestPlacement", "request_affinity", "place_requests"]
+__all__ = ["RequestMethod", "RequestPlacement", "request_affinity", "place_requests", "online_rank"]
 
 RequestMethod = Literal["round_robin", "group_mask", "balanced"]
 
@@ -148,3 +155,27 @@ def place_requests(
     tokens = np.bincount(rank, weights=lens, minlength=p).astype(np.int64)
     local = float(aff[np.arange(r), rank].sum()) if r else 0.0
     return RequestPlacement(rank=rank, tokens_per_rank=tokens, predicted_local_pairs=local)
+
+
+def online_rank(affinity: np.ndarray, pending: np.ndarray, *, max_requests: int, weight: float = 0.5) -> int:
+    """The rank for one arriving request (module docstring, "online").
+
+    Args:
+        affinity: float [P], the request's predicted local pairs per rank (a row of
+            ``request_affinity``, mapped to the coordinator's rank order).
+        pending: int [P], requests in flight per rank.
+        max_requests: the most requests a rank holds at once (> 0).
+        weight: in [0, 1], the share of the score given to affinity.
+    """
+    aff = np.asarray(affinity, dtype=np.float64)
+    load = np.asarray(pending, dtype=np.float64)
+    if aff.ndim != 1 or load.shape != aff.shape or aff.shape[0] < 1:
+        raise ValueError(f"online_rank: affinity and pending must both be [P], got {aff.shape} and {load.shape}")
+    if max_requests < 1:
+        raise ValueError(f"online_rank: max_requests must be >= 1, got {max_requests}")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"online_rank: weight must be in [0, 1], got {weight}")
+    total = aff.sum()
+    share = aff / total if total > 0 else np.zeros_like(aff)
+    free = np.maximum(0.0, max_requests - load) / max_requests
+    return int(np.argmax(weight * share + (1.0 - weight) * free))  # first maximum: the lower rank
