@@ -8,6 +8,10 @@ sequence parallelism on a machine without TransformerEngine, the torch norms by 
 would need a TP all-reduce; a norm is per token, so its forward is exact on a shard, and the
 shuffle layer is forward-only).
 
+``shuffle_layer_spec_from`` does the same to a layer spec Megatron already made (its local MoE
+spec, e.g. from ``get_gpt_decoder_block_spec``); ``glue.megatron_shuffle`` uses it to turn the
+specs Megatron-LM's model builder asks for into shuffle specs.
+
 Local (CPU-capable) linears only for now: TransformerEngine's fused layernorm-linear
 (``TELayerNormColumnParallelLinear``) all-gathers inside TE, which the shuffle must own; that path
 is not written (refused with a clear error).
@@ -35,6 +39,8 @@ __all__ = [
     "with_tokenwise_norms",
     "get_gpt_layer_shuffle_spec",
     "get_gpt_block_shuffle_spec",
+    "is_moe_layer_spec",
+    "shuffle_layer_spec_from",
     "carrier_of",
     "true_order_output",
     "feed_token_ids",
@@ -97,16 +103,82 @@ def get_gpt_layer_shuffle_spec(
     if carrier is None:
         carrier = ShuffleCarrier(options=options or ShuffleOptions())
     base = get_gpt_layer_specmoe_spec(num_experts, use_transformer_engine=False, **kwargs)
-    attention = _replace(
-        base.submodules.self_attention,
+    return shuffle_layer_spec_from(base, carrier=carrier, sequence_parallel_norms=sequence_parallel_norms)
+
+
+def _spec_class(spec: Any) -> Any:
+    """The class a ModuleSpec or functools.partial builds (None for anything else)."""
+    if isinstance(spec, ModuleSpec):
+        return spec.module
+    if isinstance(spec, functools.partial):
+        return spec.func
+    return None
+
+
+def is_moe_layer_spec(spec: Any) -> bool:
+    """Whether a transformer layer spec builds an MoE MLP (``MoELayer`` or a subclass); dense
+    layers (``MLP``) give False."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    mlp = getattr(getattr(spec, "submodules", None), "mlp", None)
+    cls = _spec_class(mlp)
+    return isinstance(cls, type) and issubclass(cls, MoELayer)
+
+
+def shuffle_layer_spec_from(
+    spec: ModuleSpec, *, carrier: ShuffleCarrier, sequence_parallel_norms: bool = False
+) -> ModuleSpec:
+    """The shuffle version of a Megatron MoE layer spec with local linears (as
+    ``gpt_layer_specs.get_gpt_layer_local_spec(num_experts=...)`` returns it): layer class
+    ``ShuffleTransformerLayer`` with ``carrier``, non-communicating attention linears, the specmoe
+    MoE layer, and ``TokenwiseNorm`` norms when ``sequence_parallel_norms``. A spec that already is
+    a shuffle spec only gets the new carrier (and norms), so converting twice is harmless.
+
+    Raises:
+        ValueError: a dense layer, multi-latent attention, or TransformerEngine linears (named).
+    """
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_specmoe.glue.specs import with_specmoe
+
+    if not isinstance(spec, ModuleSpec) or not (
+        isinstance(spec.module, type) and issubclass(spec.module, TransformerLayer)
+    ):
+        raise ValueError(
+            f"shuffle_layer_spec_from: expected a TransformerLayer ModuleSpec, got {spec!r}"
+        )
+    if not is_moe_layer_spec(spec):
+        raise ValueError(
+            "shuffle_layer_spec_from: the layer is dense (its MLP is not an MoELayer); dense layers "
+            "keep Megatron's TransformerLayer"
+        )
+    attention = getattr(spec.submodules.self_attention, "submodules", None)
+    qkv, proj = getattr(attention, "linear_qkv", None), getattr(attention, "linear_proj", None)
+    if qkv is None or proj is None:
+        raise ValueError(
+            "shuffle_layer_spec_from: the attention has no linear_qkv/linear_proj (multi-latent "
+            "attention?); the shuffle layer supports standard self-attention only"
+        )
+    if qkv not in (ColumnParallelLinear, NoCommColumnParallelLinear) or proj not in (
+        RowParallelLinear, NoCommRowParallelLinear
+    ):
+        raise ValueError(
+            f"shuffle_layer_spec_from: attention linears are {getattr(qkv, '__name__', qkv)} / "
+            f"{getattr(proj, '__name__', proj)}; the shuffle layer needs Megatron's local linears "
+            "(TransformerEngine's fused layernorm-linear all-gathers inside TE): build the spec with "
+            "use_transformer_engine=False"
+        )
+    attention_spec = _replace(
+        spec.submodules.self_attention,
         linear_qkv=NoCommColumnParallelLinear,
         linear_proj=NoCommRowParallelLinear,
     )
-    changes: dict[str, Any] = {"self_attention": attention}
+    changes: dict[str, Any] = {"self_attention": attention_spec}
     if sequence_parallel_norms:
         changes.update(input_layernorm=TokenwiseNorm, pre_mlp_layernorm=TokenwiseNorm)
-    spec = _replace(base, **changes)
-    return dataclasses.replace(spec, module=ShuffleTransformerLayer, params={**spec.params, "carrier": carrier})
+    out = _replace(with_specmoe(spec), **changes)
+    return dataclasses.replace(out, module=ShuffleTransformerLayer, params={**out.params, "carrier": carrier})
 
 
 def get_gpt_block_shuffle_spec(config, layer_spec: ModuleSpec, *, final_norm: Any = None):
