@@ -281,52 +281,39 @@ def test_falling_orders_float32_values_and_ties_zeros():
     assert all(0 <= k < 2**32 for k in key)
 
 
-def test_desc_key_orders_rows_like_the_stable_descending_sort():
-    from megatron_specmoe.planning.assignment import _desc_key
+def test_sweeps_numpy_hand_worked_swap():
+    from megatron_specmoe.planning.assignment import _sweeps_numpy
 
-    gain = torch.tensor([[1.0, 0.0, 1.0, -1.0], [0.0, -0.0, 2.0, 2.0]])
-    # Row 0: gains 1 (positions 0, 2: lower first), 0, -1. Row 1: the 2s, then the zeros.
-    assert torch.argsort(_desc_key(gain), dim=1, descending=True).tolist() == [[0, 2, 1, 3], [2, 3, 0, 1]]
-    assert torch.equal(torch.sort(gain, dim=1, descending=True, stable=True).indices,
-                       torch.argsort(_desc_key(gain), dim=1, descending=True))
-
-
-def test_paying_swaps_top_k_step_and_its_fallback_to_the_full_sort():
-    from megatron_specmoe.planning.assignment import _paying_swaps
-
-    partner = torch.tensor([1, 0])
-    # Rank 0's movers by falling gain: 0.5 (pos 0), 0.4 (pos 2), 0.3 (pos 3), -0.1 (pos 1); rank
-    # 1's: -0.3 (pos 1), -0.45 (pos 0), -0.5, -0.6. Joint gains 0.2, -0.05, ...: one swap.
-    gain = torch.tensor([[0.5, -0.1, 0.4, 0.3], [-0.45, -0.3, -0.5, -0.6]])
-    g, idx, swap = _paying_swaps(gain, partner, top=2)
-    assert idx.tolist() == [[0, 2], [1, 0]] and swap.tolist() == [[True, False], [True, False]]
-    assert torch.equal(g, gain.gather(1, idx))
-    # Now rank 1's gains 0.2 (pos 0), 0.1 (pos 2), -0.2, -0.3: joint 0.7, 0.5, 0.1, -0.4, three
-    # swaps. top=2 would swap both kept movers, so the step redoes the full sort (K = C = 4).
-    gain = torch.tensor([[0.5, -0.1, 0.4, 0.3], [0.2, -0.3, 0.1, -0.2]])
-    g, idx, swap = _paying_swaps(gain, partner, top=2)
-    assert idx.tolist() == [[0, 2, 3, 1], [0, 2, 3, 1]]
-    assert swap.tolist() == [[True, True, True, False]] * 2
-    assert torch.equal(swap, _paying_swaps(gain, partner, top=4)[2])
+    # T = 6, P = 2, C = 3; rank 0 holds tokens 0, 1, 2 and rank 1 tokens 3, 4, 5 (slot = token *
+    # 2 + rank: the flat index of the token's own score). Token 1 gains 0.5 by moving to rank 1,
+    # token 4 gains 0.25 by moving to rank 0, every other token loses 1: the best movers pair up
+    # (joint gain 0.75) and swap in place; the next pair (joint -2) does not.
+    scores = np.array([[1, 0], [0, 0.5], [1, 0], [0, 1], [0.25, 0], [0, 1], [-9, 0]], dtype=np.float32)
+    slot = np.array([[0, 2, 4], [7, 9, 11]])
+    to_partner, partners = np.array([[1, -1]]), np.array([[1, 0]])
+    for top in (1, 2, 3):  # top 1: the pair swaps its only sorted mover, so the step redoes all 3
+        got = _sweeps_numpy(slot, scores.reshape(-1), to_partner, partners, 2, top)
+        assert got.tolist() == [[0, 8, 4], [7, 3, 11]], top
+    assert slot.tolist() == [[0, 2, 4], [7, 9, 11]]  # the input is not modified
 
 
-@pytest.mark.parametrize("tokens,ranks", [(1000, 4), (2049, 8), (777, 3)])
-def test_refine_cpu_top_k_path_gives_the_full_sort_plan(tokens, ranks, monkeypatch):
+@pytest.mark.parametrize("tokens,ranks", [(1000, 4), (2049, 8), (777, 3), (50, 8)])
+def test_refine_numpy_sweeps_give_the_torch_plan(tokens, ranks, monkeypatch):
     from megatron_specmoe.planning import assignment
+    from megatron_specmoe.planning.assignment import _refine
 
     rng = np.random.default_rng(tokens)
     soft = rng.dirichlet(np.full(ranks, 0.3), size=tokens).astype(np.float32)
     counts = np.zeros((tokens, ranks), dtype=np.float32)  # pregate-like: many equal gains
     np.add.at(counts, (np.repeat(np.arange(tokens), 2), rng.integers(0, ranks, size=2 * tokens)), 1.0)
-    for scores in (soft, counts):
-        default = assign(scores, "refine").order  # top = max(64, C / 4) < C here
-        monkeypatch.setattr(assignment, "_TOP_DIV", 1)  # top = C: the full sort (the GPU path)
-        full = assign(scores, "refine").order
+    room = torch.tensor(real_capacities(tokens, ranks))
+    for scores in (torch.from_numpy(soft), torch.from_numpy(counts), -torch.from_numpy(counts)):
+        want = _refine(scores, room, numpy_on_cpu=False)  # the torch loop (the GPU path)
+        assert torch.equal(_refine(scores, room), want)  # top = max(64, C / 4)
         monkeypatch.setattr(assignment, "_TOP_MIN", 1)
-        monkeypatch.setattr(assignment, "_TOP_DIV", 10**6)  # top = 1: nearly every step falls back
-        tiny = assign(scores, "refine").order
+        monkeypatch.setattr(assignment, "_TOP_DIV", 10**6)  # top = 1: most steps redo all C
+        assert torch.equal(_refine(scores, room), want)
         monkeypatch.undo()
-        assert torch.equal(default, full) and torch.equal(tiny, full)
 
 
 def test_greedy_packed_key_matches_the_two_sort_path():
