@@ -86,6 +86,7 @@ def test_real_parser_defaults_of_our_flags(monkeypatch):
     assert (args.specmoe_plan, args.specmoe_record_routes, args.specmoe_stats) == (None, None, None)
     assert args.specmoe_predictor == M.DEFAULT_PREDICTOR
     assert args.specmoe_fallback_alltoall is False
+    assert (args.specmoe_shuffle, args.specmoe_shuffle_predictor) == (False, "pregate")
 
 
 def test_real_parser_rejects_specmoe_without_our_provider(monkeypatch, capsys):

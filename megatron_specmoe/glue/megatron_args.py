@@ -24,6 +24,19 @@ Three ways in, from the least to the most invasive:
    run. ``narrow_dispatcher_literal()`` reverts it.
 
 All of them are idempotent. Nothing here runs at import time.
+
+``--specmoe-shuffle`` (speculative token shuffling, ``glue/shuffle_layer.py``; the model side is
+``glue/megatron_shuffle.py``) is checked here too, before any GPU work, because the shuffle layer
+would otherwise refuse only once the model is built (or, for some settings, at its first forward):
+it needs the specmoe dispatcher on a layout where shuffling helps, Megatron's local linears
+(``--transformer-impl local``: Megatron-LM's default ``transformer_engine`` is refused), no
+``--spec`` / MTP / multi-latent attention / context parallelism / CUDA graphs / recomputation /
+``--specmoe-record-routes`` (routes would not line up with token ids), no pipeline stages with
+sequence parallelism, no shared experts with TP > 1, and, with sequence
+parallelism, no dense layer after an MoE layer (``shuffle_dense_layer_problem``). The predictor
+``route`` needs ``--specmoe-plan`` with a token table. The layer is forward-only (it raises in
+training mode); a training script cannot be told apart from an inference script here, so that is
+left to the layer.
 """
 
 from __future__ import annotations
@@ -48,6 +61,9 @@ __all__ = [
     "validate_specmoe_args",
     "layout_problems",
     "num_moe_layers",
+    "moe_layer_pattern",
+    "shuffle_dense_layer_problem",
+    "ShufflePredictorName",
     "widen_dispatcher_literal",
     "narrow_dispatcher_literal",
     "install_args_hook",
@@ -62,6 +78,10 @@ PredictorName = Literal["token", "layer", "history", "combined", "pregate"]
 # The pre-attention gate reuses the model's own router weights: it needs no calibration, so no plan.
 PREDICTORS_WITHOUT_PLAN: frozenset[str] = frozenset({"pregate"})
 DEFAULT_PREDICTOR: PredictorName = "combined"
+# What the shuffle layers predict with (--specmoe-shuffle-predictor): the layer's own router on its
+# input, or the plan's token table on the token ids ("route" needs the plan's "token" predictor).
+ShufflePredictorName = Literal["pregate", "route"]
+SHUFFLE_ROUTE_KIND = "token"
 
 SPECMOE_OPTION_STRINGS: tuple[str, ...] = (
     "--specmoe-plan",
@@ -70,6 +90,8 @@ SPECMOE_OPTION_STRINGS: tuple[str, ...] = (
     "--specmoe-record-every",
     "--specmoe-stats",
     "--specmoe-fallback-alltoall",
+    "--specmoe-shuffle",
+    "--specmoe-shuffle-predictor",
 )
 
 # (args attribute, Megatron flag, why the specmoe dispatcher cannot honour it)
@@ -110,12 +132,15 @@ class SpecMoEArgsCheck:
             because the layout cannot benefit; the text says why.
         predictor: the predictor name, or None when not active.
         plan: the plan directory, or None.
+        shuffle: the shuffle layers' predictor (``--specmoe-shuffle-predictor``) when
+            ``--specmoe-shuffle`` is on, else None.
     """
 
     active: bool
     fallback_reason: Optional[str] = None
     predictor: Optional[str] = None
     plan: Optional[Path] = None
+    shuffle: Optional[str] = None
 
 
 # --------------------------------------------------------------------------- parser
@@ -201,7 +226,26 @@ def add_specmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         default=False,
         help="If the parallel layout cannot benefit from token shuffling (EP = 1, TP = 1, ETP > 1, "
         "or the TP group not inside one EP group), run the plain alltoall dispatcher with a "
-        "warning instead of stopping with an error.",
+        "warning instead of stopping with an error. Does not apply to --specmoe-shuffle.",
+    )
+    group.add_argument(
+        "--specmoe-shuffle",
+        action="store_true",
+        default=False,
+        help="Speculative token shuffling: the MoE transformer layers become ShuffleTransformerLayer "
+        "(tokens are moved to the TP rank hosting their predicted experts inside attention's own "
+        "TP collectives, so the expert all-to-all carries mostly mispredictions). Inference only "
+        "(forward-only; the layer raises in training mode). Needs --moe-token-dispatcher-type "
+        "specmoe and --transformer-impl local.",
+    )
+    group.add_argument(
+        "--specmoe-shuffle-predictor",
+        type=str,
+        choices=get_args(ShufflePredictorName),
+        default="pregate",
+        help="With --specmoe-shuffle: 'pregate' (default; the layer's router on its input, no "
+        "plan needed) or 'route' (the plan's token table on the token ids; needs --specmoe-plan "
+        "with a 'token' predictor). With --specmoe-shuffle, --specmoe-predictor is not used.",
     )
     return parser
 
@@ -248,6 +292,50 @@ def num_moe_layers(args: argparse.Namespace) -> Optional[int]:
     return int(sum(1 for x in pattern if x))
 
 
+def moe_layer_pattern(num_layers: int, freq: Any) -> list[int]:
+    """1 (MoE) or 0 (dense) for each of ``num_layers`` layers, from ``moe_layer_freq`` as Megatron
+    reads it: an int N (layers 0, N, 2N, ... are MoE; None counts as 1) or a 0/1 list."""
+    freq = 1 if freq is None else freq
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+    pattern = [int(bool(x)) for x in freq]
+    if len(pattern) != num_layers:
+        raise SpecMoEArgumentError(
+            f"--moe-layer-freq lists {len(pattern)} layers but --num-layers is {num_layers}"
+        )
+    return pattern
+
+
+def shuffle_dense_layer_problem(pattern: list[int], *, sequence_parallel: bool,
+                                predictor: str) -> Optional[str]:
+    """Why ``--specmoe-shuffle`` cannot run this mix of dense (0) and MoE (1) layers, or None.
+
+    Dense layers stay Megatron's TransformerLayer. Without sequence parallelism every shuffle layer
+    returns its output in true order, so dense layers may sit anywhere. With it, a shuffle layer
+    hands the next layer its tokens in shuffled order, which only a shuffle layer reads: dense
+    layers must all come before the first MoE layer (first-k-dense). The route predictor indexes
+    MoE layers by layer number, which holds only when every layer is MoE."""
+    if 0 not in pattern or 1 not in pattern:
+        return None
+    if predictor == "route":
+        return (
+            "--specmoe-shuffle-predictor route needs every layer to be MoE (it indexes the plan's MoE "
+            f"layers by layer number), but --moe-layer-freq makes layers {[i for i, x in enumerate(pattern) if not x]} "
+            "dense; use --specmoe-shuffle-predictor pregate"
+        )
+    first_moe = pattern.index(1)
+    late = [i for i, x in enumerate(pattern) if not x and i > first_moe]
+    if sequence_parallel and late:
+        return (
+            f"--specmoe-shuffle with --sequence-parallel: dense layer(s) {late} come after the MoE "
+            f"layer {first_moe}; with sequence parallelism a shuffle layer passes its tokens on in "
+            "shuffled order, which Megatron's dense TransformerLayer cannot read. Drop "
+            "--sequence-parallel (shuffle layers then return true order), or use a model whose dense "
+            "layers all come first (--moe-layer-freq like ([0]*K+[1]*N))"
+        )
+    return None
+
+
 def layout_problems(args: argparse.Namespace) -> list[str]:
     """Why token shuffling cannot help this parallel layout (empty when it can).
 
@@ -282,7 +370,8 @@ def layout_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def _check_plan(args: argparse.Namespace, plan_dir: Path, predictor: str) -> None:
+def _check_plan(args: argparse.Namespace, plan_dir: Path, predictor: str,
+                flag: Optional[str] = None) -> None:
     """Read the plan (planning/plan.py checks its format and checksum) and compare its shape with
     the command line: MoE layers, experts, top-k, EP size, and vocabulary / hidden size when both
     sides know them (the padded vocabulary is known only after the tokenizer is built)."""
@@ -306,12 +395,103 @@ def _check_plan(args: argparse.Namespace, plan_dir: Path, predictor: str) -> Non
     except ValueError as exc:
         raise SpecMoEArgumentError(f"--specmoe-plan {plan_dir}: {exc}") from exc
     kinds = tuple(plan.header.predictor_kinds)
+    if flag is not None and predictor not in kinds:
+        raise SpecMoEArgumentError(
+            f"{flag}: the plan {plan_dir} holds no {predictor!r} predictor (it has "
+            f"{', '.join(kinds) if kinds else 'none'}); re-run `specmoe plan` with predictor "
+            f"{predictor}, or use --specmoe-shuffle-predictor pregate"
+        )
     if predictor not in PREDICTORS_WITHOUT_PLAN and predictor not in kinds:
         raise SpecMoEArgumentError(
             f"--specmoe-predictor {predictor}: the plan {plan_dir} holds no such predictor (it has "
             f"{', '.join(kinds) if kinds else 'none'}); choose one of those, or re-run `specmoe "
             f"plan` with predictor {predictor}"
         )
+
+
+# (args attribute, Megatron flag, unwanted value test, why the shuffle layer cannot run with it)
+_SHUFFLE_UNSUPPORTED: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
+    ("spec", "--spec", lambda v: v is not None,
+     "Megatron-LM then takes the layer spec from that module and never asks gpt_layer_specs, so the "
+     "shuffle layers would silently not be built"),
+    ("use_legacy_models", "--use-legacy-models", bool, "legacy models have no layer specs"),
+    ("experimental_attention_variant", "--experimental-attention-variant", lambda v: v is not None,
+     "those blocks are built without gpt_layer_specs' decoder block spec"),
+    ("multi_latent_attention", "--multi-latent-attention", bool,
+     "the shuffle layer supports standard self-attention (linear_qkv/linear_proj) only"),
+    ("mtp_num_layers", "--mtp-num-layers", lambda v: v is not None,
+     "multi-token-prediction layers would get a second set of shuffle layers outside the block"),
+    ("context_parallel_size", "--context-parallel-size", lambda v: (v or 1) != 1,
+     "the shuffle layer needs context parallel size 1"),
+    ("recompute_granularity", "--recompute-granularity", lambda v: v is not None,
+     "activation recomputation is for training; the shuffle layer is forward-only"),
+    ("cuda_graph_impl", "--cuda-graph-impl", lambda v: v not in (None, "none"),
+     "the shuffle layer plans on the host every forward"),
+    ("enable_cuda_graph", "--enable-cuda-graph", bool,
+     "the shuffle layer plans on the host every forward"),
+    ("inference_fuse_tp_communication", "--inference-fuse-tp-communication", bool,
+     "the shuffle layer owns attention's TP collectives"),
+)
+
+
+def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
+    """The ``--specmoe-shuffle`` checks that need no GPU (the dispatcher is specmoe and the layout
+    sound by now); returns the shuffle predictor. See the module docstring."""
+    predictor = getattr(args, "specmoe_shuffle_predictor", None) or "pregate"
+    if predictor not in get_args(ShufflePredictorName):
+        raise SpecMoEArgumentError(
+            f"--specmoe-shuffle-predictor {predictor}: choose one of {get_args(ShufflePredictorName)}"
+        )
+    impl = getattr(args, "transformer_impl", "local")
+    if impl != "local":
+        raise SpecMoEArgumentError(
+            f"--specmoe-shuffle with --transformer-impl {impl} (Megatron-LM's default is "
+            "transformer_engine): the shuffle layer does not support TransformerEngine linears yet "
+            "(TE's fused layernorm-linear all-gathers inside TE, and the shuffle must own that "
+            "all-gather). Pass --transformer-impl local"
+        )
+    bad = [f"{flag} ({why})" for attr, flag, unwanted, why in _SHUFFLE_UNSUPPORTED
+           if unwanted(getattr(args, attr, None))]
+    if bad:
+        raise SpecMoEArgumentError(
+            "--specmoe-shuffle does not support " + "; ".join(bad) + ". Drop these flags, or drop "
+            "--specmoe-shuffle"
+        )
+    if getattr(args, "specmoe_record_routes", None):
+        raise SpecMoEArgumentError(
+            f"--specmoe-record-routes {args.specmoe_record_routes} with --specmoe-shuffle: each rank "
+            "routes the tokens the shuffle moved to it, so the recorded routes would not line up with "
+            "the batch's token ids. Record routes in a run without --specmoe-shuffle (calibration "
+            "needs no shuffling)"
+        )
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    sp = bool(getattr(args, "sequence_parallel", False))
+    if sp and pp > 1:
+        raise SpecMoEArgumentError(
+            f"--specmoe-shuffle with --sequence-parallel and --pipeline-model-parallel-size {pp}: the "
+            "shuffled token order does not cross pipeline stages. Drop --sequence-parallel for "
+            "pipelined inference, or use --pipeline-model-parallel-size 1"
+        )
+    if getattr(args, "moe_shared_expert_intermediate_size", None) and tp > 1:
+        raise SpecMoEArgumentError(
+            f"--specmoe-shuffle with --moe-shared-expert-intermediate-size and "
+            f"--tensor-model-parallel-size {tp}: the shared expert's TP linears expect every TP rank "
+            "to hold the same tokens, which shuffling changes. Drop --specmoe-shuffle for this model"
+        )
+    num_layers = getattr(args, "num_layers", None)
+    if num_layers is not None:
+        problem = shuffle_dense_layer_problem(
+            moe_layer_pattern(int(num_layers), getattr(args, "moe_layer_freq", 1)),
+            sequence_parallel=sp, predictor=predictor)
+        if problem:
+            raise SpecMoEArgumentError(problem)
+    if predictor == "route" and plan is None:
+        raise SpecMoEArgumentError(
+            "--specmoe-shuffle-predictor route needs --specmoe-plan DIR with a 'token' predictor "
+            "(made by `specmoe plan`); without a plan use --specmoe-shuffle-predictor pregate"
+        )
+    return predictor
 
 
 def _rank0() -> bool:
@@ -344,6 +524,14 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
             "(it says how often to write the recorded routes)"
         )
 
+    shuffle = bool(getattr(args, "specmoe_shuffle", False))
+    if shuffle and dispatcher != DISPATCHER:
+        raise SpecMoEArgumentError(
+            f"--specmoe-shuffle needs the specmoe dispatcher, but {DISPATCHER_FLAG} is "
+            f"{dispatcher!r}: add {DISPATCHER_FLAG} {DISPATCHER}"
+            + (f" (it fell back to alltoall: {previous_fallback})" if previous_fallback else "")
+        )
+
     if dispatcher != DISPATCHER:
         if previous_fallback is not None:
             return SpecMoEArgsCheck(active=False, fallback_reason=previous_fallback)
@@ -372,6 +560,11 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
 
     # 3. Layouts where shuffling cannot help: error, or alltoall if the user asked for it.
     problems = layout_problems(args)
+    if problems and shuffle:
+        raise SpecMoEArgumentError(
+            "--specmoe-shuffle cannot shuffle tokens on this layout: " + "; ".join(problems)
+            + ". Fix the layout (--specmoe-fallback-alltoall does not apply to --specmoe-shuffle)"
+        )
     if problems:
         reason = "token shuffling cannot help this layout: " + "; ".join(problems)
         if not getattr(args, "specmoe_fallback_alltoall", False):
@@ -385,7 +578,17 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
             print(f"specmoe: falling back to alltoall: {reason}", file=sys.stderr)
         return SpecMoEArgsCheck(active=False, fallback_reason=reason)
 
-    # 4. The plan: present when the predictor needs one, and made for this model and layout.
+    # 4. Speculative token shuffling: its own predictor replaces --specmoe-predictor.
+    if shuffle:
+        shuffle_predictor = _check_shuffle(args, plan)
+        if plan is None:
+            return SpecMoEArgsCheck(active=True, predictor=None, shuffle=shuffle_predictor)
+        plan_dir = Path(plan)
+        _check_plan(args, plan_dir, SHUFFLE_ROUTE_KIND if shuffle_predictor == "route" else "pregate",
+                    flag="--specmoe-shuffle-predictor route" if shuffle_predictor == "route" else None)
+        return SpecMoEArgsCheck(active=True, predictor=None, plan=plan_dir, shuffle=shuffle_predictor)
+
+    # 5. The plan: present when the predictor needs one, and made for this model and layout.
     if plan is None:
         if predictor not in PREDICTORS_WITHOUT_PLAN:
             raise SpecMoEArgumentError(
