@@ -22,6 +22,12 @@ Steps, in this order:
    ``load_checkpoint`` return, the ``--specmoe-*`` flags take effect on the model: the plan's
    expert placements are applied (``--specmoe-plan``), routes are recorded
    (``--specmoe-record-routes``) and dispatch stats kept (``--specmoe-stats``), written at exit.
+   ``glue.megatron_shuffle.install_shuffle_hook()``: with ``--specmoe-shuffle`` the spec builders
+   Megatron-LM's model builder calls (``gpt_layer_specs.get_gpt_decoder_block_spec``,
+   ``get_gpt_layer_local_spec``) return shuffle layer specs for the MoE layers (s-TS, inference
+   only, ``--transformer-impl local``); without the flag they return Megatron's own specs. After
+   ``get_model`` the runtime hook attaches what the shuffle layers need (true-order output with
+   sequence parallelism, token ids for the route predictor).
 5. ``runpy`` runs the script as ``__main__`` with ``sys.argv = [SCRIPT, ARGS...]``.
 6. The hooks are removed afterwards (also on error or ``sys.exit``); recorded routes and stats
    are still written at interpreter exit.
@@ -48,6 +54,7 @@ Runs a Megatron-LM script with the specmoe plug-in installed and the --specmoe-*
 Megatron-LM's parser. ARGS go to the script unchanged, e.g.
   torchrun --nproc-per-node 8 -m megatron_specmoe.launch tools/run_text_generation_server.py \\
       --moe-token-dispatcher-type specmoe --specmoe-plan plans/mixtral ...
+Add --specmoe-shuffle --transformer-impl local for speculative token shuffling (inference only).
 """
 
 
@@ -127,7 +134,7 @@ def _import_megatron_training(target: LaunchTarget) -> None:
 def launch(target: LaunchTarget) -> None:
     """Install the plug-in and the argument hook, run ``target`` as ``__main__``, remove both."""
     import megatron_specmoe
-    from megatron_specmoe.glue import megatron_args, megatron_runtime
+    from megatron_specmoe.glue import megatron_args, megatron_runtime, megatron_shuffle
 
     saved_argv, saved_path0 = list(sys.argv), (sys.path[0] if sys.path else None)
     # 1. sys.path[0] as `python SCRIPT.py` / `python -m MODULE` would set it.
@@ -143,6 +150,8 @@ def launch(target: LaunchTarget) -> None:
     megatron_args.install_args_hook()
     runtime_was_installed = megatron_runtime.is_runtime_hook_installed()
     megatron_runtime.install_runtime_hook()
+    shuffle_was_installed = megatron_shuffle.is_shuffle_hook_installed()
+    megatron_shuffle.install_shuffle_hook()
     try:
         # 5. the script, unmodified.
         if target.script is not None:
@@ -153,6 +162,8 @@ def launch(target: LaunchTarget) -> None:
             runpy.run_module(target.module, run_name="__main__", alter_sys=True)
     finally:
         # 6. leave the process as we found it.
+        if not shuffle_was_installed:
+            megatron_shuffle.uninstall_shuffle_hook()
         if not runtime_was_installed:
             megatron_runtime.uninstall_runtime_hook()
         megatron_args.uninstall_args_hook()

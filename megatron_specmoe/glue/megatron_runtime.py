@@ -28,6 +28,12 @@ What each flag does here (``glue/megatron_args.py`` parses and checks them befor
     (also for a sequence-parallel shard); otherwise the trace is written without them and stderr
     says why. With TP > 1 and no sequence parallelism all TP ranks route the same tokens, so only
     TP rank 0 writes. Pipeline parallelism is refused (each stage sees other layers).
+``--specmoe-shuffle``  (specmoe dispatcher; the layer specs were made shuffle specs by
+    ``glue.megatron_shuffle.install_shuffle_hook`` while the model was built)
+    ``megatron_shuffle.attach_shuffle_outputs`` on the unwrapped chunks: with sequence parallelism
+    the output layer restores true order inside its own all-gather; with
+    ``--specmoe-shuffle-predictor route`` each forward's token ids reach the layers. A chunk whose
+    MoE layers are not shuffle layers is refused (the script built its spec some other way).
 ``--save`` with ``--specmoe-plan`` is refused: a checkpoint saved after the move would store
     experts under the wrong names.
 ``--specmoe-stats PATH``  (specmoe dispatcher)
@@ -99,6 +105,7 @@ class RuntimeSettings:
         record_routes: folder for route traces; or None.
         record_every: write a trace part every this many model forwards (0: at exit only).
         stats: stats path (may hold ``{rank}``); or None.
+        shuffle: ``--specmoe-shuffle`` (shuffle layers need their output / token-id hooks).
     """
 
     dispatcher: str
@@ -106,6 +113,7 @@ class RuntimeSettings:
     record_routes: Optional[Path] = None
     record_every: int = 0
     stats: Optional[str] = None
+    shuffle: bool = False
 
     @classmethod
     def from_args(cls, args: Any) -> "RuntimeSettings":
@@ -120,6 +128,7 @@ class RuntimeSettings:
             record_routes=Path(routes) if routes else None,
             record_every=every,
             stats=getattr(args, "specmoe_stats", None) or None,
+            shuffle=bool(getattr(args, "specmoe_shuffle", False)),
         )
 
     @property
@@ -129,7 +138,7 @@ class RuntimeSettings:
     @property
     def active(self) -> bool:
         return self.applies_plan or self.record_routes is not None or (
-            self.dispatcher == DISPATCHER and self.stats is not None)
+            self.dispatcher == DISPATCHER and (self.stats is not None or self.shuffle))
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -292,6 +301,7 @@ class SpecMoERuntime:
         dispatch_recorder: ``DispatchRecorder`` or None.
         writes_routes: False on TP ranks > 0 without sequence parallelism (duplicates).
         parts_written: paths of the trace parts written so far.
+        shuffle_handles: what ``attach_shuffle_outputs`` attached (``--specmoe-shuffle``).
     """
 
     def __init__(self, settings: RuntimeSettings, chunks: Sequence[torch.nn.Module]) -> None:
@@ -303,6 +313,7 @@ class SpecMoERuntime:
         self.dispatch_recorder = None
         self.writes_routes = True
         self.parts_written: list[Path] = []
+        self.shuffle_handles: list = []
         self._chunks = list(chunks)
         self._handles: list = []
         self._input_ids: list[Optional[torch.Tensor]] = []
@@ -486,6 +497,11 @@ def setup_specmoe_runtime(model: Any, args: Any = None, *, after_load: bool = Fa
                 runtime._attach_routes(settings.record_routes)
             if settings.stats is not None and settings.dispatcher == DISPATCHER:
                 runtime._attach_stats()
+            if settings.shuffle and settings.dispatcher == DISPATCHER:
+                from megatron_specmoe.glue.megatron_shuffle import attach_shuffle_outputs
+
+                runtime.shuffle_handles = attach_shuffle_outputs(chunks)
+                runtime._handles.extend(runtime.shuffle_handles)
         except BaseException:
             runtime._closed = True
             for h in runtime._handles:
