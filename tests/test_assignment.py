@@ -330,3 +330,32 @@ def test_greedy_packed_key_matches_the_two_sort_path():
         b = _greedy(torch.tensor(scores, dtype=torch.float64), room, rounds)
         assert torch.equal(a, b)
         assert torch.bincount(a, minlength=5).tolist() == real_capacities(200, 5)
+
+
+@pytest.mark.parametrize("tokens,ranks", [(1000, 4), (2049, 8), (7, 3), (5, 8)])
+def test_greedy_numpy_gives_the_torch_result(tokens, ranks):
+    from megatron_specmoe.planning.assignment import _greedy
+
+    rng = np.random.default_rng(tokens + ranks)
+    soft = rng.dirichlet(np.full(ranks, 0.3), size=tokens).astype(np.float32)
+    ties = (rng.integers(-2, 3, size=(tokens, ranks)) / 2.0).astype(np.float32)  # many equal maxima
+    ties[rng.random((tokens, ranks)) < 0.1] = -0.0
+    room = torch.tensor(real_capacities(tokens, ranks))
+    for scores in (torch.from_numpy(soft), torch.from_numpy(ties)):
+        for rounds in (1, 2, None):
+            want = _greedy(scores, room, rounds, numpy_on_cpu=False)
+            assert torch.equal(_greedy(scores, room, rounds), want), rounds
+            assert torch.bincount(want, minlength=ranks).tolist() == real_capacities(tokens, ranks)
+
+
+def test_greedy_numpy_hand_worked_first_maximum_and_room():
+    from megatron_specmoe.planning.assignment import _greedy_numpy
+
+    # Round 1: tokens 0, 1, 2 ask rank 0 (token 2: a tie of ranks 0 and 1, the lower wins) with
+    # scores 0.5, 0.9, 0.7; rank 0 has room for 2 and takes tokens 1 and 2; token 3 asks rank 1.
+    # Round 2: token 0 asks rank 1, which still has room.
+    scores = np.array([[0.5, 0.1], [0.9, 0.0], [0.7, 0.7], [0.0, 0.3]], dtype=np.float32)
+    assert _greedy_numpy(scores, np.array([2, 2]), 1).tolist() == [1, 0, 0, 1]
+    assert _greedy_numpy(scores, np.array([2, 2]), 2).tolist() == [1, 0, 0, 1]
+    # With room [3, 1] rank 0 takes all three of its asks in round 1, rank 1 its one.
+    assert _greedy_numpy(scores, np.array([3, 1]), 2).tolist() == [0, 0, 0, 1]

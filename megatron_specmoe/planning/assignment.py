@@ -246,10 +246,61 @@ def _argsort(scores: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     return home
 
 
-def _greedy(scores: torch.Tensor, room: torch.Tensor, rounds: int | None = None) -> torch.Tensor:
+def _greedy_numpy(scores: np.ndarray, room: np.ndarray, rounds: int) -> np.ndarray:
+    """``_greedy`` on the CPU in numpy, with the torch version's result (tests compare them).
+
+    Args:
+        scores: float32 [T, P]; room: int64 [P]; rounds: proposal rounds.
+
+    Returns:
+        int64 [T], the home rank of every token.
+    """
+    t, p = scores.shape
+    ranks_t = np.ascontiguousarray(scores.T)  # [P, T]: the max over ranks runs along rows
+    home = np.full(t, p, dtype=np.int64)  # p: not placed yet
+    room = room.astype(np.int64)
+    tok_bits = max(1, (t - 1).bit_length())
+    tok = np.arange(t, dtype=np.int64)
+    first_weight = np.arange(p - 1, -1, -1, dtype=np.uint8 if p <= 256 else np.int64)[:, None]
+    for i in range(rounds):
+        # Step 1: every unplaced token asks for its best open rank (ties: the lower rank).
+        if i == 0 and t >= p:
+            open_scores = ranks_t
+        else:
+            open_scores = ranks_t + np.where(room > 0, 0.0, -np.inf).astype(np.float32)[:, None]
+        ask_score = open_scores.max(axis=0)
+        # The first maximum: the largest weight (P - 1 - rank) among the ranks at the maximum.
+        ask = (p - 1) - ((open_scores == ask_score) * first_weight).max(axis=0).astype(np.int64)
+        if not (i == 0 and t >= p):
+            ask = np.where(home == p, ask, p)  # placed tokens ask nobody (p)
+        # Step 2: one sort of (asked rank, falling score, token) packed in a distinct int64: the
+        # order of the torch version's stable sort.
+        bits = (ask_score + np.float32(0.0)).view(np.int32)
+        falling = 0x7FFFFFFF - (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)
+        packed = np.sort((ask << (32 + tok_bits)) | (falling << tok_bits) | tok)
+        sorted_idx, sorted_ask = packed & ((1 << tok_bits) - 1), packed >> (32 + tok_bits)
+        # Step 3: each rank takes as many as it has room for.
+        counts = np.bincount(sorted_ask, minlength=p + 1)
+        limit = np.cumsum(counts) - counts + np.append(room, 0)
+        take = tok < limit[sorted_ask]
+        home[sorted_idx] = np.where(take, sorted_ask, home[sorted_idx])
+        room = np.maximum(room - counts[:p], 0)
+    # Step 4: the tokens still unplaced fill the free rows in index order.
+    unplaced = home == p
+    nth = np.cumsum(unplaced) - 1
+    fill = np.minimum(np.searchsorted(np.cumsum(room), nth, side="right"), p - 1)
+    return np.where(unplaced, fill, home)
+
+
+def _greedy(
+    scores: torch.Tensor, room: torch.Tensor, rounds: int | None = None, numpy_on_cpu: bool = True
+) -> torch.Tensor:
     t, p = scores.shape
     rounds = p if rounds is None else rounds
     device = scores.device
+    if (numpy_on_cpu and device.type == "cpu" and scores.dtype == torch.float32
+            and p.bit_length() + 32 + max(1, (t - 1).bit_length()) <= 63):
+        return torch.from_numpy(_greedy_numpy(scores.detach().numpy(), room.numpy(), rounds))
     home = torch.full((t,), p, dtype=torch.int64, device=device)  # p: not placed yet
     arange = torch.arange(t, device=device)
     zero = room.new_zeros(1)
