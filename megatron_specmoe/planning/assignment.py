@@ -39,23 +39,16 @@ method returns the contiguous shards.
                 that nothing depends on the data; with fewer rounds the tokens still unplaced fill
                 the free rows in index order. One stable sort per round for float32 scores (of the
                 asked rank and the falling score packed in an int64, ``_falling``), two for other
-                dtypes. Torch, any device.
+                dtypes. Torch, any device (float32 on the CPU: numpy, see below).
     refine      greedy (2 rounds), then pairwise exchange sweeps (2): for each pair of ranks (a, b)
                 swap the tokens on a that gain most by moving to b with those on b that gain most
                 by moving to a, while the swap raises the objective. The pairs of a sweep follow a
                 round-robin tournament, so each step works on P/2 disjoint pairs at once. The
                 runtime method: within 0.5% of the optimum on the Mixtral traces, fixed shapes, no
                 host synchronisation or host copy on a GPU with ``validate=False`` (CUDA-graph
-                friendly). Torch, any device. On a GPU about 290 kernel launches per call at P=8
-                (323 aten ops, views included), so at runtime compute it on a side stream while
+                friendly). Torch, any device: about 330 aten ops per call at P=8 (some 290 kernel
+                launches on a GPU, views aside), so at runtime compute it on a side stream while
                 attention runs: its inputs (the route history) are known before attention starts.
-                On the CPU, where a host read is free and the sort of each [n, C] gain table is the
-                largest cost, an exchange step sorts only each rank's first max(64, C/4) movers
-                (``torch.topk`` on a packed int64 key with the stable sort's order) and redoes the
-                step with the full sort when some pair would swap all of them, so every device
-                computes the same plan. T = 8192, P = 8, one CPU thread: about 3.5 ms with
-                pregate-like rank scores, 5 ms with Dirichlet(0.3) ones (was 4.6 and 9.1 ms;
-                ``tools/bench_assignment.py``, ``tools/bench_shuffle.py --part plan``).
     refine_spread  refine, then a spreading pass for shuffle domains smaller than the EP group (TP =
                 one node, EP over several nodes): a token's predicted *off-domain* pairs (``off_domain``,
                 e.g. 1 - the sum of its in-domain rank scores) leave through the node's NICs whatever
@@ -77,6 +70,16 @@ method returns the contiguous shards.
                 overflowing tokens, a few ms for T=512, P=8 on one CPU core (numbers in
                 tools/bench_assignment.py). Host code (numpy + heapq); for planning and
                 evaluation, not for the forward pass.
+
+CPU fast path. On the CPU torch's per-op overhead and its stable float sort dominate, so for float32
+scores ``greedy`` and refine's sweeps run as numpy twins (``_greedy_numpy``, ``_sweeps_numpy``) with
+the same results as the torch code (tests compare them; the torch code stays the reference and the
+GPU path): sorts use distinct int64 keys that have the stable sort's order (the float's bits made
+monotone, above the token index or the position), and a sweep step first sorts only each rank's
+max(64, C/4) best movers (``np.partition``), redoing the step with all C when some pair would swap
+them all. ``plan_from_home`` sorts the home ranks with numpy's stable radix sort there. T = 8192,
+P = 8, one CPU thread: refine about 1.4 ms per call with pregate-like or Dirichlet(0.3) rank scores
+(torch only: 4.6 and 9.1 ms); ``tools/bench_assignment.py``, ``tools/bench_shuffle.py --part plan``.
 """
 
 from __future__ import annotations
@@ -458,7 +461,7 @@ def _refine(
 ) -> torch.Tensor:
     t, p = scores.shape
     device = scores.device
-    home = _greedy(scores, room, rounds)
+    home = _greedy(scores, room, rounds, numpy_on_cpu)
     if p < 2 or t == 0:
         return home
     n = p + (p % 2)
