@@ -97,11 +97,16 @@ def write_plan(folder, *, kinds=("token",), num_layers=4, ep_size=4, hidden_size
     return folder
 
 
-def test_good_command_line_is_accepted(monkeypatch):
+def test_good_command_line_is_accepted(monkeypatch, capsys):
     args = parse(monkeypatch, [*BASE_ARGV, *GOOD])
     assert (args.specmoe_shuffle, args.specmoe_shuffle_predictor) == (True, "pregate")
     # --specmoe-predictor (default 'combined', which needs a plan) does not apply with the shuffle.
     assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, shuffle="pregate")
+    # Core 0.19's "static" engine runs on the dynamic context unless told otherwise: a warning.
+    assert "pass --use-legacy-static-engine" in capsys.readouterr().err
+    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--use-legacy-static-engine"])
+    assert M.validate_specmoe_args(args).shuffle == "pregate"
+    assert "--use-legacy-static-engine" not in capsys.readouterr().err
 
 
 def test_flag_is_off_by_default(monkeypatch):
@@ -123,6 +128,8 @@ def test_flag_is_off_by_default(monkeypatch):
     (lambda a: [*a, "--spec", "my.module", "my_spec"], r"does not support --spec \(Megatron-LM then takes"),
     (lambda a: [*a, "--moe-layer-freq", "([1]+[0]+[1]*2)"],
      r"dense layer\(s\) \[1\] come after the MoE layer 0.*Drop --sequence-parallel"),
+    (lambda a: [*a, "--inference-dynamic-batching"],
+     r"--inference-dynamic-batching \(the shuffle layer supports Megatron's static inference context only"),
     (lambda a: [*a, "--specmoe-record-routes", "routes"],
      "--specmoe-record-routes routes with --specmoe-shuffle: .*would not line up with the batch's token ids"),
     (lambda a: [*a, "--specmoe-shuffle-predictor", "route"],

@@ -31,7 +31,10 @@ would otherwise refuse only once the model is built (or, for some settings, at i
 it needs the specmoe dispatcher on a layout where shuffling helps, Megatron's local linears
 (``--transformer-impl local``: Megatron-LM's default ``transformer_engine`` is refused), no
 ``--spec`` / MTP / multi-latent attention / context parallelism / CUDA graphs / recomputation /
-``--specmoe-record-routes`` (routes would not line up with token ids), no pipeline stages with
+``--specmoe-record-routes`` (routes would not line up with token ids) /
+``--inference-dynamic-batching`` (the layer runs on the static inference context only; without
+``--use-legacy-static-engine`` core 0.19's static engine uses the dynamic context too, which stderr
+warns about), no pipeline stages with
 sequence parallelism, no shared experts with TP > 1, and, with sequence
 parallelism, no dense layer after an MoE layer (``shuffle_dense_layer_problem``). The predictor
 ``route`` needs ``--specmoe-plan`` with a token table. The layer is forward-only (it raises in
@@ -431,6 +434,8 @@ _SHUFFLE_UNSUPPORTED: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = 
      "the shuffle layer plans on the host every forward"),
     ("inference_fuse_tp_communication", "--inference-fuse-tp-communication", bool,
      "the shuffle layer owns attention's TP collectives"),
+    ("inference_dynamic_batching", "--inference-dynamic-batching", bool,
+     "the shuffle layer supports Megatron's static inference context only, not the dynamic one"),
 )
 
 
@@ -486,6 +491,11 @@ def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
             sequence_parallel=sp, predictor=predictor)
         if problem:
             raise SpecMoEArgumentError(problem)
+    if hasattr(args, "use_legacy_static_engine") and not args.use_legacy_static_engine and _rank0():
+        print("specmoe: --specmoe-shuffle: Megatron-LM's inference engines (core 0.19) run on the "
+              "dynamic inference context unless --use-legacy-static-engine is given, and the shuffle "
+              "layer refuses that context at its first forward; pass --use-legacy-static-engine to "
+              "scripts that build a StaticInferenceEngine", file=sys.stderr)
     if predictor == "route" and plan is None:
         raise SpecMoEArgumentError(
             "--specmoe-shuffle-predictor route needs --specmoe-plan DIR with a 'token' predictor "
