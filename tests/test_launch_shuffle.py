@@ -442,6 +442,12 @@ def _e2e_worker(rank, world, cases):
             })
             runtime.close()
             results[-1]["closed_consumer"] = carrier.output_consumer
+            # A model built without the hook (e.g. from --spec): the runtime says so, not silently.
+            try:
+                MS.attach_shuffle_outputs([ref])
+                results[-1]["unhooked"] = ""
+            except ValueError as err:
+                results[-1]["unhooked"] = str(err)
         return results
     finally:
         parallel.destroy()
@@ -467,5 +473,6 @@ def test_megatron_builder_with_the_hook_is_lossless(tmp_path):
             assert res["handles"] == int(sp) + int(predictor == "route"), where
             assert res["consumer"] == ("output_layer" if sp else None), where
             assert res["closed_consumer"] is None, where  # close() undid it
+            assert "chunk 0 has MoE layers but no ShuffleTransformerLayer" in res["unhooked"], where
         # The plans actually moved tokens (not Megatron's contiguous shards) somewhere.
         assert sum(r[i]["shuffled"] for r in results) > 0, (freq, sp, predictor)
