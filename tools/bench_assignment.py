@@ -5,7 +5,9 @@ Part 1, time. For T tokens x P ranks (``--sizes`` x ``--ranks``) and every metho
 Dirichlet(0.3) rank scores (rows sum to 1, like ``rank_scores`` of a normalised predictor), on
 ``--device`` with ``--threads`` CPU threads, as the runtime calls it (``validate=False``); the
 objective reached relative to ``optimal``; and the aten ops one call dispatches (a proxy for the
-GPU kernel launches of the torch methods: launches, not arithmetic, bound them at these sizes).
+GPU kernel launches of the torch methods: launches, not arithmetic, bound them at these sizes; with
+``--device cpu`` greedy and refine run their numpy fast path, which dispatches few aten ops, so take
+the GPU's count from a ``--device cuda`` run or the docstring of ``planning/assignment.py``).
 
 Part 2, quality. On the Mixtral-8x7B MT-Bench traces (``--traces``; real routes, benchmark data,
 never copied into the project): leave one category out (fit predictors on the other three,

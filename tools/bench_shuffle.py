@@ -4,7 +4,8 @@ Part 1, plan overhead. The work a ShuffleTransformerLayer adds per forward on ev
 T = ``--plan-tokens`` (8192) at P = ``--plan-tp`` (8), timed as three steps and as a whole: the
 pre-attention gate (router gating, a [T, H] x [H, E] matmul on the gathered, normalised layer input,
 which the layer computes for attention anyway), the top-k -> rank scores [T, P]
-(``pregate_rank_scores``) and the balanced plan (``assign(..., "refine", validate=False)``).
+(``pregate_rank_scores``; also timed: ``planning.pregate.topk_rank_scores``, the same counts) and
+the balanced plan (``assign(..., "refine", validate=False)``).
 Compared with the forward time of one Megatron MoE transformer layer on the same T tokens in one
 process (``--plan-hidden`` ...): the ratio to the whole layer, and to 1/P of it (a TP rank's share
 of the layer's arithmetic: an estimate, labelled so), for the whole plan and for the plan without
@@ -67,6 +68,7 @@ def part_plan(rank: int, world_size: int, args) -> dict:
     from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
     from megatron_specmoe.planning.assignment import assign
     from megatron_specmoe.planning.placement import ExpertPlacement
+    from megatron_specmoe.planning.pregate import topk_rank_scores
 
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=1, ep=1))
@@ -96,6 +98,9 @@ def part_plan(rank: int, world_size: int, args) -> dict:
         def scores_only():
             return pregate_rank_scores(logits_fixed, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
 
+        def planning_scores_only():
+            return topk_rank_scores(logits_fixed, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
+
         def assign_only():
             return assign(scores_fixed, "refine", validate=False)
 
@@ -110,6 +115,8 @@ def part_plan(rank: int, world_size: int, args) -> dict:
             plan_s = _median_time(plan, args.repeats)
             gating_s = _median_time(gating_only, args.repeats)
             scores_s = _median_time(scores_only, args.repeats)
+            planning_scores_s = _median_time(planning_scores_only, args.repeats)
+            same_scores = bool(torch.equal(planning_scores_only(), scores_fixed))
             assign_s = _median_time(assign_only, args.repeats)
             log(f"part 1: layer forward on T={t} (H={h}) ...")
             layer_s = _median_time(forward, max(1, args.repeats // 2))
@@ -122,10 +129,12 @@ def part_plan(rank: int, world_size: int, args) -> dict:
         return {
             "tokens": t, "tp": p, "hidden": h, "experts": shape.experts, "topk": shape.topk,
             "plan_ms": plan_s * 1e3, "gating_ms": gating_s * 1e3, "rank_scores_ms": scores_s * 1e3,
+            "planning_rank_scores_ms": planning_scores_s * 1e3, "planning_rank_scores_equal": same_scores,
             "assign_ms": assign_s * 1e3, "layer_forward_ms": layer_s * 1e3,
             "plan_over_layer": plan_s / layer_s, "plan_over_layer_share_est": plan_s / (layer_s / p),
             "no_gating_over_layer_share_est": (scores_s + assign_s) / (layer_s / p),
             "assign_over_layer_share_est": assign_s / (layer_s / p),
+            "no_gating_planning_scores_over_layer_share_est": (planning_scores_s + assign_s) / (layer_s / p),
             "plan_state_bytes": plan_bytes, "plan_work_bytes": work_bytes,
         }
     finally:
@@ -396,13 +405,16 @@ def main(argv=None) -> int:
               f"k={r['topk']}, {args.plan_threads} threads")
         print(f"  gating (router matmul [T, H] x [H, E]): {r['gating_ms']:.2f} ms")
         print(f"  rank scores (pregate_rank_scores, top-k -> [T, P]): {r['rank_scores_ms']:.2f} ms")
+        print(f"    the same with planning.pregate.topk_rank_scores: {r['planning_rank_scores_ms']:.2f} ms "
+              f"(identical scores: {r['planning_rank_scores_equal']})")
         print(f"  assignment (assign refine, validate=False): {r['assign_ms']:.2f} ms")
         print(f"  plan, the three timed together: {r['plan_ms']:.2f} ms")
         print(f"  one MoE transformer layer forward on all T tokens (1 process): {r['layer_forward_ms']:.1f} ms")
         print(f"  plan / layer forward: {100 * r['plan_over_layer']:.2f}%;  plan / (layer forward / TP) "
               f"[a TP rank's share, estimated]: {100 * r['plan_over_layer_share_est']:.2f}%")
         print(f"  without the gating matmul: (rank scores + assignment) / (layer forward / TP): "
-              f"{100 * r['no_gating_over_layer_share_est']:.2f}%;  assignment alone: "
+              f"{100 * r['no_gating_over_layer_share_est']:.2f}% (with topk_rank_scores "
+              f"{100 * r['no_gating_planning_scores_over_layer_share_est']:.2f}%);  assignment alone: "
               f"{100 * r['assign_over_layer_share_est']:.2f}%")
         print(f"  plan memory: {r['plan_state_bytes'] / 1024:.0f} KiB kept (scores, home, order, inverse), "
               f"~{r['plan_work_bytes'] / 1024:.0f} KiB transient (refine tables, logits)")
