@@ -132,7 +132,8 @@ def _import_megatron_training(target: LaunchTarget) -> None:
 
 
 def launch(target: LaunchTarget) -> None:
-    """Install the plug-in and the argument hook, run ``target`` as ``__main__``, remove both."""
+    """Install the plug-in and the argument, runtime and shuffle hooks, run ``target`` as
+    ``__main__``, remove what this call installed."""
     import megatron_specmoe
     from megatron_specmoe.glue import megatron_args, megatron_runtime, megatron_shuffle
 
