@@ -133,8 +133,33 @@ def test_shuffle_spec_replaces_layer_linears_and_carries_one_carrier():
     assert getattr(mlp, "module", getattr(mlp, "func", None)) is SpecMoELayer
     fresh = get_gpt_layer_shuffle_spec(8, options=ShuffleOptions(method="greedy"))
     assert carrier_of(fresh).options.method == "greedy"
-    with pytest.raises(ValueError, match="TransformerEngine linears are not supported"):
-        get_gpt_layer_shuffle_spec(8, use_transformer_engine=True)
+    from megatron_specmoe.glue.specs import have_te
+
+    if not have_te():
+        with pytest.raises(ValueError, match="use_transformer_engine=True needs TransformerEngine, which is not importable"):
+            get_gpt_layer_shuffle_spec(8, use_transformer_engine=True)
+
+
+def test_state_dict_keys_from_a_fused_te_spec():
+    from megatron_specmoe.glue.shuffle_specs import shuffle_state_dict_from_fused
+
+    w, b, q = torch.ones(2), torch.zeros(2), torch.ones(3, 2)
+    fused = {
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": w,
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_bias": b,
+        "decoder.layers.0.self_attention.linear_qkv.weight": q,
+        "decoder.layers.0.self_attention.linear_qkv._extra_state": None,
+        "decoder.layers.1.pre_mlp_layernorm.weight": w,
+    }
+    out = shuffle_state_dict_from_fused(fused)
+    assert list(out) == [
+        "decoder.layers.0.input_layernorm.weight",
+        "decoder.layers.0.input_layernorm.bias",
+        "decoder.layers.0.self_attention.linear_qkv.weight",
+        "decoder.layers.0.self_attention.linear_qkv._extra_state",
+        "decoder.layers.1.pre_mlp_layernorm.weight",
+    ]
+    assert out["decoder.layers.0.input_layernorm.weight"] is w  # tensors are not copied
 
 
 def test_pregate_rank_scores_counts_top_k_experts_inside_the_tp_span():

@@ -9,9 +9,16 @@ one runs. Steps:
 2. lossless, specmoe vs alltoall, on NCCL: world 1 (EP=1) and, with 2+ GPUs visible, world 2
    (EP=2, permuted placement), MoE layer and GPT model, fp32, |diff| <= 1e-6 / 1e-5;
 3. timings with CUDA events (median of 20 after 5 warm-ups) for T = 4k .. 64k tokens:
-   the runtime shuffle plan (``assign(..., "refine", validate=False)``, P = 8) and the dispatcher's
-   column permutation plus Megatron's permute (E = 64, top-8);
-4. with TransformerEngine: the TE spec's MoE layer (TEGroupedMLP) with specmoe equals alltoall.
+   the runtime shuffle plan (``assign(..., "refine", validate=False)``, P = 8), the run-time
+   predictors that feed it (token rank-table lookup, V = 129k; history MLP at MoE layer 16;
+   pregate gating H = 4096 + rank scores), all with random weights, and the dispatcher's column
+   permutation plus Megatron's permute (E = 64, top-8);
+4. with TransformerEngine: the TE spec's MoE layer (TEGroupedMLP) with specmoe equals alltoall;
+5. with TransformerEngine: s-TS with TE linears (``glue/te_shuffle.py``): a GPT model whose MoE
+   layers are ``ShuffleTransformerLayer`` built from the TE shuffle spec against Megatron's TE
+   spec with alltoall, same weights, TP = EP = min(GPUs, 4), sequence parallel off and on, fp32
+   logits |diff| <= 1e-5. With one GPU TP = EP = 1: the TE no-communication linears, the spec and
+   the weight names are checked, the shuffle itself is the identity.
 """
 
 from __future__ import annotations
@@ -75,12 +82,21 @@ def lossless() -> dict:
     return out
 
 
-def _cuda_time(fn, repeats: int = 20, warmup: int = 5) -> float:
+def _cuda_time(fn, repeats: int = 20, warmup: int = 5, device: str = "cuda") -> float:
+    """Median milliseconds of ``fn``: CUDA events on a GPU, the host clock on "cpu" (the CPU smoke
+    run of ``timings`` in tests/test_gpu_check.py)."""
     import torch
 
     for _ in range(warmup):
         fn()
     times = []
+    if device == "cpu":
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -92,33 +108,61 @@ def _cuda_time(fn, repeats: int = 20, warmup: int = 5) -> float:
     return times[len(times) // 2]
 
 
-def timings() -> list[dict]:
+def timings(device: str = "cuda", token_counts=(4096, 8192, 16384, 32768, 65536), *,
+            experts: int = 64, topk: int = 8, ranks: int = 8, hidden: int = 4096, vocab: int = 129280,
+            history_layers: int = 16, mlp_hidden: int = 128, repeats: int = 20) -> list[dict]:
     import torch
     from megatron.core.transformer.moe.moe_utils import permute
 
+    from megatron_specmoe.glue.shuffle_layer import pregate_rank_scores
     from megatron_specmoe.planning.assignment import assign
+    from megatron_specmoe.planning.predictors.history_mlp import HistoryLayerScorer
+    from megatron_specmoe.planning.predictors.rank_table import RankTable
 
     rows = []
-    experts, topk, ranks, hidden = 64, 8, 8, 4096
-    for tokens in (4096, 8192, 16384, 32768, 65536):
-        gen = torch.Generator(device="cuda").manual_seed(tokens)
-        scores = torch.rand(tokens, ranks, device="cuda", generator=gen)
-        logits = torch.rand(tokens, experts, device="cuda", generator=gen)
+    gen = torch.Generator(device=device).manual_seed(0)
+    dev = {"device": device}
+    # Run-time predictors at DeepSeek-like sizes, random weights (timing only): the token table as
+    # a rank table, the history MLP of MoE layer 16, the pregate's router weights.
+    table = RankTable(table=torch.rand(vocab + 1, ranks, generator=gen, **dev), layer=0,
+                      ep_base=0, placement_key=())
+    scorer = HistoryLayerScorer(
+        layer=history_layers, num_experts=experts, prior=torch.full((experts,), 1.0 / experts, **dev),
+        w1=torch.randn(history_layers * experts, mlp_hidden, generator=gen, **dev) * 0.05,
+        b1=torch.zeros(mlp_hidden, **dev),
+        w2=torch.randn(mlp_hidden, experts, generator=gen, **dev) * 0.05,
+        b2=torch.zeros(experts, **dev))
+    router = torch.randn(experts, hidden, **dev, dtype=torch.bfloat16, generator=gen)
+    rank_of = torch.arange(experts, **dev) // (experts // ranks)
+    for tokens in token_counts:
+        gen = torch.Generator(device=device).manual_seed(tokens)
+        scores = torch.rand(tokens, ranks, generator=gen, **dev)
+        logits = torch.rand(tokens, experts, generator=gen, **dev)
         top = logits.topk(topk, dim=1).indices
-        routing_map = torch.zeros(tokens, experts, dtype=torch.bool, device="cuda").scatter_(1, top, True)
+        routing_map = torch.zeros(tokens, experts, dtype=torch.bool, **dev).scatter_(1, top, True)
         probs = torch.where(routing_map, logits, torch.zeros_like(logits))
-        hidden_states = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
-        columns = torch.randperm(experts, device="cuda", generator=gen)
+        hidden_states = torch.randn(tokens, hidden, **dev, dtype=torch.bfloat16)
+        columns = torch.randperm(experts, generator=gen, **dev)
 
         def dispatch_permute():
             rm = routing_map.index_select(1, columns)
             pr = probs.index_select(1, columns)
             return permute(hidden_states, rm, probs=pr, num_out_tokens=tokens * topk, fused=False)
 
+        ids = torch.randint(0, vocab, (tokens,), generator=gen, **dev)
+        history = torch.randint(0, experts, (tokens, history_layers, topk), generator=gen, **dev)
+
+        def pregate():
+            logits = torch.nn.functional.linear(hidden_states, router).float()
+            return pregate_rank_scores(logits, k=topk, rank_of=rank_of, ep_base=0, tp=ranks)
+
         rows.append({
             "tokens": tokens,
-            "shuffle_plan_refine_ms": _cuda_time(lambda: assign(scores, "refine", validate=False)),
-            "dispatch_permute_ms": _cuda_time(dispatch_permute),
+            "shuffle_plan_refine_ms": _cuda_time(lambda: assign(scores, "refine", validate=False), repeats, device=device),
+            "route_table_lookup_ms": _cuda_time(lambda: table.lookup(ids), repeats, device=device),
+            "history_scorer_ms": _cuda_time(lambda: scorer.scores(history=history), repeats, device=device),
+            "pregate_scores_ms": _cuda_time(pregate, repeats, device=device),
+            "dispatch_permute_ms": _cuda_time(dispatch_permute, repeats, device=device),
         })
         print(f"[gpu_check]   T={tokens}: {rows[-1]}", flush=True)
     return rows
@@ -163,6 +207,86 @@ def transformer_engine() -> dict:
     return res
 
 
+def _te_shuffle_worker(rank, world, sequence_parallel):
+    import torch
+
+    from megatron.core import parallel_state
+    from megatron.core.extensions.transformer_engine import TENorm
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_specmoe.glue import parallel
+    from megatron_specmoe.glue.build import MoEShape, make_config
+    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
+    from megatron_specmoe.glue.shuffle_specs import (
+        feed_token_ids,
+        get_gpt_block_shuffle_spec,
+        get_gpt_layer_shuffle_spec,
+        shuffle_state_dict_from_fused,
+        true_order_output,
+    )
+
+    torch.cuda.set_device(rank)
+    parallel.initialize(parallel.ParallelLayout(tp=world, ep=world))
+    try:
+        shape = MoEShape(hidden=128, ffn=256, experts=8, topk=2, heads=4, layers=2, vocab=256, seq=64)
+        sp = sequence_parallel and world > 1
+        carrier = ShuffleCarrier(options=ShuffleOptions(predictor="pregate", keep_plans=True))
+        models = {}
+        for name, dispatcher in (("ref", "alltoall"), ("shuffle", "specmoe")):
+            cfg = make_config(shape, dispatcher=dispatcher, tp=world, ep=world, sequence_parallel=sp,
+                              moe_grouped_gemm=True, use_cpu_initialization=False)
+            if name == "ref":
+                spec = get_gpt_layer_with_transformer_engine_spec(num_experts=8, moe_grouped_gemm=True)
+            else:
+                spec = get_gpt_layer_shuffle_spec(8, carrier=carrier, use_transformer_engine=True)
+                if sp:
+                    spec = get_gpt_block_shuffle_spec(cfg, spec, final_norm=TENorm)
+            models[name] = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=shape.vocab,
+                                    max_sequence_length=shape.seq, position_embedding_type="rope").cuda().eval()
+        ref, shuffle = models["ref"], models["shuffle"]
+        missing, unexpected = shuffle.load_state_dict(shuffle_state_dict_from_fused(ref.state_dict()), strict=False)
+        bad = [k for k in list(missing) + list(unexpected) if not k.endswith("_extra_state")]
+        if bad:
+            raise AssertionError(f"weights do not map from the TE spec to the TE shuffle spec: {bad}")
+        if sp:
+            true_order_output(shuffle, carrier)
+        feed_token_ids(shuffle, carrier)
+        gen = torch.Generator().manual_seed(11 + parallel_state.get_data_parallel_rank())
+        tokens = torch.randint(0, shape.vocab, (2, shape.seq), generator=gen).cuda()
+        positions = torch.arange(shape.seq).unsqueeze(0).expand(2, -1).cuda()
+        mask = torch.triu(torch.ones(1, 1, shape.seq, shape.seq, dtype=torch.bool), diagonal=1).cuda()
+        with torch.no_grad():
+            outs = [m(tokens, positions, mask) for m in (ref, shuffle)]
+        layer = shuffle.decoder.layers[0]
+        return {"world": world, "sequence_parallel": sp,
+                "linear_qkv": type(layer.self_attention.linear_qkv).__name__,
+                "linear_proj": type(layer.self_attention.linear_proj).__name__,
+                "experts_module": type(layer.mlp.experts).__name__,
+                "plans": len(carrier.plans),
+                "max_abs_diff": float((outs[0] - outs[1]).abs().max())}
+    finally:
+        parallel.destroy()
+
+
+def te_shuffle() -> dict:
+    import torch
+
+    from megatron_specmoe.comm.spawn import run_local
+    from megatron_specmoe.glue.specs import have_te
+
+    if not have_te():
+        return {"skipped": "TransformerEngine is not importable in this Python"}
+    world = min(torch.cuda.device_count(), 4)
+    out = {}
+    for sp in (False, True):
+        out[f"sp_{sp}"] = run_local(_te_shuffle_worker, world, sp, backend="nccl")[0]
+    worst = max(r["max_abs_diff"] for r in out.values())
+    if worst > 1e-5:
+        raise AssertionError(f"TE shuffle path not lossless: max |diff| {worst:.3e}: {out}")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check.json")
@@ -175,7 +299,7 @@ def main() -> int:
         return 2
     results = {"command": " ".join([sys.executable] + sys.argv)}
     for name, fn in (("environment", environment), ("lossless", lossless), ("timings", timings),
-                     ("transformer_engine", transformer_engine)):
+                     ("transformer_engine", transformer_engine), ("te_shuffle", te_shuffle)):
         _step(results, name, fn)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -12,9 +12,13 @@ shuffle layer is forward-only).
 spec, e.g. from ``get_gpt_decoder_block_spec``); ``glue.megatron_shuffle`` uses it to turn the
 specs Megatron-LM's model builder asks for into shuffle specs.
 
-Local (CPU-capable) linears only for now: TransformerEngine's fused layernorm-linear
-(``TELayerNormColumnParallelLinear``) all-gathers inside TE, which the shuffle must own; that path
-is not written (refused with a clear error).
+TransformerEngine: ``use_transformer_engine=True`` (or a TE layer spec given to
+``shuffle_layer_spec_from``) starts from Megatron's TE MoE spec and swaps in the TE linears of
+``glue.te_shuffle`` (``TENorm`` before the shuffle's all-gather, TE column / row linears that do
+not communicate; experts stay ``TEGroupedMLP``). Megatron's fused layernorm-linear keeps its
+checkpoint names through the layer's ``sharded_state_dict_keys_map``; for a plain ``state_dict``
+from a TE-spec model use ``shuffle_state_dict_from_fused``. Where TE is not importable this is
+refused with a clear error; the TE path is verified by ``tools/gpu_check.sh`` on a GPU.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "carrier_of",
     "true_order_output",
     "feed_token_ids",
+    "shuffle_state_dict_from_fused",
 ]
 
 
@@ -89,20 +94,22 @@ def get_gpt_layer_shuffle_spec(
             None. Read it back from the spec's ``params["carrier"]`` or any layer's ``.carrier``.
         options: ShuffleOptions for a new carrier (ignored when ``carrier`` is given).
         sequence_parallel_norms: use ``TokenwiseNorm`` for the layer norms (needed with
-            ``sequence_parallel=True`` without TransformerEngine).
-        kwargs: passed to Megatron's local spec builder (qk_layernorm, ...).
+            ``sequence_parallel=True`` without TransformerEngine; ignored with TE, whose norms
+            accept it).
+        kwargs: passed to Megatron's spec builder (qk_layernorm, ...); ``use_transformer_engine``
+            (default False) selects the TE spec and ``glue.te_shuffle``'s linears.
     """
-    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
+    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec, have_te
 
-    if kwargs.get("use_transformer_engine"):
+    use_te = bool(kwargs.pop("use_transformer_engine", False))
+    if use_te and not have_te():
         raise ValueError(
-            "get_gpt_layer_shuffle_spec: TransformerEngine linears are not supported yet (TE's fused "
-            "layernorm-linear all-gathers inside TE); pass use_transformer_engine=False"
+            "get_gpt_layer_shuffle_spec: use_transformer_engine=True needs TransformerEngine, which is "
+            "not importable in this Python; pass use_transformer_engine=False (local linears)"
         )
-    kwargs.pop("use_transformer_engine", None)
     if carrier is None:
         carrier = ShuffleCarrier(options=options or ShuffleOptions())
-    base = get_gpt_layer_specmoe_spec(num_experts, use_transformer_engine=False, **kwargs)
+    base = get_gpt_layer_specmoe_spec(num_experts, use_transformer_engine=use_te, **kwargs)
     return shuffle_layer_spec_from(base, carrier=carrier, sequence_parallel_norms=sequence_parallel_norms)
 
 
@@ -128,14 +135,17 @@ def is_moe_layer_spec(spec: Any) -> bool:
 def shuffle_layer_spec_from(
     spec: ModuleSpec, *, carrier: ShuffleCarrier, sequence_parallel_norms: bool = False
 ) -> ModuleSpec:
-    """The shuffle version of a Megatron MoE layer spec with local linears (as
-    ``gpt_layer_specs.get_gpt_layer_local_spec(num_experts=...)`` returns it): layer class
-    ``ShuffleTransformerLayer`` with ``carrier``, non-communicating attention linears, the specmoe
-    MoE layer, and ``TokenwiseNorm`` norms when ``sequence_parallel_norms``. A spec that already is
-    a shuffle spec only gets the new carrier (and norms), so converting twice is harmless.
+    """The shuffle version of a Megatron MoE layer spec (as
+    ``gpt_layer_specs.get_gpt_layer_local_spec(num_experts=...)`` or, with TE,
+    ``get_gpt_layer_with_transformer_engine_spec`` returns it): layer class
+    ``ShuffleTransformerLayer`` with ``carrier``, non-communicating attention linears (local, or
+    ``glue.te_shuffle``'s for a TE spec), the specmoe MoE layer, and ``TokenwiseNorm`` norms when
+    ``sequence_parallel_norms`` (local spec only). A spec that already is a shuffle spec only gets
+    the new carrier (and norms), so converting twice is harmless.
 
     Raises:
-        ValueError: a dense layer, multi-latent attention, or TransformerEngine linears (named).
+        ValueError: a dense layer, multi-latent attention, or attention linears of another kind
+            (named).
     """
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -160,25 +170,54 @@ def shuffle_layer_spec_from(
             "shuffle_layer_spec_from: the attention has no linear_qkv/linear_proj (multi-latent "
             "attention?); the shuffle layer supports standard self-attention only"
         )
-    if qkv not in (ColumnParallelLinear, NoCommColumnParallelLinear) or proj not in (
+    if _is_te_linear(qkv) and _is_te_linear(proj):
+        from megatron_specmoe.glue.te_shuffle import te_shuffle_changes  # needs TE; raises otherwise
+
+        changes: dict[str, Any] = te_shuffle_changes(spec.submodules)
+    elif qkv in (ColumnParallelLinear, NoCommColumnParallelLinear) and proj in (
         RowParallelLinear, NoCommRowParallelLinear
     ):
+        attention_spec = _replace(
+            spec.submodules.self_attention,
+            linear_qkv=NoCommColumnParallelLinear,
+            linear_proj=NoCommRowParallelLinear,
+        )
+        changes = {"self_attention": attention_spec}
+        if sequence_parallel_norms:
+            changes.update(input_layernorm=TokenwiseNorm, pre_mlp_layernorm=TokenwiseNorm)
+    else:
         raise ValueError(
             f"shuffle_layer_spec_from: attention linears are {getattr(qkv, '__name__', qkv)} / "
-            f"{getattr(proj, '__name__', proj)}; the shuffle layer needs Megatron's local linears "
-            "(TransformerEngine's fused layernorm-linear all-gathers inside TE): build the spec with "
-            "use_transformer_engine=False"
+            f"{getattr(proj, '__name__', proj)}; the shuffle layer needs Megatron's local linears or "
+            "its TransformerEngine linears (TE(LayerNorm)ColumnParallelLinear / TERowParallelLinear)"
         )
-    attention_spec = _replace(
-        spec.submodules.self_attention,
-        linear_qkv=NoCommColumnParallelLinear,
-        linear_proj=NoCommRowParallelLinear,
-    )
-    changes: dict[str, Any] = {"self_attention": attention_spec}
-    if sequence_parallel_norms:
-        changes.update(input_layernorm=TokenwiseNorm, pre_mlp_layernorm=TokenwiseNorm)
     out = _replace(with_specmoe(spec), **changes)
     return dataclasses.replace(out, module=ShuffleTransformerLayer, params={**out.params, "carrier": carrier})
+
+
+_TE_MODULE = "megatron.core.extensions.transformer_engine"
+
+
+def _is_te_linear(cls: Any) -> bool:
+    """Megatron's TE linear wrappers, or glue.te_shuffle's no-communication versions of them."""
+    return isinstance(cls, type) and (
+        cls.__module__ == _TE_MODULE or cls.__module__ == "megatron_specmoe.glue.te_shuffle"
+    )
+
+
+def shuffle_state_dict_from_fused(state_dict: dict) -> dict:
+    """A copy of a TE-spec model's ``state_dict`` with the keys a TE shuffle spec uses: the fused
+    layernorm-linear's ``self_attention.linear_qkv.layer_norm_{weight,bias}`` become
+    ``input_layernorm.{weight,bias}`` (the shuffle layer runs that norm before its all-gather);
+    every other key and every tensor is unchanged (tensors are not copied)."""
+    out = {}
+    fused = "self_attention.linear_qkv.layer_norm_"
+    for key, value in state_dict.items():
+        head, sep, tail = key.rpartition(fused)
+        if sep and tail in ("weight", "bias"):
+            key = f"{head}input_layernorm.{tail}"
+        out[key] = value
+    return out
 
 
 def get_gpt_block_shuffle_spec(config, layer_spec: ModuleSpec, *, final_norm: Any = None):

@@ -84,8 +84,8 @@ def get_gpt_layer_specmoe_spec(
         moe_grouped_gemm: defaults to ``use_transformer_engine``.
         shuffle: a ``glue.shuffle_layer.ShuffleCarrier`` (or ``ShuffleOptions``) turns on speculative
             token shuffling: the layer becomes ``ShuffleTransformerLayer``
-            (``glue.shuffle_specs.get_gpt_layer_shuffle_spec``; local linears only). ``None``: the
-            dispatcher alone.
+            (``glue.shuffle_specs.get_gpt_layer_shuffle_spec``; local linears unless
+            ``use_transformer_engine=True``). ``None``: the dispatcher alone.
         kwargs: passed to Megatron's spec builder (qk_layernorm, multi_latent_attention, ...).
     """
     from megatron.core.models.gpt import gpt_layer_specs
@@ -101,12 +101,9 @@ def get_gpt_layer_specmoe_spec(
                 f"get_gpt_layer_specmoe_spec: shuffle must be a ShuffleCarrier or ShuffleOptions, got "
                 f"{type(shuffle).__name__}"
             )
-        if use_transformer_engine:
-            raise ValueError(
-                "get_gpt_layer_specmoe_spec: shuffle=... needs local linears (TransformerEngine's fused "
-                "layernorm-linear all-gathers inside TE); pass use_transformer_engine=False"
-            )
-        return get_gpt_layer_shuffle_spec(num_experts, carrier=shuffle, **kwargs)
+        # TE linears only when asked for explicitly (glue.te_shuffle; verified by the GPU check).
+        return get_gpt_layer_shuffle_spec(num_experts, carrier=shuffle,
+                                          use_transformer_engine=bool(use_transformer_engine), **kwargs)
 
     if use_transformer_engine is None:
         use_transformer_engine = have_te()

@@ -1,0 +1,37 @@
+"""tools/gpu_check.py on the CPU: the timing step's code runs (tiny sizes, host clock), and the
+script refuses a machine without CUDA. The GPU run itself is documented in the README."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timing_step_runs_on_the_cpu_at_tiny_sizes(gpu_check):
+    rows = gpu_check.timings("cpu", (96, 130), experts=8, topk=2, ranks=4, hidden=32, vocab=100,
+                             history_layers=2, mlp_hidden=8, repeats=1)
+    assert [r["tokens"] for r in rows] == [96, 130]
+    keys = {"shuffle_plan_refine_ms", "route_table_lookup_ms", "history_scorer_ms", "pregate_scores_ms",
+            "dispatch_permute_ms"}
+    for row in rows:
+        assert keys <= set(row) and all(row[k] > 0 for k in keys), row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_cuda(gpu_check, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(tmp_path / "out.json")])
+    assert gpu_check.main() == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
