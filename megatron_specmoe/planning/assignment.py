@@ -119,7 +119,6 @@ _TOP_MIN = 64
 _TOP_DIV = 4
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class ShufflePlan:
     """Where every token of one batch goes, and the permutation that puts it there.
