@@ -76,7 +76,8 @@ def without(argv, *flags):
 
 
 def write_plan(folder, *, kinds=("token",), num_layers=4, ep_size=4, hidden_size=64):
-    """A plan with a real fitted token table ("token") or a stand-in state for other kinds."""
+    """A plan with real fitted "token" and "combined" (token + history) predictors, or a stand-in
+    state for other kinds."""
     from megatron_specmoe.planning.plan import make_plan, save_plan
     from megatron_specmoe.planning.predictors.registry import fit_predictor
     from megatron_specmoe.planning.traces import RoutingTrace
@@ -90,6 +91,9 @@ def write_plan(folder, *, kinds=("token",), num_layers=4, ep_size=4, hidden_size
     for kind in kinds:
         if kind == "token":
             state[kind] = fit_predictor("token", trace).to_state()
+        elif kind == "combined":  # what `specmoe demo --predictor history` plans: token + history
+            state[kind] = fit_predictor("combined", trace, members=("token", "history"),
+                                        member_options={"history": {"hidden": 8, "epochs": 1}}).to_state()
         else:
             state[kind] = {"config": {"kind": kind}, "arrays": {"w": np.zeros((2, 2), np.float32)}}
     save_plan(make_plan(num_layers=num_layers, num_experts=8, topk=2, ep_size=ep_size, hidden_size=hidden_size,
@@ -152,13 +156,33 @@ def test_layout_problems_refused_even_with_fallback(monkeypatch):
     assert args.moe_token_dispatcher_type == "specmoe"  # no silent fallback
 
 
-def test_dense_layers_first_are_accepted_but_not_with_route(monkeypatch, tmp_path):
+def test_dense_layers_first_are_accepted_and_history_needs_consecutive_moe_layers(monkeypatch, tmp_path):
     plan = write_plan(tmp_path / "plan", num_layers=3)
     argv = [*BASE_ARGV, *GOOD, "--moe-layer-freq", "([0]+[1]*3)", "--specmoe-plan", str(plan)]
     args = parse(monkeypatch, argv)
     assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, plan=plan, shuffle="pregate")
+    # The plan's MoE-layer index comes from --moe-layer-freq, so the token table works with dense layers.
     args = parse(monkeypatch, [*argv, "--specmoe-shuffle-predictor", "route"])
-    with pytest.raises(M.SpecMoEArgumentError, match=r"route needs every layer to be MoE.*layers \[0\] dense"):
+    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, plan=plan, shuffle="route")
+    # The route history passes from MoE layer to MoE layer: a dense layer between them breaks it,
+    # with or without sequence parallelism.
+    history_plan = write_plan(tmp_path / "history", kinds=("token", "combined"), num_layers=3)
+    args = parse(monkeypatch, [*BASE_ARGV, *without(GOOD, "--sequence-parallel"), "--moe-layer-freq",
+                               "([1]+[0]+[1]*2)", "--specmoe-plan", str(history_plan),
+                               "--specmoe-shuffle-predictor", "history"])
+    with pytest.raises(M.SpecMoEArgumentError, match=r"history: dense layer\(s\) \[1\] come after the MoE layer 0"):
+        M.validate_specmoe_args(args)
+
+
+def test_history_predictor_needs_a_combined_or_history_predictor_in_the_plan(monkeypatch, tmp_path):
+    token_only = write_plan(tmp_path / "token")
+    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-shuffle-predictor", "history",
+                               "--specmoe-plan", str(token_only)])
+    with pytest.raises(M.SpecMoEArgumentError, match="history: the plan .*token holds no 'combined' or "
+                       "'history' predictor \\(it has token\\)"):
+        M.validate_specmoe_args(args)
+    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-shuffle-predictor", "history"])
+    with pytest.raises(M.SpecMoEArgumentError, match="history needs --specmoe-plan DIR with a 'combined' or 'history'"):
         M.validate_specmoe_args(args)
 
 
@@ -306,8 +330,14 @@ def test_hook_refusals(hook, tmp_path):
     # Without sequence parallelism dense layers may sit anywhere (shuffle layers return true order).
     block = G.get_gpt_decoder_block_spec(_config(freq=[1, 0, 1]), use_transformer_engine=False, pp_rank=0)
     assert _layer_classes(block) == ["ShuffleTransformerLayer", "TransformerLayer", "ShuffleTransformerLayer"]
+    # The route table indexes MoE layers by moe_layer_freq: dense layers in between are fine ...
     holder.args = _flag_args(predictor="route", plan=str(write_plan(tmp_path / "plan", num_layers=2)))
-    with pytest.raises(ValueError, match="route needs every layer to be MoE"):
+    block = G.get_gpt_decoder_block_spec(_config(freq=[1, 0, 1]), use_transformer_engine=False, pp_rank=0)
+    assert _layer_classes(block) == ["ShuffleTransformerLayer", "TransformerLayer", "ShuffleTransformerLayer"]
+    # ... but the route history cannot pass a dense layer.
+    holder.args = _flag_args(predictor="history", plan=str(write_plan(tmp_path / "history", kinds=("combined",),
+                                                                       num_layers=2)))
+    with pytest.raises(ValueError, match=r"history: dense layer\(s\) \[1\] come after the MoE layer 0"):
         G.get_gpt_decoder_block_spec(_config(freq=[1, 0, 1]), use_transformer_engine=False, pp_rank=0)
 
 

@@ -82,9 +82,11 @@ PredictorName = Literal["token", "layer", "history", "combined", "pregate"]
 PREDICTORS_WITHOUT_PLAN: frozenset[str] = frozenset({"pregate"})
 DEFAULT_PREDICTOR: PredictorName = "combined"
 # What the shuffle layers predict with (--specmoe-shuffle-predictor): the layer's own router on its
-# input, or the plan's token table on the token ids ("route" needs the plan's "token" predictor).
-ShufflePredictorName = Literal["pregate", "route"]
-SHUFFLE_ROUTE_KIND = "token"
+# input, the plan's token table on the token ids ("route" needs the plan's "token" predictor), or
+# the plan's token table combined with its route-history MLP on the routes carried between layers
+# ("history" needs a "combined" (token + history) or a "history" predictor).
+ShufflePredictorName = Literal["pregate", "route", "history"]
+SHUFFLE_PLAN_KINDS: dict[str, tuple[str, ...]] = {"route": ("token",), "history": ("combined", "history")}
 
 SPECMOE_OPTION_STRINGS: tuple[str, ...] = (
     "--specmoe-plan",
@@ -95,6 +97,8 @@ SPECMOE_OPTION_STRINGS: tuple[str, ...] = (
     "--specmoe-fallback-alltoall",
     "--specmoe-shuffle",
     "--specmoe-shuffle-predictor",
+    "--specmoe-request-placement",
+    "--specmoe-request-weight",
 )
 
 # (args attribute, Megatron flag, why the specmoe dispatcher cannot honour it)
@@ -247,8 +251,26 @@ def add_specmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         choices=get_args(ShufflePredictorName),
         default="pregate",
         help="With --specmoe-shuffle: 'pregate' (default; the layer's router on its input, no "
-        "plan needed) or 'route' (the plan's token table on the token ids; needs --specmoe-plan "
-        "with a 'token' predictor). With --specmoe-shuffle, --specmoe-predictor is not used.",
+        "plan needed), 'route' (the plan's token table on the token ids; needs --specmoe-plan "
+        "with a 'token' predictor) or 'history' (the plan's token table combined with its "
+        "route-history MLP on the routes carried between layers; needs --specmoe-plan with a "
+        "'combined' or 'history' predictor). With --specmoe-shuffle, --specmoe-predictor is not used.",
+    )
+    group.add_argument(
+        "--specmoe-request-placement",
+        action="store_true",
+        default=False,
+        help="DP attention (TP = 1) serving with Megatron's dynamic engine (core >= 0.19): its data-"
+        "parallel coordinator places each request on the DP rank whose experts the prompt is "
+        "predicted to use, weighed against free request slots (glue/dp_coordinator.py). Needs "
+        "--specmoe-plan with a 'token' predictor.",
+    )
+    group.add_argument(
+        "--specmoe-request-weight",
+        type=float,
+        default=0.5,
+        help="With --specmoe-request-placement: share of the score given to expert affinity, in "
+        "[0, 1] (0 = Megatron's least-loaded routing; default 0.5).",
     )
     return parser
 
@@ -316,18 +338,20 @@ def shuffle_dense_layer_problem(pattern: list[int], *, sequence_parallel: bool,
     Dense layers stay Megatron's TransformerLayer. Without sequence parallelism every shuffle layer
     returns its output in true order, so dense layers may sit anywhere. With it, a shuffle layer
     hands the next layer its tokens in shuffled order, which only a shuffle layer reads: dense
-    layers must all come before the first MoE layer (first-k-dense). The route predictor indexes
-    MoE layers by layer number, which holds only when every layer is MoE."""
+    layers must all come before the first MoE layer (first-k-dense). The "history" predictor
+    carries each MoE layer's routes to the next one along with the hidden states, so a dense layer
+    between two MoE layers breaks the chain whatever the sequence parallelism. (The plan's MoE
+    layer index comes from ``moe_layer_freq``, so "route" works with dense layers.)"""
     if 0 not in pattern or 1 not in pattern:
         return None
-    if predictor == "route":
-        return (
-            "--specmoe-shuffle-predictor route needs every layer to be MoE (it indexes the plan's MoE "
-            f"layers by layer number), but --moe-layer-freq makes layers {[i for i, x in enumerate(pattern) if not x]} "
-            "dense; use --specmoe-shuffle-predictor pregate"
-        )
     first_moe = pattern.index(1)
     late = [i for i, x in enumerate(pattern) if not x and i > first_moe]
+    if predictor == "history" and late:
+        return (
+            f"--specmoe-shuffle-predictor history: dense layer(s) {late} come after the MoE layer "
+            f"{first_moe}; the route history passes from one MoE layer to the next, which a dense "
+            "layer in between interrupts. Use --specmoe-shuffle-predictor route or pregate"
+        )
     if sequence_parallel and late:
         return (
             f"--specmoe-shuffle with --sequence-parallel: dense layer(s) {late} come after the MoE "
@@ -353,10 +377,13 @@ def layout_problems(args: argparse.Namespace) -> list[str]:
             "--expert-model-parallel-size is 1: every rank holds every expert, there is no "
             "expert all-to-all to shrink"
         )
-    if tp == 1:
+    # TP = 1 is DP attention: tokens cannot move, but --specmoe-request-placement places whole
+    # requests on the DP (= EP) rank whose experts they are predicted to use.
+    if tp == 1 and not getattr(args, "specmoe_request_placement", False):
         problems.append(
             "--tensor-model-parallel-size is 1: tokens can only be shuffled inside an attention "
-            "tensor-parallel group, and a group of one rank cannot move them"
+            "tensor-parallel group, and a group of one rank cannot move them (for DP attention use "
+            "--specmoe-request-placement, which places whole requests instead)"
         )
     if etp != 1:
         problems.append(
@@ -374,7 +401,7 @@ def layout_problems(args: argparse.Namespace) -> list[str]:
 
 
 def _check_plan(args: argparse.Namespace, plan_dir: Path, predictor: str,
-                flag: Optional[str] = None) -> None:
+                flag: Optional[str] = None, any_of: tuple[str, ...] = ()) -> None:
     """Read the plan (planning/plan.py checks its format and checksum) and compare its shape with
     the command line: MoE layers, experts, top-k, EP size, and vocabulary / hidden size when both
     sides know them (the padded vocabulary is known only after the tokenizer is built)."""
@@ -398,12 +425,15 @@ def _check_plan(args: argparse.Namespace, plan_dir: Path, predictor: str,
     except ValueError as exc:
         raise SpecMoEArgumentError(f"--specmoe-plan {plan_dir}: {exc}") from exc
     kinds = tuple(plan.header.predictor_kinds)
-    if flag is not None and predictor not in kinds:
+    wanted = any_of or (predictor,)
+    if flag is not None and not set(wanted) & set(kinds):
         raise SpecMoEArgumentError(
-            f"{flag}: the plan {plan_dir} holds no {predictor!r} predictor (it has "
-            f"{', '.join(kinds) if kinds else 'none'}); re-run `specmoe plan` with predictor "
-            f"{predictor}, or use --specmoe-shuffle-predictor pregate"
+            f"{flag}: the plan {plan_dir} holds no {' or '.join(repr(k) for k in wanted)} predictor "
+            f"(it has {', '.join(kinds) if kinds else 'none'}); re-run `specmoe plan` with predictor "
+            f"{wanted[0]}" + (", or use --specmoe-shuffle-predictor pregate" if "shuffle" in flag else "")
         )
+    if flag is not None:
+        return
     if predictor not in PREDICTORS_WITHOUT_PLAN and predictor not in kinds:
         raise SpecMoEArgumentError(
             f"--specmoe-predictor {predictor}: the plan {plan_dir} holds no such predictor (it has "
@@ -451,9 +481,9 @@ def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
     if impl != "local":
         raise SpecMoEArgumentError(
             f"--specmoe-shuffle with --transformer-impl {impl} (Megatron-LM's default is "
-            "transformer_engine): the shuffle layer does not support TransformerEngine linears yet "
-            "(TE's fused layernorm-linear all-gathers inside TE, and the shuffle must own that "
-            "all-gather). Pass --transformer-impl local"
+            "transformer_engine): the shuffle layer's TransformerEngine linears (glue/te_shuffle.py) "
+            "have not been verified on a GPU yet (tools/gpu_check.sh does that), so the launcher does "
+            "not build them. Pass --transformer-impl local"
         )
     bad = [f"{flag} ({why})" for attr, flag, unwanted, why in _SHUFFLE_UNSUPPORTED
            if unwanted(getattr(args, attr, None))]
@@ -496,12 +526,44 @@ def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
               "dynamic inference context unless --use-legacy-static-engine is given, and the shuffle "
               "layer refuses that context at its first forward; pass --use-legacy-static-engine to "
               "scripts that build a StaticInferenceEngine", file=sys.stderr)
-    if predictor == "route" and plan is None:
+    if predictor in SHUFFLE_PLAN_KINDS and plan is None:
         raise SpecMoEArgumentError(
-            "--specmoe-shuffle-predictor route needs --specmoe-plan DIR with a 'token' predictor "
-            "(made by `specmoe plan`); without a plan use --specmoe-shuffle-predictor pregate"
+            f"--specmoe-shuffle-predictor {predictor} needs --specmoe-plan DIR with a "
+            f"{' or '.join(repr(k) for k in SHUFFLE_PLAN_KINDS[predictor])} predictor (made by `specmoe "
+            "plan`); without a plan use --specmoe-shuffle-predictor pregate"
         )
     return predictor
+
+
+def _check_request_placement(args: argparse.Namespace, dispatcher: Optional[str], plan: Optional[str]) -> None:
+    """``--specmoe-request-placement``: DP attention (TP = 1) with the specmoe dispatcher, a plan
+    holding a token table, a weight in [0, 1], and a Megatron-Core whose DP coordinator takes a
+    per-request routing decision (0.19)."""
+    flag = "--specmoe-request-placement"
+    weight = getattr(args, "specmoe_request_weight", 0.5)
+    if not 0.0 <= float(weight) <= 1.0:
+        raise SpecMoEArgumentError(f"--specmoe-request-weight {weight}: must be in [0, 1] (0 = least-loaded)")
+    if dispatcher != DISPATCHER:
+        raise SpecMoEArgumentError(
+            f"{flag} needs {DISPATCHER_FLAG} {DISPATCHER} (the plan's expert placement must be applied "
+            "for the predicted affinities to hold)"
+        )
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    if tp != 1:
+        raise SpecMoEArgumentError(
+            f"{flag} places whole requests for DP attention (--tensor-model-parallel-size 1), but TP is "
+            f"{tp}; with TP > 1 tokens move inside the TP group instead: use --specmoe-shuffle"
+        )
+    if plan is None:
+        raise SpecMoEArgumentError(f"{flag} needs --specmoe-plan DIR with a 'token' predictor (made by `specmoe plan`)")
+    try:
+        from megatron_specmoe.glue.dp_coordinator import _coordinator_class
+
+        _coordinator_class()
+    except ImportError as exc:
+        raise SpecMoEArgumentError(f"{flag}: {exc}") from None
+    plan_dir = Path(plan)
+    _check_plan(args, plan_dir, "token", flag=flag, any_of=("token",))
 
 
 def _rank0() -> bool:
@@ -541,6 +603,9 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
             f"{dispatcher!r}: add {DISPATCHER_FLAG} {DISPATCHER}"
             + (f" (it fell back to alltoall: {previous_fallback})" if previous_fallback else "")
         )
+
+    if getattr(args, "specmoe_request_placement", False):
+        _check_request_placement(args, dispatcher, plan)
 
     if dispatcher != DISPATCHER:
         if previous_fallback is not None:
@@ -594,8 +659,9 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
         if plan is None:
             return SpecMoEArgsCheck(active=True, predictor=None, shuffle=shuffle_predictor)
         plan_dir = Path(plan)
-        _check_plan(args, plan_dir, SHUFFLE_ROUTE_KIND if shuffle_predictor == "route" else "pregate",
-                    flag="--specmoe-shuffle-predictor route" if shuffle_predictor == "route" else None)
+        kinds = SHUFFLE_PLAN_KINDS.get(shuffle_predictor, ())
+        _check_plan(args, plan_dir, kinds[0] if kinds else "pregate",
+                    flag=f"--specmoe-shuffle-predictor {shuffle_predictor}" if kinds else None, any_of=kinds)
         return SpecMoEArgsCheck(active=True, predictor=None, plan=plan_dir, shuffle=shuffle_predictor)
 
     # 5. The plan: present when the predictor needs one, and made for this model and layout.

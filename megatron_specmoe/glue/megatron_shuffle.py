@@ -27,16 +27,18 @@ How the flag takes effect (``specmoe-launch`` does 1; ``glue/megatron_runtime`` 
    ``get_gpt_layer_local_spec(num_experts=N, ...)`` returns a shuffle spec with a new carrier (a
    model built from one layer spec uses it for every layer: one carrier); dense specs unchanged.
    ``get_gpt_layer_with_transformer_engine_spec(num_experts=N, ...)`` and the block spec with
-   ``use_transformer_engine=True`` refuse (the shuffle layer has no TE linears yet).
+   ``use_transformer_engine=True`` refuse (the shuffle layer's TE linears, ``glue/te_shuffle``,
+   are not verified on a GPU yet).
 3. After Megatron-LM's ``get_model`` (``RuntimeSettings.shuffle`` in ``glue/megatron_runtime``),
    ``attach_shuffle_outputs(model)`` finds each chunk's carrier in its layers and, with sequence
    parallelism, makes the output layer bring the logits back to true order inside its own
-   all-gather (``shuffle_specs.true_order_output``); with the "route" predictor it feeds each
+   all-gather (``shuffle_specs.true_order_output``); with the "route" / "history" predictors it feeds each
    forward's token ids to the carrier (``shuffle_specs.feed_token_ids``).
 
 Refused with a ValueError naming the fix (``glue/megatron_args`` refuses the same before any GPU
 work): TransformerEngine specs; dense layers after an MoE layer with sequence parallelism, and
-dense layers at all with the "route" predictor (``megatron_args.shuffle_dense_layer_problem``).
+dense layers after the first MoE layer with the "history" predictor
+(``megatron_args.shuffle_dense_layer_problem``).
 The shuffle layer itself refuses the rest (shared experts with TP > 1, pipeline stages with
 sequence parallelism, training mode, ...). Nothing here runs at import time.
 """
@@ -50,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, get_args
 
 from megatron_specmoe.glue.megatron_args import (
-    SHUFFLE_ROUTE_KIND,
+    SHUFFLE_PLAN_KINDS,
     ShufflePredictorName,
     moe_layer_pattern,
     shuffle_dense_layer_problem,
@@ -85,8 +87,9 @@ class ShuffleSettings:
     """What ``--specmoe-shuffle`` asks for.
 
     Attributes:
-        predictor: ``--specmoe-shuffle-predictor`` ("pregate" or "route").
-        plan: ``--specmoe-plan`` (its "token" predictor serves "route"), or None.
+        predictor: ``--specmoe-shuffle-predictor`` ("pregate", "route" or "history").
+        plan: ``--specmoe-plan`` (its "token" predictor serves "route"; its "combined" or
+            "history" predictor serves "history"), or None.
     """
 
     predictor: str = "pregate"
@@ -96,9 +99,9 @@ class ShuffleSettings:
         if self.predictor not in get_args(ShufflePredictorName):
             raise ValueError(f"--specmoe-shuffle-predictor {self.predictor!r}: choose one of "
                              f"{get_args(ShufflePredictorName)}")
-        if self.predictor == "route" and self.plan is None:
-            raise ValueError("--specmoe-shuffle-predictor route needs --specmoe-plan DIR with a "
-                             "'token' predictor")
+        if self.predictor in SHUFFLE_PLAN_KINDS and self.plan is None:
+            raise ValueError(f"--specmoe-shuffle-predictor {self.predictor} needs --specmoe-plan DIR with "
+                             f"a {' or '.join(repr(k) for k in SHUFFLE_PLAN_KINDS[self.predictor])} predictor")
 
     @classmethod
     def from_args(cls, args: Any) -> Optional["ShuffleSettings"]:
@@ -110,22 +113,25 @@ class ShuffleSettings:
                    plan=Path(plan) if plan else None)
 
     def options(self):
-        """The ``ShuffleOptions`` for one model's carrier (loads the plan's token table for
-        "route"; "refine" assignment, the runtime one)."""
+        """The ``ShuffleOptions`` for one model's carrier (loads the plan's predictor for "route"
+        and "history"; "refine" assignment, the runtime one)."""
         from megatron_specmoe.glue.shuffle_layer import ShuffleOptions
 
-        if self.predictor != "route":
+        kinds = SHUFFLE_PLAN_KINDS.get(self.predictor)
+        if not kinds:
             return ShuffleOptions(predictor=self.predictor)
         from megatron_specmoe.planning.plan import load_plan
         from megatron_specmoe.planning.predictors.registry import predictor_from_state
 
         plan = load_plan(self.plan)
-        if SHUFFLE_ROUTE_KIND not in plan.predictor_state:
-            raise ValueError(f"--specmoe-shuffle-predictor route: the plan {self.plan} holds no "
-                             f"'{SHUFFLE_ROUTE_KIND}' predictor (it has {list(plan.predictor_state)}); "
-                             "re-run `specmoe plan` with it, or use the pregate predictor")
-        route = predictor_from_state(SHUFFLE_ROUTE_KIND, plan.predictor_state[SHUFFLE_ROUTE_KIND])
-        return ShuffleOptions(predictor="route", route_predictor=route)
+        kind = next((k for k in kinds if k in plan.predictor_state), None)
+        if kind is None:
+            raise ValueError(f"--specmoe-shuffle-predictor {self.predictor}: the plan {self.plan} holds no "
+                             f"{' or '.join(repr(k) for k in kinds)} predictor (it has "
+                             f"{list(plan.predictor_state)}); re-run `specmoe plan` with it, or use the "
+                             "pregate predictor")
+        route = predictor_from_state(kind, plan.predictor_state[kind])
+        return ShuffleOptions(predictor=self.predictor, route_predictor=route)
 
 
 def _megatron_settings() -> Optional[ShuffleSettings]:
@@ -350,7 +356,7 @@ def shuffle_carriers(module: Any) -> list:
 def attach_shuffle_outputs(chunks: Sequence[Any]) -> list:
     """For each model chunk (unwrapped ``GPTModel``) with shuffle layers: ``true_order_output`` when
     its layers run with sequence parallelism (unless an output consumer is already declared), and
-    ``feed_token_ids`` for the "route" predictor. Returns the handles (``remove()`` undoes each).
+    ``feed_token_ids`` for the "route" and "history" predictors. Returns the handles (``remove()`` undoes each).
 
     Raises:
         ValueError: a chunk whose MoE layers are not shuffle layers (the script built its layer spec
@@ -391,5 +397,5 @@ def _attach_chunk(i: int, chunk: Any, handles: list) -> None:
     layer = next(m for m in chunk.modules() if isinstance(m, ShuffleTransformerLayer))
     if layer.config.sequence_parallel and carrier.output_consumer is None:
         handles.append(true_order_output(chunk, carrier))
-    if carrier.options.predictor == "route":
+    if carrier.options.predictor in ("route", "history"):  # history: its token-table member
         handles.append(feed_token_ids(chunk, carrier))
