@@ -99,3 +99,33 @@ def test_engine_identities_must_name_their_dp_rank(plan_dir):
     coord._identities_list = [b"engine-a", b"engine-b", b"engine-c", b"engine-d"]
     with pytest.raises(ValueError, match="engine identity 'engine-a' is not 'mp-coord-<dp rank>'"):
         _submit(coord, [7])
+
+
+def test_launcher_flags_are_checked_before_any_gpu_work(monkeypatch, plan_dir, tmp_path):
+    from megatron_specmoe.glue import megatron_args as M
+    from megatron_specmoe.glue.megatron_runtime import RuntimeSettings
+
+    from tests.test_launch_shuffle import BASE_ARGV, parse
+
+    # DP attention: TP = 1, EP = 2 (the plan's), specmoe dispatcher, the plan's token table.
+    base = [*BASE_ARGV, "--tensor-model-parallel-size", "1", "--expert-model-parallel-size", "2",
+            "--expert-tensor-parallel-size", "1", "--moe-token-dispatcher-type", "specmoe",
+            "--num-experts", "4", "--moe-router-topk", "1", "--num-layers", "1", "--transformer-impl", "local",
+            "--specmoe-predictor", "token"]
+    good = [*base, "--specmoe-plan", str(plan_dir), "--specmoe-request-placement", "--specmoe-request-weight", "0.8"]
+    args = parse(monkeypatch, good)
+    M.validate_specmoe_args(args)
+    settings = RuntimeSettings.from_args(args)
+    assert settings.places_requests and settings.request_weight == 0.8
+    cases = [
+        (["--specmoe-request-weight", "1.5"], r"--specmoe-request-weight 1.5: must be in \[0, 1\]"),
+        (["--tensor-model-parallel-size", "2"], "places whole requests for DP attention .* TP is 2; .* use --specmoe-shuffle"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(M.SpecMoEArgumentError, match=message):
+            M.validate_specmoe_args(parse(monkeypatch, [*good, *extra]))
+    with pytest.raises(M.SpecMoEArgumentError, match="--specmoe-request-placement needs --specmoe-plan DIR"):
+        M.validate_specmoe_args(parse(monkeypatch, [*base, "--specmoe-request-placement"]))
+    alltoall = [a if a != "specmoe" else "alltoall" for a in good]
+    with pytest.raises(M.SpecMoEArgumentError, match="--specmoe-request-placement needs --moe-token-dispatcher-type specmoe"):
+        M.validate_specmoe_args(parse(monkeypatch, alltoall))

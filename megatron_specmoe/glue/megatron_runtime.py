@@ -34,6 +34,11 @@ What each flag does here (``glue/megatron_args.py`` parses and checks them befor
     the output layer restores true order inside its own all-gather; with
     ``--specmoe-shuffle-predictor route`` each forward's token ids reach the layers. A chunk whose
     MoE layers are not shuffle layers is refused (the script built its spec some other way).
+``--specmoe-request-placement``  (specmoe dispatcher, a plan with a token table, TP = 1)
+    ``dp_coordinator.install_request_routing(plan, weight=--specmoe-request-weight)``: the
+    dynamic engine started later in this process spawns ``SpecMoECoordinator``, which places each
+    request on the DP rank whose experts its prompt is predicted to use (within its free slots).
+    ``close()`` uninstalls it.
 ``--save`` with ``--specmoe-plan`` is refused: a checkpoint saved after the move would store
     experts under the wrong names.
 ``--specmoe-stats PATH``  (specmoe dispatcher)
@@ -106,6 +111,8 @@ class RuntimeSettings:
         record_every: write a trace part every this many model forwards (0: at exit only).
         stats: stats path (may hold ``{rank}``); or None.
         shuffle: ``--specmoe-shuffle`` (shuffle layers need their output / token-id hooks).
+        request_weight: ``--specmoe-request-weight`` when ``--specmoe-request-placement`` is on,
+            else None.
     """
 
     dispatcher: str
@@ -114,6 +121,7 @@ class RuntimeSettings:
     record_every: int = 0
     stats: Optional[str] = None
     shuffle: bool = False
+    request_weight: Optional[float] = None
 
     @classmethod
     def from_args(cls, args: Any) -> "RuntimeSettings":
@@ -129,6 +137,8 @@ class RuntimeSettings:
             record_every=every,
             stats=getattr(args, "specmoe_stats", None) or None,
             shuffle=bool(getattr(args, "specmoe_shuffle", False)),
+            request_weight=(float(getattr(args, "specmoe_request_weight", 0.5))
+                            if getattr(args, "specmoe_request_placement", False) else None),
         )
 
     @property
@@ -138,7 +148,12 @@ class RuntimeSettings:
     @property
     def active(self) -> bool:
         return self.applies_plan or self.record_routes is not None or (
-            self.dispatcher == DISPATCHER and (self.stats is not None or self.shuffle))
+            self.dispatcher == DISPATCHER and (self.stats is not None or self.shuffle)) or (
+            self.places_requests)
+
+    @property
+    def places_requests(self) -> bool:
+        return self.request_weight is not None and self.dispatcher == DISPATCHER and self.plan is not None
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -314,6 +329,7 @@ class SpecMoERuntime:
         self.writes_routes = True
         self.parts_written: list[Path] = []
         self.shuffle_handles: list = []
+        self.routes_requests = False
         self._chunks = list(chunks)
         self._handles: list = []
         self._input_ids: list[Optional[torch.Tensor]] = []
@@ -443,6 +459,11 @@ class SpecMoERuntime:
                 from megatron_specmoe.glue.model_tools import attach_recorder
 
                 attach_recorder(_container(self._chunks), None)
+            if self.routes_requests:
+                from megatron_specmoe.glue.dp_coordinator import uninstall_request_routing
+
+                uninstall_request_routing()
+                self.routes_requests = False
             if self._chunks[0].__dict__.get(_RUNTIME_ATTR) is self:
                 del self._chunks[0].__dict__[_RUNTIME_ATTR]
 
@@ -502,6 +523,14 @@ def setup_specmoe_runtime(model: Any, args: Any = None, *, after_load: bool = Fa
 
                 runtime.shuffle_handles = attach_shuffle_outputs(chunks)
                 runtime._handles.extend(runtime.shuffle_handles)
+            if settings.places_requests:
+                from megatron_specmoe.glue.dp_coordinator import install_request_routing
+
+                install_request_routing(settings.plan, weight=settings.request_weight)
+                runtime.routes_requests = True
+                if runtime.rank == 0:
+                    print(f"specmoe: requests placed by expert affinity (plan {settings.plan}, weight "
+                          f"{settings.request_weight})", file=sys.stderr)
         except BaseException:
             runtime._closed = True
             for h in runtime._handles:
