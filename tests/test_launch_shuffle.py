@@ -485,11 +485,16 @@ def _e2e_worker(rank, world, cases):
 
 def test_megatron_builder_with_the_hook_is_lossless(tmp_path):
     plan = str(write_plan(tmp_path / "plan", num_layers=2, hidden_size=16))
+    history_plan = str(write_plan(tmp_path / "history", kinds=("combined",), num_layers=2, hidden_size=16))
     cases = [
         # Sequence parallel, first layer dense (first-k-dense), pregate.
         ([0, 1, 1], True, "pregate", None),
         # No sequence parallelism, every layer MoE, the plan's token table on the token ids.
         ([1, 1], False, "route", plan),
+        # The token table with a dense layer between MoE layers (MoE index from moe_layer_freq).
+        ([1, 0, 1], False, "route", plan),
+        # Sequence parallel, first-k-dense, the plan's token table + route-history MLP.
+        ([0, 1, 1], True, "history", history_plan),
     ]
     results = run_local(_e2e_worker, 4, cases)
     for i, (freq, sp, predictor, _) in enumerate(cases):
@@ -499,8 +504,8 @@ def test_megatron_builder_with_the_hook_is_lossless(tmp_path):
             assert res["shape_equal"] and res["diff"] <= TOL, (where, res["diff"])
             assert res["classes"] == ["ShuffleTransformerLayer" if x else "TransformerLayer" for x in freq], where
             assert res["plans"] == sum(freq), where  # one plan per MoE layer per forward
-            # true_order_output with SP, feed_token_ids with route.
-            assert res["handles"] == int(sp) + int(predictor == "route"), where
+            # true_order_output with SP, feed_token_ids with route and history.
+            assert res["handles"] == int(sp) + int(predictor in ("route", "history")), where
             assert res["consumer"] == ("output_layer" if sp else None), where
             assert res["closed_consumer"] is None, where  # close() undid it
             assert "chunk 0 has MoE layers but no ShuffleTransformerLayer" in res["unhooked"], where
