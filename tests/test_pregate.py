@@ -77,3 +77,22 @@ def test_cuda_matches_cpu():
     cpu = topk_rank_scores(logits, k=2, rank_of=rank_of, ep_base=0, tp=4)
     gpu = topk_rank_scores(logits.cuda(), k=2, rank_of=rank_of.cuda(), ep_base=0, tp=4)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("numpy_on_cpu", BOTH)
+def test_top_experts_then_counts_equal_topk_rank_scores(numpy_on_cpu):
+    from megatron_specmoe.planning.pregate import expert_rank_counts, top_experts
+
+    logits = torch.tensor([[3.0, 2, 1, 0], [0, 1, 2, 3], [1, 1, 1, 1], [0.5, -1, 2, 0.5]])
+    ids = top_experts(logits, 2, numpy_on_cpu=numpy_on_cpu)
+    assert ids.dtype == torch.int64 and ids.tolist() == [[0, 1], [3, 2], [0, 1], [2, 0]]
+    gen = torch.Generator().manual_seed(3)
+    rand = torch.randn(200, 8, generator=gen).round(decimals=1)  # rounded: many ties
+    rank_of = torch.tensor([1, 0, 3, 2, 2, 1, 0, 3])
+    for ep_base, tp in ((0, 4), (2, 2)):
+        want = topk_rank_scores(rand, k=3, rank_of=rank_of, ep_base=ep_base, tp=tp)
+        got = expert_rank_counts(top_experts(rand, 3, numpy_on_cpu=numpy_on_cpu), rank_of=rank_of,
+                                 ep_base=ep_base, tp=tp)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"top_experts: logits must be \[T, E\] with 1 <= k <= E"):
+        top_experts(logits, 5)

@@ -4,12 +4,16 @@ Notation
     T: tokens.   E: routed experts (logical).   k: top-k.   P: TP ranks of the shuffle domain.
 
 ``topk_rank_scores`` counts, per token, how many of its top-k experts each TP rank hosts: the rank
-scores ``assignment.assign`` balances. It is the contract of
-``glue.shuffle_layer.pregate_rank_scores`` with two differences: ties between equal logits go to
-the lower expert index on every device (``torch.topk`` leaves the choice open), and on the CPU it
-runs in numpy on the transposed [E, T] logits, where a maximum over experts is an elementwise
+scores ``assignment.assign`` balances (the shuffle layer's "pregate" predictor). Ties between equal
+logits go to the lower expert index on every device (``torch.topk`` leaves the choice open), and on
+the CPU it runs in numpy on the transposed [E, T] logits, where a maximum over experts is an elementwise
 maximum of E rows instead of a reduction over E columns of every row (T = 8192, E = 8, k = 2 on
 one thread: about 0.15 ms, torch.topk and scatter_add about 0.55 ms).
+
+With sequence parallelism the shuffle layer splits the work: each TP rank takes ``top_experts``
+of its own shard's rows (1/P of the gating), the k ids ride along with the all-gather the layer
+performs anyway, and every rank turns the gathered ids into rank scores with
+``expert_rank_counts`` (identical bytes in, identical scores out on every rank).
 
 Method: k rounds; in each, every token takes its largest logit among the experts not yet taken
 (the first such expert on ties), then each TP rank's score is the number of taken experts it hosts.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["topk_rank_scores"]
+__all__ = ["topk_rank_scores", "top_experts", "expert_rank_counts"]
 
 
 def topk_rank_scores(
@@ -106,3 +110,36 @@ def _picks_numpy(logits: np.ndarray, k: int) -> np.ndarray:
         picks[i] = (e - 1) - ((cand == best) * weight).max(axis=0).astype(np.int64)  # first maximum
         cand[picks[i], tok] = np.nan
     return picks
+
+
+def top_experts(logits: torch.Tensor, k: int, *, numpy_on_cpu: bool = True) -> torch.Tensor:
+    """int64 [T, k]: each token's k largest logits' experts, in the order taken (ties: the lower
+    expert index first), on the device of ``logits`` float [T, E]; numpy on the CPU unless
+    ``numpy_on_cpu`` is False (same result)."""
+    if logits.dim() != 2 or not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"top_experts: logits must be [T, E] with 1 <= k <= E, got {tuple(logits.shape)} and k={k}")
+    if numpy_on_cpu and logits.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(_picks_numpy(logits.detach().float().numpy(), k).T))
+    values = logits.float()
+    t, e = values.shape
+    weight = torch.arange(e - 1, -1, -1, device=values.device)
+    taken = torch.zeros(t, e, dtype=torch.bool, device=values.device)
+    picks = []
+    for _ in range(k):
+        cand = values.masked_fill(taken, float("-inf"))
+        best = cand.max(dim=1, keepdim=True).values
+        first = (((cand == best) & ~taken) * weight).max(dim=1).values  # [T]
+        picks.append((e - 1) - first)
+        taken = taken | (weight.view(1, -1) == first.view(-1, 1))
+    return torch.stack(picks, dim=1)
+
+
+def expert_rank_counts(experts: torch.Tensor, *, rank_of: torch.Tensor, ep_base: int, tp: int) -> torch.Tensor:
+    """float32 [T, P]: how many of each token's experts (``experts`` int [T, k], logical ids) each
+    TP rank of the span ep_base .. ep_base + tp - 1 hosts; experts outside the span count nowhere.
+    ``expert_rank_counts(top_experts(logits, k), ...) == topk_rank_scores(logits, k=k, ...)``."""
+    local = rank_of.to(device=experts.device, dtype=torch.int64)[experts.long()] - ep_base  # [T, k]
+    inside = (local >= 0) & (local < tp)
+    out = torch.zeros(experts.shape[0], tp, dtype=torch.float32, device=experts.device)
+    out.scatter_add_(1, local.clamp(0, tp - 1), inside.float())
+    return out
