@@ -162,24 +162,6 @@ def test_state_dict_keys_from_a_fused_te_spec():
     assert out["decoder.layers.0.input_layernorm.weight"] is w  # tensors are not copied
 
 
-def test_pregate_rank_scores_counts_top_k_experts_inside_the_tp_span():
-    from megatron_specmoe.glue.shuffle_layer import pregate_rank_scores
-
-    # EP = 4 ranks, one expert each; this TP group (P = 2) spans EP ranks 2 and 3.
-    logits = torch.tensor([
-        [5.0, 4.0, 1.0, 0.0],  # top-2 {0, 1}: both outside the span
-        [0.0, 1.0, 5.0, 4.0],  # {2, 3}: one on each TP rank
-        [9.0, 0.0, 0.0, 8.0],  # {0, 3}: only expert 3 (TP rank 1) counts
-        [0.0, 0.0, 7.0, 0.5],  # {2, 3}
-    ])
-    rank_of = torch.tensor([0, 1, 2, 3])
-    got = pregate_rank_scores(logits, k=2, rank_of=rank_of, ep_base=2, tp=2)
-    assert got.tolist() == [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]
-    # Two experts per rank (EP = 2 = P, span from 0): counts per rank.
-    got = pregate_rank_scores(logits, k=2, rank_of=torch.tensor([0, 0, 1, 1]), ep_base=0, tp=2)
-    assert got.tolist() == [[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 2.0]]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_route_columns_travel_bit_for_bit(dtype):
     from megatron_specmoe.comm.shuffle import append_route_columns, split_route_columns

@@ -54,10 +54,11 @@ def _steps(case):
 
 
 def _tp_bytes_expected_extra(case, kind):
-    """Bytes the shuffle sends beyond Megatron: the pad rows (none when P divides T), and with the
-    "history" predictor k fp32 route columns on the all-gathers that carry routes: every layer's
-    deferred all-gather without sequence parallelism, the next layer's input all-gather with it
-    (the last layer's routes are not needed, so L - 1)."""
+    """Bytes the shuffle sends beyond Megatron: the pad rows (none when P divides T), and k fp32 id
+    columns on the all-gathers that carry ids: with "history", every layer's deferred all-gather
+    without sequence parallelism, the next layer's input all-gather with it (the last layer's
+    routes are not needed, so L - 1); with "pregate" / "adversarial" and sequence parallelism,
+    every layer's input all-gather (each rank's gate on its own rows)."""
     extra = 0
     for t in _steps(case):
         t_pad = capacity_of(t, case.tp) * case.tp
@@ -65,6 +66,9 @@ def _tp_bytes_expected_extra(case, kind):
         if case.predictor == "history":
             carrying = case.shape.layers if kind == "gpt" else case.shape.layers - 1
             extra += carrying * ring_bytes("all_gather", t_pad * case.shape.topk * 4, case.tp)
+        if kind != "gpt" and case.predictor in ("pregate", "adversarial"):
+            # Sequence parallel: every layer's input all-gather carries the k gate ids per row.
+            extra += case.shape.layers * ring_bytes("all_gather", t_pad * case.shape.topk * 4, case.tp)
     return extra
 
 

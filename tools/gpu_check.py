@@ -114,9 +114,9 @@ def timings(device: str = "cuda", token_counts=(4096, 8192, 16384, 32768, 65536)
     import torch
     from megatron.core.transformer.moe.moe_utils import permute
 
-    from megatron_specmoe.glue.shuffle_layer import pregate_rank_scores
     from megatron_specmoe.planning.assignment import assign
     from megatron_specmoe.planning.predictors.history_mlp import HistoryLayerScorer
+    from megatron_specmoe.planning.pregate import topk_rank_scores
     from megatron_specmoe.planning.predictors.rank_table import RankTable
 
     rows = []
@@ -154,7 +154,7 @@ def timings(device: str = "cuda", token_counts=(4096, 8192, 16384, 32768, 65536)
 
         def pregate():
             logits = torch.nn.functional.linear(hidden_states, router).float()
-            return pregate_rank_scores(logits, k=topk, rank_of=rank_of, ep_base=0, tp=ranks)
+            return topk_rank_scores(logits, k=topk, rank_of=rank_of, ep_base=0, tp=ranks)
 
         rows.append({
             "tokens": tokens,

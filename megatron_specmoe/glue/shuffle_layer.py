@@ -20,12 +20,15 @@ collectives sit and which rows they carry changes):
 Sequence parallel on (input: this rank's C residual rows in the previous layer's shuffled order;
 the first layer's input is Megatron's contiguous shard, i.e. the contiguous plan):
   1. input layernorm on the shard, then the all-gather that sequence parallelism performs anyway,
-     followed by the inverse of the previous plan: attention sees [S, B, H] in true order.
+     followed by the inverse of the previous plan: attention sees [S, B, H] in true order. k
+     expert ids per row may ride along in k extra columns (``comm.shuffle.append_route_columns``):
+     with "pregate", this rank's gate on its own rows (each rank gates 1/P of the tokens); with
+     "history", the previous layer's real routes.
   2. attention with linears that do not communicate (``NoComm*ParallelLinear``): qkv gets the
      gathered input, the output projection returns its partial sum.
   3. predict each token's EP rank from data every TP rank holds identically (``ShufflePredictor``:
-     "pregate" = this layer's router applied to the gathered, normalised layer input; "route" = a
-     fitted RoutePredictor on token ids) and compute the balanced plan
+     "pregate" = this layer's router on the normalised layer input; "route" = a fitted
+     RoutePredictor on token ids; "history" = on the carried routes) and compute the balanced plan
      (``planning.assignment.assign``; deterministic, so identical on every rank).
   4. fold: each rank adds the residual rows it holds (+ the projection bias) into its partial sum,
      permute by the plan, reduce-scatter (``comm.shuffle.shuffled_reduce_scatter``): TP rank r
@@ -72,6 +75,7 @@ from megatron_specmoe.planning.assignment import (
     assign,
     real_capacities,
 )
+from megatron_specmoe.planning.pregate import expert_rank_counts, top_experts, topk_rank_scores
 
 __all__ = [
     "ShufflePredictor",
@@ -83,7 +87,6 @@ __all__ = [
     "NoCommRowParallelLinear",
     "ShuffleTransformerLayer",
     "restore_true_order",
-    "pregate_rank_scores",
 ]
 
 ShufflePredictor = Literal["pregate", "route", "history", "contiguous", "random", "adversarial"]
@@ -251,29 +254,6 @@ class NoCommRowParallelLinear(RowParallelLinear):
         self.explicit_expert_comm = True
 
 
-def pregate_rank_scores(
-    logits: torch.Tensor, *, k: int, rank_of: torch.Tensor, ep_base: int, tp: int
-) -> torch.Tensor:
-    """Rank scores from router logits: how many of each token's top-k experts each TP rank hosts.
-
-    Args:
-        logits: float [T, E], router logits (logical experts).
-        k: top-k.
-        rank_of: int64 [E], EP rank hosting each logical expert (``placement.rank_of_logical()``).
-        ep_base: EP rank of TP rank 0 (the TP group spans EP ranks ep_base .. ep_base + tp - 1).
-        tp: P.
-
-    Returns:
-        float32 [T, P]; experts outside the TP group's span count nowhere.
-    """
-    top = torch.topk(logits.float(), k, dim=1).indices  # logical experts [T, k]
-    local = rank_of[top] - ep_base
-    inside = (local >= 0) & (local < tp)
-    scores = torch.zeros(logits.shape[0], tp, dtype=torch.float32, device=logits.device)
-    scores.scatter_add_(1, local.clamp(0, tp - 1), inside.float())
-    return scores
-
-
 def _is_static(inference_context) -> bool:
     """True for Megatron's static inference context (and for contexts that predate the method)."""
     check = getattr(inference_context, "is_static_batching", None)
@@ -398,10 +378,13 @@ class ShuffleTransformerLayer(TransformerLayer):
         self._last_routes = _topk_from_output(output, self.config.moe_router_topk)[0]
 
     @torch.no_grad()
-    def rank_scores(self, ln_full: torch.Tensor, history: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def rank_scores(self, ln_full: torch.Tensor, history: Optional[torch.Tensor] = None,
+                    gate_experts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32 [T, P]: how well each TP rank suits each token, from ``ln_full`` [S, B, H] (the
         gathered, normalised layer input, identical on every TP rank) and, for predictor
-        "history", ``history`` int64 [T, l, k] (earlier MoE layers' routes, true order)."""
+        "history", ``history`` int64 [T, l, k] (earlier MoE layers' routes, true order); for
+        "pregate" / "adversarial" with sequence parallelism, ``gate_experts`` int64 [T, k] (each
+        token's top-k by this layer's router, computed by the rank that held it and gathered)."""
         opts = self.carrier.options
         tp = self.tp_group.size()
         t = ln_full.shape[0] * ln_full.shape[1]
@@ -417,11 +400,13 @@ class ShuffleTransformerLayer(TransformerLayer):
         if opts.predictor == "history":
             return self._history_scores(history, tp)
         # pregate: the router's own gating on the layer input; top-k experts -> hosting EP rank.
-        logits = self.mlp.router.gating(ln_full.reshape(t, -1))
-        rank_of = self._rank_of(logits.device)
-        scores = pregate_rank_scores(
-            logits, k=self.config.moe_router_topk, rank_of=rank_of, ep_base=self._ep_span(), tp=tp
-        )
+        rank_of = self._rank_of(ln_full.device)
+        if gate_experts is not None:  # sequence parallel: gated shard by shard, then gathered
+            scores = expert_rank_counts(gate_experts, rank_of=rank_of, ep_base=self._ep_span(), tp=tp)
+        else:
+            logits = self.mlp.router.gating(ln_full.reshape(t, -1))
+            scores = topk_rank_scores(logits, k=self.config.moe_router_topk, rank_of=rank_of,
+                                      ep_base=self._ep_span(), tp=tp)
         return -scores if opts.predictor == "adversarial" else scores
 
     def _rank_of(self, device: torch.device) -> torch.Tensor:
@@ -497,14 +482,22 @@ class ShuffleTransformerLayer(TransformerLayer):
         self._route_table = (placement, table)
         return table
 
-    def shuffle_plan(self, ln_full: torch.Tensor, history: Optional[torch.Tensor] = None) -> ShufflePlan:
+    def shuffle_plan(self, ln_full: torch.Tensor, history: Optional[torch.Tensor] = None,
+                     gate_experts: Optional[torch.Tensor] = None) -> ShufflePlan:
         """The balanced plan for this layer (identical on every TP rank)."""
-        return assign(self.rank_scores(ln_full, history), self.carrier.options.method, validate=False)
+        return assign(self.rank_scores(ln_full, history, gate_experts), self.carrier.options.method,
+                      validate=False)
 
     # ---- route history ---------------------------------------------------------------------------
     @property
     def _carries_routes(self) -> bool:
         return self.carrier.options.predictor == "history"
+
+    @property
+    def _gates_shards(self) -> bool:
+        """pregate / adversarial with sequence parallelism: gate this rank's rows before the
+        all-gather and gather the ids (the gathered rows are the same bytes either way)."""
+        return self.config.sequence_parallel and self.carrier.options.predictor in ("pregate", "adversarial")
 
     def _incoming_routes(self, hidden_states: torch.Tensor) -> Optional[RouteHistory]:
         routes = self.carrier.routes
@@ -555,6 +548,7 @@ class ShuffleTransformerLayer(TransformerLayer):
                 f"or padding_mask (got extra {sorted(unsupported)}); pass None"
             )
         inference_context = inference_context if inference_context is not None else inference_params
+        gate_experts: Optional[torch.Tensor] = None
         if inference_context is not None and not _is_static(inference_context):
             raise ValueError(
                 "ShuffleTransformerLayer: Megatron's dynamic inference context (continuous batching of "
@@ -582,17 +576,25 @@ class ShuffleTransformerLayer(TransformerLayer):
             prev = self._previous_state(hidden_states, tp)
             seq, batch = prev.seq, prev.batch
             incoming = self._incoming_routes(hidden_states) if self._carries_routes else None
-            if incoming is not None and incoming.pending is not None:
-                # The previous layer's routes ride along with this all-gather.
-                packed = deferred_all_gather(append_route_columns(ln.reshape(-1, h), incoming.pending),
+            history = None if incoming is None else incoming.history
+            # k expert ids per row ride along with this all-gather: the previous layer's routes
+            # ("history"), or this layer's gate on this rank's own rows ("pregate": each rank
+            # gates 1/P of the tokens instead of all of them).
+            ids = incoming.pending if incoming is not None else None
+            if ids is None and self._gates_shards:
+                ids = top_experts(self.mlp.router.gating(ln.reshape(-1, h)), self.config.moe_router_topk)
+            if ids is not None:
+                packed = deferred_all_gather(append_route_columns(ln.reshape(-1, h), ids),
                                              prev.plan, group, counter=counter)
-                ln_flat, new = split_route_columns(packed, self.config.moe_router_topk)
+                ln_flat, gathered = split_route_columns(packed, self.config.moe_router_topk)
                 ln_full = ln_flat.contiguous().view(seq, batch, h)
-                history = torch.cat([incoming.history, new.unsqueeze(1)], dim=1)
+                if self._gates_shards:
+                    gate_experts = gathered
+                else:
+                    history = torch.cat([history, gathered.unsqueeze(1)], dim=1)
             else:
                 ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
                 ln_full = ln_full.view(seq, batch, h)
-                history = None if incoming is None else incoming.history
             # A shard holds its real tokens first, then its pad row (if any).
             prev_real = real_capacities(prev.plan.num_tokens, tp)[rank]
             start = rank * prev.plan.capacity
@@ -623,7 +625,7 @@ class ShuffleTransformerLayer(TransformerLayer):
         )
 
         # Step 3: the balanced plan, identical on every TP rank.
-        plan = self.shuffle_plan(ln_full, history)
+        plan = self.shuffle_plan(ln_full, history, gate_experts)
         if self.carrier.options.keep_plans:
             self.carrier.plans.append((self.layer_number, plan))
 
