@@ -1,15 +1,14 @@
 """Benchmark s-TS inside Megatron's transformer layer (CPU, gloo).
 
 Part 1, plan overhead. The work a ShuffleTransformerLayer adds per forward on every TP rank, for
-T = ``--plan-tokens`` (8192) at P = ``--plan-tp`` (8), timed as three steps and as a whole: the
-pre-attention gate (router gating, a [T, H] x [H, E] matmul on the gathered, normalised layer input,
-which the layer computes for attention anyway), the top-k -> rank scores [T, P]
-(``pregate_rank_scores``; also timed: ``planning.pregate.topk_rank_scores``, the same counts) and
-the balanced plan (``assign(..., "refine", validate=False)``).
-Compared with the forward time of one Megatron MoE transformer layer on the same T tokens in one
-process (``--plan-hidden`` ...): the ratio to the whole layer, and to 1/P of it (a TP rank's share
-of the layer's arithmetic: an estimate, labelled so), for the whole plan and for the plan without
-the gating matmul. Memory: the plan's tensors, counted from their sizes.
+T = ``--plan-tokens`` (8192) at P = ``--plan-tp`` (8): its steps (router gating on all T rows or
+on one rank's T/P rows, top-k -> rank scores, rank counts from gathered ids, the route rank-table
+lookup, the history MLP, the ``refine`` assignment) and each predictor's whole plan as the layer
+runs it: pregate without sequence parallelism (every rank gates all T tokens), pregate with it
+(each rank gates its own rows; the ids ride along with the all-gather), route, history. Compared
+with the forward time of one Megatron MoE transformer layer on the same T tokens in one process
+(``--plan-hidden`` ...): the ratio to the whole layer, and to 1/P of it (a TP rank's share of the
+layer's arithmetic: an estimate, labelled so). Memory: the plan's tensors, counted from their sizes.
 
 Part 2, traffic and time on ``--ranks`` (4) gloo ranks with a small GPT (TP = EP = ranks, every
 layer MoE, sequence parallel on; with ``--no-sp`` off). Three models with identical weights see
@@ -58,84 +57,95 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def part_plan(rank: int, world_size: int, args) -> dict:
-    """One process: time the plan for T tokens at P ranks and one MoE layer's forward on T tokens."""
+    """One process: time the run-time plan for T tokens at P ranks, per predictor, and one MoE
+    layer's forward on T tokens."""
     import warnings
 
     warnings.filterwarnings("ignore")
     from megatron_specmoe.glue import cpu_support, parallel
     from megatron_specmoe.glue.build import MoEShape, build_from_spec, make_config
-    from megatron_specmoe.glue.shuffle_layer import pregate_rank_scores
     from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
     from megatron_specmoe.planning.assignment import assign
     from megatron_specmoe.planning.placement import ExpertPlacement
-    from megatron_specmoe.planning.pregate import topk_rank_scores
+    from megatron_specmoe.planning.predictors.history_mlp import HistoryLayerScorer
+    from megatron_specmoe.planning.predictors.rank_table import RankTable
+    from megatron_specmoe.planning.pregate import expert_rank_counts, top_experts, topk_rank_scores
 
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=1, ep=1))
     try:
         t, p, h = args.plan_tokens, args.plan_tp, args.plan_hidden
-        shape = MoEShape(hidden=h, ffn=args.plan_ffn, experts=args.plan_experts, topk=args.plan_topk,
-                         heads=args.plan_heads, layers=1, seq=args.plan_seq)
+        e, k = args.plan_experts, args.plan_topk
+        c = -(-t // p)
+        shape = MoEShape(hidden=h, ffn=args.plan_ffn, experts=e, topk=k, heads=args.plan_heads, layers=1,
+                         seq=args.plan_seq)
         config = make_config(shape, dispatcher="specmoe", sequence_parallel=False)
-        layer = build_from_spec(get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False),
+        layer = build_from_spec(get_gpt_layer_specmoe_spec(e, use_transformer_engine=False),
                                 config=config, layer_number=1).eval()
         batch = t // args.plan_seq
         x = torch.randn(args.plan_seq, batch, h)
         mask = torch.triu(torch.ones(1, 1, args.plan_seq, args.plan_seq, dtype=torch.bool), diagonal=1)
-        rank_of = torch.as_tensor(ExpertPlacement.contiguous(shape.experts, p).rank_of_logical())
+        rank_of = torch.as_tensor(ExpertPlacement.contiguous(e, p).rank_of_logical())
+        hosts = (rank_of.view(-1, 1) == torch.arange(p).view(1, -1)).float()  # [E, P]
         router = layer.mlp.router
-
-        def plan():
-            # The layer computes the normalised input for attention anyway; the plan adds the
-            # gating, the rank scores and the assignment.
-            logits = router.gating(ln.reshape(t, h))
-            scores = pregate_rank_scores(logits, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
-            return assign(scores, "refine", validate=False)
-
-        def gating_only():
-            return router.gating(ln.reshape(t, h))
-
-        def scores_only():
-            return pregate_rank_scores(logits_fixed, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
-
-        def planning_scores_only():
-            return topk_rank_scores(logits_fixed, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
-
-        def assign_only():
-            return assign(scores_fixed, "refine", validate=False)
-
-        def forward():
-            return layer(hidden_states=x, attention_mask=mask)
+        gen = torch.Generator().manual_seed(0)
+        # Run-time predictors with random weights (timing only): the token table as a rank table
+        # over --plan-vocab ids, the history MLP of MoE layer --plan-history-layers.
+        vocab, lh, mh = args.plan_vocab, args.plan_history_layers, 128
+        table = RankTable(table=torch.rand(vocab + 1, p, generator=gen), layer=0, ep_base=0, placement_key=())
+        scorer = HistoryLayerScorer(layer=lh, num_experts=e, prior=torch.full((e,), 1.0 / e),
+                                    w1=torch.randn(lh * e, mh, generator=gen) * 0.05, b1=torch.zeros(mh),
+                                    w2=torch.randn(mh, e, generator=gen) * 0.05, b2=torch.zeros(e))
+        ids = torch.randint(0, vocab, (t,), generator=gen)
+        history = torch.randint(0, e, (t, lh, k), generator=gen)
 
         with torch.no_grad():
-            ln = layer.input_layernorm(x)
-            logits_fixed = router.gating(ln.reshape(t, h))
-            scores_fixed = pregate_rank_scores(logits_fixed, k=shape.topk, rank_of=rank_of, ep_base=0, tp=p)
-            log(f"part 1: plan for T={t}, P={p} ...")
-            plan_s = _median_time(plan, args.repeats)
-            gating_s = _median_time(gating_only, args.repeats)
-            scores_s = _median_time(scores_only, args.repeats)
-            planning_scores_s = _median_time(planning_scores_only, args.repeats)
-            same_scores = bool(torch.equal(planning_scores_only(), scores_fixed))
-            assign_s = _median_time(assign_only, args.repeats)
+            ln = layer.input_layernorm(x).reshape(t, h)
+            shard = ln[:c].contiguous()  # one TP rank's rows under sequence parallelism
+            logits, shard_logits = router.gating(ln), router.gating(shard)
+            gate_ids = top_experts(logits, k)
+            scores = topk_rank_scores(logits, k=k, rank_of=rank_of, ep_base=0, tp=p)
+            steps = {
+                "gating_all_T": lambda: router.gating(ln),
+                "gating_own_C": lambda: router.gating(shard),
+                "topk_rank_scores_T": lambda: topk_rank_scores(logits, k=k, rank_of=rank_of, ep_base=0, tp=p),
+                "top_experts_own_C": lambda: top_experts(shard_logits, k),
+                "rank_counts_from_ids_T": lambda: expert_rank_counts(gate_ids, rank_of=rank_of, ep_base=0, tp=p),
+                "route_table_lookup_T": lambda: table.lookup(ids),
+                "history_scorer_T": lambda: scorer.scores(history=history) @ hosts,
+                "assign_refine": lambda: assign(scores, "refine", validate=False),
+            }
+            # Each predictor's whole plan, as the layer runs it (no collective is timed: with
+            # sequence parallelism the gate ids ride along with the all-gather the layer does anyway).
+            plans = {
+                "pregate, sequence parallel off (every rank gates all T)": lambda: assign(
+                    topk_rank_scores(router.gating(ln), k=k, rank_of=rank_of, ep_base=0, tp=p), "refine",
+                    validate=False),
+                "pregate, sequence parallel on (each rank gates its T/P rows)": lambda: (
+                    top_experts(router.gating(shard), k),
+                    assign(expert_rank_counts(gate_ids, rank_of=rank_of, ep_base=0, tp=p), "refine", validate=False)),
+                "route (token rank table)": lambda: assign(table.lookup(ids), "refine", validate=False),
+                f"history (MLP over {lh} layers' routes)": lambda: assign(
+                    scorer.scores(history=history) @ hosts, "refine", validate=False),
+            }
+            log(f"part 1: plan steps and plans for T={t}, P={p} ...")
+            step_ms = {name: _median_time(fn, args.repeats) * 1e3 for name, fn in steps.items()}
+            plan_ms = {name: _median_time(fn, args.repeats) * 1e3 for name, fn in plans.items()}
             log(f"part 1: layer forward on T={t} (H={h}) ...")
-            layer_s = _median_time(forward, max(1, args.repeats // 2))
-        c = -(-t // p)
+            layer_ms = _median_time(lambda: layer(hidden_states=x, attention_mask=mask),
+                                    max(1, args.repeats // 2)) * 1e3
         n = p + (p % 2)
         # Plan tensors: scores [T, P] f32; home [T], order and inverse [T_pad] int64; the refine
         # step's extended score table [(T_pad + 1), n] f32 and its [n, C] shard / gain tables.
         plan_bytes = t * p * 4 + t * 8 + 2 * p * c * 8
-        work_bytes = (p * c + 1) * n * 4 + 4 * n * c * 8 + t * shape.experts * 4
+        work_bytes = (p * c + 1) * n * 4 + 4 * n * c * 8 + t * e * 4
         return {
-            "tokens": t, "tp": p, "hidden": h, "experts": shape.experts, "topk": shape.topk,
-            "plan_ms": plan_s * 1e3, "gating_ms": gating_s * 1e3, "rank_scores_ms": scores_s * 1e3,
-            "planning_rank_scores_ms": planning_scores_s * 1e3, "planning_rank_scores_equal": same_scores,
-            "assign_ms": assign_s * 1e3, "layer_forward_ms": layer_s * 1e3,
-            "plan_over_layer": plan_s / layer_s, "plan_over_layer_share_est": plan_s / (layer_s / p),
-            "no_gating_over_layer_share_est": (scores_s + assign_s) / (layer_s / p),
-            "assign_over_layer_share_est": assign_s / (layer_s / p),
-            "no_gating_planning_scores_over_layer_share_est": (planning_scores_s + assign_s) / (layer_s / p),
+            "tokens": t, "tp": p, "hidden": h, "experts": e, "topk": k, "vocab": vocab, "history_layers": lh,
+            "step_ms": step_ms, "plan_ms": plan_ms, "layer_forward_ms": layer_ms,
+            "plan_over_layer": {name: ms / layer_ms for name, ms in plan_ms.items()},
+            "plan_over_layer_share_est": {name: ms / (layer_ms / p) for name, ms in plan_ms.items()},
             "plan_state_bytes": plan_bytes, "plan_work_bytes": work_bytes,
+            "rank_table_bytes": (vocab + 1) * p * 4,
         }
     finally:
         parallel.destroy()
@@ -367,6 +377,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-experts", type=int, default=8)
     ap.add_argument("--plan-topk", type=int, default=2)
     ap.add_argument("--plan-seq", type=int, default=512, help="sequence length; batch = tokens / seq")
+    ap.add_argument("--plan-vocab", type=int, default=32000, help="token ids of the route rank table (Mixtral: 32000)")
+    ap.add_argument("--plan-history-layers", type=int, default=16, help="MoE layers of route history the MLP reads")
     ap.add_argument("--plan-threads", type=int, default=1,
                     help="torch threads in part 1 (more than the free cores makes torch ops stall)")
     ap.add_argument("--ranks", type=int, default=4)
@@ -403,21 +415,17 @@ def main(argv=None) -> int:
         report["plan"] = r
         print(f"\n[plan overhead] T={r['tokens']} tokens, TP={r['tp']}, H={r['hidden']}, E={r['experts']}, "
               f"k={r['topk']}, {args.plan_threads} threads")
-        print(f"  gating (router matmul [T, H] x [H, E]): {r['gating_ms']:.2f} ms")
-        print(f"  rank scores (pregate_rank_scores, top-k -> [T, P]): {r['rank_scores_ms']:.2f} ms")
-        print(f"    the same with planning.pregate.topk_rank_scores: {r['planning_rank_scores_ms']:.2f} ms "
-              f"(identical scores: {r['planning_rank_scores_equal']})")
-        print(f"  assignment (assign refine, validate=False): {r['assign_ms']:.2f} ms")
-        print(f"  plan, the three timed together: {r['plan_ms']:.2f} ms")
+        print("  steps (median ms):")
+        for name, ms in r["step_ms"].items():
+            print(f"    {name:<28} {ms:8.2f}")
         print(f"  one MoE transformer layer forward on all T tokens (1 process): {r['layer_forward_ms']:.1f} ms")
-        print(f"  plan / layer forward: {100 * r['plan_over_layer']:.2f}%;  plan / (layer forward / TP) "
-              f"[a TP rank's share, estimated]: {100 * r['plan_over_layer_share_est']:.2f}%")
-        print(f"  without the gating matmul: (rank scores + assignment) / (layer forward / TP): "
-              f"{100 * r['no_gating_over_layer_share_est']:.2f}% (with topk_rank_scores "
-              f"{100 * r['no_gating_planning_scores_over_layer_share_est']:.2f}%);  assignment alone: "
-              f"{100 * r['assign_over_layer_share_est']:.2f}%")
+        print(f"  {'plan, per predictor':<62} {'ms':>7} {'/ layer':>8} {'/ layer/TP (est.)':>18}")
+        for name, ms in r["plan_ms"].items():
+            print(f"  {name:<62} {ms:7.2f} {100 * r['plan_over_layer'][name]:7.2f}% "
+                  f"{100 * r['plan_over_layer_share_est'][name]:17.2f}%")
         print(f"  plan memory: {r['plan_state_bytes'] / 1024:.0f} KiB kept (scores, home, order, inverse), "
-              f"~{r['plan_work_bytes'] / 1024:.0f} KiB transient (refine tables, logits)")
+              f"~{r['plan_work_bytes'] / 1024:.0f} KiB transient (refine tables, logits); route rank table "
+              f"{r['rank_table_bytes'] / 2**20:.2f} MiB per layer (V = {r['vocab']})")
     if args.part in ("traffic", "both"):
         log(f"part 2: {args.ranks} gloo ranks, TP = EP = {args.ranks}, sequence parallel "
             f"{'off' if args.no_sp else 'on'}")
