@@ -35,3 +35,22 @@ def test_refuses_without_cuda(gpu_check, monkeypatch, tmp_path, capsys):
     assert gpu_check.main() == 2
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_shuffle_worker_runs_on_gloo_with_every_predictor():
+    """The GPU check's s-TS worker, on 2 CPU ranks (TP = EP = 2, sequence parallel on): lossless
+    for pregate, route and history (the same code the GPU runs on NCCL, local linears)."""
+    from megatron_specmoe.comm.spawn import run_local
+
+    sys.path.insert(0, str(TOOL.parent))  # spawned ranks import the worker as module gpu_check
+    try:
+        import gpu_check as tool
+
+        cases = [c for c in tool._shuffle_cases(te=False, world=2, device="cpu") if c["sp"]]
+        assert [c["predictor"] for c in cases] == ["pregate", "route", "history"]
+        results = run_local(tool._gpt_shuffle_worker, 2, cases)[0]
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    for case, res in zip(cases, results):
+        assert res["max_abs_diff"] <= 1e-5, (case, res)
+        assert res["linear_proj"] == "NoCommRowParallelLinear" and res["plans"] == 2, res

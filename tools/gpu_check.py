@@ -14,11 +14,14 @@ one runs. Steps:
    pregate gating H = 4096 + rank scores), all with random weights, and the dispatcher's column
    permutation plus Megatron's permute (E = 64, top-8);
 4. with TransformerEngine: the TE spec's MoE layer (TEGroupedMLP) with specmoe equals alltoall;
-5. with TransformerEngine: s-TS with TE linears (``glue/te_shuffle.py``): a GPT model whose MoE
-   layers are ``ShuffleTransformerLayer`` built from the TE shuffle spec against Megatron's TE
-   spec with alltoall, same weights, TP = EP = min(GPUs, 4), sequence parallel off and on, fp32
-   logits |diff| <= 1e-5. With one GPU TP = EP = 1: the TE no-communication linears, the spec and
-   the weight names are checked, the shuffle itself is the identity.
+5. s-TS on NCCL with local linears: a GPT model whose MoE layers are ``ShuffleTransformerLayer``
+   against Megatron's local spec with alltoall, same weights, TP = EP = min(GPUs, 4), sequence
+   parallel off and on, predictors pregate / route / history, fp32 logits |diff| <= 1e-5 (with one
+   GPU TP = 1: the predictors' and the assignment's CUDA paths run, the shuffle is the identity);
+6. with TransformerEngine: the same with TE linears (``glue/te_shuffle.py``) against Megatron's TE
+   spec: the TE no-communication linears, the spec and the weight names.
+The GPT worker also runs on the CPU with gloo (tests/test_gpu_check.py), so its code is checked
+where no GPU is.
 """
 
 from __future__ import annotations
@@ -207,59 +210,93 @@ def transformer_engine() -> dict:
     return res
 
 
-def _te_shuffle_worker(rank, world, sequence_parallel):
+def _gpt_shuffle_worker(rank, world, cases):
+    """Per case: a GPT model whose MoE layers are ShuffleTransformerLayer against Megatron's own
+    layers with alltoall, same weights, TP = EP = world, fp32: the largest |logits difference|.
+
+    ``cases``: dicts with device ("cuda": rank r on GPU r, NCCL; "cpu": gloo, for the CPU smoke test),
+    te (TE linears and TEGroupedMLP experts; else local linears and SequentialMLP), sp (sequence
+    parallel, world > 1 only), predictor ("pregate", "route" with a stand-in token map, "history"
+    with a fitted token table + history MLP)."""
+    results = []
+    for case in cases:
+        results.append(_gpt_shuffle_case(rank, world, case))
+    return results
+
+
+def _gpt_shuffle_case(rank, world, case):
     import torch
 
     from megatron.core import parallel_state
-    from megatron.core.extensions.transformer_engine import TENorm
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_specmoe.glue import parallel
+    from megatron_specmoe.glue import cpu_support, parallel
     from megatron_specmoe.glue.build import MoEShape, make_config
     from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
+    from megatron_specmoe.glue.shuffle_lossless import TokenModuloPredictor, toy_history_predictor
     from megatron_specmoe.glue.shuffle_specs import (
         feed_token_ids,
         get_gpt_block_shuffle_spec,
         get_gpt_layer_shuffle_spec,
         shuffle_state_dict_from_fused,
         true_order_output,
+        with_tokenwise_norms,
     )
 
-    torch.cuda.set_device(rank)
+    device, te, predictor = case["device"], case["te"], case["predictor"]
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    else:
+        cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=world, ep=world))
     try:
         shape = MoEShape(hidden=128, ffn=256, experts=8, topk=2, heads=4, layers=2, vocab=256, seq=64)
-        sp = sequence_parallel and world > 1
-        carrier = ShuffleCarrier(options=ShuffleOptions(predictor="pregate", keep_plans=True))
+        sp = case["sp"] and world > 1
+        route = {"route": lambda: TokenModuloPredictor(num_experts=8, num_layers=2),
+                 "history": lambda: toy_history_predictor(shape)}.get(predictor, lambda: None)()
+        carrier = ShuffleCarrier(options=ShuffleOptions(
+            predictor=predictor, keep_plans=True, route_predictor=route,
+            route_vocab_size=shape.vocab if predictor == "route" else None))
+        final_norm = None
+        if te:
+            from megatron.core.extensions.transformer_engine import TENorm
+
+            final_norm = TENorm
         models = {}
         for name, dispatcher in (("ref", "alltoall"), ("shuffle", "specmoe")):
             cfg = make_config(shape, dispatcher=dispatcher, tp=world, ep=world, sequence_parallel=sp,
-                              moe_grouped_gemm=True, use_cpu_initialization=False)
+                              moe_grouped_gemm=te, use_cpu_initialization=not te)
             if name == "ref":
-                spec = get_gpt_layer_with_transformer_engine_spec(num_experts=8, moe_grouped_gemm=True)
-            else:
-                spec = get_gpt_layer_shuffle_spec(8, carrier=carrier, use_transformer_engine=True)
+                spec = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(num_experts=8, moe_grouped_gemm=True)
+                        if te else gpt_layer_specs.get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False))
                 if sp:
-                    spec = get_gpt_block_shuffle_spec(cfg, spec, final_norm=TENorm)
+                    spec = get_gpt_block_shuffle_spec(cfg, spec if te else with_tokenwise_norms(spec),
+                                                      final_norm=final_norm)
+            else:
+                spec = get_gpt_layer_shuffle_spec(8, carrier=carrier, use_transformer_engine=te,
+                                                  sequence_parallel_norms=sp and not te)
+                if sp:
+                    spec = get_gpt_block_shuffle_spec(cfg, spec, final_norm=final_norm)
             models[name] = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=shape.vocab,
-                                    max_sequence_length=shape.seq, position_embedding_type="rope").cuda().eval()
+                                    max_sequence_length=shape.seq, position_embedding_type="rope").to(device).eval()
         ref, shuffle = models["ref"], models["shuffle"]
-        missing, unexpected = shuffle.load_state_dict(shuffle_state_dict_from_fused(ref.state_dict()), strict=False)
+        state = shuffle_state_dict_from_fused(ref.state_dict()) if te else ref.state_dict()
+        missing, unexpected = shuffle.load_state_dict(state, strict=False)
         bad = [k for k in list(missing) + list(unexpected) if not k.endswith("_extra_state")]
         if bad:
-            raise AssertionError(f"weights do not map from the TE spec to the TE shuffle spec: {bad}")
+            raise AssertionError(f"weights do not map from the reference spec to the shuffle spec: {bad}")
         if sp:
             true_order_output(shuffle, carrier)
         feed_token_ids(shuffle, carrier)
         gen = torch.Generator().manual_seed(11 + parallel_state.get_data_parallel_rank())
-        tokens = torch.randint(0, shape.vocab, (2, shape.seq), generator=gen).cuda()
-        positions = torch.arange(shape.seq).unsqueeze(0).expand(2, -1).cuda()
-        mask = torch.triu(torch.ones(1, 1, shape.seq, shape.seq, dtype=torch.bool), diagonal=1).cuda()
+        tokens = torch.randint(0, shape.vocab, (2, shape.seq), generator=gen).to(device)
+        positions = torch.arange(shape.seq).unsqueeze(0).expand(2, -1).to(device)
+        mask = torch.triu(torch.ones(1, 1, shape.seq, shape.seq, dtype=torch.bool), diagonal=1).to(device)
         with torch.no_grad():
             outs = [m(tokens, positions, mask) for m in (ref, shuffle)]
         layer = shuffle.decoder.layers[0]
-        return {"world": world, "sequence_parallel": sp,
+        return {"world": world, "sequence_parallel": sp, "predictor": predictor,
                 "linear_qkv": type(layer.self_attention.linear_qkv).__name__,
                 "linear_proj": type(layer.self_attention.linear_proj).__name__,
                 "experts_module": type(layer.mlp.experts).__name__,
@@ -269,22 +306,40 @@ def _te_shuffle_worker(rank, world, sequence_parallel):
         parallel.destroy()
 
 
-def te_shuffle() -> dict:
+def _shuffle_cases(te: bool, world: int, device: str = "cuda") -> list[dict]:
+    predictors = ("pregate",) if te else ("pregate", "route", "history")
+    sps = (False, True) if world > 1 else (False,)
+    return [{"device": device, "te": te, "sp": sp, "predictor": p} for p in predictors for sp in sps]
+
+
+def _run_shuffle_cases(te: bool) -> dict:
     import torch
 
     from megatron_specmoe.comm.spawn import run_local
+
+    world = min(torch.cuda.device_count(), 4)
+    cases = _shuffle_cases(te, world)
+    results = run_local(_gpt_shuffle_worker, world, cases, backend="nccl")[0]
+    out = {f"{c['predictor']}_sp_{c['sp']}": r for c, r in zip(cases, results)}
+    worst = max(r["max_abs_diff"] for r in out.values())
+    if worst > 1e-5:
+        raise AssertionError(f"shuffle layer not lossless ({'TE' if te else 'local'} linears): "
+                             f"max |diff| {worst:.3e}: {out}")
+    return out
+
+
+def shuffle_nccl() -> dict:
+    """s-TS with local linears on NCCL, every predictor (with one GPU: TP = 1, the CUDA paths of
+    the predictors and the assignment run, the shuffle itself is the identity)."""
+    return _run_shuffle_cases(te=False)
+
+
+def te_shuffle() -> dict:
     from megatron_specmoe.glue.specs import have_te
 
     if not have_te():
         return {"skipped": "TransformerEngine is not importable in this Python"}
-    world = min(torch.cuda.device_count(), 4)
-    out = {}
-    for sp in (False, True):
-        out[f"sp_{sp}"] = run_local(_te_shuffle_worker, world, sp, backend="nccl")[0]
-    worst = max(r["max_abs_diff"] for r in out.values())
-    if worst > 1e-5:
-        raise AssertionError(f"TE shuffle path not lossless: max |diff| {worst:.3e}: {out}")
-    return out
+    return _run_shuffle_cases(te=True)
 
 
 def main() -> int:
@@ -299,7 +354,8 @@ def main() -> int:
         return 2
     results = {"command": " ".join([sys.executable] + sys.argv)}
     for name, fn in (("environment", environment), ("lossless", lossless), ("timings", timings),
-                     ("transformer_engine", transformer_engine), ("te_shuffle", te_shuffle)):
+                     ("transformer_engine", transformer_engine), ("shuffle_nccl", shuffle_nccl),
+                     ("te_shuffle", te_shuffle)):
         _step(results, name, fn)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
