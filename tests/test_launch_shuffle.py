@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import sys
 import types
-import typing
 import warnings
 
 import numpy as np
@@ -28,16 +27,14 @@ import torch
 from megatron_specmoe.comm.spawn import run_local
 from megatron_specmoe.glue import megatron_args as M
 from megatron_specmoe.glue import megatron_shuffle as MS
+from tests.test_megatron_args import BASE_ARGV
+from tests.test_megatron_args import parse as parse_megatron_args
+from tests.test_megatron_runtime import _Wrapper
 
 TOL = 1e-5
 
 # --------------------------------------------------------------------------- real parser
 
-BASE_ARGV = [
-    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "128", "--max-position-embeddings", "128", "--micro-batch-size", "1",
-    "--num-experts", "8", "--moe-router-topk", "2",
-]
 GOOD = [
     "--tensor-model-parallel-size", "4", "--expert-model-parallel-size", "4",
     "--expert-tensor-parallel-size", "1", "--sequence-parallel",
@@ -46,19 +43,9 @@ GOOD = [
 
 
 def parse(monkeypatch, argv):
-    """Megatron-LM's parse_args with our provider, or skip (no megatron.training before core 0.19)."""
-    if not hasattr(typing, "override"):
-        import typing_extensions
-
-        monkeypatch.setattr(typing, "override", typing_extensions.override, raising=False)
-    try:
-        import megatron.training.arguments as arguments
-    except ImportError as exc:
-        pytest.skip(f"megatron.training is not importable here ({exc}); it ships from core 0.19")
-    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
-    monkeypatch.setenv("WORLD_SIZE", "16")
-    monkeypatch.setenv("RANK", "0")
-    return arguments.parse_args(extra_args_provider=M.add_specmoe_args)
+    """Megatron-LM's parse_args with our provider on 16 ranks, or skip (no megatron.training before
+    core 0.19)."""
+    return parse_megatron_args(monkeypatch, argv, world_size=16)
 
 
 def without(argv, *flags):
@@ -371,17 +358,6 @@ def test_launcher_installs_the_shuffle_hook_around_the_script(monkeypatch, tmp_p
 
 
 # --------------------------------------------------------------------------- end to end, 4 ranks
-
-
-class _Wrapper(torch.nn.Module):
-    """Stands for Megatron's Float16Module / DDP around the model: the model is ``.module``."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *a, **kw):
-        return self.module(*a, **kw)
 
 
 def _model_provider(config, vocab, seq):

@@ -33,17 +33,24 @@ GOOD_LAYOUT = [
 ]
 
 
-def megatron_arguments():
-    """megatron.training.arguments, or skip (absent from the megatron-core wheel before 0.19)."""
+def megatron_training(name: str = "arguments"):
+    """megatron.training.<name>, or skip (absent from the megatron-core wheel before 0.19). On
+    Python 3.11 it needs typing.override, which typing_extensions provides."""
+    import importlib
+
     if not hasattr(typing, "override"):
         import typing_extensions
 
         typing.override = typing_extensions.override
     try:
-        import megatron.training.arguments as arguments
+        return importlib.import_module(f"megatron.training.{name}")
     except ImportError as exc:
         pytest.skip(f"megatron.training is not importable here ({exc}); it ships from core 0.19")
-    return arguments
+
+
+def megatron_arguments():
+    """megatron.training.arguments, or skip."""
+    return megatron_training("arguments")
 
 
 def parse(monkeypatch, argv, provider=M.add_specmoe_args, world_size=8):

@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import types
-import typing
 import warnings
 
 import numpy as np
@@ -295,15 +294,10 @@ with open(os.environ["SPECMOE_TEST_OUT"], "w") as f:
 
 
 def test_launcher_installs_the_runtime_hook_around_the_script(monkeypatch, tmp_path):
-    if not hasattr(typing, "override"):
-        import typing_extensions
+    from tests.test_megatron_args import megatron_training
 
-        monkeypatch.setattr(typing, "override", typing_extensions.override, raising=False)
-    try:
-        import megatron.training.checkpointing as C
-        import megatron.training.training as T
-    except ImportError as exc:
-        pytest.skip(f"megatron.training is not importable here ({exc}); it ships from core 0.19")
+    C = megatron_training("checkpointing")
+    T = megatron_training("training")
     from megatron_specmoe import launch
     from megatron_specmoe.glue import megatron_runtime as R
 
