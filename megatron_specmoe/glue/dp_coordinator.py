@@ -151,8 +151,9 @@ class SpecMoECoordinator(_base()):
 
     def get_best_data_parallel_rank(self, request_hashes):
         router: Optional[AffinityRouter] = getattr(self, "specmoe_router", None)
+        # The prompt of the request being routed (kept for retries: the submit handler asks again,
+        # after removing an unreachable engine, for the same request).
         tokens = getattr(self, "specmoe_prompt_tokens", None)
-        self.specmoe_prompt_tokens = None
         if router is None or tokens is None or not self._identities_list:
             return super().get_best_data_parallel_rank(request_hashes)
         if request_hashes and getattr(self, "enable_prefix_caching", False) and hasattr(self, "_match_vector"):
