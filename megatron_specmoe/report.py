@@ -25,15 +25,19 @@ def _total(reports: Sequence[TrafficReport]) -> RouteMeasures:
 
 def run_summary(
     name: str, reports: Sequence[TrafficReport], forward_s: Sequence[float], tokens: int,
-    a2a_s: Sequence[float] = (),
+    a2a_s: Sequence[float] = (), bytes_on_wire: int | None = None,
 ) -> dict:
     """JSON-ready numbers of one dispatcher over all MoE layers and batches.
 
     ``tokens`` is the number of tokens served; per-token figures are per token per MoE layer.
+    ``bytes_on_wire``: the bytes the dispatcher's collectives moved, counted, for a dispatcher
+    that does not send (token, expert) pairs (allgather); None: the reports' pair bytes.
     """
     m = _total(reports)
     layers = len(reports)
-    bytes_on_wire = sum(r.bytes_on_wire for r in reports)
+    counted = bytes_on_wire is not None
+    if not counted:
+        bytes_on_wire = sum(r.bytes_on_wire for r in reports)
     return {
         "dispatcher": name,
         "moe_layers": layers,
@@ -42,6 +46,7 @@ def run_summary(
         "remote_pairs_per_token": m.remote_pairs / (tokens * layers) if tokens else 0.0,
         "bytes_on_wire": bytes_on_wire,
         "bytes_per_token": bytes_on_wire / (tokens * layers) if tokens else 0.0,
+        "bytes_counted_from_collectives": counted,
         "local_activation_rate": m.local_activation_rate,
         "remote_ranks_per_token": m.remote_ranks_per_token,
         "load_imbalance": max(r.measures.load_imbalance for r in reports),
@@ -71,6 +76,12 @@ def format_table(summaries: Sequence[dict], max_abs_diff: float, baseline: str =
             f"{s['bytes_per_token']:>10.1f} {s['local_activation_rate']:>6.3f} "
             f"{s['remote_ranks_per_token']:>16.3f} {s['load_imbalance']:>9.3f} {ratio:>8.2f}x"
             + (f" {s['a2a_s_median'] / base['a2a_s_median']:>8.2f}x" if timed_a2a else "")
+        )
+    if any(s.get("bytes_counted_from_collectives") for s in summaries):
+        lines.append(
+            "allgather: the same routes as alltoall (pairs, LAR, imbalance); it sends every token to every "
+            "rank of the TP x EP group and reduce-scatters the outputs, so its bytes are those collectives' "
+            "payloads, counted"
         )
     lines.append(
         "per MoE layer and token; LAR = local activation rate; imbalance = max/mean pairs per rank "

@@ -8,8 +8,9 @@ from megatron_specmoe.cli.main import main
 
 
 def test_demo_pipeline_on_the_shipped_model(tmp_path, capsys):
-    """profile -> plan -> serve -> report on the trained model: lossless, and the shuffle with the
-    plan's token table and grouping makes more activations local than alltoall."""
+    """profile -> plan -> serve -> report on the trained model: lossless, the shuffle with the plan's
+    token table and grouping makes more activations local than alltoall, and allgather's bytes are
+    its collectives' payloads."""
     code = main(["demo", "--calib-windows", "16", "--eval-windows", "8", "--seq", "64", "--batch", "2",
                  "--out-dir", str(tmp_path)])
     assert code == 0
@@ -24,6 +25,14 @@ def test_demo_pipeline_on_the_shipped_model(tmp_path, capsys):
     assert spec["local_activation_rate"] > a2a["local_activation_rate"] + 0.1
     assert spec["bytes_on_wire"] < a2a["bytes_on_wire"]
     assert len(a2a["a2a_s"]) == len(spec["a2a_s"]) == 8 // 2 and all(t > 0 for t in a2a["a2a_s"] + spec["a2a_s"])
+    # allgather: alltoall's routes, and every token to the 3 other ranks of the TP x EP group: hidden
+    # (128 fp32), probs (32 fp32) and routing map (32 bool) gathered, the output (128 fp32) reduce-
+    # scattered: 3 x (512 + 128 + 32) + 3 x 512 = 3552 bytes per token per layer, counted.
+    ag = doc["dispatchers"]["allgather"]
+    assert ag["bytes_counted_from_collectives"] and not a2a["bytes_counted_from_collectives"]
+    assert ag["bytes_on_wire"] == 3552 * 8 * 64 * 4
+    assert (ag["remote_pairs"], ag["local_activation_rate"]) == (a2a["remote_pairs"], a2a["local_activation_rate"])
+    assert len(ag["a2a_s"]) == 8 // 2
     assert (tmp_path / "plan" / "plan.json").is_file()
     assert (tmp_path / "lar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

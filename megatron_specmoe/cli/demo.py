@@ -103,7 +103,8 @@ def _windows(card, files, split: str, seq: int, count: int):
 def _report(result_runs, max_diff, tokens, args, extra: dict) -> int:
     from megatron_specmoe.report import format_table, plot_layer_lar, run_summary
 
-    summaries = [run_summary(r.name, r.reports, r.forward_s, tokens, r.a2a_s) for r in result_runs]
+    summaries = [run_summary(r.name, r.reports, r.forward_s, tokens, r.a2a_s,
+                             bytes_on_wire=r.bytes_on_wire) for r in result_runs]
     print()
     print(format_table(summaries, max_diff))
     command = "specmoe demo " + " ".join(sys.argv[2:])

@@ -51,17 +51,22 @@ class DispatcherRun:
     """One dispatcher's results over all batches.
 
     Attributes:
-        name: "alltoall" or "specmoe".
+        name: "alltoall", "allgather" or "specmoe".
         reports: per MoE layer, the traffic summed over batches (whole EP group).
         forward_s: per batch, the slowest rank's forward time in seconds.
-        a2a_s: per batch, the slowest rank's time inside the EP all-to-all phases
+        a2a_s: per batch, the slowest rank's time inside the EP communication phases
             (``token_dispatch`` + ``token_combine``, all MoE layers); empty when not measured.
+        bytes_on_wire: for a dispatcher that does not send (token, expert) pairs (allgather: every
+            token to every rank of the TP x EP group, then a reduce-scatter), the bytes its
+            collectives moved, counted (``CollectiveBytes``), all ranks, all batches; None: the
+            reports' pair bytes.
     """
 
     name: str
     reports: tuple[TrafficReport, ...]
     forward_s: tuple[float, ...]
     a2a_s: tuple[float, ...] = ()
+    bytes_on_wire: Optional[int] = None
 
 
 class PhaseTimer:
@@ -101,10 +106,51 @@ class PhaseTimer:
         self._wrapped.clear()
 
 
+class CollectiveBytes:
+    """Counts the bytes one model's dispatchers move in their collectives on their TP x EP group
+    (``tp_ep_group``; the allgather dispatcher's all-gathers and reduce-scatter): wraps
+    ``token_dispatch`` / ``token_combine`` on the dispatcher *instances* with
+    ``shuffle_lossless.count_tp_collectives`` (nothing global); ``remove()`` restores them. Bytes
+    are what a rank sends in a ring implementation (every algorithm moves that much in total)."""
+
+    def __init__(self, model) -> None:
+        from megatron_specmoe.comm.shuffle import CollectiveCounter
+        from megatron_specmoe.glue.shuffle_lossless import count_tp_collectives
+
+        self.counter = CollectiveCounter()
+        self._wrapped = []
+        for site in moe_sites(model):
+            d = site.dispatcher
+            for name in ("token_dispatch", "token_combine"):
+                inner = getattr(d, name)
+
+                def counted(*args, _inner=inner, _group=d.tp_ep_group, **kwargs):
+                    with count_tp_collectives(_group, self.counter):
+                        return _inner(*args, **kwargs)
+
+                setattr(d, name, counted)
+                self._wrapped.append((d, name))
+
+    def take(self) -> int:
+        """All ranks' bytes since the last ``take`` (collective: every rank calls it)."""
+        value = torch.tensor([sum(self.counter.sent_bytes.values())], dtype=torch.float64)
+        dist.all_reduce(value)
+        self.counter.calls.clear()
+        self.counter.payload_bytes.clear()
+        self.counter.sent_bytes.clear()
+        return int(value)
+
+    def remove(self) -> None:
+        for d, name in self._wrapped:
+            delattr(d, name)
+        self._wrapped.clear()
+
+
 @dataclass(frozen=True, kw_only=True)
 class DemoResult:
-    """Attributes: runs (alltoall first), max_abs_diff (largest |logits difference| over all
-    batches and ranks), tokens (tokens served per dispatcher, whole job)."""
+    """Attributes: runs (alltoall first), max_abs_diff (largest |logits difference| against
+    alltoall, over the other dispatchers and all batches and ranks), tokens (tokens served per
+    dispatcher, whole job)."""
 
     runs: tuple[DispatcherRun, ...]
     max_abs_diff: float

@@ -9,8 +9,9 @@ B sequences per forward per DP group, L MoE layers, E experts, k top-k.
             with ``predictor="history"`` also the route-history MLP, combined with the table) and the
             expert grouping, and
             writes the plan folder; every rank loads it back.
-3. serve    the evaluation windows go through two models with the same trained weights:
-            ``alltoall`` (Megatron's layers) and ``specmoe`` (``ShuffleTransformerLayer`` with the
+3. serve    the evaluation windows go through three models with the same trained weights:
+            ``alltoall`` and ``allgather`` (Megatron's layers and dispatchers; allgather's bytes are
+            its collectives' payloads, counted) and ``specmoe`` (``ShuffleTransformerLayer`` with the
             plan's token table, and the plan's placement applied by moving expert weights between
             EP ranks). Logits are compared, traffic is taken from the dispatchers' own state, and
             forward times are the slowest rank's, per batch, interleaved.
@@ -199,10 +200,10 @@ def _serve_models(card, settings: PipelineSettings, plan):
                   "share_embeddings_and_output_weights": bool(gpt["share_embeddings_and_output_weights"]),
                   "parallel_output": False}
     models = {}
-    for name in ("alltoall", "specmoe"):
+    for name in ("alltoall", "allgather", "specmoe"):
         config = make_config(shape, dispatcher=name, tp=settings.tp, ep=settings.ep,
                              **{**dict(card.config), "sequence_parallel": True})
-        if name == "alltoall":
+        if name != "specmoe":
             spec = with_tokenwise_norms(get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False))
         else:
             spec = get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier, sequence_parallel_norms=True)
@@ -222,10 +223,12 @@ def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -
     from megatron.core import parallel_state
 
     from megatron_specmoe.comm.stats import gather_reports
+    from megatron_specmoe.glue.demo import CollectiveBytes
     from megatron_specmoe.glue.dispatcher import DispatchRecorder
     from megatron_specmoe.glue.model_tools import attach_recorder
 
     models = _serve_models(card, settings, plan)
+    allgather_bytes = CollectiveBytes(models["allgather"])
     recorder = DispatchRecorder()
     attach_recorder(models["specmoe"], recorder)
     ep_group = parallel_state.get_expert_model_parallel_group()
@@ -238,9 +241,11 @@ def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -
     seq = settings.evalu.shape[1]
     positions = torch.arange(seq).unsqueeze(0).expand(settings.batch, -1)
     mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+    names = ("alltoall", "allgather", "specmoe")
     reports = {"alltoall": [], "specmoe": []}
-    times = {"alltoall": [], "specmoe": []}
-    a2a = {"alltoall": [], "specmoe": []}
+    times = {name: [] for name in names}
+    a2a = {name: [] for name in names}
+    counted = 0
     timers = {name: PhaseTimer(model) for name, model in models.items()}
     max_diff, start = 0.0, time.perf_counter()
     with torch.no_grad():
@@ -248,27 +253,34 @@ def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -
             models[name](batches[0], positions, mask)
             timers[name].take()
         recorder.clear()
+        allgather_bytes.take()
         for b, tokens in enumerate(batches):
             outs = {}
-            for name in ("alltoall", "specmoe"):
+            for name in names:
                 outs[name], elapsed = _timed(lambda m=models[name]: m(tokens, positions, mask))
                 times[name].append(elapsed)
                 a2a[name].append(timers[name].take())
+            counted += allgather_bytes.take()
             reports["alltoall"].append(gather_reports(
                 _alltoall_records(models["alltoall"], ep_rank, settings.ep, card.shape.hidden), ep_group))
             reports["specmoe"].append(gather_reports(recorder.records, ep_group))
             recorder.clear()
-            diff = torch.tensor([float((outs["alltoall"] - outs["specmoe"]).abs().max())], dtype=torch.float64)
+            diff = torch.tensor([max(float((outs["alltoall"] - outs[n]).abs().max()) for n in ("allgather", "specmoe"))],
+                                dtype=torch.float64)
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)
             max_diff = max(max_diff, float(diff))
             if rank == 0:
                 _bar(b + 1, len(batches), "serve  ", start)
     if rank != 0:
         return None
+    # allgather routes exactly as alltoall (same weights, same router): its pairs, LAR and load are
+    # alltoall's; what differs is what it sends, which CollectiveBytes counted.
+    summed = {"alltoall": _sum_reports(reports["alltoall"]), "specmoe": _sum_reports(reports["specmoe"])}
+    summed["allgather"] = summed["alltoall"]
     return DemoResult(
-        runs=tuple(DispatcherRun(name=n, reports=_sum_reports(reports[n]), forward_s=tuple(times[n]),
-                                 a2a_s=tuple(a2a[n]))
-                   for n in ("alltoall", "specmoe")),
+        runs=tuple(DispatcherRun(name=n, reports=summed[n], forward_s=tuple(times[n]), a2a_s=tuple(a2a[n]),
+                                 bytes_on_wire=counted if n == "allgather" else None)
+                   for n in names),
         max_abs_diff=max_diff,
         tokens=len(batches) * settings.batch * seq * dp,
     )
