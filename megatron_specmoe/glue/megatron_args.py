@@ -36,8 +36,13 @@ it needs the specmoe dispatcher on a layout where shuffling helps, Megatron's lo
 ``--use-legacy-static-engine`` core 0.19's static engine uses the dynamic context too, which stderr
 warns about), no pipeline stages with
 sequence parallelism, no shared experts with TP > 1, and, with sequence
-parallelism, no dense layer after an MoE layer (``shuffle_dense_layer_problem``). The predictor
-``route`` needs ``--specmoe-plan`` with a token table. The layer is forward-only (it raises in
+parallelism or the "history" predictor, no dense layer after an MoE layer
+(``shuffle_dense_layer_problem``). The predictors ``route`` and ``history`` need ``--specmoe-plan``
+with a token table, resp. a combined (token + history) or history predictor.
+
+``--specmoe-request-placement`` (DP attention, TP = 1; ``glue/dp_coordinator.py``) needs the
+specmoe dispatcher, ``--specmoe-plan`` with a token table and megatron-core 0.19's DP coordinator;
+with it, TP = 1 is not a layout problem. The layer is forward-only (it raises in
 training mode); a training script cannot be told apart from an inference script here, so that is
 left to the layer.
 """
@@ -317,16 +322,18 @@ def num_moe_layers(args: argparse.Namespace) -> Optional[int]:
     return int(sum(1 for x in pattern if x))
 
 
-def moe_layer_pattern(num_layers: int, freq: Any) -> list[int]:
+def moe_layer_pattern(num_layers: int, freq: Any, *,
+                      names: tuple[str, str] = ("--moe-layer-freq", "--num-layers")) -> list[int]:
     """1 (MoE) or 0 (dense) for each of ``num_layers`` layers, from ``moe_layer_freq`` as Megatron
-    reads it: an int N (layers 0, N, 2N, ... are MoE; None counts as 1) or a 0/1 list."""
+    reads it: an int N (layers 0, N, 2N, ... are MoE; None counts as 1) or a 0/1 list. ``names``:
+    what the error calls the two settings (command-line flags, or config fields)."""
     freq = 1 if freq is None else freq
     if isinstance(freq, int):
         return [1 if i % freq == 0 else 0 for i in range(num_layers)]
     pattern = [int(bool(x)) for x in freq]
     if len(pattern) != num_layers:
         raise SpecMoEArgumentError(
-            f"--moe-layer-freq lists {len(pattern)} layers but --num-layers is {num_layers}"
+            f"{names[0]} lists {len(pattern)} layers but {names[1]} is {num_layers}"
         )
     return pattern
 

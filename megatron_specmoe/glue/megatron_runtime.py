@@ -185,14 +185,10 @@ def _container(chunks: Sequence[torch.nn.Module]) -> torch.nn.Module:
 def moe_layer_numbers(config: Any) -> list[int]:
     """Megatron's 1-based numbers of the MoE layers of the whole model, from ``num_layers`` and
     ``moe_layer_freq`` (an int N: layers 1, N+1, 2N+1, ...; or a 0/1 list)."""
-    num_layers = int(config.num_layers)
-    freq = getattr(config, "moe_layer_freq", 1)
-    freq = 1 if freq is None else freq
-    if isinstance(freq, int):
-        return [i + 1 for i in range(num_layers) if i % freq == 0]
-    pattern = list(freq)
-    if len(pattern) != num_layers:
-        raise ValueError(f"moe_layer_freq lists {len(pattern)} layers but num_layers is {num_layers}")
+    from megatron_specmoe.glue.megatron_args import moe_layer_pattern
+
+    pattern = moe_layer_pattern(int(config.num_layers), getattr(config, "moe_layer_freq", 1),
+                                names=("moe_layer_freq", "num_layers"))
     return [i + 1 for i, x in enumerate(pattern) if x]
 
 
