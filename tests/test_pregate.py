@@ -96,3 +96,12 @@ def test_top_experts_then_counts_equal_topk_rank_scores(numpy_on_cpu):
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match=r"top_experts: logits must be \[T, E\] with 1 <= k <= E"):
         top_experts(logits, 5)
+
+
+def test_span_hosts_marks_the_experts_each_tp_rank_of_the_span_hosts():
+    from megatron_specmoe.planning.pregate import span_hosts
+
+    # EP ranks of experts 0..4: [2, 0, 3, 2, 1]; the span is EP ranks 2, 3 (ep_base 2, TP 2).
+    got = span_hosts(torch.tensor([2, 0, 3, 2, 1]), ep_base=2, tp=2)
+    assert got.dtype == torch.float32
+    assert got.tolist() == [[1, 0], [0, 0], [0, 1], [1, 0], [0, 0]]

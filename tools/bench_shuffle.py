@@ -69,7 +69,7 @@ def part_plan(rank: int, world_size: int, args) -> dict:
     from megatron_specmoe.planning.placement import ExpertPlacement
     from megatron_specmoe.planning.predictors.history_mlp import HistoryLayerScorer
     from megatron_specmoe.planning.predictors.rank_table import RankTable
-    from megatron_specmoe.planning.pregate import expert_rank_counts, top_experts, topk_rank_scores
+    from megatron_specmoe.planning.pregate import expert_rank_counts, span_hosts, top_experts, topk_rank_scores
 
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=1, ep=1))
@@ -86,7 +86,7 @@ def part_plan(rank: int, world_size: int, args) -> dict:
         x = torch.randn(args.plan_seq, batch, h)
         mask = torch.triu(torch.ones(1, 1, args.plan_seq, args.plan_seq, dtype=torch.bool), diagonal=1)
         rank_of = torch.as_tensor(ExpertPlacement.contiguous(e, p).rank_of_logical())
-        hosts = (rank_of.view(-1, 1) == torch.arange(p).view(1, -1)).float()  # [E, P]
+        hosts = span_hosts(rank_of, ep_base=0, tp=p)  # [E, P]
         router = layer.mlp.router
         gen = torch.Generator().manual_seed(0)
         # Run-time predictors with random weights (timing only): the token table as a rank table

@@ -75,7 +75,7 @@ from megatron_specmoe.planning.assignment import (
     assign,
     real_capacities,
 )
-from megatron_specmoe.planning.pregate import expert_rank_counts, top_experts, topk_rank_scores
+from megatron_specmoe.planning.pregate import expert_rank_counts, span_hosts, top_experts, topk_rank_scores
 
 __all__ = [
     "ShufflePredictor",
@@ -445,10 +445,8 @@ class ShuffleTransformerLayer(TransformerLayer):
                 f"{history.shape[0]} tokens; feed_token_ids(model, carrier) must see this forward's input_ids"
             )
         expert_scores = cached[1].scores(token_ids=ids, history=history)  # [T, E]
-        # Sum over the experts each TP rank of the span hosts: a [E, P] 0/1 matrix product.
-        local = self._rank_of(history.device) - self._ep_span()
-        hosts = (local.view(-1, 1) == torch.arange(tp, device=history.device).view(1, -1)).float()
-        return expert_scores @ hosts
+        # Sum over the experts each TP rank of the span hosts.
+        return expert_scores @ span_hosts(self._rank_of(history.device), ep_base=self._ep_span(), tp=tp)
 
     def _route_scores(self, t: int, tp: int) -> torch.Tensor:
         """float32 [T, P] from the fitted RoutePredictor on the carrier's token ids: one gather

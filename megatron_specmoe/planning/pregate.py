@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["topk_rank_scores", "top_experts", "expert_rank_counts"]
+__all__ = ["topk_rank_scores", "top_experts", "expert_rank_counts", "span_hosts"]
 
 
 def topk_rank_scores(
@@ -78,11 +78,7 @@ def topk_rank_scores(
         for pick in _picks_numpy(logits.detach().float().numpy(), k):
             out[row + local[pick]] += inside[pick]  # one pick per token: no repeated index
         return torch.from_numpy(out.reshape(t, tp))
-    local = rank_of.to(device=device, dtype=torch.int64) - ep_base
-    inside = (local >= 0) & (local < tp)
-    # hosts[x, r] = 1 if TP rank r hosts expert x (rows of outside experts are zero).
-    hosts = torch.zeros(e, tp, dtype=torch.float32, device=device)
-    hosts[torch.arange(e, device=device), local.clamp(0, tp - 1)] = inside.float()
+    hosts = span_hosts(rank_of.to(device), ep_base=ep_base, tp=tp)
     # Torch: taken[t, x] after k rounds of the first maximum among the experts not yet taken.
     values = logits.float()
     taken = torch.zeros(t, e, dtype=torch.bool, device=device)
@@ -110,6 +106,14 @@ def _picks_numpy(logits: np.ndarray, k: int) -> np.ndarray:
         picks[i] = (e - 1) - ((cand == best) * weight).max(axis=0).astype(np.int64)  # first maximum
         cand[picks[i], tok] = np.nan
     return picks
+
+
+def span_hosts(rank_of: torch.Tensor, *, ep_base: int, tp: int) -> torch.Tensor:
+    """float32 [E, P] on ``rank_of``'s device: 1 where TP rank r of the span ep_base .. ep_base +
+    tp - 1 hosts logical expert x (``rank_of`` int64 [E]); rows of experts outside the span are 0.
+    ``expert_scores @ span_hosts(...)`` sums expert scores [T, E] per TP rank."""
+    local = rank_of.to(torch.int64) - ep_base
+    return (local.view(-1, 1) == torch.arange(tp, device=rank_of.device).view(1, -1)).float()
 
 
 def top_experts(logits: torch.Tensor, k: int, *, numpy_on_cpu: bool = True) -> torch.Tensor:
