@@ -18,20 +18,20 @@ __all__ = ["install", "uninstall", "is_installed", "__version__"]
 
 def install() -> None:
     """Install the ``specmoe`` dispatcher hook into Megatron-Core (idempotent)."""
-    from megatron_specmoe.glue.install import install as _install
+    from megatron_specmoe.megatron.install import install as _install
 
     _install()
 
 
 def uninstall() -> None:
     """Remove the hook that ``install()`` added (idempotent)."""
-    from megatron_specmoe.glue.install import uninstall as _uninstall
+    from megatron_specmoe.megatron.install import uninstall as _uninstall
 
     _uninstall()
 
 
 def is_installed() -> bool:
     """Whether ``install()`` is in effect."""
-    from megatron_specmoe.glue.install import is_installed as _is_installed
+    from megatron_specmoe.megatron.install import is_installed as _is_installed
 
     return _is_installed()

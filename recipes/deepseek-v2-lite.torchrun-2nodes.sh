@@ -2,7 +2,7 @@
 # DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): 27 layers (26 MoE), 64 experts, top-6, shared experts (2816 wide).
 # 2 node(s) x 8 GPUs: TP=2 EP=16 ETP=1 PP=1 (attention DP=8).
 #
-# Generated from megatron_specmoe/recipes.py by:
+# Generated from megatron_specmoe/megatron_lm/recipes.py by:
 #   specmoe recipes --model deepseek-v2-lite --nodes 2 --launcher torchrun --write DIR
 # Edit recipes.py and regenerate rather than editing this file.
 #

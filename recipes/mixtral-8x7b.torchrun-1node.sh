@@ -2,7 +2,7 @@
 # Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1): 32 layers (32 MoE), 8 experts, top-2.
 # 1 node(s) x 8 GPUs: TP=8 EP=8 ETP=1 PP=1 (attention DP=1).
 #
-# Generated from megatron_specmoe/recipes.py by:
+# Generated from megatron_specmoe/megatron_lm/recipes.py by:
 #   specmoe recipes --model mixtral-8x7b --nodes 1 --launcher torchrun --write DIR
 # Edit recipes.py and regenerate rather than editing this file.
 #

@@ -2,7 +2,7 @@
 # Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B): 48 layers (48 MoE), 128 experts, top-8.
 # 1 node(s) x 8 GPUs: TP=4 EP=8 ETP=1 PP=1 (attention DP=2).
 #
-# Generated from megatron_specmoe/recipes.py by:
+# Generated from megatron_specmoe/megatron_lm/recipes.py by:
 #   specmoe recipes --model qwen3-30b-a3b --nodes 1 --launcher torchrun --write DIR
 # Edit recipes.py and regenerate rather than editing this file.
 #

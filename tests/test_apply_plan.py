@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from megatron_specmoe.comm.spawn import run_local
+from megatron_specmoe.testing.spawn import run_local
 from megatron_specmoe.comm.weight_move import plan_moves
-from megatron_specmoe.planning.placement import ExpertPlacement
+from megatron_specmoe.schedule.placement import ExpertPlacement
 
 TARGETS = [(5, 2, 7, 0, 1, 6, 3, 4), (1, 0, 3, 2, 6, 7, 4, 5)]
 
@@ -20,11 +20,12 @@ def _worker(rank, world):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 
-    from megatron_specmoe.glue import cpu_support, parallel
-    from megatron_specmoe.glue.apply_plan import apply_placements
-    from megatron_specmoe.glue.build import MoEShape, build_gpt_model, make_config
-    from megatron_specmoe.glue.experts import load_bank, local_expert_state, make_expert_bank
-    from megatron_specmoe.glue.model_tools import moe_sites
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron.apply_plan import apply_placements
+    from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
+    from megatron_specmoe.megatron.experts import load_bank, local_expert_state, make_expert_bank
+    from megatron_specmoe.megatron.model_tools import moe_sites
 
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(ep=4))

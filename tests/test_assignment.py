@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_specmoe.planning.assignment import (
+from megatron_specmoe.schedule.assignment import (
     ASSIGNMENT_METHODS,
     assign,
     plan_from_home,
@@ -125,7 +125,7 @@ def test_bad_input_errors():
 
 
 def test_greedy_with_fewer_rounds_fills_the_free_rows_in_index_order():
-    from megatron_specmoe.planning.assignment import _greedy
+    from megatron_specmoe.schedule.assignment import _greedy
 
     scores = torch.tensor([[0.7, 0.0], [1.0, 0.0], [0.9, 0.0], [0.8, 0.0]])
     room = torch.tensor([2, 2])
@@ -136,7 +136,7 @@ def test_greedy_with_fewer_rounds_fills_the_free_rows_in_index_order():
 
 @pytest.mark.parametrize("ranks", [2, 3, 4, 5, 8])
 def test_round_robin_schedule_covers_every_pair_once_with_disjoint_rounds(ranks):
-    from megatron_specmoe.planning.assignment import _round_robin
+    from megatron_specmoe.schedule.assignment import _round_robin
 
     partner = _round_robin(ranks, torch.device("cpu"))
     n = ranks + ranks % 2
@@ -271,7 +271,7 @@ def test_refine_spread_on_cuda_matches_cpu():
 
 
 def test_falling_orders_float32_values_and_ties_zeros():
-    from megatron_specmoe.planning.assignment import _falling
+    from megatron_specmoe.schedule.assignment import _falling
 
     x = torch.tensor([float("-inf"), -2.5, -1e-30, -0.0, 0.0, 1e-30, 1.0, float("inf")])
     key = _falling(x).tolist()
@@ -282,7 +282,7 @@ def test_falling_orders_float32_values_and_ties_zeros():
 
 
 def test_sweeps_numpy_hand_worked_swap():
-    from megatron_specmoe.planning.assignment import _sweeps_numpy
+    from megatron_specmoe.schedule.assignment import _sweeps_numpy
 
     # T = 6, P = 2, C = 3; rank 0 holds tokens 0, 1, 2 and rank 1 tokens 3, 4, 5 (slot = token *
     # 2 + rank: the flat index of the token's own score). Token 1 gains 0.5 by moving to rank 1,
@@ -299,8 +299,8 @@ def test_sweeps_numpy_hand_worked_swap():
 
 @pytest.mark.parametrize("tokens,ranks", [(1000, 4), (2049, 8), (777, 3), (50, 8)])
 def test_refine_numpy_sweeps_give_the_torch_plan(tokens, ranks, monkeypatch):
-    from megatron_specmoe.planning import assignment
-    from megatron_specmoe.planning.assignment import _refine
+    from megatron_specmoe.schedule import assignment
+    from megatron_specmoe.schedule.assignment import _refine
 
     rng = np.random.default_rng(tokens)
     soft = rng.dirichlet(np.full(ranks, 0.3), size=tokens).astype(np.float32)
@@ -317,7 +317,7 @@ def test_refine_numpy_sweeps_give_the_torch_plan(tokens, ranks, monkeypatch):
 
 
 def test_greedy_packed_key_matches_the_two_sort_path():
-    from megatron_specmoe.planning.assignment import _greedy
+    from megatron_specmoe.schedule.assignment import _greedy
 
     # Multiples of 1/8 (exact in float32 and float64), negative values, signed zeros, many ties:
     # float32 takes the packed int64 sort, float64 the two stable sorts.
@@ -334,7 +334,7 @@ def test_greedy_packed_key_matches_the_two_sort_path():
 
 @pytest.mark.parametrize("tokens,ranks", [(1000, 4), (2049, 8), (7, 3), (5, 8)])
 def test_greedy_numpy_gives_the_torch_result(tokens, ranks):
-    from megatron_specmoe.planning.assignment import _greedy
+    from megatron_specmoe.schedule.assignment import _greedy
 
     rng = np.random.default_rng(tokens + ranks)
     soft = rng.dirichlet(np.full(ranks, 0.3), size=tokens).astype(np.float32)
@@ -349,7 +349,7 @@ def test_greedy_numpy_gives_the_torch_result(tokens, ranks):
 
 
 def test_greedy_numpy_hand_worked_first_maximum_and_room():
-    from megatron_specmoe.planning.assignment import _greedy_numpy
+    from megatron_specmoe.schedule.assignment import _greedy_numpy
 
     # Round 1: tokens 0, 1, 2 ask rank 0 (token 2: a tie of ranks 0 and 1, the lower wins) with
     # scores 0.5, 0.9, 0.7; rank 0 has room for 2 and takes tokens 1 and 2; token 3 asks rank 1.

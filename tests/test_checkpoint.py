@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_specmoe.comm.spawn import run_local
-from megatron_specmoe.glue import checkpoint
+from megatron_specmoe.testing.spawn import run_local
+from megatron_specmoe.megatron import checkpoint
 
 TOL = 1e-5
 SEQ = 24
@@ -38,7 +38,8 @@ def _forward(model, tokens):
 
 
 def _setup(tp: int, ep: int) -> None:
-    from megatron_specmoe.glue import cpu_support, parallel
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
 
     warnings.filterwarnings("ignore")
     cpu_support.enable()
@@ -47,8 +48,8 @@ def _setup(tp: int, ep: int) -> None:
 
 def _reference(rank, world_size, path):
     """Single process: logits and routes of the four batches, plus the loader's errors."""
-    from megatron_specmoe.glue import parallel
-    from megatron_specmoe.glue.route_recorder import RouteRecorder
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron.route_recorder import RouteRecorder
 
     _setup(1, 1)
     try:
@@ -91,8 +92,8 @@ def _sharded(rank, world_size, path, layouts):
     """Every (tp, ep) layout in turn: this rank's logits and its recorded routes."""
     from megatron.core import parallel_state
 
-    from megatron_specmoe.glue import parallel
-    from megatron_specmoe.glue.route_recorder import RouteRecorder
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron.route_recorder import RouteRecorder
 
     out = []
     for tp, ep in layouts:
@@ -215,7 +216,7 @@ def test_wrong_dtype_and_missing_weights(tmp_path):
 
 
 def test_recorder_reads_both_router_output_forms():
-    from megatron_specmoe.glue.route_recorder import _topk_from_output
+    from megatron_specmoe.megatron.route_recorder import _topk_from_output
 
     # (probs [N, E], routing_map [N, E]): token 0 picks experts 2 (0.6) and 3 (0.4); token 1 picks
     # 1 and 2 with equal probability (id order).
@@ -231,7 +232,7 @@ def test_recorder_reads_both_router_output_forms():
 
 
 def test_corpus_splits_by_file(tmp_path):
-    from megatron_specmoe import corpus
+    from megatron_specmoe.demo import corpus
 
     files = {"a.py": "x = 1\n", "pkg/b.py": "y = 2\n", "pkg/c.txt": "not python",
              "site-packages/d.py": "third party", "pkg/__pycache__/e.py": "cache"}

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from megatron_specmoe.cli.main import main
-from megatron_specmoe.planning.plan import load_plan
-from megatron_specmoe.planning.trace_io import write_trace
-from megatron_specmoe.planning.traces import RoutingTrace
+from megatron_specmoe.artifacts.plan_folder import load_plan
+from megatron_specmoe.artifacts.trace_io import write_trace
+from megatron_specmoe.artifacts.traces import RoutingTrace
 
 
 def _trace(tmp_path, with_ids=True):

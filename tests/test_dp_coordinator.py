@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("megatron.core.inference.data_parallel_inference_coordinator.coordinator")
 
-from megatron_specmoe.planning.placement import ExpertPlacement  # noqa: E402
-from megatron_specmoe.planning.plan import make_plan, save_plan  # noqa: E402
-from megatron_specmoe.planning.predictors.token_table import TokenTable  # noqa: E402
-from megatron_specmoe.planning.traces import RoutingTrace  # noqa: E402
+from megatron_specmoe.schedule.placement import ExpertPlacement  # noqa: E402
+from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan  # noqa: E402
+from megatron_specmoe.predict.token_table import TokenTable  # noqa: E402
+from megatron_specmoe.artifacts.traces import RoutingTrace  # noqa: E402
 
 
 @pytest.fixture()
@@ -29,7 +29,7 @@ def plan_dir(tmp_path):
 
 
 def _coordinator(router, pending):
-    from megatron_specmoe.glue.dp_coordinator import SpecMoECoordinator
+    from megatron_specmoe.megatron_lm.dp_coordinator import SpecMoECoordinator
 
     from megatron.core.inference.config import PrefixCachingCoordinatorPolicy
 
@@ -51,7 +51,7 @@ def _submit(coord, prompt):
 
 
 def test_requests_go_to_the_engine_hosting_their_experts(plan_dir):
-    from megatron_specmoe.glue.dp_coordinator import AffinityRouter
+    from megatron_specmoe.megatron_lm.dp_coordinator import AffinityRouter
 
     router = AffinityRouter.from_plan(plan_dir, weight=0.9)
     # DP rank d is EP rank d % 2: token 7 (expert 3) belongs on DP ranks 1 and 3, token 5 on 0 and 2.
@@ -74,7 +74,7 @@ def test_install_is_reversible_and_checks_the_plan(plan_dir, tmp_path, monkeypat
     )
     from megatron.core.inference.engines import dynamic_engine
 
-    from megatron_specmoe.glue import dp_coordinator as dpc
+    from megatron_specmoe.megatron_lm import dp_coordinator as dpc
 
     monkeypatch.delenv(dpc.PLAN_ENV, raising=False)
     with pytest.raises(ValueError, match="missing: no such plan folder; make one with `specmoe plan`"):
@@ -93,7 +93,7 @@ def test_install_is_reversible_and_checks_the_plan(plan_dir, tmp_path, monkeypat
 
 
 def test_engine_identities_must_name_their_dp_rank(plan_dir):
-    from megatron_specmoe.glue.dp_coordinator import AffinityRouter
+    from megatron_specmoe.megatron_lm.dp_coordinator import AffinityRouter
 
     coord = _coordinator(AffinityRouter.from_plan(plan_dir), [0, 0, 0, 0])
     coord._identities_list = [b"engine-a", b"engine-b", b"engine-c", b"engine-d"]
@@ -102,8 +102,8 @@ def test_engine_identities_must_name_their_dp_rank(plan_dir):
 
 
 def test_launcher_flags_are_checked_before_any_gpu_work(monkeypatch, plan_dir, tmp_path):
-    from megatron_specmoe.glue import megatron_args as M
-    from megatron_specmoe.glue.megatron_runtime import RuntimeSettings
+    from megatron_specmoe.megatron_lm import args as M
+    from megatron_specmoe.megatron_lm.runtime import RuntimeSettings
 
     from tests.test_launch_shuffle import BASE_ARGV, parse
 

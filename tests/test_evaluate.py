@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from megatron_specmoe.cli.main import main
-from megatron_specmoe.planning.evaluate import evaluate_trace
-from megatron_specmoe.planning.placement import ExpertPlacement
-from megatron_specmoe.planning.plan import make_plan, save_plan
-from megatron_specmoe.planning.predictors.base import RouteContext, RoutePredictor
-from megatron_specmoe.planning.predictors.layer_table import LayerTable
-from megatron_specmoe.planning.trace_io import write_trace
-from megatron_specmoe.planning.traces import RoutingTrace
+from megatron_specmoe.measure.evaluate import evaluate_trace
+from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
+from megatron_specmoe.predict.base import RouteContext, RoutePredictor
+from megatron_specmoe.predict.layer_table import LayerTable
+from megatron_specmoe.artifacts.trace_io import write_trace
+from megatron_specmoe.artifacts.traces import RoutingTrace
 
 # E = 4 experts on P = 2 ranks: contiguous placement puts experts 0, 1 on rank 0 and 2, 3 on rank 1.
 # One layer, four tokens, k = 2:

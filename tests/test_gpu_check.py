@@ -40,7 +40,7 @@ def test_refuses_without_cuda(gpu_check, monkeypatch, tmp_path, capsys):
 def test_shuffle_worker_runs_on_gloo_with_every_predictor():
     """The GPU check's s-TS worker, on 2 CPU ranks (TP = EP = 2, sequence parallel on): lossless
     for pregate, route and history (the same code the GPU runs on NCCL, local linears)."""
-    from megatron_specmoe.comm.spawn import run_local
+    from megatron_specmoe.testing.spawn import run_local
 
     sys.path.insert(0, str(TOOL.parent))  # spawned ranks import the worker as module gpu_check
     try:

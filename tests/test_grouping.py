@@ -7,17 +7,17 @@ import itertools
 import numpy as np
 import pytest
 
-from megatron_specmoe.planning import grouping_search as gs
-from megatron_specmoe.planning.grouping import (
+from megatron_specmoe.schedule import grouping_search as gs
+from megatron_specmoe.schedule.grouping import (
     GroupingOptions,
     group_experts,
     group_layer,
     grouping_cost,
     placement_from_ranks,
 )
-from megatron_specmoe.planning.grouping_milp import solve_exact
-from megatron_specmoe.planning.placement import ExpertPlacement
-from megatron_specmoe.planning.traces import RoutingTrace
+from megatron_specmoe.schedule.grouping_milp import solve_exact
+from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.artifacts.traces import RoutingTrace
 
 HEURISTICS = ["contiguous", "random", "eplb", "graph", "alternating", "search"]
 
@@ -233,7 +233,7 @@ def test_cli_group_writes_one_placement_per_layer(tmp_path, capsys):
     import json
 
     from megatron_specmoe.cli.main import main
-    from megatron_specmoe.planning.trace_io import write_trace
+    from megatron_specmoe.artifacts.trace_io import write_trace
 
     ex = np.array([[[0, 3], [0, 1]], [[1, 2], [2, 3]]] * 10, dtype=np.int32)
     write_trace(RoutingTrace(experts=ex, num_experts=4), tmp_path / "t.npz")

@@ -7,15 +7,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_specmoe.comm.spawn import free_port
-from megatron_specmoe.planning.placement import ExpertPlacement
+from megatron_specmoe.testing.spawn import free_port
+from megatron_specmoe.schedule.placement import ExpertPlacement
 
 warnings.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
 def world():
-    from megatron_specmoe.glue import cpu_support, parallel
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     cpu_support.enable()
@@ -26,7 +27,7 @@ def world():
 
 
 def _layer(dispatcher, specmoe, via="spec", **overrides):
-    from megatron_specmoe.glue.build import MoEShape, build_moe_layer, make_config
+    from megatron_specmoe.megatron.build import MoEShape, build_moe_layer, make_config
 
     shape = MoEShape()
     return build_moe_layer(make_config(shape, dispatcher=dispatcher, **overrides), shape, specmoe=specmoe, via=via)
@@ -87,7 +88,7 @@ def test_placement_must_match_layer(world):
 
 
 def test_recording_off_costs_nothing(world, monkeypatch):
-    from megatron_specmoe.glue.dispatcher import DispatchRecorder, SpecMoETokenDispatcher
+    from megatron_specmoe.megatron.dispatcher import DispatchRecorder, SpecMoETokenDispatcher
 
     layer = _layer("specmoe", specmoe=True)
     calls = []
@@ -105,7 +106,7 @@ def test_recording_off_costs_nothing(world, monkeypatch):
 
 
 def test_cpu_support_is_reversible(world):
-    from megatron_specmoe.glue import cpu_support
+    from megatron_specmoe.megatron import cpu_support
 
     assert cpu_support.is_enabled()
     cpu_support.disable()
@@ -123,10 +124,10 @@ def test_cpu_support_is_reversible(world):
 def test_transformer_engine_fallback_is_detected_and_logged(world, caplog):
     import logging
 
-    from megatron_specmoe.glue import specs
+    from megatron_specmoe.megatron import specs
 
     specs.have_te.cache_clear()
-    with caplog.at_level(logging.INFO, logger="megatron_specmoe.glue.specs"):
+    with caplog.at_level(logging.INFO, logger="megatron_specmoe.megatron.specs"):
         assert specs.have_te() is False  # never installed on the CPU machines
         specs.have_te()
     assert [r.getMessage() for r in caplog.records].count(
@@ -139,9 +140,9 @@ def test_transformer_engine_fallback_is_detected_and_logged(world, caplog):
 
 
 def test_specmoe_spec_with_shuffle_selects_the_shuffle_layer(world):
-    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions, ShuffleTransformerLayer
-    from megatron_specmoe.glue.shuffle_specs import carrier_of
-    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
+    from megatron_specmoe.megatron.shuffle_layer import ShuffleCarrier, ShuffleOptions, ShuffleTransformerLayer
+    from megatron_specmoe.megatron.shuffle_specs import carrier_of
+    from megatron_specmoe.megatron.specs import get_gpt_layer_specmoe_spec
 
     carrier = ShuffleCarrier(options=ShuffleOptions(predictor="pregate"))
     spec = get_gpt_layer_specmoe_spec(8, use_transformer_engine=False, shuffle=carrier)
@@ -149,7 +150,7 @@ def test_specmoe_spec_with_shuffle_selects_the_shuffle_layer(world):
     assert get_gpt_layer_specmoe_spec(8, use_transformer_engine=False, shuffle=ShuffleOptions()).module is ShuffleTransformerLayer
     with pytest.raises(ValueError, match="shuffle must be a ShuffleCarrier or ShuffleOptions, got str"):
         get_gpt_layer_specmoe_spec(8, shuffle="yes")
-    from megatron_specmoe.glue.specs import have_te
+    from megatron_specmoe.megatron.specs import have_te
 
     if not have_te():  # the TE shuffle spec needs TE; with TE it is built (tools/gpu_check.py)
         with pytest.raises(ValueError, match="use_transformer_engine=True needs TransformerEngine"):

@@ -1,4 +1,4 @@
-"""``--specmoe-shuffle`` through Megatron-LM's own model builder (``glue/megatron_shuffle.py``).
+"""``--specmoe-shuffle`` through Megatron-LM's own model builder (``megatron_lm/shuffle_hook.py``).
 
 Three parts:
 - the flag's early checks on Megatron-LM's real parser (``megatron.training`` ships in the
@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_specmoe.comm.spawn import run_local
-from megatron_specmoe.glue import megatron_args as M
-from megatron_specmoe.glue import megatron_shuffle as MS
+from megatron_specmoe.testing.spawn import run_local
+from megatron_specmoe.megatron_lm import args as M
+from megatron_specmoe.megatron_lm import shuffle_hook as MS
 from tests.test_megatron_args import BASE_ARGV
 from tests.test_megatron_args import parse as parse_megatron_args
 from tests.test_megatron_runtime import _Wrapper
@@ -65,9 +65,9 @@ def without(argv, *flags):
 def write_plan(folder, *, kinds=("token",), num_layers=4, ep_size=4, hidden_size=64):
     """A plan with real fitted "token" and "combined" (token + history) predictors, or a stand-in
     state for other kinds."""
-    from megatron_specmoe.planning.plan import make_plan, save_plan
-    from megatron_specmoe.planning.predictors.registry import fit_predictor
-    from megatron_specmoe.planning.traces import RoutingTrace
+    from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
+    from megatron_specmoe.predict.registry import fit_predictor
+    from megatron_specmoe.artifacts.traces import RoutingTrace
 
     rng = np.random.default_rng(0)
     tokens = 64
@@ -192,7 +192,7 @@ def test_route_predictor_needs_the_plans_token_table(monkeypatch, tmp_path):
 
 
 def _config(*, layers=3, freq=1, sp=False, dispatcher="specmoe", tp=4):
-    from megatron_specmoe.glue.build import MoEShape, make_config
+    from megatron_specmoe.megatron.build import MoEShape, make_config
 
     return make_config(MoEShape(layers=layers), dispatcher=dispatcher, tp=tp, ep=4,
                        sequence_parallel=sp, moe_layer_freq=freq)
@@ -266,9 +266,9 @@ def test_block_spec_with_the_flag(hook):
     from megatron.core.models.gpt import gpt_layer_specs as G
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    from megatron_specmoe.glue.install import SpecMoELayer
-    from megatron_specmoe.glue.shuffle_layer import NoCommColumnParallelLinear, NoCommRowParallelLinear
-    from megatron_specmoe.glue.shuffle_specs import TokenwiseNorm, carrier_of
+    from megatron_specmoe.megatron.install import SpecMoELayer
+    from megatron_specmoe.megatron.shuffle_layer import NoCommColumnParallelLinear, NoCommRowParallelLinear
+    from megatron_specmoe.megatron.shuffle_specs import TokenwiseNorm, carrier_of
 
     config = _config(freq=[0, 1, 1], sp=True)
     block = G.get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm", pp_rank=0)
@@ -295,7 +295,7 @@ def test_block_spec_with_the_flag(hook):
 def test_local_layer_spec_with_the_flag(hook):
     from megatron.core.models.gpt import gpt_layer_specs as G
 
-    from megatron_specmoe.glue.shuffle_specs import carrier_of
+    from megatron_specmoe.megatron.shuffle_specs import carrier_of
 
     spec = G.get_gpt_layer_local_spec(8, False, qk_layernorm=True)
     assert spec.module.__name__ == "ShuffleTransformerLayer"
@@ -345,7 +345,7 @@ def test_launcher_installs_the_shuffle_hook_around_the_script(monkeypatch, tmp_p
     parse(monkeypatch, BASE_ARGV)  # skips where megatron.training (which the launcher needs) is absent
     from megatron.core.models.gpt import gpt_layer_specs as G
 
-    from megatron_specmoe import launch
+    from megatron_specmoe.megatron_lm import launch
 
     script = tmp_path / "script.py"
     script.write_text(LAUNCHED_SCRIPT)
@@ -380,7 +380,7 @@ def _reference(config, vocab, seq):
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_specmoe.glue.shuffle_specs import TokenwiseNorm, with_tokenwise_norms
+    from megatron_specmoe.megatron.shuffle_specs import TokenwiseNorm, with_tokenwise_norms
 
     block = gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine=False)
     if config.sequence_parallel:
@@ -395,10 +395,11 @@ def _e2e_worker(rank, world, cases):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 
-    from megatron_specmoe.glue import cpu_support, parallel
-    from megatron_specmoe.glue import megatron_runtime as R
-    from megatron_specmoe.glue.build import MoEShape, make_config
-    from megatron_specmoe.glue.shuffle_layer import ShuffleTransformerLayer
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron_lm import runtime as R
+    from megatron_specmoe.megatron.build import MoEShape, make_config
+    from megatron_specmoe.megatron.shuffle_layer import ShuffleTransformerLayer
 
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=4, ep=4, etp=1), seed=5)

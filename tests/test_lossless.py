@@ -8,10 +8,10 @@ experts and fail.
 
 import pytest
 
-from megatron_specmoe.comm.spawn import run_local
-from megatron_specmoe.glue.build import MoEShape
-from megatron_specmoe.glue.lossless import LosslessCase, run_cases
-from megatron_specmoe.planning.measures import WireFormat
+from megatron_specmoe.testing.spawn import run_local
+from megatron_specmoe.megatron.build import MoEShape
+from megatron_specmoe.testing.lossless import LosslessCase, run_cases
+from megatron_specmoe.measure.measures import WireFormat
 
 TOL = 1e-6
 PERMUTED = (5, 2, 7, 0, 1, 6, 3, 4)
@@ -53,8 +53,8 @@ def _check_accounting(kind, case, per_rank):
         if kind == "layer" and case.tp == 1 and case.ep > 1:
             import numpy as np
 
-            from megatron_specmoe.planning.placement import ExpertPlacement
-            from megatron_specmoe.planning.simulate import assert_matches_report, layer_bytes
+            from megatron_specmoe.schedule.placement import ExpertPlacement
+            from megatron_specmoe.sim.simulate import assert_matches_report, layer_bytes
 
             placement = ExpertPlacement(physical_to_logical=case.placement or tuple(range(case.shape.experts)),
                                         ep_size=case.ep)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from megatron_specmoe.planning.accounting import DispatchRecord, TrafficReport
-from megatron_specmoe.planning.measures import WireFormat, measure_routes, rank_hits, traffic_matrix
-from megatron_specmoe.planning.placement import ExpertPlacement
+from megatron_specmoe.measure.accounting import DispatchRecord, TrafficReport
+from megatron_specmoe.measure.measures import WireFormat, measure_routes, rank_hits, traffic_matrix
+from megatron_specmoe.schedule.placement import ExpertPlacement
 
 # 4 experts on 2 ranks; placement puts logical {3, 0} on rank 0 and {1, 2} on rank 1.
 PLACEMENT = ExpertPlacement(physical_to_logical=(3, 0, 1, 2), ep_size=2)

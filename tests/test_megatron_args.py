@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_specmoe.glue import megatron_args as M
+from megatron_specmoe.megatron_lm import args as M
 
 # The smallest MoE command line Megatron-LM's parse_args + validate_args accept on the CPU.
 BASE_ARGV = [
@@ -244,7 +244,7 @@ def test_args_parsed_without_our_provider_are_reported():
 
 
 def write_plan(folder: Path, *, num_layers=4, num_experts=8, topk=2, ep_size=4, kinds=("history",)):
-    from megatron_specmoe.planning.plan import make_plan, save_plan
+    from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
 
     state = {kind: {"config": {}, "arrays": {"w": np.zeros((2, 2), np.float32)}} for kind in kinds}
     save_plan(make_plan(num_layers=num_layers, num_experts=num_experts, topk=topk,
@@ -381,7 +381,7 @@ if args.port == 13:
 @pytest.fixture
 def fake_install(monkeypatch):
     """Stand-in for megatron_specmoe.install() so that these tests check the launcher's argument
-    plumbing alone (the real install is tested where glue/install.py is)."""
+    plumbing alone (the real install is tested where megatron/install.py is)."""
     import megatron_specmoe
 
     state = {"installed": False, "calls": []}
@@ -414,7 +414,7 @@ def launch_argv(monkeypatch, tmp_path, *extra):
 
 
 def test_launch_runs_an_unmodified_script(monkeypatch, tmp_path, fake_install):
-    from megatron_specmoe import launch
+    from megatron_specmoe.megatron_lm import launch
 
     A = megatron_arguments()
     script = tmp_path / "scripts" / "serve.py"
@@ -436,7 +436,7 @@ def test_launch_runs_an_unmodified_script(monkeypatch, tmp_path, fake_install):
 
 def test_launch_reports_bad_combinations_before_the_script_goes_on(monkeypatch, tmp_path,
                                                                      fake_install):
-    from megatron_specmoe import launch
+    from megatron_specmoe.megatron_lm import launch
 
     script = tmp_path / "serve.py"
     script.write_text(SCRIPT)
@@ -448,7 +448,7 @@ def test_launch_reports_bad_combinations_before_the_script_goes_on(monkeypatch, 
 
 
 def test_launch_passes_the_scripts_exit_code_and_cleans_up(monkeypatch, tmp_path, fake_install):
-    from megatron_specmoe import launch
+    from megatron_specmoe.megatron_lm import launch
 
     script = tmp_path / "serve.py"
     script.write_text(SCRIPT)
@@ -460,7 +460,7 @@ def test_launch_passes_the_scripts_exit_code_and_cleans_up(monkeypatch, tmp_path
 
 
 def test_launch_runs_a_module(monkeypatch, tmp_path, fake_install):
-    from megatron_specmoe import launch
+    from megatron_specmoe.megatron_lm import launch
 
     pkg = tmp_path / "examples_pkg"
     pkg.mkdir()
@@ -482,14 +482,14 @@ def test_launch_runs_a_module(monkeypatch, tmp_path, fake_install):
     (["missing_script.py"], "missing_script.py does not exist"),
 ])
 def test_launch_usage_errors(argv, message, capsys):
-    from megatron_specmoe import launch
+    from megatron_specmoe.megatron_lm import launch
 
     assert launch.main(argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_find_megatron_root(tmp_path):
-    from megatron_specmoe.launch import find_megatron_root
+    from megatron_specmoe.megatron_lm.launch import find_megatron_root
 
     (tmp_path / "megatron" / "training").mkdir(parents=True)
     (tmp_path / "megatron" / "training" / "arguments.py").write_text("")
@@ -504,13 +504,13 @@ def test_find_megatron_root(tmp_path):
 
 
 def test_launch_installs_the_real_plugin(monkeypatch, tmp_path):
-    """With the project's own install() (glue/install.py)."""
+    """With the project's own install() (megatron/install.py)."""
     import importlib.util
 
-    if importlib.util.find_spec("megatron_specmoe.glue.install") is None:
-        pytest.skip("megatron_specmoe/glue/install.py is not in this checkout yet")
+    if importlib.util.find_spec("megatron_specmoe.megatron.install") is None:
+        pytest.skip("megatron_specmoe/megatron/install.py is not in this checkout yet")
     import megatron_specmoe
-    from megatron_specmoe import launch
+    from megatron_specmoe.megatron_lm import launch
 
     megatron_arguments()
     script = tmp_path / "serve.py"
@@ -532,8 +532,8 @@ def test_python_dash_m_launch_end_to_end(tmp_path):
     import subprocess
 
     megatron_arguments()
-    if importlib.util.find_spec("megatron_specmoe.glue.install") is None:
-        pytest.skip("megatron_specmoe/glue/install.py is not in this checkout yet")
+    if importlib.util.find_spec("megatron_specmoe.megatron.install") is None:
+        pytest.skip("megatron_specmoe/megatron/install.py is not in this checkout yet")
     script = tmp_path / "serve.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out.json"

@@ -1,4 +1,4 @@
-"""The run-time half of the --specmoe-* flags (glue/megatron_runtime.py) on 4 gloo CPU ranks.
+"""The run-time half of the --specmoe-* flags (megatron_lm/runtime.py) on 4 gloo CPU ranks.
 
 A stand-in ``load_checkpoint`` (it loads a saved state dict into the unwrapped model) lives in a
 throw-away module and is imported by name into a second one, as Megatron-LM's scripts do. The hook
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_specmoe.comm.spawn import run_local
-from megatron_specmoe.planning.placement import ExpertPlacement
-from megatron_specmoe.planning.plan import make_plan, save_plan
+from megatron_specmoe.testing.spawn import run_local
+from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
 
 TARGETS = [(5, 2, 7, 0, 1, 6, 3, 4), (1, 0, 3, 2, 6, 7, 4, 5)]
 B, S = 2, 8
@@ -49,11 +49,12 @@ def _worker(rank, world, plan_dir, bad_plan_dir, out_dir):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 
-    from megatron_specmoe.glue import cpu_support, parallel
-    from megatron_specmoe.glue import megatron_runtime as R
-    from megatron_specmoe.glue.build import MoEShape, build_gpt_model, make_config
-    from megatron_specmoe.glue.experts import load_bank, local_expert_state, make_expert_bank
-    from megatron_specmoe.glue.model_tools import moe_sites
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron_lm import runtime as R
+    from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
+    from megatron_specmoe.megatron.experts import load_bank, local_expert_state, make_expert_bank
+    from megatron_specmoe.megatron.model_tools import moe_sites
 
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(ep=4))
@@ -174,7 +175,7 @@ def test_hook_applies_the_plan_after_load_checkpoint(hooked_run):
 
 
 def test_recorded_routes_read_back_and_match_the_stats(hooked_run):
-    from megatron_specmoe.planning.trace_io import read_traces
+    from megatron_specmoe.artifacts.trace_io import read_traces
 
     root, results = hooked_run
     # --specmoe-record-every 1: one part per forward (3 forwards), nothing left for close().
@@ -207,7 +208,7 @@ def test_recorded_routes_read_back_and_match_the_stats(hooked_run):
 
 
 def test_route_recording_with_the_alltoall_dispatcher(hooked_run):
-    from megatron_specmoe.planning.trace_io import read_traces
+    from megatron_specmoe.artifacts.trace_io import read_traces
 
     root, results = hooked_run
     assert all(len(out["alltoall_parts"]) == 1 for out in results)
@@ -221,7 +222,7 @@ def test_route_recording_with_the_alltoall_dispatcher(hooked_run):
 
 
 def test_stats_path_per_rank():
-    from megatron_specmoe.glue.megatron_runtime import stats_path_for_rank
+    from megatron_specmoe.megatron_lm.runtime import stats_path_for_rank
 
     assert str(stats_path_for_rank("s/{rank}.jsonl", 3, 8)) == "s/3.jsonl"
     assert str(stats_path_for_rank("s/stats.jsonl", 3, 8)) == "s/stats.rank3.jsonl"
@@ -229,7 +230,7 @@ def test_stats_path_per_rank():
 
 
 def test_moe_layer_numbers_from_the_config():
-    from megatron_specmoe.glue.megatron_runtime import moe_layer_numbers
+    from megatron_specmoe.megatron_lm.runtime import moe_layer_numbers
 
     assert moe_layer_numbers(types.SimpleNamespace(num_layers=6, moe_layer_freq=2)) == [1, 3, 5]
     assert moe_layer_numbers(types.SimpleNamespace(num_layers=4, moe_layer_freq=[0, 1, 1, 0])) == [2, 3]
@@ -238,7 +239,7 @@ def test_moe_layer_numbers_from_the_config():
 
 
 def test_settings_from_args():
-    from megatron_specmoe.glue.megatron_runtime import HookTarget, RuntimeSettings, setup_specmoe_runtime
+    from megatron_specmoe.megatron_lm.runtime import HookTarget, RuntimeSettings, setup_specmoe_runtime
 
     assert not RuntimeSettings.from_args(_args()).active
     assert setup_specmoe_runtime(torch.nn.Linear(2, 2), _args()) is None  # nothing asked
@@ -253,7 +254,7 @@ def test_settings_from_args():
 
 
 def test_unwrap_chunks():
-    from megatron_specmoe.glue.megatron_runtime import unwrap_chunks
+    from megatron_specmoe.megatron_lm.runtime import unwrap_chunks
 
     inner = torch.nn.Linear(2, 2)
     assert unwrap_chunks(_Wrapper(_Wrapper(inner))) == [inner]
@@ -263,8 +264,8 @@ def test_unwrap_chunks():
 
 
 def test_read_traces_folder_of_npz(tmp_path):
-    from megatron_specmoe.planning.trace_io import read_traces, write_trace
-    from megatron_specmoe.planning.traces import RoutingTrace
+    from megatron_specmoe.artifacts.trace_io import read_traces, write_trace
+    from megatron_specmoe.artifacts.traces import RoutingTrace
 
     with pytest.raises(ValueError, match="no router_trace_rank\\*.jsonl files and no \\*.npz traces"):
         read_traces(tmp_path)
@@ -275,7 +276,7 @@ def test_read_traces_folder_of_npz(tmp_path):
 
 
 def test_record_every_needs_record_routes():
-    from megatron_specmoe.glue.megatron_args import SpecMoEArgumentError, validate_specmoe_args
+    from megatron_specmoe.megatron_lm.args import SpecMoEArgumentError, validate_specmoe_args
 
     with pytest.raises(SpecMoEArgumentError, match="--specmoe-record-every 4: .*needs --specmoe-record-routes"):
         validate_specmoe_args(_args(moe_token_dispatcher_type="alltoall", specmoe_record_every=4))
@@ -298,8 +299,8 @@ def test_launcher_installs_the_runtime_hook_around_the_script(monkeypatch, tmp_p
 
     C = megatron_training("checkpointing")
     T = megatron_training("training")
-    from megatron_specmoe import launch
-    from megatron_specmoe.glue import megatron_runtime as R
+    from megatron_specmoe.megatron_lm import launch
+    from megatron_specmoe.megatron_lm import runtime as R
 
     script = tmp_path / "script.py"
     script.write_text(LAUNCHED_SCRIPT)
@@ -318,12 +319,13 @@ def _tp_worker(rank, world, plan_dir, out_dir):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 
-    from megatron_specmoe.glue import cpu_support, parallel
-    from megatron_specmoe.glue import megatron_runtime as R
-    from megatron_specmoe.glue.build import MoEShape, build_gpt_model, make_config
-    from megatron_specmoe.glue.experts import load_bank, make_expert_bank
-    from megatron_specmoe.glue.model_tools import moe_sites
-    from megatron_specmoe.planning.trace_io import read_trace
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron_lm import runtime as R
+    from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
+    from megatron_specmoe.megatron.experts import load_bank, make_expert_bank
+    from megatron_specmoe.megatron.model_tools import moe_sites
+    from megatron_specmoe.artifacts.trace_io import read_trace
 
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=2, ep=4))
@@ -369,7 +371,7 @@ def test_plan_and_routes_with_tensor_parallel(tmp_path):
 
 
 def test_token_ids_of_a_sequence_parallel_shard():
-    from megatron_specmoe.glue.megatron_runtime import RuntimeSettings, SpecMoERuntime
+    from megatron_specmoe.megatron_lm.runtime import RuntimeSettings, SpecMoERuntime
 
     rt = SpecMoERuntime(RuntimeSettings(dispatcher="alltoall"), [torch.nn.Linear(2, 2)])
     ids = torch.arange(16).reshape(2, 8)  # [B=2, S=8]

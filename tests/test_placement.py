@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from megatron_specmoe.planning.placement import ExpertPlacement
+from megatron_specmoe.schedule.placement import ExpertPlacement
 
 
 def test_contiguous_and_groups():

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from megatron_specmoe.planning import plan as plan_mod
-from megatron_specmoe.planning.placement import ExpertPlacement
-from megatron_specmoe.planning.plan import (
+from megatron_specmoe.artifacts import plan_folder as plan_mod
+from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.artifacts.plan_folder import (
     PLAN_FORMAT_VERSION,
     Plan,
     PlanHeader,

@@ -7,19 +7,19 @@ import json
 import numpy as np
 import pytest
 
-from megatron_specmoe.planning.predictors.base import RouteContext, RoutePredictor, top_experts
-from megatron_specmoe.planning.predictors.combined import Combined, combine_scores
-from megatron_specmoe.planning.predictors.history_mlp import HistoryMLP, history_mlp_bytes
-from megatron_specmoe.planning.predictors.layer_table import LayerTable
-from megatron_specmoe.planning.predictors.registry import (
+from megatron_specmoe.predict.base import RouteContext, RoutePredictor, top_experts
+from megatron_specmoe.predict.combined import Combined, combine_scores
+from megatron_specmoe.predict.history_mlp import HistoryMLP, history_mlp_bytes
+from megatron_specmoe.predict.layer_table import LayerTable
+from megatron_specmoe.predict.registry import (
     PREDICTORS,
     fit_predictor,
     load_predictor,
     make,
     predictor_from_state,
 )
-from megatron_specmoe.planning.predictors.token_table import TokenTable, token_table_bytes
-from megatron_specmoe.planning.traces import RoutingTrace
+from megatron_specmoe.predict.token_table import TokenTable, token_table_bytes
+from megatron_specmoe.artifacts.traces import RoutingTrace
 
 
 def trace_of(routes, num_experts, token_ids=None):
@@ -163,7 +163,7 @@ def test_layer_table_index_probes_past_occupied_slots():
     # 40 contexts whose hashes share their top 16 bits all want the same home slot, so the index
     # must probe up to 39 slots further; every stored context must still find its own row, and
     # look-alikes (same hash, other words; or an unseen hash) must miss.
-    from megatron_specmoe.planning.predictors.layer_table import _Table
+    from megatron_specmoe.predict.layer_table import _Table
 
     hashes = (np.uint64(0xABCD) << np.uint64(48)) + np.arange(40, dtype=np.uint64) * np.uint64(7)
     keys = np.arange(40, dtype=np.uint64)[:, None]
@@ -291,7 +291,7 @@ def test_registry_rejects_unknown_names():
 
 
 def test_validation_split_keeps_requests_whole():
-    from megatron_specmoe.planning.predictors._common import validation_split
+    from megatron_specmoe.predict.common import validation_split
 
     ex = np.zeros((10, 1, 1), dtype=np.int32)
     plain = RoutingTrace(experts=ex, num_experts=2)

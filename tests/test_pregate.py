@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_specmoe.planning.pregate import topk_rank_scores
+from megatron_specmoe.predict.pregate import topk_rank_scores
 
 BOTH = [True, False]  # numpy_on_cpu: the numpy version, then the torch one
 
@@ -81,7 +81,7 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.parametrize("numpy_on_cpu", BOTH)
 def test_top_experts_then_counts_equal_topk_rank_scores(numpy_on_cpu):
-    from megatron_specmoe.planning.pregate import expert_rank_counts, top_experts
+    from megatron_specmoe.predict.pregate import expert_rank_counts, top_experts
 
     logits = torch.tensor([[3.0, 2, 1, 0], [0, 1, 2, 3], [1, 1, 1, 1], [0.5, -1, 2, 0.5]])
     ids = top_experts(logits, 2, numpy_on_cpu=numpy_on_cpu)
@@ -99,7 +99,7 @@ def test_top_experts_then_counts_equal_topk_rank_scores(numpy_on_cpu):
 
 
 def test_span_hosts_marks_the_experts_each_tp_rank_of_the_span_hosts():
-    from megatron_specmoe.planning.pregate import span_hosts
+    from megatron_specmoe.predict.pregate import span_hosts
 
     # EP ranks of experts 0..4: [2, 0, 3, 2, 1]; the span is EP ranks 2, 3 (ep_base 2, TP 2).
     got = span_hosts(torch.tensor([2, 0, 3, 2, 1]), ep_base=2, tp=2)

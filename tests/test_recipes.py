@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_specmoe import recipes as R
-from megatron_specmoe.glue import megatron_args as M
+from megatron_specmoe.megatron_lm import recipes as R
+from megatron_specmoe.megatron_lm import args as M
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = [pytest.param(r, id=r.file_name) for r in R.committed_recipes()]
@@ -259,8 +259,8 @@ def test_plan_step_matches_specmoe_plan():
 
 def test_modules_import_no_megatron():
     """specmoe --help / recipes / the launcher's own import stay cheap (megatron only at run)."""
-    code = ("import sys, megatron_specmoe.launch, megatron_specmoe.recipes, "
-            "megatron_specmoe.cli.recipes, megatron_specmoe.glue.megatron_args\n"
+    code = ("import sys, megatron_specmoe.megatron_lm.launch, megatron_specmoe.megatron_lm.recipes, "
+            "megatron_specmoe.cli.recipes, megatron_specmoe.megatron_lm.args\n"
             "print(sorted(m for m in sys.modules if m == 'megatron' or m.startswith('megatron.')"
             " or m.startswith('torch')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -269,7 +269,7 @@ def test_modules_import_no_megatron():
 
 
 def test_predictor_names_match_the_registry():
-    from megatron_specmoe.planning.predictors.registry import PredictorKind
+    from megatron_specmoe.predict.registry import PredictorKind
 
     # The runtime-only pre-attention gate needs no fitted state, so it is not in the registry.
     assert typing.get_args(M.PredictorName) == (*typing.get_args(PredictorKind), "pregate")

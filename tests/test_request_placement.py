@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from megatron_specmoe.planning.placement import ExpertPlacement
-from megatron_specmoe.planning.predictors.base import RouteContext
-from megatron_specmoe.planning.request_placement import place_requests, request_affinity
+from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.predict.base import RouteContext
+from megatron_specmoe.schedule.request_placement import place_requests, request_affinity
 
 
 def test_group_mask_matches_each_group_one_to_one():
@@ -63,7 +63,7 @@ def test_request_affinity_sums_tokens_and_layers():
 
 
 def test_online_rank_hand_worked():
-    from megatron_specmoe.planning.request_placement import online_rank
+    from megatron_specmoe.schedule.request_placement import online_rank
 
     # Shares 0.1 / 0.6 / 0.3; free slots 4/4, 1/4, 3/4 (max 4).
     aff, pending = np.array([1.0, 6.0, 3.0]), np.array([0, 3, 1])

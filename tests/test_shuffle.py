@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megatron_specmoe.comm.shuffle import CollectiveCounter, ring_bytes
-from megatron_specmoe.comm.spawn import run_local
-from megatron_specmoe.planning.assignment import plan_from_home
+from megatron_specmoe.testing.spawn import run_local
+from megatron_specmoe.schedule.assignment import plan_from_home
 
 
 def _collectives(rank, world_size):
@@ -72,7 +72,7 @@ def test_counter_accumulates_and_clears():
 
 
 def test_options_refuse_unknown_names():
-    from megatron_specmoe.glue.shuffle_layer import ShuffleOptions
+    from megatron_specmoe.megatron.shuffle_layer import ShuffleOptions
 
     with pytest.raises(ValueError, match="ShuffleOptions.predictor='oracle'"):
         ShuffleOptions(predictor="oracle")
@@ -85,7 +85,7 @@ def test_options_refuse_unknown_names():
 
 
 def test_layer_refuses_unsupported_settings():
-    from megatron_specmoe.glue.shuffle_layer import _check_config
+    from megatron_specmoe.megatron.shuffle_layer import _check_config
 
     ok = dict(expert_tensor_parallel_size=1, context_parallel_size=1, recompute_granularity=None,
               inference_fuse_tp_communication=False, moe_pad_expert_input_to_capacity=False,
@@ -103,7 +103,7 @@ def test_layer_refuses_unsupported_settings():
 
 
 def test_layer_refuses_the_dynamic_inference_context():
-    from megatron_specmoe.glue.shuffle_layer import ShuffleTransformerLayer
+    from megatron_specmoe.megatron.shuffle_layer import ShuffleTransformerLayer
 
     dynamic = SimpleNamespace(is_static_batching=lambda: False)
     with pytest.raises(ValueError, match="dynamic inference context .* is not supported yet; serve with the static"):
@@ -112,15 +112,15 @@ def test_layer_refuses_the_dynamic_inference_context():
 
 
 def test_shuffle_spec_replaces_layer_linears_and_carries_one_carrier():
-    from megatron_specmoe.glue.install import SpecMoELayer
-    from megatron_specmoe.glue.shuffle_layer import (
+    from megatron_specmoe.megatron.install import SpecMoELayer
+    from megatron_specmoe.megatron.shuffle_layer import (
         NoCommColumnParallelLinear,
         NoCommRowParallelLinear,
         ShuffleCarrier,
         ShuffleOptions,
         ShuffleTransformerLayer,
     )
-    from megatron_specmoe.glue.shuffle_specs import TokenwiseNorm, carrier_of, get_gpt_layer_shuffle_spec
+    from megatron_specmoe.megatron.shuffle_specs import TokenwiseNorm, carrier_of, get_gpt_layer_shuffle_spec
 
     carrier = ShuffleCarrier(options=ShuffleOptions(predictor="random"))
     spec = get_gpt_layer_shuffle_spec(8, carrier=carrier, sequence_parallel_norms=True)
@@ -133,7 +133,7 @@ def test_shuffle_spec_replaces_layer_linears_and_carries_one_carrier():
     assert getattr(mlp, "module", getattr(mlp, "func", None)) is SpecMoELayer
     fresh = get_gpt_layer_shuffle_spec(8, options=ShuffleOptions(method="greedy"))
     assert carrier_of(fresh).options.method == "greedy"
-    from megatron_specmoe.glue.specs import have_te
+    from megatron_specmoe.megatron.specs import have_te
 
     if not have_te():
         with pytest.raises(ValueError, match="use_transformer_engine=True needs TransformerEngine, which is not importable"):
@@ -141,7 +141,7 @@ def test_shuffle_spec_replaces_layer_linears_and_carries_one_carrier():
 
 
 def test_state_dict_keys_from_a_fused_te_spec():
-    from megatron_specmoe.glue.shuffle_specs import shuffle_state_dict_from_fused
+    from megatron_specmoe.megatron.shuffle_specs import shuffle_state_dict_from_fused
 
     w, b, q = torch.ones(2), torch.zeros(2), torch.ones(3, 2)
     fused = {

@@ -2,7 +2,7 @@
 pairs: fp32 on 4 gloo ranks, one set of processes for all cases.
 
 Every case compares three models with identical weights on identical inputs (see
-``glue.shuffle_lossless``): Megatron with ``alltoall`` (the outputs to match), Megatron's layers
+``testing.shuffle_lossless``): Megatron with ``alltoall`` (the outputs to match), Megatron's layers
 with the specmoe dispatcher (what alltoall sends, by the dispatcher's own accounting), and the
 shuffle layers.
 """
@@ -10,10 +10,10 @@ shuffle layers.
 import pytest
 
 from megatron_specmoe.comm.shuffle import ring_bytes
-from megatron_specmoe.comm.spawn import run_local
-from megatron_specmoe.glue.build import MoEShape
-from megatron_specmoe.glue.shuffle_lossless import ShuffleCase, run_shuffle_cases
-from megatron_specmoe.planning.assignment import capacity_of
+from megatron_specmoe.testing.spawn import run_local
+from megatron_specmoe.megatron.build import MoEShape
+from megatron_specmoe.testing.shuffle_lossless import ShuffleCase, run_shuffle_cases
+from megatron_specmoe.schedule.assignment import capacity_of
 
 TOL = 1e-5
 WORLD = 4

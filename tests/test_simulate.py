@@ -8,10 +8,10 @@ from typing import get_args
 import numpy as np
 import pytest
 
-from megatron_specmoe.planning.cluster import PRESETS, ClusterSpec, PresetName, cluster_preset
-from megatron_specmoe.planning.measures import WireFormat
-from megatron_specmoe.planning.placement import ExpertPlacement
-from megatron_specmoe.planning.simulate import (
+from megatron_specmoe.sim.cluster import PRESETS, ClusterSpec, PresetName, cluster_preset
+from megatron_specmoe.measure.measures import WireFormat
+from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.sim.simulate import (
     ModelShape,
     ParallelLayout,
     assert_bytes_match,
@@ -20,7 +20,7 @@ from megatron_specmoe.planning.simulate import (
     phase_times,
     simulate,
 )
-from megatron_specmoe.planning.simulate_inputs import (
+from megatron_specmoe.sim.inputs import (
     contiguous_home_ranks,
     layer_rank_scores,
     oracle_expert_scores,
@@ -28,7 +28,7 @@ from megatron_specmoe.planning.simulate_inputs import (
     split_experts,
     split_placement,
 )
-from megatron_specmoe.planning.traces import RoutingTrace
+from megatron_specmoe.artifacts.traces import RoutingTrace
 
 # The hand-worked case: 2 nodes x 2 GPUs (P = 4), E = 8 experts, 2 per rank (expert e on rank e // 2),
 # top-2, 4 tokens, token t at home on rank t. H = 2 in bf16: a row is 4 bytes; a prob is 4 bytes.
@@ -230,7 +230,7 @@ def test_layer_rank_scores_sum_experts_per_rank():
 
 
 def test_compare_dispatchers_on_synthetic_routes():
-    from megatron_specmoe.planning.simulate_compare import compare_dispatchers, experts_split_factor
+    from megatron_specmoe.sim.compare import compare_dispatchers, experts_split_factor
 
     rng = np.random.default_rng(3)
     # E = 4 experts, top-2, two layers; 32 tokens, 4 tokens per rank.
@@ -278,7 +278,7 @@ def test_cli_simulate_writes_table_json_and_plot(tmp_path, capsys):
     import json
 
     from megatron_specmoe.cli.main import main
-    from megatron_specmoe.planning.trace_io import write_trace
+    from megatron_specmoe.artifacts.trace_io import write_trace
 
     rng = np.random.default_rng(4)
     experts = np.stack([rng.choice(8, 2, replace=False) for _ in range(256 * 3)]).reshape(256, 3, 2)
@@ -302,7 +302,7 @@ def test_cli_simulate_writes_table_json_and_plot(tmp_path, capsys):
 def test_assert_matches_report_compares_whole_matrices():
     from types import SimpleNamespace
 
-    from megatron_specmoe.planning.simulate import assert_matches_report
+    from megatron_specmoe.sim.simulate import assert_matches_report
 
     lb = layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="alltoall")
     report = SimpleNamespace(pairs=lb.pairs.tolist(), dispatch_bytes=lb.dispatch.tolist(),
@@ -315,9 +315,9 @@ def test_assert_matches_report_compares_whole_matrices():
 
 def test_cli_simulate_with_fitted_predictor_and_plan(tmp_path, capsys):
     from megatron_specmoe.cli.main import main
-    from megatron_specmoe.planning.plan import make_plan, save_plan
-    from megatron_specmoe.planning.predictors.registry import fit_predictor
-    from megatron_specmoe.planning.trace_io import write_trace
+    from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
+    from megatron_specmoe.predict.registry import fit_predictor
+    from megatron_specmoe.artifacts.trace_io import write_trace
 
     rng = np.random.default_rng(5)
 
@@ -376,9 +376,9 @@ def test_refine_spread_evens_the_busiest_gpus_off_group_pairs():
 def test_cli_assignment_choices_are_the_assignment_methods(tmp_path, capsys):
     from megatron_specmoe.cli.main import main
     from megatron_specmoe.cli.simulate import ASSIGNMENT_CHOICES
-    from megatron_specmoe.planning.assignment import AssignmentMethod
+    from megatron_specmoe.schedule.assignment import AssignmentMethod
 
-    from megatron_specmoe.planning.trace_io import write_trace
+    from megatron_specmoe.artifacts.trace_io import write_trace
 
     assert ASSIGNMENT_CHOICES == get_args(AssignmentMethod)
     rng = np.random.default_rng(6)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from megatron_specmoe.planning.trace_io import (
+from megatron_specmoe.artifacts.trace_io import (
     cross_domain_split,
     dedup_routes,
     detect_format,
@@ -18,7 +18,7 @@ from megatron_specmoe.planning.trace_io import (
     read_traces,
     write_trace,
 )
-from megatron_specmoe.planning.traces import RoutingTrace
+from megatron_specmoe.artifacts.traces import RoutingTrace
 
 # 3 tokens, 2 layers, top-2, E = 4. Token 2 repeats token 0's full route.
 ROUTES = np.array(

@@ -1,13 +1,13 @@
 """Benchmark the balanced assignment methods: time per call, and the LAR each reaches on traces.
 
 Part 1, time. For T tokens x P ranks (``--sizes`` x ``--ranks``) and every method of
-``planning/assignment.py``: median wall time of ``assign`` over ``--repeats`` calls on seeded
+``schedule/assignment.py``: median wall time of ``assign`` over ``--repeats`` calls on seeded
 Dirichlet(0.3) rank scores (rows sum to 1, like ``rank_scores`` of a normalised predictor), on
 ``--device`` with ``--threads`` CPU threads, as the runtime calls it (``validate=False``); the
 objective reached relative to ``optimal``; and the aten ops one call dispatches (a proxy for the
 GPU kernel launches of the torch methods: launches, not arithmetic, bound them at these sizes; with
 ``--device cpu`` greedy and refine run their numpy fast path, which dispatches few aten ops, so take
-the GPU's count from a ``--device cuda`` run or the docstring of ``planning/assignment.py``).
+the GPU's count from a ``--device cuda`` run or the docstring of ``schedule/assignment.py``).
 
 Part 2, quality. On the Mixtral-8x7B MT-Bench traces (``--traces``; real routes, benchmark data,
 never copied into the project): leave one category out (fit predictors on the other three,
@@ -15,7 +15,7 @@ evaluate on it), repeated routes dropped within each side first (``trace_io.cros
 batches of ``--batch`` tokens, contiguous expert placement at EP = ``--ep``. Predictors:
     prev     the previous layer's experts (layer 0: uniform). No fitting; a floor.
     layer    the inter-layer table with n = 2 (the paper's 2-layer table; planning/predictors).
-    history  the route-history MLP (planning/predictors/history_mlp.py).
+    history  the route-history MLP (predict/history_mlp.py).
     oracle   perfect prediction (the true routes) under balance: the ceiling.
 Every method is scored with every predictor; the measures are summed over the folds.
 
@@ -39,10 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megatron_specmoe.planning.assignment import ASSIGNMENT_METHODS, assign, planned_score  # noqa: E402
-from megatron_specmoe.planning.measures import RouteMeasures  # noqa: E402
-from megatron_specmoe.planning.placement import ExpertPlacement  # noqa: E402
-from megatron_specmoe.planning.predictors.base import RouteContext  # noqa: E402
+from megatron_specmoe.schedule.assignment import ASSIGNMENT_METHODS, assign, planned_score  # noqa: E402
+from megatron_specmoe.measure.measures import RouteMeasures  # noqa: E402
+from megatron_specmoe.schedule.placement import ExpertPlacement  # noqa: E402
+from megatron_specmoe.predict.base import RouteContext  # noqa: E402
 
 CATEGORIES = ("coding", "math", "roleplay", "writing")
 
@@ -145,7 +145,7 @@ class Oracle:
 def make_predictor(name: str, fit):
     if name == "prev":
         return PreviousLayer(fit.num_layers, fit.num_experts)
-    from megatron_specmoe.planning.predictors.registry import fit_predictor
+    from megatron_specmoe.predict.registry import fit_predictor
 
     if name == "layer":
         return fit_predictor("layer", fit, n=2)
@@ -155,8 +155,8 @@ def make_predictor(name: str, fit):
 
 
 def quality(trace_dir: Path, predictors, methods, ep: int, batch: int) -> dict:
-    from megatron_specmoe.planning.evaluate import PredictionCounts, evaluate_trace
-    from megatron_specmoe.planning.trace_io import cross_domain_split, read_traces
+    from megatron_specmoe.measure.evaluate import PredictionCounts, evaluate_trace
+    from megatron_specmoe.artifacts.trace_io import cross_domain_split, read_traces
 
     traces = {c: read_traces(trace_dir / f"experts_{c}_mixtral.json") for c in CATEGORIES}
     sums: dict = {}

@@ -14,7 +14,7 @@ Notation
     T: evaluation tokens.   L: MoE layers.   k: top-k.   E: experts.   P: EP ranks.
     B: tokens per shuffle domain (``--batch``, 512), cut from the trace in order.
 
-Table A - predictors (``predictors.registry.fit_predictor``), contiguous expert placement, scored by
+Table A - predictors (``predict.registry.fit_predictor``), contiguous expert placement, scored by
 ``evaluate.evaluate_trace`` (assignment "refine"):
     precision / recall / F1   predicted top-k set vs true set, per (token, layer).
     rank acc @P               the predicted home rank hosts at least one true expert.
@@ -104,8 +104,8 @@ def _check_options(args) -> None:
     """Fail before any work on a bad --parts, --assignment or --methods."""
     from typing import get_args
 
-    from megatron_specmoe.planning.assignment import AssignmentMethod
-    from megatron_specmoe.planning.grouping import GroupingOptions
+    from megatron_specmoe.schedule.assignment import AssignmentMethod
+    from megatron_specmoe.schedule.grouping import GroupingOptions
 
     if not args.parts or set(args.parts) - set("AB"):
         raise ValueError(f"--parts {args.parts!r}: use A, B or AB")
@@ -119,7 +119,7 @@ def _check_options(args) -> None:
 
 
 def _load(args):
-    from megatron_specmoe.planning.trace_io import read_trace
+    from megatron_specmoe.artifacts.trace_io import read_trace
 
     fit, ev = read_trace(args.fit), read_trace(args.eval)
     for name, tr in (("--fit", fit), ("--eval", ev)):
@@ -138,7 +138,7 @@ def _load(args):
 
 
 def _fit(spec: PredictorSpec, trace):
-    from megatron_specmoe.planning.predictors.registry import fit_predictor
+    from megatron_specmoe.predict.registry import fit_predictor
 
     start = time.perf_counter()
     pred = fit_predictor(spec.kind, trace, **spec.options)
@@ -147,8 +147,8 @@ def _fit(spec: PredictorSpec, trace):
 
 def table_a(args, fit, ev, fitted: dict) -> list[dict]:
     """One row per predictor: prediction metrics, LAR per EP size, fit time and memory."""
-    from megatron_specmoe.planning.evaluate import evaluate_trace
-    from megatron_specmoe.planning.placement import ExpertPlacement
+    from megatron_specmoe.measure.evaluate import evaluate_trace
+    from megatron_specmoe.schedule.placement import ExpertPlacement
 
     rows = []
     for spec in PREDICTOR_SPECS:
@@ -182,7 +182,7 @@ def _co_location(ev, placements) -> tuple[float, float]:
     """(share of (token, layer) with all k experts on one rank, mean max experts on one rank)."""
     import torch
 
-    from megatron_specmoe.planning.measures import rank_hits
+    from megatron_specmoe.measure.measures import rank_hits
 
     k, full, total, count = ev.topk, 0, 0, 0
     for layer, pl in enumerate(placements):
@@ -197,8 +197,8 @@ def _co_location(ev, placements) -> tuple[float, float]:
 
 def table_b(args, fit, ev, token_table) -> list[dict]:
     """One row per (grouping method, EP size), measured on the evaluation trace."""
-    from megatron_specmoe.planning.evaluate import evaluate_trace
-    from megatron_specmoe.planning.grouping import GroupingOptions, group_experts
+    from megatron_specmoe.measure.evaluate import evaluate_trace
+    from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts
 
     rows = []
     for p in args.ep:

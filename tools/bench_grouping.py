@@ -1,4 +1,4 @@
-"""Benchmark expert grouping (planning/grouping.py): quality on real traces, gap to the optimum,
+"""Benchmark expert grouping (schedule/grouping.py): quality on real traces, gap to the optimum,
 planning time at scale. Prints its numbers and the command that made them.
 
 Part A - Mixtral-8x7B MT-Bench traces (../shared/traces/mixtral-mtbench), EP = 4 (2 experts per
@@ -41,10 +41,10 @@ import numpy as np
 def _mixtral(args, methods):
     import torch
 
-    from megatron_specmoe.planning.assignment import assign
-    from megatron_specmoe.planning.grouping import GroupingOptions, group_experts
-    from megatron_specmoe.planning.measures import RouteMeasures, measure_routes, rank_hits
-    from megatron_specmoe.planning.trace_io import leave_one_out_splits, read_traces
+    from megatron_specmoe.schedule.assignment import assign
+    from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts
+    from megatron_specmoe.measure.measures import RouteMeasures, measure_routes, rank_hits
+    from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
 
     files = sorted(Path(args.traces).glob("experts_*_mixtral.json"))
     if not files:
@@ -65,8 +65,8 @@ def _mixtral(args, methods):
         ex_eval = torch.from_numpy(ev.experts.astype(np.int64))
         scores = None
         if args.predictor != "none":
-            from megatron_specmoe.planning.predictors.base import RouteContext
-            from megatron_specmoe.planning.predictors.registry import fit_predictor
+            from megatron_specmoe.predict.base import RouteContext
+            from megatron_specmoe.predict.registry import fit_predictor
 
             pred = fit_predictor(args.predictor, fit)
             scores = [np.asarray(pred.expert_scores(RouteContext(layer=l, token_ids=ev.token_ids,
@@ -95,7 +95,7 @@ def _mixtral(args, methods):
                 s["fit_both"][1] += fit.num_tokens
                 whole = RouteMeasures.empty(P)
                 if scores is not None:
-                    from megatron_specmoe.planning.predictors.base import rank_scores
+                    from megatron_specmoe.predict.base import rank_scores
 
                     predicted = torch.from_numpy(rank_scores(scores[layer], pl))
                 for lo, hi in bounds:
@@ -134,9 +134,9 @@ def _mixtral(args, methods):
 
 
 def _gap(args, methods):
-    from megatron_specmoe.planning.grouping import GroupingOptions, group_layer, grouping_cost
-    from megatron_specmoe.planning.grouping_milp import solve_exact
-    from megatron_specmoe.planning.trace_io import leave_one_out_splits, read_traces
+    from megatron_specmoe.schedule.grouping import GroupingOptions, group_layer, grouping_cost
+    from megatron_specmoe.schedule.grouping_milp import solve_exact
+    from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
 
     files = sorted(Path(args.traces).glob("experts_*_mixtral.json"))
     fit = leave_one_out_splits([read_traces(str(f)) for f in files], dedup=True)[0].fit
@@ -191,9 +191,9 @@ def _timing(args, methods):
     import torch
 
     torch.set_num_threads(1)
-    from megatron_specmoe.planning.grouping import GroupingOptions, group_experts, grouping_cost
-    from megatron_specmoe.planning.placement import ExpertPlacement
-    from megatron_specmoe.planning.traces import RoutingTrace
+    from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts, grouping_cost
+    from megatron_specmoe.schedule.placement import ExpertPlacement
+    from megatron_specmoe.artifacts.traces import RoutingTrace
 
     T, L, E, k, P = args.synthetic_tokens, 27, 64, 6, 8
     trace = RoutingTrace(experts=synthetic_routes(T, L, E, k, args.seed), num_experts=E, source="synthetic")

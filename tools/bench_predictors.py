@@ -45,13 +45,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_specmoe.planning.placement import ExpertPlacement  # noqa: E402
-from megatron_specmoe.planning.predictors.base import RouteContext, predicted_ranks, top_experts  # noqa: E402
-from megatron_specmoe.planning.predictors.combined import Combined  # noqa: E402
-from megatron_specmoe.planning.predictors.registry import make  # noqa: E402
-from megatron_specmoe.planning.predictors.token_table import TokenTable  # noqa: E402
-from megatron_specmoe.planning.trace_io import leave_one_out_splits, read_traces  # noqa: E402
-from megatron_specmoe.planning.traces import RoutingTrace  # noqa: E402
+from megatron_specmoe.schedule.placement import ExpertPlacement  # noqa: E402
+from megatron_specmoe.predict.base import RouteContext, predicted_ranks, top_experts  # noqa: E402
+from megatron_specmoe.predict.combined import Combined  # noqa: E402
+from megatron_specmoe.predict.registry import make  # noqa: E402
+from megatron_specmoe.predict.token_table import TokenTable  # noqa: E402
+from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces  # noqa: E402
+from megatron_specmoe.artifacts.traces import RoutingTrace  # noqa: E402
 
 DEFAULT_DIR = "/work/shared/traces/mixtral-mtbench"
 

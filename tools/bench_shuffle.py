@@ -62,14 +62,15 @@ def part_plan(rank: int, world_size: int, args) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from megatron_specmoe.glue import cpu_support, parallel
-    from megatron_specmoe.glue.build import MoEShape, build_from_spec, make_config
-    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
-    from megatron_specmoe.planning.assignment import assign
-    from megatron_specmoe.planning.placement import ExpertPlacement
-    from megatron_specmoe.planning.predictors.history_mlp import HistoryLayerScorer
-    from megatron_specmoe.planning.predictors.rank_table import RankTable
-    from megatron_specmoe.planning.pregate import expert_rank_counts, span_hosts, top_experts, topk_rank_scores
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_config
+    from megatron_specmoe.megatron.specs import get_gpt_layer_specmoe_spec
+    from megatron_specmoe.schedule.assignment import assign
+    from megatron_specmoe.schedule.placement import ExpertPlacement
+    from megatron_specmoe.predict.history_mlp import HistoryLayerScorer
+    from megatron_specmoe.predict.rank_table import RankTable
+    from megatron_specmoe.predict.pregate import expert_rank_counts, span_hosts, top_experts, topk_rank_scores
 
     cpu_support.enable()
     parallel.initialize(parallel.ParallelLayout(tp=1, ep=1))
@@ -162,21 +163,22 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_specmoe.glue import cpu_support, parallel
-    from megatron_specmoe.glue.build import MoEShape, make_config
-    from megatron_specmoe.glue.dispatcher import DispatchRecorder
-    from megatron_specmoe.glue.model_tools import attach_recorder, moe_sites
-    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
-    from megatron_specmoe.glue.shuffle_lossless import ShuffleCase, _arrange
-    from megatron_specmoe.glue.shuffle_specs import (
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron.build import MoEShape, make_config
+    from megatron_specmoe.megatron.dispatcher import DispatchRecorder
+    from megatron_specmoe.megatron.model_tools import attach_recorder, moe_sites
+    from megatron_specmoe.megatron.shuffle_layer import ShuffleCarrier, ShuffleOptions
+    from megatron_specmoe.testing.shuffle_lossless import ShuffleCase, _arrange
+    from megatron_specmoe.megatron.shuffle_specs import (
         feed_token_ids,
         get_gpt_block_shuffle_spec,
         get_gpt_layer_shuffle_spec,
         true_order_output,
         with_tokenwise_norms,
     )
-    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
-    from megatron_specmoe.planning.placement import ExpertPlacement
+    from megatron_specmoe.megatron.specs import get_gpt_layer_specmoe_spec
+    from megatron_specmoe.schedule.placement import ExpertPlacement
 
     sp = not args.no_sp
     tp = ep = world_size
@@ -184,7 +186,7 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
     gpt_kwargs: dict = {"position_embedding_type": "rope"}
     config_extra: dict = {}
     if args.demo:
-        from megatron_specmoe.glue.checkpoint import read_card
+        from megatron_specmoe.megatron.checkpoint import read_card
 
         card = read_card()
         shape = card.shape
@@ -203,8 +205,8 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
                for d in ("alltoall", "specmoe")}
         route = None
         if args.predictor == "route":
-            from megatron_specmoe.planning.predictors.token_table import TokenTable
-            from megatron_specmoe.planning.trace_io import read_trace
+            from megatron_specmoe.predict.token_table import TokenTable
+            from megatron_specmoe.artifacts.trace_io import read_trace
 
             route = TokenTable(vocab_size=shape.vocab).fit(read_trace(args.fit_trace))
         carrier = ShuffleCarrier(options=ShuffleOptions(predictor=args.predictor, method=args.method,
@@ -225,7 +227,7 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
             true_order_output(models["specmoe"], carrier)
         feed_token_ids(models["specmoe"], carrier)
         if card is not None:  # the trained weights, in every model
-            from megatron_specmoe.glue.checkpoint import load_state, read_weights
+            from megatron_specmoe.megatron.checkpoint import load_state, read_weights
 
             weights = read_weights(card)
             for model in models.values():
@@ -269,7 +271,7 @@ def part_traffic(rank: int, world_size: int, args) -> dict:
 
         windows = None
         if args.demo:  # real text: consecutive windows of the evaluation trace's token ids
-            from megatron_specmoe.planning.trace_io import read_trace
+            from megatron_specmoe.artifacts.trace_io import read_trace
 
             ids = torch.as_tensor(read_trace(args.eval_trace).token_ids.astype("int64"))
             windows = ids[: ids.shape[0] // args.seq * args.seq].view(-1, args.seq)
@@ -406,7 +408,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from megatron_specmoe.comm.spawn import run_local
+    from megatron_specmoe.testing.spawn import run_local
 
     print("command:", shlex.join([sys.executable, "tools/bench_shuffle.py", *(argv if argv is not None else sys.argv[1:])]))
     report = {}

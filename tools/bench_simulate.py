@@ -4,14 +4,14 @@ Fits on some MT-Bench categories of the Mixtral-8x7B traces and simulates on the
 routes dropped on both sides first, as the traces' README asks), for every combination of
 
     predictor      oracle (the true routes: an upper bound), and the inter-layer table ("layer")
-                   and route-history MLP ("history") of predictors/registry.py fitted on the
+                   and route-history MLP ("history") of predict/registry.py fitted on the
                    fitting categories;
     shuffle domain TP = 8 (one node: s-TS moves tokens only inside their node) and TP = EP (one
                    shuffle domain spanning all nodes: what s-TS could do if tokens could move
                    between nodes, e.g. DP-attention request placement; idealised);
     NIC routing    direct (each GPU's own NIC) and rail (NCCL PXN, the default on DGX/HGX).
 
-Mixtral has 8 experts: EP > 8 uses the exact expert split of planning/simulate_inputs.py (each
+Mixtral has 8 experts: EP > 8 uses the exact expert split of sim/inputs.py (each
 expert cut into EP/8 slices along its FFN dimension, a token's row sent to every slice), the same
 for all dispatchers. Prints one markdown table per combination, the command, and writes a PNG.
 
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from megatron_specmoe.cli.simulate import format_table, parse_ep_list, simulate_rows
-    from megatron_specmoe.planning.cluster import cluster_preset
-    from megatron_specmoe.planning.simulate_inputs import oracle_expert_scores, predictor_expert_scores
-    from megatron_specmoe.planning.trace_io import cross_domain_split, read_traces
+    from megatron_specmoe.sim.cluster import cluster_preset
+    from megatron_specmoe.sim.inputs import oracle_expert_scores, predictor_expert_scores
+    from megatron_specmoe.artifacts.trace_io import cross_domain_split, read_traces
 
     torch.set_num_threads(1)  # many small tensors: threads only add overhead
     command = " ".join([sys.executable, *sys.argv])
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fit: {args.fit} ({fit.num_tokens} distinct routes); simulate: {args.eval} "
           f"(first {used} of {split.eval.num_tokens} distinct routes)", file=sys.stderr)
 
-    from megatron_specmoe.planning.predictors.registry import fit_predictor
+    from megatron_specmoe.predict.registry import fit_predictor
 
     predictors = {"oracle": oracle_expert_scores(ev)}
     for kind in args.predictors.split(","):
@@ -153,7 +153,7 @@ def _compare_assignments(args, ev, predictors: dict, base, eps: list[int], comma
     import numpy as np
 
     from megatron_specmoe.cli.simulate import ASSIGNMENT_CHOICES, resolve_tp
-    from megatron_specmoe.planning.simulate_compare import compare_dispatchers
+    from megatron_specmoe.sim.compare import compare_dispatchers
 
     methods = args.compare_assignments.split(",")
     unknown = [m for m in methods if m not in ASSIGNMENT_CHOICES]

@@ -7,7 +7,7 @@ message sizes (bytes per (source, destination) pair), and fits
 
 by least squares over the median time of each size; this is the simulator's per-rank model with
 every message intra-node. Prints alpha, bw, the raw medians and the exact command. The constants of
-the ``gloo-loopback`` preset in megatron_specmoe/planning/cluster.py come from this tool.
+the ``gloo-loopback`` preset in megatron_specmoe/sim/cluster.py come from this tool.
 
     /work/venvs/mc016/bin/python tools/calibrate_gloo.py --procs 4
 """

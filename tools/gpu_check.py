@@ -18,7 +18,7 @@ one runs. Steps:
    against Megatron's local spec with alltoall, same weights, TP = EP = min(GPUs, 4), sequence
    parallel off and on, predictors pregate / route / history, fp32 logits |diff| <= 1e-5 (with one
    GPU TP = 1: the predictors' and the assignment's CUDA paths run, the shuffle is the identity);
-6. with TransformerEngine: the same with TE linears (``glue/te_shuffle.py``) against Megatron's TE
+6. with TransformerEngine: the same with TE linears (``megatron/te_shuffle.py``) against Megatron's TE
    spec: the TE no-communication linears, the spec and the weight names.
 The GPT worker also runs on the CPU with gloo (tests/test_gpu_check.py), so its code is checked
 where no GPU is.
@@ -50,7 +50,7 @@ def _step(results: dict, name: str, fn) -> None:
 def environment() -> dict:
     import torch
 
-    from megatron_specmoe.glue.specs import have_te
+    from megatron_specmoe.megatron.specs import have_te
     import megatron.core
 
     return {
@@ -65,9 +65,9 @@ def environment() -> dict:
 def lossless() -> dict:
     import torch
 
-    from megatron_specmoe.comm.spawn import run_local
-    from megatron_specmoe.glue.build import MoEShape
-    from megatron_specmoe.glue.lossless import LosslessCase, run_cases
+    from megatron_specmoe.testing.spawn import run_local
+    from megatron_specmoe.megatron.build import MoEShape
+    from megatron_specmoe.testing.lossless import LosslessCase, run_cases
 
     out = {}
     cases = [("layer", LosslessCase(ep=1, device="cuda")), ("gpt", LosslessCase(ep=1, seq=16, device="cuda"))]
@@ -117,10 +117,10 @@ def timings(device: str = "cuda", token_counts=(4096, 8192, 16384, 32768, 65536)
     import torch
     from megatron.core.transformer.moe.moe_utils import permute
 
-    from megatron_specmoe.planning.assignment import assign
-    from megatron_specmoe.planning.predictors.history_mlp import HistoryLayerScorer
-    from megatron_specmoe.planning.pregate import topk_rank_scores
-    from megatron_specmoe.planning.predictors.rank_table import RankTable
+    from megatron_specmoe.schedule.assignment import assign
+    from megatron_specmoe.predict.history_mlp import HistoryLayerScorer
+    from megatron_specmoe.predict.pregate import topk_rank_scores
+    from megatron_specmoe.predict.rank_table import RankTable
 
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -174,9 +174,9 @@ def timings(device: str = "cuda", token_counts=(4096, 8192, 16384, 32768, 65536)
 def _te_worker(rank, world):
     import torch
 
-    from megatron_specmoe.glue import parallel
-    from megatron_specmoe.glue.build import MoEShape, build_from_spec, make_config
-    from megatron_specmoe.glue.specs import get_gpt_layer_specmoe_spec
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_config
+    from megatron_specmoe.megatron.specs import get_gpt_layer_specmoe_spec
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     torch.cuda.set_device(rank)
@@ -199,8 +199,8 @@ def _te_worker(rank, world):
 
 
 def transformer_engine() -> dict:
-    from megatron_specmoe.comm.spawn import run_local
-    from megatron_specmoe.glue.specs import have_te
+    from megatron_specmoe.testing.spawn import run_local
+    from megatron_specmoe.megatron.specs import have_te
 
     if not have_te():
         return {"skipped": "TransformerEngine is not importable in this Python"}
@@ -231,11 +231,12 @@ def _gpt_shuffle_case(rank, world, case):
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_specmoe.glue import cpu_support, parallel
-    from megatron_specmoe.glue.build import MoEShape, make_config
-    from megatron_specmoe.glue.shuffle_layer import ShuffleCarrier, ShuffleOptions
-    from megatron_specmoe.glue.shuffle_lossless import TokenModuloPredictor, toy_history_predictor
-    from megatron_specmoe.glue.shuffle_specs import (
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.megatron.build import MoEShape, make_config
+    from megatron_specmoe.megatron.shuffle_layer import ShuffleCarrier, ShuffleOptions
+    from megatron_specmoe.testing.shuffle_lossless import TokenModuloPredictor, toy_history_predictor
+    from megatron_specmoe.megatron.shuffle_specs import (
         feed_token_ids,
         get_gpt_block_shuffle_spec,
         get_gpt_layer_shuffle_spec,
@@ -315,7 +316,7 @@ def _shuffle_cases(te: bool, world: int, device: str = "cuda") -> list[dict]:
 def _run_shuffle_cases(te: bool) -> dict:
     import torch
 
-    from megatron_specmoe.comm.spawn import run_local
+    from megatron_specmoe.testing.spawn import run_local
 
     world = min(torch.cuda.device_count(), 4)
     cases = _shuffle_cases(te, world)
@@ -335,7 +336,7 @@ def shuffle_nccl() -> dict:
 
 
 def te_shuffle() -> dict:
-    from megatron_specmoe.glue.specs import have_te
+    from megatron_specmoe.megatron.specs import have_te
 
     if not have_te():
         return {"skipped": "TransformerEngine is not importable in this Python"}

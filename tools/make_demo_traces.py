@@ -4,7 +4,7 @@ and expert grouping.
     python tools/make_demo_traces.py --out /work/demo_traces
 
 Steps (single process, world size 1 on gloo, the model at TP = EP = 1)
-    1. load the checkpoint (megatron_specmoe.glue.checkpoint.load_model) and its tokenizer;
+    1. load the checkpoint (megatron_specmoe.megatron.checkpoint.load_model) and its tokenizer;
     2. per split (calibration, evaluation): encode the split's files (end-of-text after each),
        cut every file into requests of at most S tokens (positions restart at 0 per request);
        with --max-tokens, whole files in a fixed hash order until the budget is met;
@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_specmoe import corpus as corpus_mod  # noqa: E402
+from megatron_specmoe.demo import corpus as corpus_mod  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -79,7 +79,7 @@ def requests_of(tok, files, *, seq: int, eot_id: int, max_tokens: int):
 
 
 def run_split(model, requests, *, seq: int, eot_id: int, batch: int, probs: bool, source: str):
-    from megatron_specmoe.glue.route_recorder import RouteRecorder
+    from megatron_specmoe.megatron.route_recorder import RouteRecorder
 
     token_ids, positions, request_ids, keep = [], [], [], []
     pos = torch.arange(seq).unsqueeze(0)
@@ -117,9 +117,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import torch.distributed as dist
 
-    from megatron_specmoe.comm.spawn import free_port
-    from megatron_specmoe.glue import checkpoint, cpu_support, parallel
-    from megatron_specmoe.planning.trace_io import write_trace
+    from megatron_specmoe.testing.spawn import free_port
+    from megatron_specmoe.megatron import checkpoint
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
+    from megatron_specmoe.artifacts.trace_io import write_trace
 
     os.makedirs(args.out, exist_ok=True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -3,7 +3,7 @@
     python tools/train_demo_model.py --out megatron_specmoe/data
 
 Steps
-    1. corpus: the running interpreter's stdlib .py files, split by file (megatron_specmoe.corpus);
+    1. corpus: the running interpreter's stdlib .py files, split by file (megatron_specmoe.demo.corpus);
     2. tokenizer: byte-level BPE (``tokenizers``) trained on the fit split, saved as tokenizer.json;
     3. data: fit files encoded and concatenated (end-of-text between files); training samples
        random windows of S + 1 tokens; validation uses fixed windows of the evaluation split;
@@ -12,7 +12,7 @@ Steps
     5. model: Megatron ``GPTModel`` (every layer MoE, alltoall dispatcher, world size 1 on gloo),
        AdamW, warm-up + cosine learning rate, a load-balancing aux loss (Megatron's own);
     6. save: weights rounded to float16, validation loss measured again on the rounded weights,
-       model.pt + model.json (megatron_specmoe.glue.checkpoint).
+       model.pt + model.json (megatron_specmoe.megatron.checkpoint).
 Progress lines go to stderr; the final summary (and the command) to stdout.
 """
 
@@ -35,8 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_specmoe import corpus as corpus_mod  # noqa: E402
-from megatron_specmoe.glue.build import MoEShape  # noqa: E402
+from megatron_specmoe.demo import corpus as corpus_mod  # noqa: E402
+from megatron_specmoe.megatron.build import MoEShape  # noqa: E402
 
 EOT = "<|endoftext|>"
 
@@ -109,8 +109,9 @@ def unigram_ce(fit: np.ndarray, windows: torch.Tensor, vocab: int) -> float:
 def init_single_process():
     import torch.distributed as dist
 
-    from megatron_specmoe.comm.spawn import free_port
-    from megatron_specmoe.glue import cpu_support, parallel
+    from megatron_specmoe.testing.spawn import free_port
+    from megatron_specmoe.megatron import cpu_support
+    from megatron_specmoe.megatron import parallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     cpu_support.enable()
@@ -139,7 +140,7 @@ def evaluate(model, windows: torch.Tensor, seq: int, batch: int) -> float:
 @torch.no_grad()
 def expert_load(model, windows: torch.Tensor, seq: int, batch: int, experts: int) -> list[list[int]]:
     """Tokens routed to each expert, per MoE layer, on ``windows`` (int [L][E])."""
-    from megatron_specmoe.glue.route_recorder import RouteRecorder
+    from megatron_specmoe.megatron.route_recorder import RouteRecorder
 
     model.eval()
     rec = RouteRecorder.attach(model)
@@ -192,7 +193,8 @@ def main(argv=None) -> int:
     log(f"unigram cross-entropy on the validation windows: {uni:.4f} nats/token")
 
     # 5. model
-    from megatron_specmoe.glue import checkpoint, parallel
+    from megatron_specmoe.megatron import checkpoint
+    from megatron_specmoe.megatron import parallel
 
     init_single_process()
     shape = MoEShape(hidden=args.hidden, ffn=args.ffn, experts=args.experts, topk=args.topk,

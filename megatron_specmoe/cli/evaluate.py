@@ -1,6 +1,6 @@
 """``specmoe evaluate``: how much of the EP all-to-all a plan saves on routing traces.
 
-Simulates s-TS on the traces as DESIGN.md "Measures" defines it (``planning/evaluate.py``): batches
+Simulates s-TS on the traces as DESIGN.md "Measures" defines it (``measure/evaluate.py``): batches
 of ``--batch`` tokens in trace order; baseline = contiguous shards + contiguous experts; specmoe =
 the plan's placement + a balanced assignment (``--assignment``) from the plan's predictor; oracle =
 the same assignment from the true routes (the ceiling). Prints a table, or with ``--json`` ONE JSON
@@ -26,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", required=True, metavar="DIR",
                         help="plan folder (specmoe plan): placements and predictor")
     parser.add_argument("--traces", required=True, nargs="+", metavar="FILE",
-                        help="routing traces to evaluate on (any format planning/trace_io.py reads)")
+                        help="routing traces to evaluate on (any format artifacts/trace_io.py reads)")
     parser.add_argument("--batch", type=int, default=512,
                         help="tokens per shuffle domain (one TP group's batch), default 512")
     parser.add_argument("--assignment", default="refine",
-                        help="balanced assignment (planning/assignment.py): contiguous, argsort, "
+                        help="balanced assignment (schedule/assignment.py): contiguous, argsort, "
                              "greedy, refine (default, the runtime's), optimal")
     parser.add_argument("--kind", default=None,
                         help="which of the plan's predictors to use (default: the first it stores)")
@@ -48,7 +48,7 @@ def load_predictor(plan, kind: str | None):
     kind = kinds[0] if kind is None else kind
     if kind not in kinds:
         raise ValueError(f"--kind {kind!r}: plan {plan.source} stores the predictors {kinds}")
-    from megatron_specmoe.planning.predictors.registry import predictor_from_state
+    from megatron_specmoe.predict.registry import predictor_from_state
 
     return predictor_from_state(kind, plan.predictor_state[kind])
 
@@ -69,10 +69,10 @@ def _table(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from typing import get_args
 
-    from megatron_specmoe.planning.assignment import AssignmentMethod
-    from megatron_specmoe.planning.evaluate import evaluate_trace
-    from megatron_specmoe.planning.plan import load_plan
-    from megatron_specmoe.planning.trace_io import dedup_routes, read_traces
+    from megatron_specmoe.schedule.assignment import AssignmentMethod
+    from megatron_specmoe.measure.evaluate import evaluate_trace
+    from megatron_specmoe.artifacts.plan_folder import load_plan
+    from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
 
     methods = get_args(AssignmentMethod)
     if args.assignment not in methods:

@@ -1,7 +1,7 @@
 """``specmoe group``: plan which experts each EP rank hosts, per MoE layer (s-EG).
 
-Reads routing traces (any format ``planning/trace_io.py`` reads), runs a grouping method of
-``planning/grouping.py`` on every layer, writes the placements as JSON and prints, for the plan
+Reads routing traces (any format ``artifacts/trace_io.py`` reads), runs a grouping method of
+``schedule/grouping.py`` on every layer, writes the placements as JSON and prints, for the plan
 and for Megatron's contiguous placement, the measures of the objective (homes unknown: each token
 on the rank holding most of its experts, no capacity limit).
 
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from megatron_specmoe.planning.grouping import GroupingOptions, group_experts, grouping_cost
-    from megatron_specmoe.planning.placement import ExpertPlacement
-    from megatron_specmoe.planning.trace_io import dedup_routes, read_traces
+    from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts, grouping_cost
+    from megatron_specmoe.schedule.placement import ExpertPlacement
+    from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
 
     options = GroupingOptions(method=args.method, theta=args.theta, seed=args.seed, restarts=args.restarts)
     trace = read_traces(args.traces)

@@ -19,7 +19,12 @@ from typing import Literal, get_args
 
 Command = Literal["demo", "plan", "evaluate", "group", "simulate", "recipes"]
 
-_MODULES: dict[str, str] = {name: f"megatron_specmoe.cli.{name}" for name in get_args(Command)}
+# The demo's command lives with the demo (``demo/command.py``): the library never imports the demo
+# harness, and this registry imports a command's module only when that command runs.
+_MODULES: dict[str, str] = {
+    name: ("megatron_specmoe.demo.command" if name == "demo" else f"megatron_specmoe.cli.{name}")
+    for name in get_args(Command)
+}
 
 
 def _available() -> dict[str, object]:

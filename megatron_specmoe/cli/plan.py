@@ -1,10 +1,10 @@
 """``specmoe plan``: fit route predictors and an expert placement on routing traces, write a plan.
 
 Steps (each prints a progress line to stderr):
-1. read the traces (any format ``planning/trace_io.py`` reads), optionally drop repeated routes;
-2. fit each requested predictor (``planning/predictors/registry.py``);
-3. group experts per layer (``planning/grouping.py``; ``--placement contiguous`` skips it);
-4. write the plan folder (``planning/plan.py``): header, placements, predictor states.
+1. read the traces (any format ``artifacts/trace_io.py`` reads), optionally drop repeated routes;
+2. fit each requested predictor (``predict/registry.py``);
+3. group experts per layer (``schedule/grouping.py``; ``--placement contiguous`` skips it);
+4. write the plan folder (``artifacts/plan_folder.py``): header, placements, predictor states.
 
 Evaluate the plan on *other* traces than it was fitted on (``specmoe evaluate``).
 """
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--members", default=None, metavar="K1,K2",
                    help="members of the combined predictor (comma-separated kinds)")
     p.add_argument("--placement", default="search", metavar="METHOD",
-                   help="expert grouping method (planning/grouping.py): contiguous, random, eplb, graph, "
+                   help="expert grouping method (schedule/grouping.py): contiguous, random, eplb, graph, "
                         "alternating, search (default), milp")
     p.add_argument("--theta", type=float, default=0.1, help="weight of load imbalance in the grouping objective")
     p.add_argument("--seed", type=int, default=0)
@@ -47,11 +47,11 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_specmoe.planning.grouping import GroupingOptions, group_experts
-    from megatron_specmoe.planning.placement import ExpertPlacement
-    from megatron_specmoe.planning.plan import make_plan, save_plan
-    from megatron_specmoe.planning.predictors.registry import check_kind, fit_predictor
-    from megatron_specmoe.planning.trace_io import dedup_routes, read_traces
+    from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts
+    from megatron_specmoe.schedule.placement import ExpertPlacement
+    from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
+    from megatron_specmoe.predict.registry import check_kind, fit_predictor
+    from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
 
     try:
         if args.ep < 1:

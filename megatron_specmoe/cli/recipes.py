@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_specmoe import recipes as R
+    from megatron_specmoe.megatron_lm import recipes as R
 
     try:
         if args.committed:

@@ -1,15 +1,15 @@
 """``specmoe simulate``: predicted MoE-layer communication time on a cluster, from real traces.
 
 For every EP size asked for, simulate Megatron's ``alltoall``, a de-duplicating ``dedup`` and
-``specmoe`` on the same tokens (``planning/simulate_compare.py``) and print one table row: time per
-MoE layer per step (dispatch + combine, alpha-beta model of ``planning/simulate.py``), inter-node
+``specmoe`` on the same tokens (``sim/compare.py``) and print one table row: time per
+MoE layer per step (dispatch + combine, alpha-beta model of ``sim/simulate.py``), inter-node
 bytes, local activation rate, and specmoe's speed-up. ``--json`` writes every number, ``--plot``
 a PNG of time vs EP.
 
 Predictors for s-TS (``--predictor``)
     oracle   the true routes (perfect prediction): an upper bound, needs no fitting.
     plan     the predictor stored in ``--plan`` (kind ``--plan-kind``, default its first).
-    KIND     a kind of ``predictors/registry.py`` (layer, history, token, combined) fitted on
+    KIND     a kind of ``predict/registry.py`` (layer, history, token, combined) fitted on
              ``--fit-traces`` (other workloads than ``--traces``).
 """
 
@@ -29,7 +29,7 @@ HELP = "predict MoE all-to-all time of specmoe vs alltoall vs dedup on a cluster
 ASSIGNMENT_CHOICES = ("contiguous", "argsort", "greedy", "refine", "refine_spread", "optimal")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from megatron_specmoe.planning.cluster import PresetName
+    from megatron_specmoe.sim.cluster import PresetName
     from typing import get_args
 
     parser.add_argument("--traces", nargs="+", required=True, metavar="FILE",
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fitted on --fit-traces")
     parser.add_argument("--plan-kind", default=None, help="predictor kind to take from the plan")
     parser.add_argument("--cluster", choices=get_args(PresetName), default="h200-ib",
-                        help="cluster preset (planning/cluster.py states every constant)")
+                        help="cluster preset (sim/cluster.py states every constant)")
     parser.add_argument("--nic-routing", choices=("direct", "rail"), default="direct",
                         help="inter-node path: direct (each GPU's own NIC) or rail (NCCL PXN: hop over "
                              "NVLink to the GPU on the destination's rail)")
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dedup", action="store_true",
                         help="drop tokens whose whole route repeats an earlier one (Mixtral MT-Bench traces)")
     parser.add_argument("--assignment", default="refine", choices=ASSIGNMENT_CHOICES,
-                        help="balanced assignment method (planning/assignment.py); refine_spread also "
+                        help="balanced assignment method (schedule/assignment.py); refine_spread also "
                              "spreads predicted inter-node pairs evenly over a node's GPUs (TP < EP)")
     parser.add_argument("--json", metavar="OUT", default=None, help="write all numbers as JSON")
     parser.add_argument("--plot", metavar="OUT.png", default=None, help="write a PNG of time vs EP")
@@ -92,18 +92,18 @@ def resolve_tp(text: str, ep: int, gpus_per_node: int) -> int:
 
 def _predictor_scores(args, trace, plan):
     """float32 [T, L, E] expert scores and a one-line description."""
-    from megatron_specmoe.planning.simulate_inputs import oracle_expert_scores, predictor_expert_scores
+    from megatron_specmoe.sim.inputs import oracle_expert_scores, predictor_expert_scores
 
     kind = args.predictor or ("plan" if plan is not None and plan.header.predictor_kinds else "oracle")
     if kind == "oracle":
         return oracle_expert_scores(trace), "oracle (true routes; an upper bound)"
-    from megatron_specmoe.planning.predictors import registry
+    from megatron_specmoe.predict import registry
 
     if kind != "plan":
         registry.check_kind(kind)
         if not args.fit_traces:
             raise ValueError(f"--predictor {kind} needs --fit-traces FILE... (other workloads to fit on)")
-        from megatron_specmoe.planning.trace_io import dedup_routes, read_traces
+        from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
 
         fit = read_traces(args.fit_traces)
         if args.dedup:
@@ -126,7 +126,7 @@ def simulate_rows(
     tokens_per_rank: int, plan_placements=None, method: str = "refine",
 ) -> list[dict]:
     """One ``Comparison.table_row()`` per EP size, all on the same tokens."""
-    from megatron_specmoe.planning.simulate_compare import compare_dispatchers
+    from megatron_specmoe.sim.compare import compare_dispatchers
 
     rows = []
     for ep in eps:
@@ -192,8 +192,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from megatron_specmoe.planning.cluster import cluster_preset
-    from megatron_specmoe.planning.trace_io import dedup_routes, read_traces
+    from megatron_specmoe.sim.cluster import cluster_preset
+    from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
 
     # The simulator works on many small tensors; extra intra-op threads only add overhead (and
     # slow down 20x on a shared machine).
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"simulate: {total} tokens, {trace.num_tokens} after dropping repeated routes", file=sys.stderr)
         plan = None
         if args.plan:
-            from megatron_specmoe.planning.plan import load_plan
+            from megatron_specmoe.artifacts.plan_folder import load_plan
 
             plan = load_plan(args.plan)
             h = plan.header

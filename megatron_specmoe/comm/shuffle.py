@@ -41,7 +41,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_specmoe.planning.assignment import ShufflePlan
+from megatron_specmoe.schedule.assignment import ShufflePlan
 
 __all__ = [
     "CollectiveKind",

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch.distributed as dist
 
-from megatron_specmoe.planning.accounting import DispatchRecord, TrafficReport
+from megatron_specmoe.measure.accounting import DispatchRecord, TrafficReport
 
 __all__ = ["gather_reports", "summarize_by_layer"]
 

@@ -1,0 +1,188 @@
+"""``specmoe demo``: the whole workflow on local gloo ranks, on the shipped trained model.
+
+    specmoe demo                          profile -> plan -> serve -> report (4 ranks, TP=4, EP=4)
+    specmoe demo --ranks 8 --tp 4 --ep 8  another layout
+    specmoe demo --checkpoint DIR --calib-text a.txt --eval-text b.txt    your model and text
+    specmoe demo --synthetic              a random-weight model, alltoall vs specmoe dispatcher only
+
+Text defaults to the Python standard library of the running interpreter (the shipped model was
+trained on it; calibration and evaluation are files it was not trained on). Windows of ``--seq``
+tokens are cut from the token stream; the parent process tokenizes once and hands the same
+windows to every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HELP = "profile, plan and serve the shipped MoE model on local gloo ranks: alltoall vs specmoe"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranks", type=int, default=4, help="local processes (default 4)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: --ranks, at most 4)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: --ranks)")
+    p.add_argument("--checkpoint", metavar="DIR", default=None,
+                   help="model folder with model.json, weights and tokenizer.json (default: the shipped model)")
+    p.add_argument("--calib-text", nargs="+", metavar="FILE", help="calibration text files (default: stdlib split)")
+    p.add_argument("--eval-text", nargs="+", metavar="FILE", help="evaluation text files (default: stdlib split)")
+    p.add_argument("--calib-windows", type=int, default=96, help="calibration windows (default 96)")
+    p.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per window (default 128, at most the model's)")
+    p.add_argument("--batch", type=int, default=4, help="windows per forward per DP group (default 4)")
+    p.add_argument("--predictor", choices=("route", "history", "pregate"), default="route",
+                   help="runtime predictor: the plan's token table (route, default), the table combined with the "
+                        "plan's route-history MLP on the routes carried between layers (history), or the "
+                        "layer's router (pregate)")
+    p.add_argument("--placement", default="search", help="expert grouping method (default search)")
+    p.add_argument("--out-dir", default="specmoe-demo", help="plan, figure and JSON go here (default ./specmoe-demo)")
+    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON (default OUT_DIR/report.json)")
+    p.add_argument("--figure", metavar="PATH", help="PNG of per-layer local activation rate (default OUT_DIR/lar.png)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random-weight model, random tokens, contiguous placement, no shuffle (fast check)")
+    p.add_argument("--batches", type=int, default=4, help="--synthetic: forwards per dispatcher")
+    p.add_argument("--experts", type=int, default=8, help="--synthetic: experts")
+    p.add_argument("--topk", type=int, default=2, help="--synthetic: top-k")
+    p.add_argument("--layers", type=int, default=2, help="--synthetic: layers")
+    p.add_argument("--hidden", type=int, default=64, help="--synthetic: hidden size")
+    p.add_argument("--seed", type=int, default=1234)
+
+
+def _layout(args):
+    tp = args.tp if args.tp is not None else (1 if args.synthetic else min(args.ranks, 4))
+    ep = args.ep or args.ranks
+    problems = []
+    if args.ranks < 1:
+        problems.append(f"--ranks must be >= 1, got {args.ranks}")
+    elif args.ranks % tp:
+        problems.append(f"--tp {tp} must divide --ranks {args.ranks}")
+    elif args.ranks % ep:
+        problems.append(f"--ep {ep} must divide --ranks {args.ranks}")
+    if not args.synthetic and ep % tp:
+        problems.append(f"--ep {ep} must be a multiple of --tp {tp} (the TP group lies inside the EP group)")
+    if args.synthetic and args.experts % ep:
+        problems.append(f"--ep {ep} must divide --experts {args.experts} (equal experts per rank)")
+    if problems:
+        raise SystemExit("specmoe demo: " + "; ".join(problems))
+    return tp, ep
+
+
+def _windows(card, files, split: str, seq: int, count: int):
+    """int64 [count, seq] windows from the token stream of ``files`` (or the corpus split)."""
+    import numpy as np
+
+    from megatron_specmoe.demo.corpus import CorpusFile, encode_files, load_tokenizer, read_corpus
+
+    if not card.tokenizer_path:
+        raise SystemExit(f"specmoe demo: {card.directory} has no tokenizer_file in model.json")
+    tokenizer = load_tokenizer(card.tokenizer_path)
+    if files:
+        docs = []
+        for path in files:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    docs.append(CorpusFile(relpath=path, split=split, text=f.read()))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SystemExit(f"specmoe demo: cannot read text file {path!r}: {exc}") from None
+    else:
+        docs = list(read_corpus(splits=[split]).files)
+    stream = np.concatenate([np.asarray(d, dtype=np.int64) for d in encode_files(tokenizer, docs, eot_id=max(card.eot_id, 0))])
+    have = len(stream) // seq
+    if have < count:
+        raise SystemExit(f"specmoe demo: the {split} text has {len(stream)} tokens, {have} windows of {seq}; "
+                         f"asked for {count} (lower --{'calib' if split == 'calibration' else 'eval'}-windows or --seq)")
+    # Evenly spaced windows over the whole text, so that every file region is represented.
+    starts = np.linspace(0, (have - 1) * seq, count).astype(np.int64) // seq * seq
+    return np.stack([stream[s : s + seq] for s in starts])
+
+
+def _report(result_runs, max_diff, tokens, args, extra: dict) -> int:
+    from megatron_specmoe.demo.report import format_table, plot_layer_lar, run_summary
+
+    summaries = [run_summary(r.name, r.reports, r.forward_s, tokens, r.a2a_s,
+                             bytes_on_wire=r.bytes_on_wire) for r in result_runs]
+    print()
+    print(format_table(summaries, max_diff))
+    command = "specmoe demo " + " ".join(sys.argv[2:])
+    out = {"command": command, **extra, "lossless_max_abs_diff": max_diff,
+           "dispatchers": {s["dispatcher"]: s for s in summaries}}
+    os.makedirs(args.out_dir, exist_ok=True)
+    json_path = args.json or os.path.join(args.out_dir, "report.json")
+    fig_path = args.figure or os.path.join(args.out_dir, "lar.png")
+    with open(json_path, "w") as f:
+        json.dump(out, f, indent=2)
+    plot_layer_lar(summaries, fig_path, title="Local activation rate per MoE layer (evaluation text)")
+    print(f"\nwrote {json_path} and {fig_path}; command: {command}")
+    # fp32: s-TS adds the residual inside the reduce-scatter, which changes the summation order.
+    tol = 1e-4
+    if max_diff > tol:
+        print(f"LOSSLESS CHECK FAILED: max |logits diff| = {max_diff:.3e} > {tol}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_synthetic(args, tp, ep) -> int:
+    from megatron_specmoe.testing.spawn import run_local
+    from megatron_specmoe.megatron.build import MoEShape
+    from megatron_specmoe.demo.serve import DemoSettings, serve_worker
+
+    settings = DemoSettings(
+        shape=MoEShape(hidden=args.hidden, ffn=args.hidden, experts=args.experts, topk=args.topk,
+                       layers=args.layers, heads=4, vocab=256, seq=max(128, args.seq)),
+        tp=tp, ep=ep, batches=args.batches, seq=args.seq, batch=args.batch, seed=args.seed,
+    )
+    print(f"[specmoe demo] synthetic model: starting {args.ranks} gloo ranks (TP={tp}, EP={ep}) ...", flush=True)
+    result = run_local(serve_worker, args.ranks, settings)[0]
+    extra = {"mode": "synthetic", "settings": {"ranks": args.ranks, "tp": tp, "ep": ep, "batches": args.batches,
+                                               "seq": args.seq, "batch": args.batch, "experts": args.experts,
+                                               "topk": args.topk, "layers": args.layers, "hidden": args.hidden}}
+    return _report(result.runs, result.max_abs_diff, result.tokens, args, extra)
+
+
+def run(args) -> int:
+    tp, ep = _layout(args)
+    # The ranks import megatron before any code of ours runs in them; keep its import-time
+    # warnings (no TransformerEngine, no apex: both expected here) out of the demo's output.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    if args.synthetic:
+        return _run_synthetic(args, tp, ep)
+    from megatron_specmoe.testing.spawn import run_local
+    from megatron_specmoe.megatron.checkpoint import read_card
+    from megatron_specmoe.demo.pipeline import PipelineSettings, pipeline_worker
+
+    start = time.perf_counter()
+    try:
+        card = read_card(args.checkpoint)
+    except ValueError as exc:
+        raise SystemExit(f"specmoe demo: {exc}") from None
+    if card.shape.experts % ep:
+        raise SystemExit(f"specmoe demo: --ep {ep} must divide the model's {card.shape.experts} experts")
+    if card.shape.heads % tp:
+        raise SystemExit(f"specmoe demo: --tp {tp} must divide the model's {card.shape.heads} attention heads")
+    if args.seq > card.shape.seq:
+        raise SystemExit(f"specmoe demo: --seq {args.seq} exceeds the model's sequence length {card.shape.seq}")
+    print(f"[specmoe demo] model {card.directory}: {card.shape.layers} MoE layers, {card.shape.experts} experts, "
+          f"top-{card.shape.topk}, hidden {card.shape.hidden}", file=sys.stderr)
+    calib = _windows(card, args.calib_text, "calibration", args.seq, args.calib_windows)
+    evalu = _windows(card, args.eval_text, "evaluation", args.seq, args.eval_windows)
+    settings = PipelineSettings(
+        model_dir=args.checkpoint, calib=calib, evalu=evalu, tp=tp, ep=ep, batch=args.batch,
+        predictor=args.predictor, placement=args.placement,
+        plan_dir=os.path.abspath(os.path.join(args.out_dir, "plan")), seed=args.seed,
+    )
+    print(f"[specmoe demo] {args.ranks} gloo ranks, TP={tp}, EP={ep}, sequence parallel; "
+          f"{len(calib)} calibration and {len(evalu)} evaluation windows of {args.seq} tokens", file=sys.stderr)
+    result = run_local(pipeline_worker, args.ranks, settings)[0]
+    print(f"[specmoe demo] profile {result.profile_seconds:.1f}s ({result.profile_tokens} tokens), "
+          f"plan {result.plan_seconds:.1f}s, total {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    extra = {"mode": "pipeline",
+             "settings": {"ranks": args.ranks, "tp": tp, "ep": ep, "seq": args.seq, "batch": args.batch,
+                          "calib_windows": len(calib), "eval_windows": len(evalu), "predictor": args.predictor,
+                          "placement": args.placement, "checkpoint": card.directory},
+             "profile": {"tokens": result.profile_tokens, "seconds": result.profile_seconds},
+             "plan": {**result.plan_summary, "seconds": result.plan_seconds, "dir": settings.plan_dir}}
+    return _report(result.serve.runs, result.serve.max_abs_diff, result.serve.tokens, args, extra)

@@ -1,0 +1,130 @@
+"""Apply a plan's expert placements to a live Megatron model, without changing what it computes.
+
+Notation: E experts per MoE layer, P EP size, n = E / P, slot p = ep_rank * n + local index.
+
+Two modes (``ApplyMode``):
+    "router"      permute each router's output rows (``weight``, and ``expert_bias`` / ``bias``
+                  where present) and move the expert weights, so that physical slot p holds
+                  logical expert ``placement[p]`` and the router already emits physical ids. The
+                  model is then an ordinary Megatron model again: any dispatcher (alltoall too)
+                  computes the same function as before the move, and a checkpoint saved
+                  afterwards stores the new layout.
+    "dispatcher"  move the expert weights and tell each ``SpecMoETokenDispatcher`` the placement;
+                  the router is left as it is (the dispatcher maps its columns).
+
+Both need expert tensor parallel size 1 (each rank holds whole experts). Group-limited routing
+(``moe_router_num_groups``) ties experts to groups of contiguous ids; "router" mode would change
+which experts share a group, so it is refused there.
+
+Expert weights move with ``comm.weight_move`` (point-to-point over the EP group, atomic and
+verified per layer; peak extra memory: at most one layer's local experts per rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, get_args
+
+import torch
+
+from megatron_specmoe.comm.weight_move import move_layer_experts
+from megatron_specmoe.megatron.experts import local_expert_state
+from megatron_specmoe.megatron.model_tools import moe_sites
+from megatron_specmoe.schedule.placement import ExpertPlacement
+
+__all__ = ["ApplyMode", "ApplyReport", "apply_placements"]
+
+ApplyMode = Literal["router", "dispatcher"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApplyReport:
+    """Attributes: layers (MoE layers changed), transfers (expert sends + receives + local copies
+    on this rank), peak_extra_bytes (largest receive buffer of one layer on this rank)."""
+
+    layers: int
+    transfers: int
+    peak_extra_bytes: int
+
+
+def _check(sites, placements, mode) -> None:
+    if mode not in get_args(ApplyMode):
+        raise ValueError(f"apply_placements: mode={mode!r}; choose one of {get_args(ApplyMode)}")
+    if len(placements) != len(sites):
+        raise ValueError(
+            f"apply_placements: the plan has {len(placements)} placements but the model has "
+            f"{len(sites)} MoE layers (num_layers / moe_layer_freq differ); make the plan for this model"
+        )
+    for site, placement in zip(sites, placements):
+        d = site.dispatcher
+        placement.check_matches(num_experts=d.num_experts, ep_size=d.ep_size, where=f"MoE layer {site.layer_number}")
+        cfg = site.layer.config
+        if getattr(d, "tp_size", 1) != 1:
+            raise ValueError(
+                f"MoE layer {site.layer_number}: expert_tensor_parallel_size={d.tp_size}; placements move "
+                "whole experts and need expert_tensor_parallel_size=1"
+            )
+        if mode == "router" and getattr(cfg, "moe_router_num_groups", None):
+            raise ValueError(
+                f"MoE layer {site.layer_number}: moe_router_num_groups={cfg.moe_router_num_groups} ties "
+                "experts to groups of contiguous ids; use mode='dispatcher' (the router keeps its order)"
+            )
+        if mode == "dispatcher" and not hasattr(d, "set_placement"):
+            raise ValueError(
+                f"MoE layer {site.layer_number} uses {type(d).__name__}; mode='dispatcher' needs "
+                "moe_token_dispatcher_type='specmoe' (or use mode='router')"
+            )
+
+
+@torch.no_grad()
+def _permute_router(router, current: Sequence[int], target: Sequence[int]) -> None:
+    where = {logical: slot for slot, logical in enumerate(current)}
+    rows = torch.tensor([where[logical] for logical in target], dtype=torch.long)
+    for name in ("weight", "bias", "expert_bias"):
+        t = getattr(router, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == len(target):
+            t.copy_(t.index_select(0, rows.to(t.device)))
+
+
+def apply_placements(
+    model: torch.nn.Module,
+    placements: Sequence[ExpertPlacement],
+    *,
+    mode: ApplyMode = "router",
+    current: Optional[Sequence[ExpertPlacement]] = None,
+) -> ApplyReport:
+    """Rearrange ``model``'s experts per ``placements`` (one per MoE layer). Call on every rank.
+
+    Args:
+        model: a built Megatron model (any dispatcher for "router"; specmoe for "dispatcher").
+        placements: target placement per MoE layer.
+        mode: see the module docstring.
+        current: the placement the model has now (default: contiguous, i.e. as loaded from a
+            checkpoint made by Megatron).
+    """
+    from megatron.core import parallel_state
+
+    sites = moe_sites(model)
+    _check(sites, placements, mode)
+    group = parallel_state.get_expert_model_parallel_group()
+    transfers, peak = 0, 0
+    for index, (site, target) in enumerate(zip(sites, placements)):
+        d = site.dispatcher
+        now = current[index] if current is not None else ExpertPlacement.contiguous(d.num_experts, d.ep_size)
+
+        def local(i, layer=site.layer):
+            state = local_expert_state(layer, i)
+            return [state[k] for k in sorted(state)]
+
+        moved = move_layer_experts(local, current=now.physical_to_logical, target=target.physical_to_logical,
+                                   group=group, layer_name=f"MoE layer {site.layer_number}")
+        transfers += moved
+        per_expert = sum(t.numel() * t.element_size() for t in local(0))
+        peak = max(peak, min(moved, d.num_local_experts) * per_expert)
+        if mode == "router":
+            _permute_router(site.layer.router, now.physical_to_logical, target.physical_to_logical)
+            if hasattr(d, "set_placement"):
+                d.set_placement(None)
+        else:
+            d.set_placement(target)
+    return ApplyReport(layers=len(sites), transfers=transfers, peak_extra_bytes=peak)

@@ -1,0 +1,183 @@
+"""``SpecMoETokenDispatcher``: Megatron's all-to-all dispatcher, routed by an expert placement,
+with exact accounting of what it sends.
+
+Notation (as Megatron's token_dispatcher.py)
+    H: hidden size.   T: tokens on this rank (S/TP * B).   E: routed experts.   k: top-k.
+    EP / P: expert-parallel size.   n: experts per EP rank (num_local_experts).
+
+Placement. The router emits *logical* experts. A placement (``schedule.placement``) says which
+*physical* slot, and so which EP rank, hosts each logical expert. The dispatcher permutes the
+columns of ``routing_map`` and ``probs`` from logical to physical order before Megatron's own
+permute / all-to-all: physical slot p then receives the tokens of logical expert
+``physical_to_logical[p]``. The expert weights in slot p must be that expert's (the glue layer's
+weight mover arranges that). With the contiguous placement nothing is permuted.
+
+Lossless. Only the column order changes; every (token, expert) pair is still sent to the rank that
+computes it, with its own probability, and combined back into its own row. Tokens whose experts are
+local (because the token shuffle put them there) never leave the rank: Megatron's all-to-all sends
+a zero-length chunk to itself by construction.
+
+Six-phase contract. ``dispatch_preprocess`` permutes columns and records (no communication);
+the other five phases are Megatron's, unchanged.
+
+Accounting. When ``recorder`` is set, ``dispatch_preprocess`` appends a ``DispatchRecord`` (pairs
+and bytes this rank sends to each rank, route measures) per forward. When it is ``None`` the only
+cost is one attribute test.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from megatron_specmoe.measure.accounting import DispatchRecord
+from megatron_specmoe.measure.measures import WireFormat, measure_routes
+from megatron_specmoe.schedule.placement import ExpertPlacement
+
+__all__ = ["SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_map"]
+
+
+class DispatchRecorder:
+    """Collects ``DispatchRecord``s from every dispatcher it is attached to (this rank only).
+
+    Attach with ``glue.recording.attach_recorder(model, recorder)``; gather all ranks' records
+    with ``comm.stats.gather_reports``.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[DispatchRecord] = []
+
+    def add(self, record: DispatchRecord) -> None:
+        self.records.append(record)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """All-to-all dispatcher that routes by an ``ExpertPlacement`` and can record its traffic.
+
+    Build it like Megatron's ``MoEAlltoAllTokenDispatcher`` (same arguments), or convert one
+    that Megatron built with ``adopt``. Extra state:
+
+    Attributes:
+        placement: the layer's ``ExpertPlacement`` (contiguous by default).
+        recorder: a ``DispatchRecorder`` or ``None`` (recording off).
+        layer_number: Megatron's layer number, for records (set by the layer that owns it).
+    """
+
+    def __init__(self, *args, placement: Optional[ExpertPlacement] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_specmoe(placement)
+
+    @classmethod
+    def adopt(
+        cls, dispatcher: MoEAlltoAllTokenDispatcher, placement: Optional[ExpertPlacement] = None
+    ) -> "SpecMoETokenDispatcher":
+        """A ``SpecMoETokenDispatcher`` with the exact state of an existing alltoall dispatcher.
+
+        Used by the install hook: Megatron builds its own dispatcher with every version-specific
+        detail (process groups, CUDA-graph attributes, streams), and we take it over unchanged.
+        """
+        if type(dispatcher) is not MoEAlltoAllTokenDispatcher:
+            raise TypeError(
+                "SpecMoETokenDispatcher.adopt expects a MoEAlltoAllTokenDispatcher, got "
+                f"{type(dispatcher).__name__}"
+            )
+        new = cls.__new__(cls)
+        new.__dict__.update(dispatcher.__dict__)
+        new._init_specmoe(placement)
+        return new
+
+    def _init_specmoe(self, placement: Optional[ExpertPlacement]) -> None:
+        self.recorder: Optional[DispatchRecorder] = None
+        self.layer_number = 0
+        self._ep_rank = self.ep_group.rank() if self.ep_group is not None else 0
+        self.set_placement(placement)
+
+    # ---- placement -------------------------------------------------------------------------------
+    def set_placement(self, placement: Optional[ExpertPlacement]) -> None:
+        """Route by ``placement`` from the next forward on (``None``: contiguous).
+
+        Raises:
+            ValueError: the placement does not match ``num_moe_experts`` or the EP size.
+        """
+        if placement is None:
+            placement = ExpertPlacement.contiguous(self.num_experts, self.ep_size)
+        placement.check_matches(
+            num_experts=self.num_experts, ep_size=self.ep_size, where="SpecMoETokenDispatcher"
+        )
+        self.placement = placement
+        # int64 [E]: column p of the physical routing map is logical column _columns[p].
+        self._columns = (
+            None
+            if placement.is_contiguous
+            else torch.tensor(placement.physical_to_logical, dtype=torch.long)
+        )
+
+    # ---- phase 1 ---------------------------------------------------------------------------------
+    def dispatch_preprocess(
+        self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
+    ):
+        """Permute router columns to physical order, record, then Megatron's preprocess.
+
+        Args:
+            hidden_states: [S/TP, B, H] activations (any float dtype).
+            routing_map: bool [T, E], logical experts selected per token.
+            probs: float [T, E], router probabilities (zero where not selected), logical order.
+
+        Returns:
+            (permuted tokens [T*k, H], permuted probs [T*k]) as Megatron's alltoall dispatcher.
+        """
+        if self._columns is not None:
+            if self._columns.device != routing_map.device:  # once, on the first forward
+                self._columns = self._columns.to(routing_map.device)
+            routing_map = routing_map.index_select(1, self._columns)
+            probs = probs.index_select(1, self._columns)
+        if self.recorder is not None:
+            self.recorder.add(self._record(hidden_states, routing_map, probs))
+        return super().dispatch_preprocess(hidden_states, routing_map, probs)
+
+    def _record(
+        self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
+    ) -> DispatchRecord:
+        """This rank's row of the traffic matrix. ``routing_map`` is in physical order [T, E]."""
+        return record_from_routing_map(
+            routing_map,
+            ep_rank=self._ep_rank,
+            ep_size=self.ep_size,
+            layer_number=int(self.layer_number or 0),
+            wire=WireFormat(
+                hidden_size=int(hidden_states.shape[-1]),
+                activation_bytes=hidden_states.element_size(),
+                prob_bytes=probs.element_size(),
+            ),
+        )
+
+
+def record_from_routing_map(
+    routing_map: torch.Tensor, *, ep_rank: int, ep_size: int, layer_number: int, wire: WireFormat
+) -> DispatchRecord:
+    """The record of one rank's dispatch from its physical routing map.
+
+    Args:
+        routing_map: bool [T, E] in physical expert order (slot p on rank p // (E / P)); for
+            Megatron's own alltoall dispatcher this is its ``routing_map`` after a forward.
+        ep_rank, ep_size: this rank and P.
+        layer_number: for the record.
+        wire: bytes per pair.
+    """
+    tokens, num_experts = routing_map.shape
+    hits = routing_map.view(tokens, ep_size, num_experts // ep_size).sum(dim=2)
+    home = torch.full((tokens,), ep_rank, dtype=torch.long, device=hits.device)
+    measures = measure_routes(hits, home)
+    return DispatchRecord(
+        layer_number=layer_number,
+        ep_rank=ep_rank,
+        ep_size=ep_size,
+        pairs_to_rank=measures.load_per_rank,
+        wire=wire,
+        measures=measures,
+    )

@@ -1,0 +1,84 @@
+"""The registry of pure route predictors: name -> class, checked against ``PredictorKind``.
+
+Kinds
+    "token"     TokenTable: token id -> experts, per layer (needs token ids in the trace).
+    "layer"     LayerTable: previous n layers' expert sets -> this layer's experts (n-gram).
+    "history"   HistoryMLP: small MLP per layer over the experts of all previous layers.
+    "combined"  Combined: per-token arbitration between members (default token + layer).
+
+The pre-attention gate ("pregate": layer l's router applied to the layer's input hidden state)
+needs the model's weights, so it is built in the glue layer and is not in this pure registry.
+
+Every class has keyword-only hyper-parameters in its constructor, ``fit(trace) -> self``,
+``expert_scores(ctx)``, ``memory_bytes()``, ``to_state()`` and the class method ``from_state``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, get_args
+
+from megatron_specmoe.predict.combined import Combined
+from megatron_specmoe.predict.history_mlp import HistoryMLP
+from megatron_specmoe.predict.layer_table import LayerTable
+from megatron_specmoe.predict.token_table import TokenTable
+from megatron_specmoe.artifacts.traces import RoutingTrace
+
+__all__ = [
+    "PredictorKind",
+    "PREDICTORS",
+    "check_kind",
+    "make",
+    "fit_predictor",
+    "load_predictor",
+    "predictor_from_state",
+]
+
+PredictorKind = Literal["token", "layer", "history", "combined"]
+
+PREDICTORS: dict[str, type] = {
+    "token": TokenTable,
+    "layer": LayerTable,
+    "history": HistoryMLP,
+    "combined": Combined,
+}
+assert set(PREDICTORS) == set(get_args(PredictorKind)), "PREDICTORS and PredictorKind disagree"
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it names a registered predictor, else raise a ValueError listing them."""
+    allowed = list(get_args(PredictorKind))
+    if kind not in allowed:
+        hint = " ('pregate' needs the model and is built by the glue layer)" if kind == "pregate" else ""
+        raise ValueError(f"unknown predictor kind {kind!r}; allowed: {', '.join(allowed)}{hint}")
+    return kind
+
+
+def make(kind: str, **options: Any):
+    """An unfitted predictor of ``kind`` with constructor ``options`` (call ``.fit(trace)``)."""
+    return PREDICTORS[check_kind(kind)](**options)
+
+
+def fit_predictor(kind: str, trace: RoutingTrace, **options: Any):
+    """``make(kind, **options).fit(trace)``: a fitted predictor."""
+    return make(kind, **options).fit(trace)
+
+
+def load_predictor(state: Mapping[str, Any]):
+    """Rebuild a fitted predictor from ``to_state()`` output (its kind is in state["config"])."""
+    try:
+        kind = state["config"]["kind"]
+    except (KeyError, TypeError):
+        raise ValueError(
+            "load_predictor: state must be {'config': {'kind': ...}, 'arrays': {...}} from to_state()"
+        ) from None
+    return PREDICTORS[check_kind(kind)].from_state(state)
+
+
+def predictor_from_state(kind: str, state: Mapping[str, Any]):
+    """``load_predictor(state)``, checking that the state is of ``kind`` (a plan stores states by
+    kind; this catches a state filed under the wrong name)."""
+    check_kind(kind)
+    stored = state.get("config", {}).get("kind") if isinstance(state, Mapping) else None
+    if stored != kind:
+        raise ValueError(f"predictor state filed as {kind!r} has config['kind']={stored!r}")
+    return load_predictor(state)

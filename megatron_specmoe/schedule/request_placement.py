@@ -1,0 +1,181 @@
+"""Request placement for data-parallel attention (TP = 1): s-TS one level up.
+
+With DP attention a token cannot leave its rank (its KV cache lives there), so instead of
+shuffling tokens we choose, when a request arrives, which DP rank serves it: the rank whose experts
+its tokens are predicted to use, under a balance constraint. With DP attention the attention DP
+ranks are the EP ranks, so a request placed on rank r has home rank r for all its tokens.
+
+Notation
+    R: requests in the window being placed.   P: DP (= EP) ranks.   E: experts.
+    affinity: float32 [R, P], the predicted number of the request's (token, expert) pairs that
+              rank r hosts (``request_affinity``).
+    lengths:  int64 [R], tokens per request (prompt length, or expected total).
+
+Methods (``RequestMethod``)
+    "round_robin"  what every server does without prediction: request i to rank i mod P.
+    "group_mask"   the paper's: requests are taken in arrival order in groups of P; within a group
+                   each rank receives exactly one request (the round-robin mask keeps the request
+                   counts balanced), and the one-to-one matching maximises the group's predicted
+                   local pairs (an exact P x P assignment).
+    "balanced"     token-balanced greedy: longest requests first, each to the rank with the highest
+                   affinity per token among ranks whose token load stays within
+                   ``(1 + slack) * mean``; for mixed prompt lengths, where equal counts are not equal
+                   work.
+
+Deterministic: ties go to the lower rank, then the earlier request.
+
+How a front end calls it: every ``window`` new requests (or every scheduling tick), tokenize the
+prompts, compute ``request_affinity`` with the plan's token predictor and placements, call
+``place_requests``, and enqueue request i on DP rank ``placement.rank[i]`` (for Megatron's
+inference engine: submit it to the engine process of that DP rank).
+
+A coordinator that routes requests one at a time as they arrive (Megatron's
+``DataParallelInferenceCoordinator``; ``megatron_lm/dp_coordinator.py`` plugs this in) uses
+``online_rank``: each rank scores ``weight * share + (1 - weight) * free``, where share is the
+request's predicted share of pairs on that rank (affinity / its row sum) and free the rank's free
+request slots as a fraction of ``max_requests`` (Megatron's own load term); highest score wins,
+ties to the lower rank. weight = 0 is Megatron's least-loaded routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence, get_args
+
+import numpy as np
+
+from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.predict.base import RouteContext, rank_scores
+
+__all__ = ["RequestMethod", "RequestPlacement", "request_affinity", "place_requests", "online_rank"]
+
+RequestMethod = Literal["round_robin", "group_mask", "balanced"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestPlacement:
+    """Attributes:
+    rank: int64 [R], the DP rank of each request.
+    tokens_per_rank: int64 [P], tokens placed on each rank.
+    predicted_local_pairs: sum of affinity[i, rank[i]] (predicted local (token, expert) pairs).
+    """
+
+    rank: np.ndarray
+    tokens_per_rank: np.ndarray
+    predicted_local_pairs: float
+
+    @property
+    def token_imbalance(self) -> float:
+        total = self.tokens_per_rank.sum()
+        return float(self.tokens_per_rank.max() * len(self.tokens_per_rank) / total) if total else 1.0
+
+
+def request_affinity(
+    predictor, prompts: Sequence[np.ndarray], placements: Sequence[ExpertPlacement]
+) -> np.ndarray:
+    """float32 [R, P]: predicted pairs each rank would serve locally, summed over the request's
+    tokens and all MoE layers, from a predictor that needs only token ids (e.g. the token table).
+
+    Args:
+        predictor: a fitted ``RoutePredictor`` answering ``RouteContext(layer, token_ids)``.
+        prompts: R arrays of int64 token ids.
+        placements: one ``ExpertPlacement`` per MoE layer (same EP size).
+    """
+    if not prompts:
+        return np.zeros((0, placements[0].ep_size if placements else 1), dtype=np.float32)
+    lengths = [len(p) for p in prompts]
+    ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
+    owner = np.repeat(np.arange(len(prompts)), lengths)
+    out = np.zeros((len(prompts), placements[0].ep_size), dtype=np.float32)
+    for layer, placement in enumerate(placements):
+        scores = predictor.expert_scores(RouteContext(layer=layer, token_ids=ids))
+        np.add.at(out, owner, rank_scores(scores, placement))
+    return out
+
+
+def _group_mask(affinity: np.ndarray) -> np.ndarray:
+    from scipy.optimize import linear_sum_assignment
+
+    r, p = affinity.shape
+    rank = np.empty(r, dtype=np.int64)
+    for start in range(0, r, p):
+        block = affinity[start : start + p]
+        rows, cols = linear_sum_assignment(-block.astype(np.float64))
+        rank[start + rows] = cols
+    return rank
+
+
+def _balanced(affinity: np.ndarray, lengths: np.ndarray, slack: float) -> np.ndarray:
+    r, p = affinity.shape
+    cap = (1.0 + slack) * lengths.sum() / p
+    load = np.zeros(p, dtype=np.int64)
+    rank = np.empty(r, dtype=np.int64)
+    per_token = affinity / np.maximum(lengths, 1)[:, None]
+    for i in np.argsort(-lengths, kind="stable"):
+        fits = load + lengths[i] <= cap
+        if not fits.any():  # nothing fits: the least loaded rank (bounded overshoot)
+            choice = int(np.argmin(load))
+        else:
+            choice = int(np.argmax(np.where(fits, per_token[i], -np.inf)))
+        rank[i] = choice
+        load[choice] += lengths[i]
+    return rank
+
+
+def place_requests(
+    affinity: np.ndarray, lengths: np.ndarray, *, method: RequestMethod = "group_mask", slack: float = 0.05
+) -> RequestPlacement:
+    """Place R requests on P DP ranks (see the module docstring for the methods).
+
+    Args:
+        affinity: float32 [R, P] from ``request_affinity`` (or any predicted local-pairs matrix).
+        lengths: int64 [R] tokens per request.
+        method: one of ``RequestMethod``.
+        slack: "balanced" only: allowed token overload per rank over the mean (0.05 = 5%).
+    """
+    if method not in get_args(RequestMethod):
+        raise ValueError(f"place_requests: method={method!r}; choose one of {list(get_args(RequestMethod))}")
+    aff = np.asarray(affinity, dtype=np.float32)
+    lens = np.asarray(lengths, dtype=np.int64)
+    if aff.ndim != 2 or lens.shape != (aff.shape[0],):
+        raise ValueError(
+            f"place_requests: affinity must be [R, P] and lengths [R]; got {aff.shape} and {lens.shape}"
+        )
+    if (lens < 0).any():
+        raise ValueError("place_requests: lengths must be >= 0")
+    if slack < 0:
+        raise ValueError(f"place_requests: slack={slack} must be >= 0")
+    r, p = aff.shape
+    if method == "round_robin":
+        rank = np.arange(r, dtype=np.int64) % p
+    elif method == "group_mask":
+        rank = _group_mask(aff)
+    else:
+        rank = _balanced(aff, lens, slack)
+    tokens = np.bincount(rank, weights=lens, minlength=p).astype(np.int64)
+    local = float(aff[np.arange(r), rank].sum()) if r else 0.0
+    return RequestPlacement(rank=rank, tokens_per_rank=tokens, predicted_local_pairs=local)
+
+
+def online_rank(affinity: np.ndarray, pending: np.ndarray, *, max_requests: int, weight: float = 0.5) -> int:
+    """The rank for one arriving request (module docstring, "online").
+
+    Args:
+        affinity: float [P], the request's predicted local pairs per rank (a row of
+            ``request_affinity``, mapped to the coordinator's rank order).
+        pending: int [P], requests in flight per rank.
+        max_requests: the most requests a rank holds at once (> 0).
+        weight: in [0, 1], the share of the score given to affinity.
+    """
+    aff = np.asarray(affinity, dtype=np.float64)
+    load = np.asarray(pending, dtype=np.float64)
+    if aff.ndim != 1 or load.shape != aff.shape or aff.shape[0] < 1:
+        raise ValueError(f"online_rank: affinity and pending must both be [P], got {aff.shape} and {load.shape}")
+    if max_requests < 1:
+        raise ValueError(f"online_rank: max_requests must be >= 1, got {max_requests}")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"online_rank: weight must be in [0, 1], got {weight}")
+    total = aff.sum()
+    share = aff / total if total > 0 else np.zeros_like(aff)
+    free = np.maximum(0.0, max_requests - load) / max_requests
+    return int(np.argmax(weight * share + (1.0 - weight) * free))  # first maximum: the lower rank

@@ -1,0 +1,257 @@
+"""The lossless check: a model with ``specmoe`` must compute what it computes with ``alltoall``.
+
+Each function here runs on every rank of an initialised process group (``testing.spawn.run_local``
+starts them on the CPU; torchrun on GPUs). It builds the same model twice, once per dispatcher,
+with identical weights (expert weights from a seeded bank, arranged by the placement under test),
+feeds identical inputs, and returns the largest differences of outputs and input gradients, plus
+the specmoe dispatcher's traffic reports.
+
+Notation: S sequence length per rank, B micro-batch, H hidden size, E experts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron_specmoe.megatron import cpu_support
+from megatron_specmoe.megatron import parallel
+from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, build_moe_layer, make_config
+from megatron_specmoe.megatron.experts import load_bank, make_expert_bank
+from megatron_specmoe.measure.accounting import TrafficReport
+from megatron_specmoe.schedule.placement import ExpertPlacement
+
+__all__ = ["LosslessCase", "LosslessResult", "arrange_layers", "moe_layer_lossless", "gpt_lossless", "run_cases"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LosslessCase:
+    """One configuration to check.
+
+    Attributes:
+        shape: model shape.
+        tp, ep, etp: parallel layout (etp must be 1: banks hold whole experts).
+        placement: physical_to_logical for every MoE layer, or None (contiguous).
+        silent_experts: logical experts that the router is made never to select, so that the
+            ranks hosting them receive zero tokens.
+        seq, batch: tokens per rank are seq x batch (seq is the per-rank shard under sequence
+            parallelism, the full sequence for the GPT case).
+        ragged: rank r gets ``seq + r`` tokens (MoE-layer case with tp = 1 only).
+        seed: weights and inputs.
+        via: how specmoe is selected: "spec" (the specmoe layer spec) or "hook" (install()).
+        device: "cpu" (gloo) or "cuda" (NCCL; rank r uses GPU r mod the visible count).
+    """
+
+    shape: MoEShape = field(default_factory=MoEShape)
+    tp: int = 1
+    ep: int = 4
+    etp: int = 1
+    placement: Optional[tuple[int, ...]] = None
+    silent_experts: tuple[int, ...] = ()
+    seq: int = 6
+    batch: int = 2
+    ragged: bool = False
+    seed: int = 7
+    via: str = "spec"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LosslessResult:
+    """Attributes: rank; max_out_diff and max_grad_diff (max |specmoe - alltoall|); tokens on
+    this rank; reports: the specmoe dispatcher's traffic reports (whole EP group), one per
+    MoE-layer forward; alltoall_input_splits: Megatron's own ``input_splits`` of the reference
+    dispatcher on this rank, per MoE layer (pairs sent to each EP rank under the contiguous
+    placement), to check the accounting against; routes: per MoE layer, int64 [T, k] the logical
+    experts the router chose for this rank's tokens (MoE-layer case), to replay in the simulator."""
+
+    rank: int
+    max_out_diff: float
+    max_grad_diff: float
+    tokens: int
+    reports: tuple[TrafficReport, ...]
+    alltoall_input_splits: tuple[tuple[int, ...], ...] = ()
+    routes: tuple = ()
+
+
+def _setup(case: LosslessCase) -> None:
+    warnings.filterwarnings("ignore")
+    if case.etp != 1:
+        raise ValueError("LosslessCase.etp must be 1 (expert banks hold whole experts)")
+    if case.device == "cuda":
+        torch.cuda.set_device(torch.distributed.get_rank() % torch.cuda.device_count())
+    cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout(tp=case.tp, ep=case.ep, etp=case.etp), seed=case.seed)
+
+
+def _placement(case: LosslessCase) -> ExpertPlacement:
+    if case.placement is None:
+        return ExpertPlacement.contiguous(case.shape.experts, case.ep)
+    return ExpertPlacement(physical_to_logical=case.placement, ep_size=case.ep)
+
+
+@torch.no_grad()
+def arrange_layers(layers, placements, *, seed: int, layer_index: int, silent_experts=()) -> None:
+    """Give the MoE layers of several models the same router and the same logical experts.
+
+    Args:
+        layers: MoE layers (one per model) for MoE-layer ``layer_index``.
+        placements: one ``ExpertPlacement`` per layer: how that model's slots hold the experts.
+        seed, layer_index: seed the router weights and the expert bank.
+        silent_experts: logical experts the router is made never to select (inputs carry a positive
+            feature 0 and these rows get a large negative weight on it), so ranks can be left empty.
+    """
+    from megatron.core import parallel_state
+
+    first = layers[0]
+    num_experts, hidden = first.router.weight.shape
+    gen = torch.Generator().manual_seed(seed * 7919 + layer_index)
+    router = torch.randn(num_experts, hidden, generator=gen) * 0.5
+    for e in silent_experts:
+        router[e] = 0.0
+        router[e, 0] = -1e4
+    bank = make_expert_bank(first, num_experts, seed + 100 * layer_index)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    for layer, placement in zip(layers, placements):
+        layer.router.weight.copy_(router)
+        load_bank(layer, bank, placement, ep_rank)
+
+
+@torch.no_grad()
+def _arrange(ref_layer, spec_layer, case: LosslessCase, layer_index: int) -> None:
+    """Same router, same experts by logical id (reference contiguous), shared experts copied."""
+    contiguous = ExpertPlacement.contiguous(case.shape.experts, case.ep)
+    arrange_layers([ref_layer, spec_layer], [contiguous, _placement(case)], seed=case.seed,
+                   layer_index=layer_index, silent_experts=case.silent_experts)
+    if getattr(ref_layer, "shared_experts", None) is not None:
+        spec_layer.shared_experts.load_state_dict(ref_layer.shared_experts.state_dict())
+
+
+def _splits(dispatcher, ep: int) -> tuple[int, ...]:
+    splits = dispatcher.input_splits
+    if splits is None:  # EP = 1 and TP = 1: Megatron skips the split computation
+        return (int(dispatcher.routing_map.sum()),) if ep == 1 else ()
+    return tuple(int(s) for s in splits)
+
+
+def _logical_routes(dispatcher, topk: int):
+    """int64 [T, k]: logical experts per token from the dispatcher's last (physical) routing map."""
+    physical = dispatcher.routing_map.nonzero()[:, 1].view(-1, topk).cpu()
+    p2l = torch.tensor(dispatcher.placement.physical_to_logical, dtype=torch.long)
+    return p2l[physical].numpy()
+
+
+def _reports(spec_recorder) -> tuple[TrafficReport, ...]:
+    from megatron.core import parallel_state
+
+    from megatron_specmoe.comm.stats import gather_reports
+
+    return tuple(gather_reports(spec_recorder.records, parallel_state.get_expert_model_parallel_group()))
+
+
+def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResult:
+    """One ``MoELayer`` per dispatcher; forward and backward on identical inputs."""
+    from megatron_specmoe.megatron.dispatcher import DispatchRecorder
+
+    _setup(case)
+    try:
+        shape = case.shape
+        ref = build_moe_layer(make_config(shape, dispatcher="alltoall", tp=case.tp, ep=case.ep), shape, specmoe=False)
+        spec = build_moe_layer(make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep), shape, specmoe=True, via=case.via)
+        spec.token_dispatcher.set_placement(_placement(case))
+        _arrange(ref, spec, case, 0)
+        ref.to(case.device)
+        spec.to(case.device)
+        recorder = DispatchRecorder()
+        spec.token_dispatcher.recorder = recorder
+
+        seq = case.seq + (rank if case.ragged else 0)
+        gen = torch.Generator().manual_seed(case.seed * 31 + rank)
+        x = torch.randn(seq, case.batch, shape.hidden, generator=gen)
+        x[..., 0] = x[..., 0].abs() + 1.0
+        upstream = torch.randn(seq, case.batch, shape.hidden, generator=gen).to(case.device)
+        x = x.to(case.device)
+
+        outs, grads = [], []
+        for layer in (ref, spec):
+            inp = x.clone().requires_grad_(True)
+            out, _ = layer(inp)
+            out.backward(upstream)
+            outs.append(out.detach())
+            grads.append(inp.grad.detach())
+        return LosslessResult(
+            rank=rank,
+            max_out_diff=float((outs[0] - outs[1]).abs().max()),
+            max_grad_diff=float((grads[0] - grads[1]).abs().max()),
+            tokens=seq * case.batch,
+            reports=_reports(recorder),
+            alltoall_input_splits=(_splits(ref.token_dispatcher, case.ep),),
+            routes=(_logical_routes(spec.token_dispatcher, shape.topk),),
+        )
+    finally:
+        parallel.destroy()
+
+
+def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResult:
+    """A tiny ``GPTModel`` per dispatcher (every layer MoE); logits and embedding gradients."""
+    from megatron_specmoe.megatron.dispatcher import DispatchRecorder
+    from megatron_specmoe.megatron.model_tools import attach_recorder, moe_sites, set_placements
+
+    _setup(case)
+    try:
+        shape = case.shape
+        # Megatron's torch norms (no TE) refuse sequence parallelism, so TP > 1 runs the model
+        # in inference mode without it (allowed for MoE in eval mode): every TP rank then
+        # routes its own full copy of the tokens.
+        cfgs = [
+            make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=False)
+            for d in ("alltoall", "specmoe")
+        ]
+        ref = build_gpt_model(cfgs[0], shape, specmoe=False).eval()
+        spec = build_gpt_model(cfgs[1], shape, specmoe=True, via=case.via).eval()
+        spec.load_state_dict(ref.state_dict(), strict=True)
+        set_placements(spec, [_placement(case)] * shape.layers)
+        for i, (a, b) in enumerate(zip(moe_sites(ref), moe_sites(spec))):
+            _arrange(a.layer, b.layer, case, i)
+        ref.to(case.device)
+        spec.to(case.device)
+        recorder = DispatchRecorder()
+        attach_recorder(spec, recorder)
+
+        # Data parallel ranks (outside a TP group) see different sequences.
+        from megatron.core import parallel_state
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        gen = torch.Generator().manual_seed(case.seed * 131 + dp_rank)
+        tokens = torch.randint(0, shape.vocab, (case.batch, case.seq), generator=gen)
+        positions = torch.arange(case.seq).unsqueeze(0).expand(case.batch, -1)
+        mask = torch.triu(torch.ones(1, 1, case.seq, case.seq, dtype=torch.bool), diagonal=1)
+        tokens, positions, mask = (t.to(case.device) for t in (tokens, positions, mask))
+
+        logits, grads = [], []
+        for model in (ref, spec):
+            model.zero_grad(set_to_none=True)
+            out = model(tokens, positions, mask)
+            out.float().square().mean().backward()
+            logits.append(out.detach())
+            grads.append(model.embedding.word_embeddings.weight.grad.detach().clone())
+        return LosslessResult(
+            rank=rank,
+            max_out_diff=float((logits[0] - logits[1]).abs().max()),
+            max_grad_diff=float((grads[0] - grads[1]).abs().max()),
+            tokens=case.seq * case.batch,
+            reports=_reports(recorder),
+            alltoall_input_splits=tuple(_splits(s.dispatcher, case.ep) for s in moe_sites(ref)),
+        )
+    finally:
+        parallel.destroy()
+
+
+def run_cases(rank: int, world_size: int, cases) -> list[LosslessResult]:
+    """Several (kind, case) pairs in one set of processes (kind: "layer" or "gpt"), so that the
+    interpreter and megatron are started once."""
+    kinds = {"layer": moe_layer_lossless, "gpt": gpt_lossless}
+    return [kinds[kind](rank, world_size, case) for kind, case in cases]
