@@ -127,7 +127,7 @@ def test_transformer_engine_fallback_is_detected_and_logged(world, caplog):
     from megatron_specmoe.megatron import specs
 
     specs.have_te.cache_clear()
-    with caplog.at_level(logging.INFO, logger="megatron_specmoe.megatron.specs"):
+    with caplog.at_level(logging.INFO, logger="megatron_specmoe.megatron.moe_specs"):
         assert specs.have_te() is False  # never installed on the CPU machines
         specs.have_te()
     assert [r.getMessage() for r in caplog.records].count(

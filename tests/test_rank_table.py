@@ -1,4 +1,4 @@
-"""Predictors in device form (``predict.rank_table``, ``device_scorer``): row for
+"""Predictors in device form (``predict.device``, ``device_scorer``): row for
 row equal to the host path, hand-worked values, ids outside the table, and the refusals."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.predict.base import RouteContext, rank_scores
 from megatron_specmoe.predict.layer_table import LayerTable
-from megatron_specmoe.predict.rank_table import compile_rank_table, token_id_bound
+from megatron_specmoe.predict.device import compile_rank_table, token_id_bound
 from megatron_specmoe.predict.token_table import TokenTable
 from megatron_specmoe.artifacts.traces import RoutingTrace
 
@@ -71,7 +71,7 @@ def test_refusals_name_the_field():
 @pytest.mark.parametrize("rule", ["mixture", "max_confidence"])
 def test_device_scorers_equal_the_host_predictors(rule):
     from megatron_specmoe.predict.combined import Combined
-    from megatron_specmoe.predict.device_scorer import layer_device_scorer
+    from megatron_specmoe.predict.device import layer_device_scorer
     from megatron_specmoe.predict.history_mlp import HistoryMLP
 
     rng = np.random.default_rng(2)
@@ -94,7 +94,7 @@ def test_device_scorers_equal_the_host_predictors(rule):
 
 
 def test_device_scorer_refuses_kinds_without_a_device_form():
-    from megatron_specmoe.predict.device_scorer import layer_device_scorer
+    from megatron_specmoe.predict.device import layer_device_scorer
 
     table = LayerTable(n=1, min_count=1, alpha=1.0).fit(RoutingTrace(experts=ROUTES, num_experts=4))
     with pytest.raises(ValueError, match="the 'layer' predictor has no device form; use one of"):

@@ -69,7 +69,7 @@ def part_plan(rank: int, world_size: int, args) -> dict:
     from megatron_specmoe.schedule.assignment import assign
     from megatron_specmoe.schedule.placement import ExpertPlacement
     from megatron_specmoe.predict.history_mlp import HistoryLayerScorer
-    from megatron_specmoe.predict.rank_table import RankTable
+    from megatron_specmoe.predict.device import RankTable
     from megatron_specmoe.predict.pregate import expert_rank_counts, span_hosts, top_experts, topk_rank_scores
 
     cpu_support.enable()

@@ -120,7 +120,7 @@ def timings(device: str = "cuda", token_counts=(4096, 8192, 16384, 32768, 65536)
     from megatron_specmoe.schedule.assignment import assign
     from megatron_specmoe.predict.history_mlp import HistoryLayerScorer
     from megatron_specmoe.predict.pregate import topk_rank_scores
-    from megatron_specmoe.predict.rank_table import RankTable
+    from megatron_specmoe.predict.device import RankTable
 
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)

@@ -15,7 +15,9 @@ Glossary
                      residual stream's order (its plan) to the next (sequence parallel only).
 
 What one layer does (Megatron's TransformerLayer does the same arithmetic; only where the two TP
-collectives sit and which rows they carry changes):
+collectives sit and which rows they carry changes). ``forward`` reads as these stages, each a
+method: ``gather_input`` (1), ``attention`` (2), ``plan`` (3), ``shuffled_reduce_scatter`` (4),
+``moe`` (5) and ``hand_on`` (6, or the carrier's state with sequence parallelism).
 
 Sequence parallel on (input: this rank's C residual rows in the previous layer's shuffled order;
 the first layer's input is Megatron's contiguous shard, i.e. the contiguous plan):
@@ -26,10 +28,11 @@ the first layer's input is Megatron's contiguous shard, i.e. the contiguous plan
      "history", the previous layer's real routes.
   2. attention with linears that do not communicate (``NoComm*ParallelLinear``): qkv gets the
      gathered input, the output projection returns its partial sum.
-  3. predict each token's EP rank from data every TP rank holds identically (``ShufflePredictor``:
-     "pregate" = this layer's router on the normalised layer input; "route" = a fitted
-     RoutePredictor on token ids; "history" = on the carried routes) and compute the balanced plan
-     (``schedule.assignment.assign``; deterministic, so identical on every rank).
+  3. predict each token's EP rank from data every TP rank holds identically (one ``RankScorer``
+     per layer, ``predict/rank_scorers.py``: "pregate" = this layer's router on the normalised
+     layer input; "route" = a fitted predictor on token ids; "history" = on the carried routes)
+     and compute the balanced plan (``schedule.assignment.assign``; deterministic, so identical
+     on every rank).
   4. fold: each rank adds the residual rows it holds (+ the projection bias) into its partial sum,
      permute by the plan, reduce-scatter (``comm.shuffle.shuffled_reduce_scatter``): TP rank r
      receives the tokens predicted for its experts, already with attention + residual + bias.
@@ -53,29 +56,27 @@ all-gather; layer stacks call ``restore_true_order``. Layers refuse to run until
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, get_args
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_specmoe.comm.shuffle import (
-    CollectiveCounter,
     append_route_columns,
     deferred_all_gather,
     shuffled_reduce_scatter,
     split_route_columns,
 )
-from megatron_specmoe.schedule.assignment import (
-    AssignmentMethod,
-    ShufflePlan,
-    assign,
-    real_capacities,
-)
-from megatron_specmoe.predict.pregate import expert_rank_counts, span_hosts, top_experts, topk_rank_scores
+from megatron_specmoe.megatron.shuffle_linears import NoCommColumnParallelLinear, NoCommRowParallelLinear
+from megatron_specmoe.megatron.shuffle_refusals import layer_refusals, moe_layer_numbers
+from megatron_specmoe.megatron.shuffle_state import RouteHistory, ShuffleCarrier, ShuffleOptions, ShuffleState
+from megatron_specmoe.predict.pregate import top_experts
+from megatron_specmoe.predict.rank_scorers import ScoreInputs, make_rank_scorer
+from megatron_specmoe.predict.vocabulary import ShufflePredictor
+from megatron_specmoe.schedule.assignment import ShufflePlan, assign, real_capacities
 
 __all__ = [
     "ShufflePredictor",
@@ -85,173 +86,10 @@ __all__ = [
     "RouteHistory",
     "NoCommColumnParallelLinear",
     "NoCommRowParallelLinear",
+    "LayerInput",
     "ShuffleTransformerLayer",
     "restore_true_order",
 ]
-
-ShufflePredictor = Literal["pregate", "route", "history", "contiguous", "random", "adversarial"]
-"""How a layer scores tokens x TP ranks before its gate (all from data every TP rank holds):
-    pregate      this layer's router logits on the gathered, normalised layer input; score of
-                 rank r = how many of the token's predicted top-k experts it hosts.
-    route        a fitted ``RoutePredictor`` (``options.route_predictor``, e.g. the plan's token
-                 table) on the batch's token ids (``carrier.token_ids``, fed by
-                 ``shuffle_specs.feed_token_ids``); scores summed per EP rank of the TP span,
-                 precomputed for every id into a device table (``RankTable``): one gather per
-                 forward, no host synchronisation.
-                 The MoE-layer index comes from ``config.moe_layer_freq`` (dense layers skipped).
-    history      a fitted ``HistoryMLP``, or a ``Combined`` of the token table and it
-                 (``options.route_predictor``), on the real routes of the earlier MoE layers
-                 (``RouteHistory``) and, for the token member, the token ids; scored on the device
-                 (``predict.device_scorer``). Each layer's routes ride along with the all-gather
-                 that follows it (``comm.shuffle.append_route_columns``: k ids per token, e.g. 4
-                 bytes next to 2H bytes of hidden state), so every TP rank holds the same history
-                 in true order. The first MoE layer has no history (the history member scores the
-                 prior there, so a combined predictor leans on the token table). Needs the MoE
-                 layers to be consecutive shuffle layers.
-    contiguous   no prediction: Megatron's contiguous shards (the baseline order).
-    random       scores from a generator seeded by (options.seed, layer, call): for tests.
-    adversarial  minus the pregate score: tokens go where their predicted experts are *not*
-                 (lossless still, only slower): for tests."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ShuffleOptions:
-    """Attributes: predictor (``ShufflePredictor``), method (``assignment.AssignmentMethod``;
-    "refine" is the runtime one), seed (for the "random" predictor), keep_plans (carrier keeps
-    every plan it sees, for tests and benchmarks), route_predictor (a fitted
-    ``predict.base.RoutePredictor``, for predictor="route"; called with token ids only
-    and compiled per layer into a device table, ``predict.rank_table``),
-    route_vocab_size (V of that table; None: the predictor's own vocab_size or fitted id bound)."""
-
-    predictor: ShufflePredictor = "pregate"
-    method: AssignmentMethod = "refine"
-    seed: int = 0
-    keep_plans: bool = False
-    route_predictor: Optional[Any] = None
-    route_vocab_size: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.predictor not in get_args(ShufflePredictor):
-            raise ValueError(
-                f"ShuffleOptions.predictor={self.predictor!r}; choose one of {get_args(ShufflePredictor)}"
-            )
-        if self.predictor == "route" and self.route_predictor is None:
-            raise ValueError(
-                "ShuffleOptions.predictor='route' needs route_predictor= a fitted RoutePredictor "
-                "(e.g. from the plan: artifacts.plan_folder.load_plan)"
-            )
-        if self.predictor == "history" and getattr(self.route_predictor, "kind", None) not in ("history", "combined"):
-            raise ValueError(
-                "ShuffleOptions.predictor='history' needs route_predictor= a fitted 'history' predictor "
-                "(HistoryMLP) or a 'combined' of 'token' and 'history' (from the plan), got "
-                f"{getattr(self.route_predictor, 'kind', type(self.route_predictor).__name__)!r}"
-            )
-        if self.route_vocab_size is not None and self.route_vocab_size < 0:
-            raise ValueError(f"ShuffleOptions.route_vocab_size must be >= 0 or None, got {self.route_vocab_size}")
-        if self.method not in get_args(AssignmentMethod):
-            raise ValueError(
-                f"ShuffleOptions.method={self.method!r}; choose one of {get_args(AssignmentMethod)}"
-            )
-
-
-@dataclass(frozen=True, kw_only=True)
-class ShuffleState:
-    """The order of the residual stream between two layers (sequence parallel on).
-
-    Attributes:
-        plan: the ShufflePlan whose shards the ranks hold.
-        seq, batch: S and B of the true-order tensor.
-        tensor: the layer output this state describes (a later input that is not this tensor is
-            taken to be Megatron's contiguous shard).
-    """
-
-    plan: ShufflePlan
-    seq: int
-    batch: int
-    tensor: torch.Tensor
-
-
-@dataclass(frozen=True, kw_only=True)
-class RouteHistory:
-    """The real routes of the earlier MoE layers of this forward (predictor "history").
-
-    Attributes:
-        tensor: the layer output this describes (a later input that is not this tensor starts a
-            new history: the first MoE layer of a forward).
-        history: int64 [T, l, k], the experts of the l MoE layers before the next one, true order,
-            identical on every TP rank.
-        pending: int64 [C, k] or None: with sequence parallelism, the producing layer's routes of
-            this rank's shard rows (shuffled order, pad rows 0); the next layer's all-gather
-            brings them into ``history``. Without it, already in ``history``.
-    """
-
-    tensor: torch.Tensor
-    history: torch.Tensor
-    pending: Optional[torch.Tensor] = None
-
-
-@dataclass(kw_only=True)
-class ShuffleCarrier:
-    """Per-model, explicit s-TS state shared by the layers of one model (built by the spec).
-
-    Attributes:
-        options: ShuffleOptions.
-        state: the residual stream's current order (sequence parallel on), or None.
-        counter: CollectiveCounter for the TP collectives the layers issue, or None.
-        plans: (layer_number, plan) for every layer forward when ``options.keep_plans``.
-        calls: forwards seen (seeds the "random" predictor).
-        output_consumer: with sequence parallelism the last layer's output is in shuffled order;
-            who restores true order: "output_layer" (set by ``shuffle_specs.true_order_output``) or
-            "restore_true_order" (set by the caller who calls it). Layers refuse to run with
-            sequence parallelism while it is None, rather than hand shuffled rows to code that
-            expects Megatron's contiguous shards.
-        token_ids: int64 [T] token ids of the current forward in (s, b) order (predictor "route";
-            set by ``shuffle_specs.feed_token_ids``).
-        routes: the RouteHistory handed from layer to layer (predictor "history").
-    """
-
-    options: ShuffleOptions = field(default_factory=ShuffleOptions)
-    state: Optional[ShuffleState] = None
-    counter: Optional[CollectiveCounter] = None
-    plans: list = field(default_factory=list)
-    calls: int = 0
-    output_consumer: Optional[Literal["output_layer", "restore_true_order"]] = None
-    token_ids: Optional[torch.Tensor] = None
-    routes: Optional[RouteHistory] = None
-
-    def reset(self) -> None:
-        """Forget the residual order, the route history and kept plans (start of a new forward)."""
-        self.state = None
-        self.routes = None
-        self.plans.clear()
-
-
-class NoCommColumnParallelLinear(ColumnParallelLinear):
-    """Megatron's ColumnParallelLinear whose forward never communicates: the caller hands it the
-    already gathered input (Megatron's own "caller communicates" switch, ``explicit_expert_comm``)."""
-
-    specmoe_no_comm = True  # checked by ShuffleTransformerLayer (the TE versions set it too)
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.explicit_expert_comm = True
-
-
-class NoCommRowParallelLinear(RowParallelLinear):
-    """Megatron's RowParallelLinear that returns its partial sum (no all-reduce or reduce-scatter)
-    and its bias separately; the shuffle layer reduces it. Needs ``skip_bias_add=True`` (as
-    attention's output projection is built)."""
-
-    specmoe_no_comm = True
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if not self.skip_bias_add:
-            raise ValueError(
-                "NoCommRowParallelLinear needs skip_bias_add=True (the shuffle layer folds the "
-                "bias into the reduce-scatter); use it only as attention's linear_proj"
-            )
-        self.explicit_expert_comm = True
 
 
 def _is_static(inference_context) -> bool:
@@ -262,6 +100,34 @@ def _is_static(inference_context) -> bool:
 
 def _group_rank(group) -> int:
     return dist.get_group_rank(group, dist.get_rank())
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerInput:
+    """Stage 1's result: the layer input in true order and what this rank folds in stage 4.
+
+    Attributes:
+        ln_full: float [S, B, H], the normalised layer input in true order (every TP rank).
+        seq, batch: S and B.
+        residual_rows: int64 [R] or None: with sequence parallelism, the true-order rows of the
+            residual rows this rank holds (the previous plan's shard); None: chosen in stage 4.
+        residual: float [R, H] or None: those residual rows.
+        history: int64 [T, l, k] or None: the earlier MoE layers' routes (predictor "history").
+        gate_experts: int64 [T, k] or None: this layer's gate on every token, gated shard by shard
+            and gathered (pregate with sequence parallelism).
+    """
+
+    ln_full: torch.Tensor
+    seq: int
+    batch: int
+    residual_rows: Optional[torch.Tensor] = None
+    residual: Optional[torch.Tensor] = None
+    history: Optional[torch.Tensor] = None
+    gate_experts: Optional[torch.Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seq * self.batch
 
 
 class ShuffleTransformerLayer(TransformerLayer):
@@ -285,14 +151,11 @@ class ShuffleTransformerLayer(TransformerLayer):
         self.carrier = carrier
         self._check_modules()
         self._ep_base: Optional[int] = None
-        # (placement, RankTable) for predictor="route", built on first use (``_rank_table``).
-        self._route_table: Optional[tuple] = None
-        self._rank_of_cache: Optional[tuple] = None  # (placement, int64 [E]) for "pregate"
-        # predictor "history": (device, scorer) for this layer (built on first use) and the router's last
-        # top-k ids, kept by a forward hook on the router.
-        self._history_scorer = None
-        self._last_routes: Optional[torch.Tensor] = None
         self._moe_index: Optional[int] = None
+        self._rank_of_cache: Optional[tuple] = None  # (placement, int64 [E])
+        self.scorer = make_rank_scorer(carrier.options)
+        # predictor "history": the router's last top-k ids, kept by a forward hook on the router.
+        self._last_routes: Optional[torch.Tensor] = None
         if carrier.options.predictor == "history":
             if config.num_moe_experts > 32768:
                 raise ValueError("ShuffleTransformerLayer: predictor='history' carries expert ids in "
@@ -323,12 +186,6 @@ class ShuffleTransformerLayer(TransformerLayer):
                 "ShuffleTransformerLayer: the MLP must be a MoE layer with the specmoe dispatcher "
                 "(moe_token_dispatcher_type='specmoe'); dense layers keep Megatron's TransformerLayer"
             )
-        if getattr(self.mlp, "use_shared_expert", False) and self.tp_group.size() > 1:
-            raise ValueError(
-                "ShuffleTransformerLayer: shared experts with TP > 1 are not supported (their TP "
-                "linears expect every rank to hold the same tokens); set "
-                "moe_shared_expert_intermediate_size=None or TP=1"
-            )
 
     def _ep_span(self) -> int:
         """EP rank of TP rank 0 of this group; checks that TP rank r is EP rank ep_base + r."""
@@ -354,14 +211,11 @@ class ShuffleTransformerLayer(TransformerLayer):
             self._ep_base = base
         return self._ep_base
 
-    # ---- prediction ------------------------------------------------------------------------------
     @property
     def moe_index(self) -> int:
         """This layer's index among the model's MoE layers (0-based), from ``config.moe_layer_freq``
         and the global ``layer_number``: the layer index of routing traces and plans."""
         if self._moe_index is None:
-            from megatron_specmoe.megatron_lm.runtime import moe_layer_numbers
-
             numbers = moe_layer_numbers(self.config)
             if self.layer_number not in numbers:
                 raise ValueError(
@@ -372,43 +226,6 @@ class ShuffleTransformerLayer(TransformerLayer):
             self._moe_index = numbers.index(self.layer_number)
         return self._moe_index
 
-    def _keep_routes(self, _router, _args, output) -> None:
-        from megatron_specmoe.megatron.route_recorder import _topk_from_output
-
-        self._last_routes = _topk_from_output(output, self.config.moe_router_topk)[0]
-
-    @torch.no_grad()
-    def rank_scores(self, ln_full: torch.Tensor, history: Optional[torch.Tensor] = None,
-                    gate_experts: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """float32 [T, P]: how well each TP rank suits each token, from ``ln_full`` [S, B, H] (the
-        gathered, normalised layer input, identical on every TP rank) and, for predictor
-        "history", ``history`` int64 [T, l, k] (earlier MoE layers' routes, true order); for
-        "pregate" / "adversarial" with sequence parallelism, ``gate_experts`` int64 [T, k] (each
-        token's top-k by this layer's router, computed by the rank that held it and gathered)."""
-        opts = self.carrier.options
-        tp = self.tp_group.size()
-        t = ln_full.shape[0] * ln_full.shape[1]
-        if opts.predictor == "contiguous":
-            return torch.zeros(t, tp, dtype=torch.float32, device=ln_full.device)
-        if opts.predictor == "random":
-            gen = torch.Generator().manual_seed(
-                opts.seed * 1_000_003 + self.layer_number * 7919 + self.carrier.calls
-            )
-            return torch.rand(t, tp, generator=gen).to(ln_full.device)
-        if opts.predictor == "route":
-            return self._route_scores(t, tp).to(ln_full.device)
-        if opts.predictor == "history":
-            return self._history_scores(history, tp)
-        # pregate: the router's own gating on the layer input; top-k experts -> hosting EP rank.
-        rank_of = self._rank_of(ln_full.device)
-        if gate_experts is not None:  # sequence parallel: gated shard by shard, then gathered
-            scores = expert_rank_counts(gate_experts, rank_of=rank_of, ep_base=self._ep_span(), tp=tp)
-        else:
-            logits = self.mlp.router.gating(ln_full.reshape(t, -1))
-            scores = topk_rank_scores(logits, k=self.config.moe_router_topk, rank_of=rank_of,
-                                      ep_base=self._ep_span(), tp=tp)
-        return -scores if opts.predictor == "adversarial" else scores
-
     def _rank_of(self, device: torch.device) -> torch.Tensor:
         """int64 [E] EP rank of each logical expert, kept on ``device`` until the dispatcher's
         placement object changes (no host -> device copy per forward)."""
@@ -418,73 +235,6 @@ class ShuffleTransformerLayer(TransformerLayer):
             cached = (placement, torch.as_tensor(placement.rank_of_logical(), device=device))
             self._rank_of_cache = cached
         return cached[1]
-
-    def _history_scores(self, history: Optional[torch.Tensor], tp: int) -> torch.Tensor:
-        """float32 [T, P] from the history (or combined) predictor on the carried routes and the
-        token ids, all on the history's device."""
-        index = self.moe_index
-        if history is None or history.shape[1] != index:
-            raise ValueError(
-                f"ShuffleTransformerLayer: predictor='history' at MoE layer {index} received the routes of "
-                f"{None if history is None else history.shape[1]} earlier layers; every MoE layer must be "
-                "a ShuffleTransformerLayer and the MoE layers consecutive (no dense layer between them)"
-            )
-        from megatron_specmoe.predict.device_scorer import layer_device_scorer
-
-        opts = self.carrier.options
-        cached = self._history_scorer
-        if cached is None or cached[0] != history.device:
-            scorer = layer_device_scorer(opts.route_predictor, layer=index, device=history.device,
-                                         vocab_size=opts.route_vocab_size)
-            cached = (history.device, scorer)
-            self._history_scorer = cached
-        ids = self.carrier.token_ids
-        if ids is not None and ids.shape != (history.shape[0],):
-            raise ValueError(
-                f"ShuffleTransformerLayer: carrier.token_ids has shape {tuple(ids.shape)}, this forward has "
-                f"{history.shape[0]} tokens; feed_token_ids(model, carrier) must see this forward's input_ids"
-            )
-        expert_scores = cached[1].scores(token_ids=ids, history=history)  # [T, E]
-        # Sum over the experts each TP rank of the span hosts.
-        return expert_scores @ span_hosts(self._rank_of(history.device), ep_base=self._ep_span(), tp=tp)
-
-    def _route_scores(self, t: int, tp: int) -> torch.Tensor:
-        """float32 [T, P] from the fitted RoutePredictor on the carrier's token ids: one gather
-        from the layer's ``RankTable`` (compiled on first use and whenever the dispatcher's
-        placement changes), on the ids' device, with no host synchronisation."""
-        ids = self.carrier.token_ids
-        if ids is None or ids.shape != (t,):
-            raise ValueError(
-                f"ShuffleTransformerLayer: predictor='route' needs carrier.token_ids of shape ({t},), got "
-                f"{None if ids is None else tuple(ids.shape)}; attach shuffle_specs.feed_token_ids(model, carrier)"
-            )
-        return self._rank_table(tp, ids.device).lookup(ids)
-
-    def _rank_table(self, tp: int, device: torch.device):
-        """This layer's ``predict.rank_table.RankTable`` for the current placement."""
-        from megatron_specmoe.predict.rank_table import compile_rank_table
-
-        placement = self.mlp.token_dispatcher.placement
-        cached = self._route_table
-        if cached is not None and cached[0] is placement and cached[1].table.device == device:
-            return cached[1]
-        key = tuple(int(r) for r in placement.rank_of_logical())
-        if cached is not None and cached[1].placement_key == key and cached[1].table.device == device:
-            table = cached[1]
-        else:
-            table = compile_rank_table(
-                self.carrier.options.route_predictor, layer=self.moe_index, placement=placement,
-                ep_base=self._ep_span(), tp=tp, vocab_size=self.carrier.options.route_vocab_size,
-                device=device,
-            )
-        self._route_table = (placement, table)
-        return table
-
-    def shuffle_plan(self, ln_full: torch.Tensor, history: Optional[torch.Tensor] = None,
-                     gate_experts: Optional[torch.Tensor] = None) -> ShufflePlan:
-        """The balanced plan for this layer (identical on every TP rank)."""
-        return assign(self.rank_scores(ln_full, history, gate_experts), self.carrier.options.method,
-                      validate=False)
 
     # ---- route history ---------------------------------------------------------------------------
     @property
@@ -497,9 +247,16 @@ class ShuffleTransformerLayer(TransformerLayer):
         all-gather and gather the ids (the gathered rows are the same bytes either way)."""
         return self.config.sequence_parallel and self.carrier.options.predictor in ("pregate", "adversarial")
 
+    def _keep_routes(self, _router, _args, output) -> None:
+        from megatron_specmoe.megatron.route_recorder import _topk_from_output
+
+        self._last_routes = _topk_from_output(output, self.config.moe_router_topk)[0]
+
     def _incoming_routes(self, hidden_states: torch.Tensor) -> Optional[RouteHistory]:
         routes = self.carrier.routes
-        return routes if routes is not None and routes.tensor is hidden_states else None
+        if not self._carries_routes or routes is None or routes.tensor is not hidden_states:
+            return None
+        return routes
 
     def _shard_routes(self, real: int, capacity: int) -> torch.Tensor:
         """int64 [C, k]: this layer's routes of the shard's real rows, then 0 for the pad row."""
@@ -512,7 +269,7 @@ class ShuffleTransformerLayer(TransformerLayer):
             mine = torch.cat([mine, mine.new_zeros(capacity - real, k)], dim=0)
         return mine
 
-    # ---- forward ---------------------------------------------------------------------------------
+    # ---- the stages --------------------------------------------------------------------------------
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -546,7 +303,6 @@ class ShuffleTransformerLayer(TransformerLayer):
                 f"or padding_mask (got extra {sorted(unsupported)}); pass None"
             )
         inference_context = inference_context if inference_context is not None else inference_params
-        gate_experts: Optional[torch.Tensor] = None
         if inference_context is not None and not _is_static(inference_context):
             raise ValueError(
                 "ShuffleTransformerLayer: Megatron's dynamic inference context (continuous batching of "
@@ -554,63 +310,9 @@ class ShuffleTransformerLayer(TransformerLayer):
                 "(StaticInferenceContext, Megatron's static batching engine) or build the model without "
                 "the shuffle spec (the specmoe dispatcher alone works with either)"
             )
-        group = self.tp_group
-        tp = group.size()
-        rank = _group_rank(group)
-        counter = self.carrier.counter
-        sp = self.config.sequence_parallel
-        h = hidden_states.shape[-1]
-
-        # Step 1: the layer input in true order ([S, B, H]) and this rank's residual rows.
-        ln = self.input_layernorm(hidden_states)
-        if sp:
-            if self.carrier.output_consumer is None:
-                raise ValueError(
-                    "ShuffleTransformerLayer with sequence_parallel=True leaves tokens in shuffled order; "
-                    "call shuffle_specs.true_order_output(model, carrier) for a GPTModel, or set "
-                    "carrier.output_consumer='restore_true_order' and pass the last output to "
-                    "restore_true_order()"
-                )
-            prev = self._previous_state(hidden_states, tp)
-            seq, batch = prev.seq, prev.batch
-            incoming = self._incoming_routes(hidden_states) if self._carries_routes else None
-            history = None if incoming is None else incoming.history
-            # k expert ids per row ride along with this all-gather: the previous layer's routes
-            # ("history"), or this layer's gate on this rank's own rows ("pregate": each rank
-            # gates 1/P of the tokens instead of all of them).
-            ids = incoming.pending if incoming is not None else None
-            if ids is None and self._gates_shards:
-                ids = top_experts(self.mlp.router.gating(ln.reshape(-1, h)), self.config.moe_router_topk)
-            if ids is not None:
-                packed = deferred_all_gather(append_route_columns(ln.reshape(-1, h), ids),
-                                             prev.plan, group, counter=counter)
-                ln_flat, gathered = split_route_columns(packed, self.config.moe_router_topk)
-                ln_full = ln_flat.contiguous().view(seq, batch, h)
-                if self._gates_shards:
-                    gate_experts = gathered
-                else:
-                    history = torch.cat([history, gathered.unsqueeze(1)], dim=1)
-            else:
-                ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
-                ln_full = ln_full.view(seq, batch, h)
-            # A shard holds its real tokens first, then its pad row (if any).
-            prev_real = real_capacities(prev.plan.num_tokens, tp)[rank]
-            start = rank * prev.plan.capacity
-            residual_rows = prev.plan.order[start : start + prev_real]
-            residual = hidden_states.reshape(-1, h)[:prev_real]
-        else:
-            seq, batch = hidden_states.shape[0], hidden_states.shape[1]
-            ln_full = ln
-            incoming = self._incoming_routes(hidden_states) if self._carries_routes else None
-            history = None if incoming is None else incoming.history
-        num_tokens = seq * batch
-        if self._carries_routes and history is None:  # the first MoE layer of this forward
-            history = torch.zeros(num_tokens, 0, self.config.moe_router_topk, dtype=torch.long,
-                                  device=hidden_states.device)
-
-        # Step 2: attention on true order; linear_proj returns the partial sum and its bias.
-        partial, proj_bias = self.self_attention(
-            ln_full,
+        x = self.gather_input(hidden_states)
+        partial, proj_bias = self.attention(
+            x.ln_full,
             attention_mask=attention_mask,
             inference_context=inference_context,
             rotary_pos_emb=rotary_pos_emb,
@@ -618,29 +320,116 @@ class ShuffleTransformerLayer(TransformerLayer):
             rotary_pos_sin=rotary_pos_sin,
             rotary_pos_cos_sin=rotary_pos_cos_sin,
             attention_bias=attention_bias,
-            packed_seq_params=None,
             sequence_len_offset=sequence_len_offset,
         )
+        plan = self.plan(x)
+        shard = self.shuffled_reduce_scatter(x, hidden_states, partial, proj_bias, plan)
+        out, real = self.moe(shard, plan)
+        return self.hand_on(out, real, plan, x), context
 
-        # Step 3: the balanced plan, identical on every TP rank.
-        plan = self.shuffle_plan(ln_full, history, gate_experts)
+    def gather_input(self, hidden_states: torch.Tensor) -> LayerInput:
+        """Stage 1: the normalised layer input in true order on every TP rank; with sequence
+        parallelism the all-gather (carrying k route columns where the predictor needs them)
+        and the inverse of the previous layer's plan."""
+        incoming = self._incoming_routes(hidden_states)
+        history = None if incoming is None else incoming.history
+        ln = self.input_layernorm(hidden_states)
+        if not self.config.sequence_parallel:
+            x = LayerInput(ln_full=ln, seq=hidden_states.shape[0], batch=hidden_states.shape[1], history=history)
+            return self._with_empty_history(x, hidden_states.device)
+        if self.carrier.output_consumer is None:
+            raise ValueError(
+                "ShuffleTransformerLayer with sequence_parallel=True leaves tokens in shuffled order; "
+                "call shuffle_specs.true_order_output(model, carrier) for a GPTModel, or set "
+                "carrier.output_consumer='restore_true_order' and pass the last output to "
+                "restore_true_order()"
+            )
+        group, counter = self.tp_group, self.carrier.counter
+        tp, rank, h, k = group.size(), _group_rank(group), hidden_states.shape[-1], self.config.moe_router_topk
+        prev = self._previous_state(hidden_states, tp)
+        # k expert ids per row ride along with this all-gather: the previous layer's routes
+        # ("history"), or this layer's gate on this rank's own rows ("pregate": each rank gates
+        # 1/P of the tokens instead of all of them).
+        ids = incoming.pending if incoming is not None else None
+        if ids is None and self._gates_shards:
+            ids = top_experts(self.mlp.router.gating(ln.reshape(-1, h)), k)
+        gate_experts = None
+        if ids is not None:
+            packed = deferred_all_gather(append_route_columns(ln.reshape(-1, h), ids), prev.plan, group,
+                                         counter=counter)
+            ln_flat, gathered = split_route_columns(packed, k)
+            ln_full = ln_flat.contiguous().view(prev.seq, prev.batch, h)
+            if self._gates_shards:
+                gate_experts = gathered
+            else:
+                history = torch.cat([history, gathered.unsqueeze(1)], dim=1)
+        else:
+            ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
+            ln_full = ln_full.view(prev.seq, prev.batch, h)
+        # A shard holds its real tokens first, then its pad row (if any).
+        prev_real = real_capacities(prev.plan.num_tokens, tp)[rank]
+        start = rank * prev.plan.capacity
+        x = LayerInput(ln_full=ln_full, seq=prev.seq, batch=prev.batch,
+                       residual_rows=prev.plan.order[start : start + prev_real],
+                       residual=hidden_states.reshape(-1, h)[:prev_real],
+                       history=history, gate_experts=gate_experts)
+        return self._with_empty_history(x, hidden_states.device)
+
+    def _with_empty_history(self, x: LayerInput, device: torch.device) -> LayerInput:
+        """The first MoE layer of a forward starts an empty history (predictor "history")."""
+        if not self._carries_routes or x.history is not None:
+            return x
+        empty = torch.zeros(x.num_tokens, 0, self.config.moe_router_topk, dtype=torch.long, device=device)
+        return LayerInput(**{**x.__dict__, "history": empty})
+
+    def attention(self, ln_full: torch.Tensor, **kwargs: Any):
+        """Stage 2: Megatron's self-attention on the true-order input; its output projection does
+        not communicate and returns (partial sum float [S, B, H], bias or None)."""
+        return self.self_attention(ln_full, packed_seq_params=None, **kwargs)
+
+    @torch.no_grad()
+    def rank_scores(self, x: LayerInput) -> torch.Tensor:
+        """float32 [T, P]: how well each TP rank suits each token, from this layer's scorer."""
+        ln_flat = x.ln_full.reshape(x.num_tokens, -1)
+        return self.scorer(ScoreInputs(
+            num_tokens=x.num_tokens, tp=self.tp_group.size(), ep_base=self._ep_span(),
+            moe_index=self.moe_index if self.carrier.options.predictor in ("route", "history") else -1,
+            layer_number=self.layer_number, call=self.carrier.calls,
+            placement=self.mlp.token_dispatcher.placement, rank_of=self._rank_of(ln_flat.device),
+            layer_input=ln_flat, gate=self.mlp.router.gating, topk=self.config.moe_router_topk,
+            gate_experts=x.gate_experts, token_ids=self.carrier.token_ids, history=x.history,
+        ))
+
+    def plan(self, x: LayerInput) -> ShufflePlan:
+        """Stage 3: the balanced plan over the T tokens and the P TP ranks (identical on every TP
+        rank: the scores are, and the assignment is deterministic)."""
+        plan = assign(self.rank_scores(x), self.carrier.options.method, validate=False)
         if self.carrier.options.keep_plans:
             self.carrier.plans.append((self.layer_number, plan))
+        return plan
 
-        # Step 4: fold residual (+ bias) rows this rank holds, permute, reduce-scatter.
-        real = real_capacities(num_tokens, tp)[rank]
-        if not sp:
+    def shuffled_reduce_scatter(self, x: LayerInput, hidden_states: torch.Tensor, partial: torch.Tensor,
+                                proj_bias: Optional[torch.Tensor], plan: ShufflePlan) -> torch.Tensor:
+        """Stage 4: fold the residual (+ bias) rows this rank holds into its partial sum, permute
+        by the plan, reduce-scatter: float [C, H], this rank's predicted tokens."""
+        group = self.tp_group
+        tp, rank, h = group.size(), _group_rank(group), hidden_states.shape[-1]
+        residual_rows, residual = x.residual_rows, x.residual
+        if residual_rows is None:  # sequence parallel off: fold the rows of this rank's new shard
+            real = real_capacities(x.num_tokens, tp)[rank]
             residual_rows = plan.order[rank * plan.capacity : rank * plan.capacity + real]
-            residual = hidden_states.reshape(num_tokens, h).index_select(0, residual_rows)
+            residual = hidden_states.reshape(x.num_tokens, h).index_select(0, residual_rows)
         fold = residual if proj_bias is None else residual + proj_bias
-        shard = shuffled_reduce_scatter(
-            partial.reshape(num_tokens, h), plan, group,
-            fold_rows=residual_rows, fold=fold, counter=counter,
-        )
+        return shuffled_reduce_scatter(partial.reshape(x.num_tokens, h), plan, group,
+                                       fold_rows=residual_rows, fold=fold, counter=self.carrier.counter)
 
-        # Step 5: MoE on the real rows of the shard (pad rows never reach the router). A rank
-        # with no real token (T < P, e.g. a decode step) still takes part in the EP collectives:
-        # it routes its one zero pad row, whose output is dropped (it shows in the accounting).
+    def moe(self, shard: torch.Tensor, plan: ShufflePlan) -> tuple[torch.Tensor, int]:
+        """Stage 5: pre-MLP norm and the MoE layer on the shard's real rows, plus the residual.
+        Returns (float [C, 1, H] with zero pad rows, real rows). A rank with no real token (T < P,
+        e.g. a decode step) still takes part in the EP collectives: it routes its one zero pad
+        row, whose output is dropped (it shows in the accounting)."""
+        h = shard.shape[-1]
+        real = real_capacities(plan.num_tokens, self.tp_group.size())[_group_rank(self.tp_group)]
         rows = max(real, 1)
         x = shard[:rows].view(rows, 1, h)
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
@@ -648,26 +437,30 @@ class ShuffleTransformerLayer(TransformerLayer):
         if real < plan.capacity:
             out = torch.cat([out[:real], out.new_zeros(plan.capacity - real, 1, h)], dim=0)
         self.carrier.calls += 1
+        return out, real
 
-        if sp:
-            self.carrier.state = ShuffleState(plan=plan, seq=seq, batch=batch, tensor=out)
+    def hand_on(self, out: torch.Tensor, real: int, plan: ShufflePlan, x: LayerInput) -> torch.Tensor:
+        """Stage 6: what the next layer receives. Sequence parallel on: this shard, with the plan
+        (and this layer's routes, for "history") in the carrier. Off: the deferred all-gather back
+        to true order [S, B, H] (carrying this layer's routes for "history")."""
+        group, counter, h = self.tp_group, self.carrier.counter, out.shape[-1]
+        if self.config.sequence_parallel:
+            self.carrier.state = ShuffleState(plan=plan, seq=x.seq, batch=x.batch, tensor=out)
             if self._carries_routes:
-                self.carrier.routes = RouteHistory(tensor=out, history=history,
+                self.carrier.routes = RouteHistory(tensor=out, history=x.history,
                                                    pending=self._shard_routes(real, plan.capacity))
-            return out, context
-        # Step 6: the deferred all-gather back to true order (with this layer's routes for
-        # predictor "history").
+            return out
         if self._carries_routes:
             packed = deferred_all_gather(
                 append_route_columns(out.view(plan.capacity, h), self._shard_routes(real, plan.capacity)),
                 plan, group, counter=counter,
             )
             full, new = split_route_columns(packed, self.config.moe_router_topk)
-            result = full.contiguous().view(seq, batch, h)
-            self.carrier.routes = RouteHistory(tensor=result, history=torch.cat([history, new.unsqueeze(1)], dim=1))
-            return result, context
+            result = full.contiguous().view(x.seq, x.batch, h)
+            self.carrier.routes = RouteHistory(tensor=result, history=torch.cat([x.history, new.unsqueeze(1)], dim=1))
+            return result
         full = deferred_all_gather(out.view(plan.capacity, h), plan, group, counter=counter)
-        return full.view(seq, batch, h), context
+        return full.view(x.seq, x.batch, h)
 
     def _previous_state(self, hidden_states: torch.Tensor, tp: int) -> ShuffleState:
         state = self.carrier.state
@@ -675,8 +468,7 @@ class ShuffleTransformerLayer(TransformerLayer):
             return state
         # Megatron's contiguous sequence-parallel shard [S/P, B, H]: the contiguous plan.
         seq, batch = hidden_states.shape[0] * tp, hidden_states.shape[1]
-        t = seq * batch
-        plan = assign(torch.zeros(t, tp), "contiguous", validate=False)
+        plan = assign(torch.zeros(seq * batch, tp), "contiguous", validate=False)
         return ShuffleState(plan=plan, seq=seq, batch=batch, tensor=hidden_states)
 
 
@@ -704,28 +496,8 @@ def restore_true_order(shard: torch.Tensor, carrier: ShuffleCarrier, group, *, c
 
 
 def _check_config(config) -> None:
-    """Refuse settings the shuffle layer does not support, naming the field and the fix."""
-    problems = []
-    if getattr(config, "expert_tensor_parallel_size", 1) not in (1, None):
-        problems.append("expert_tensor_parallel_size must be 1 (MoE parallel folding)")
-    if getattr(config, "context_parallel_size", 1) != 1:
-        problems.append("context_parallel_size must be 1")
-    if getattr(config, "recompute_granularity", None) is not None:
-        problems.append("recompute_granularity must be None (inference)")
-    if getattr(config, "inference_fuse_tp_communication", False):
-        problems.append("inference_fuse_tp_communication must be False (the shuffle owns those collectives)")
-    if getattr(config, "moe_pad_expert_input_to_capacity", False):
-        problems.append("moe_pad_expert_input_to_capacity must be False (dropless routing)")
-    if getattr(config, "moe_token_dispatcher_type", None) != "specmoe":
-        problems.append("moe_token_dispatcher_type must be 'specmoe'")
-    if getattr(config, "sequence_parallel", False) and getattr(config, "pipeline_model_parallel_size", 1) > 1:
-        problems.append(
-            "pipeline_model_parallel_size must be 1 with sequence_parallel=True (the residual order "
-            "does not cross pipeline stages); turn sequence parallelism off for pipelined inference"
-        )
-    if getattr(config, "tp_comm_overlap", False):
-        problems.append("tp_comm_overlap must be False (the shuffle owns attention's TP collectives)")
-    if getattr(config, "cuda_graph_impl", "none") not in ("none", None):
-        problems.append("cuda_graph_impl must be 'none'")
+    """Refuse settings the shuffle layer does not support (``shuffle_refusals``: the one table the
+    launcher reads too), naming the field and the fix."""
+    problems = layer_refusals(config)
     if problems:
         raise ValueError("ShuffleTransformerLayer: " + "; ".join(problems))

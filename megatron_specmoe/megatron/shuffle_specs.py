@@ -1,6 +1,6 @@
 """Layer and block specs that put ``ShuffleTransformerLayer`` (s-TS) into a Megatron model.
 
-``get_gpt_layer_shuffle_spec`` starts from the specmoe layer spec (``megatron.specs``) and replaces:
+``get_gpt_layer_shuffle_spec`` starts from the specmoe layer spec (``megatron.moe_specs``) and replaces:
 the layer class by ``ShuffleTransformerLayer`` (with the model's ``ShuffleCarrier`` as a build
 parameter), attention's linear_qkv / linear_proj by their non-communicating variants, and, with
 sequence parallelism on a machine without TransformerEngine, the torch norms by ``TokenwiseNorm``
@@ -99,7 +99,7 @@ def get_gpt_layer_shuffle_spec(
         kwargs: passed to Megatron's spec builder (qk_layernorm, ...); ``use_transformer_engine``
             (default False) selects the TE spec and ``megatron.te_shuffle``'s linears.
     """
-    from megatron_specmoe.megatron.specs import get_gpt_layer_specmoe_spec, have_te
+    from megatron_specmoe.megatron.moe_specs import dispatcher_layer_spec, have_te
 
     use_te = bool(kwargs.pop("use_transformer_engine", False))
     if use_te and not have_te():
@@ -109,7 +109,7 @@ def get_gpt_layer_shuffle_spec(
         )
     if carrier is None:
         carrier = ShuffleCarrier(options=options or ShuffleOptions())
-    base = get_gpt_layer_specmoe_spec(num_experts, use_transformer_engine=use_te, **kwargs)
+    base = dispatcher_layer_spec(num_experts, use_transformer_engine=use_te, **kwargs)
     return shuffle_layer_spec_from(base, carrier=carrier, sequence_parallel_norms=sequence_parallel_norms)
 
 
@@ -150,7 +150,7 @@ def shuffle_layer_spec_from(
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from megatron_specmoe.megatron.specs import with_specmoe
+    from megatron_specmoe.megatron.moe_specs import with_specmoe
 
     if not isinstance(spec, ModuleSpec) or not (
         isinstance(spec.module, type) and issubclass(spec.module, TransformerLayer)

@@ -57,6 +57,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, get_args
 
+from megatron_specmoe.predict.vocabulary import PLAN_KINDS, RuntimePredictor
+from megatron_specmoe.megatron.shuffle_refusals import (
+    launcher_refusals,
+    launcher_sentences,
+    moe_layer_pattern as _moe_layer_pattern,
+    shuffle_dense_layer_problem,
+)
+
 __all__ = [
     "DISPATCHER",
     "PredictorName",
@@ -71,7 +79,6 @@ __all__ = [
     "num_moe_layers",
     "moe_layer_pattern",
     "shuffle_dense_layer_problem",
-    "ShufflePredictorName",
     "widen_dispatcher_literal",
     "narrow_dispatcher_literal",
     "install_args_hook",
@@ -90,8 +97,8 @@ DEFAULT_PREDICTOR: PredictorName = "combined"
 # input, the plan's token table on the token ids ("route" needs the plan's "token" predictor), or
 # the plan's token table combined with its route-history MLP on the routes carried between layers
 # ("history" needs a "combined" (token + history) or a "history" predictor).
-ShufflePredictorName = Literal["pregate", "route", "history"]
-SHUFFLE_PLAN_KINDS: dict[str, tuple[str, ...]] = {"route": ("token",), "history": ("combined", "history")}
+# --specmoe-shuffle-predictor takes predict.vocabulary.RuntimePredictor; the plan kinds each needs
+# are predict.vocabulary.PLAN_KINDS (empty for pregate).
 
 SPECMOE_OPTION_STRINGS: tuple[str, ...] = (
     "--specmoe-plan",
@@ -253,7 +260,7 @@ def add_specmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument(
         "--specmoe-shuffle-predictor",
         type=str,
-        choices=get_args(ShufflePredictorName),
+        choices=get_args(RuntimePredictor),
         default="pregate",
         help="With --specmoe-shuffle: 'pregate' (default; the layer's router on its input, no "
         "plan needed), 'route' (the plan's token table on the token ids; needs --specmoe-plan "
@@ -324,50 +331,13 @@ def num_moe_layers(args: argparse.Namespace) -> Optional[int]:
 
 def moe_layer_pattern(num_layers: int, freq: Any, *,
                       names: tuple[str, str] = ("--moe-layer-freq", "--num-layers")) -> list[int]:
-    """1 (MoE) or 0 (dense) for each of ``num_layers`` layers, from ``moe_layer_freq`` as Megatron
-    reads it: an int N (layers 0, N, 2N, ... are MoE; None counts as 1) or a 0/1 list. ``names``:
-    what the error calls the two settings (command-line flags, or config fields)."""
-    freq = 1 if freq is None else freq
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(num_layers)]
-    pattern = [int(bool(x)) for x in freq]
-    if len(pattern) != num_layers:
-        raise SpecMoEArgumentError(
-            f"{names[0]} lists {len(pattern)} layers but {names[1]} is {num_layers}"
-        )
-    return pattern
+    """``model_tools.moe_layer_pattern`` with its error as a SpecMoEArgumentError (flag names)."""
+    try:
+        return _moe_layer_pattern(num_layers, freq, names=names)
+    except ValueError as exc:
+        raise SpecMoEArgumentError(str(exc)) from None
 
 
-def shuffle_dense_layer_problem(pattern: list[int], *, sequence_parallel: bool,
-                                predictor: str) -> Optional[str]:
-    """Why ``--specmoe-shuffle`` cannot run this mix of dense (0) and MoE (1) layers, or None.
-
-    Dense layers stay Megatron's TransformerLayer. Without sequence parallelism every shuffle layer
-    returns its output in true order, so dense layers may sit anywhere. With it, a shuffle layer
-    hands the next layer its tokens in shuffled order, which only a shuffle layer reads: dense
-    layers must all come before the first MoE layer (first-k-dense). The "history" predictor
-    carries each MoE layer's routes to the next one along with the hidden states, so a dense layer
-    between two MoE layers breaks the chain whatever the sequence parallelism. (The plan's MoE
-    layer index comes from ``moe_layer_freq``, so "route" works with dense layers.)"""
-    if 0 not in pattern or 1 not in pattern:
-        return None
-    first_moe = pattern.index(1)
-    late = [i for i, x in enumerate(pattern) if not x and i > first_moe]
-    if predictor == "history" and late:
-        return (
-            f"--specmoe-shuffle-predictor history: dense layer(s) {late} come after the MoE layer "
-            f"{first_moe}; the route history passes from one MoE layer to the next, which a dense "
-            "layer in between interrupts. Use --specmoe-shuffle-predictor route or pregate"
-        )
-    if sequence_parallel and late:
-        return (
-            f"--specmoe-shuffle with --sequence-parallel: dense layer(s) {late} come after the MoE "
-            f"layer {first_moe}; with sequence parallelism a shuffle layer passes its tokens on in "
-            "shuffled order, which Megatron's dense TransformerLayer cannot read. Drop "
-            "--sequence-parallel (shuffle layers then return true order), or use a model whose dense "
-            "layers all come first (--moe-layer-freq like ([0]*K+[1]*N))"
-        )
-    return None
 
 
 def layout_problems(args: argparse.Namespace) -> list[str]:
@@ -449,40 +419,13 @@ def _check_plan(args: argparse.Namespace, plan_dir: Path, predictor: str,
         )
 
 
-# (args attribute, Megatron flag, unwanted value test, why the shuffle layer cannot run with it)
-_SHUFFLE_UNSUPPORTED: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
-    ("spec", "--spec", lambda v: v is not None,
-     "Megatron-LM then takes the layer spec from that module and never asks gpt_layer_specs, so the "
-     "shuffle layers would silently not be built"),
-    ("use_legacy_models", "--use-legacy-models", bool, "legacy models have no layer specs"),
-    ("experimental_attention_variant", "--experimental-attention-variant", lambda v: v is not None,
-     "those blocks are built without gpt_layer_specs' decoder block spec"),
-    ("multi_latent_attention", "--multi-latent-attention", bool,
-     "the shuffle layer supports standard self-attention (linear_qkv/linear_proj) only"),
-    ("mtp_num_layers", "--mtp-num-layers", lambda v: v is not None,
-     "multi-token-prediction layers would get a second set of shuffle layers outside the block"),
-    ("context_parallel_size", "--context-parallel-size", lambda v: (v or 1) != 1,
-     "the shuffle layer needs context parallel size 1"),
-    ("recompute_granularity", "--recompute-granularity", lambda v: v is not None,
-     "activation recomputation is for training; the shuffle layer is forward-only"),
-    ("cuda_graph_impl", "--cuda-graph-impl", lambda v: v not in (None, "none"),
-     "the shuffle layer plans on the host every forward"),
-    ("enable_cuda_graph", "--enable-cuda-graph", bool,
-     "the shuffle layer plans on the host every forward"),
-    ("inference_fuse_tp_communication", "--inference-fuse-tp-communication", bool,
-     "the shuffle layer owns attention's TP collectives"),
-    ("inference_dynamic_batching", "--inference-dynamic-batching", bool,
-     "the shuffle layer supports Megatron's static inference context only, not the dynamic one"),
-)
-
-
 def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
     """The ``--specmoe-shuffle`` checks that need no GPU (the dispatcher is specmoe and the layout
     sound by now); returns the shuffle predictor. See the module docstring."""
     predictor = getattr(args, "specmoe_shuffle_predictor", None) or "pregate"
-    if predictor not in get_args(ShufflePredictorName):
+    if predictor not in get_args(RuntimePredictor):
         raise SpecMoEArgumentError(
-            f"--specmoe-shuffle-predictor {predictor}: choose one of {get_args(ShufflePredictorName)}"
+            f"--specmoe-shuffle-predictor {predictor}: choose one of {get_args(RuntimePredictor)}"
         )
     impl = getattr(args, "transformer_impl", "local")
     if impl != "local":
@@ -492,8 +435,10 @@ def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
             "have not been verified on a GPU yet (tools/gpu_check.sh does that), so the launcher does "
             "not build them. Pass --transformer-impl local"
         )
-    bad = [f"{flag} ({why})" for attr, flag, unwanted, why in _SHUFFLE_UNSUPPORTED
-           if unwanted(getattr(args, attr, None))]
+    sentences = launcher_sentences(args)
+    if sentences:
+        raise SpecMoEArgumentError(sentences[0])
+    bad = launcher_refusals(args)
     if bad:
         raise SpecMoEArgumentError(
             "--specmoe-shuffle does not support " + "; ".join(bad) + ". Drop these flags, or drop "
@@ -506,21 +451,7 @@ def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
             "the batch's token ids. Record routes in a run without --specmoe-shuffle (calibration "
             "needs no shuffling)"
         )
-    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
-    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
     sp = bool(getattr(args, "sequence_parallel", False))
-    if sp and pp > 1:
-        raise SpecMoEArgumentError(
-            f"--specmoe-shuffle with --sequence-parallel and --pipeline-model-parallel-size {pp}: the "
-            "shuffled token order does not cross pipeline stages. Drop --sequence-parallel for "
-            "pipelined inference, or use --pipeline-model-parallel-size 1"
-        )
-    if getattr(args, "moe_shared_expert_intermediate_size", None) and tp > 1:
-        raise SpecMoEArgumentError(
-            f"--specmoe-shuffle with --moe-shared-expert-intermediate-size and "
-            f"--tensor-model-parallel-size {tp}: the shared expert's TP linears expect every TP rank "
-            "to hold the same tokens, which shuffling changes. Drop --specmoe-shuffle for this model"
-        )
     num_layers = getattr(args, "num_layers", None)
     if num_layers is not None:
         problem = shuffle_dense_layer_problem(
@@ -533,10 +464,10 @@ def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
               "dynamic inference context unless --use-legacy-static-engine is given, and the shuffle "
               "layer refuses that context at its first forward; pass --use-legacy-static-engine to "
               "scripts that build a StaticInferenceEngine", file=sys.stderr)
-    if predictor in SHUFFLE_PLAN_KINDS and plan is None:
+    if PLAN_KINDS[predictor] and plan is None:
         raise SpecMoEArgumentError(
             f"--specmoe-shuffle-predictor {predictor} needs --specmoe-plan DIR with a "
-            f"{' or '.join(repr(k) for k in SHUFFLE_PLAN_KINDS[predictor])} predictor (made by `specmoe "
+            f"{' or '.join(repr(k) for k in PLAN_KINDS[predictor])} predictor (made by `specmoe "
             "plan`); without a plan use --specmoe-shuffle-predictor pregate"
         )
     return predictor
@@ -666,7 +597,7 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
         if plan is None:
             return SpecMoEArgsCheck(active=True, predictor=None, shuffle=shuffle_predictor)
         plan_dir = Path(plan)
-        kinds = SHUFFLE_PLAN_KINDS.get(shuffle_predictor, ())
+        kinds = PLAN_KINDS.get(shuffle_predictor, ())
         _check_plan(args, plan_dir, kinds[0] if kinds else "pregate",
                     flag=f"--specmoe-shuffle-predictor {shuffle_predictor}" if kinds else None, any_of=kinds)
         return SpecMoEArgsCheck(active=True, predictor=None, plan=plan_dir, shuffle=shuffle_predictor)

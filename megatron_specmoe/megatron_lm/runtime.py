@@ -75,6 +75,8 @@ from typing import Any, Callable, Literal, Optional, Sequence, get_args
 import numpy as np
 import torch
 
+from megatron_specmoe.megatron.shuffle_refusals import moe_layer_numbers
+
 __all__ = [
     "RuntimeSettings",
     "SpecMoERuntime",
@@ -182,14 +184,6 @@ def _container(chunks: Sequence[torch.nn.Module]) -> torch.nn.Module:
     return chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
 
 
-def moe_layer_numbers(config: Any) -> list[int]:
-    """Megatron's 1-based numbers of the MoE layers of the whole model, from ``num_layers`` and
-    ``moe_layer_freq`` (an int N: layers 1, N+1, 2N+1, ...; or a 0/1 list)."""
-    from megatron_specmoe.megatron_lm.args import moe_layer_pattern
-
-    pattern = moe_layer_pattern(int(config.num_layers), getattr(config, "moe_layer_freq", 1),
-                                names=("moe_layer_freq", "num_layers"))
-    return [i + 1 for i, x in enumerate(pattern) if x]
 
 
 def _dist_rank() -> int:

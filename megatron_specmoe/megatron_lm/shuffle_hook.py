@@ -38,7 +38,7 @@ How the flag takes effect (``specmoe-launch`` does 1; ``megatron_lm/runtime`` do
 Refused with a ValueError naming the fix (``megatron_lm/args`` refuses the same before any GPU
 work): TransformerEngine specs; dense layers after an MoE layer with sequence parallelism, and
 dense layers after the first MoE layer with the "history" predictor
-(``megatron_args.shuffle_dense_layer_problem``).
+(``shuffle_refusals.shuffle_dense_layer_problem``).
 The shuffle layer itself refuses the rest (shared experts with TP > 1, pipeline stages with
 sequence parallelism, training mode, ...). Nothing here runs at import time.
 """
@@ -51,12 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, get_args
 
-from megatron_specmoe.megatron_lm.args import (
-    SHUFFLE_PLAN_KINDS,
-    ShufflePredictorName,
-    moe_layer_pattern,
-    shuffle_dense_layer_problem,
-)
+from megatron_specmoe.megatron.shuffle_refusals import moe_layer_pattern, shuffle_dense_layer_problem
+from megatron_specmoe.predict.vocabulary import PLAN_KINDS, RuntimePredictor
 
 __all__ = [
     "ShuffleSettings",
@@ -96,12 +92,12 @@ class ShuffleSettings:
     plan: Optional[Path] = None
 
     def __post_init__(self) -> None:
-        if self.predictor not in get_args(ShufflePredictorName):
+        if self.predictor not in get_args(RuntimePredictor):
             raise ValueError(f"--specmoe-shuffle-predictor {self.predictor!r}: choose one of "
-                             f"{get_args(ShufflePredictorName)}")
-        if self.predictor in SHUFFLE_PLAN_KINDS and self.plan is None:
+                             f"{get_args(RuntimePredictor)}")
+        if PLAN_KINDS[self.predictor] and self.plan is None:
             raise ValueError(f"--specmoe-shuffle-predictor {self.predictor} needs --specmoe-plan DIR with "
-                             f"a {' or '.join(repr(k) for k in SHUFFLE_PLAN_KINDS[self.predictor])} predictor")
+                             f"a {' or '.join(repr(k) for k in PLAN_KINDS[self.predictor])} predictor")
 
     @classmethod
     def from_args(cls, args: Any) -> Optional["ShuffleSettings"]:
@@ -117,7 +113,7 @@ class ShuffleSettings:
         and "history"; "refine" assignment, the runtime one)."""
         from megatron_specmoe.megatron.shuffle_layer import ShuffleOptions
 
-        kinds = SHUFFLE_PLAN_KINDS.get(self.predictor)
+        kinds = PLAN_KINDS.get(self.predictor) or None
         if not kinds:
             return ShuffleOptions(predictor=self.predictor)
         from megatron_specmoe.artifacts.plan_folder import load_plan

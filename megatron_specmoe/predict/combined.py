@@ -27,6 +27,7 @@ import numpy as np
 from megatron_specmoe.predict.common import NotFittedError, check_state
 from megatron_specmoe.predict.base import RouteContext, RoutePredictor
 from megatron_specmoe.artifacts.traces import RoutingTrace
+from megatron_specmoe.predict.members import fit_member, load_member
 
 __all__ = ["Combined", "CombineRule", "combine_scores_torch"]
 
@@ -112,10 +113,8 @@ class Combined:
 
     def fit(self, trace: RoutingTrace) -> "Combined":
         """Fit every member on ``trace``. Returns ``self``."""
-        from megatron_specmoe.predict import registry  # the registry imports this module
-
         self._predictors = [
-            registry.fit_predictor(kind, trace, **self.member_options.get(kind, {})) for kind in self.members
+            fit_member(kind, trace, **self.member_options.get(kind, {})) for kind in self.members
         ]
         return self
 
@@ -159,13 +158,11 @@ class Combined:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Combined":
-        from megatron_specmoe.predict import registry
-
         check_state(state, kind=cls.kind, arrays=())
         cfg, arr = state["config"], state["arrays"]
         predictors = []
         for i, member_cfg in enumerate(cfg["members"]):
             prefix = f"m{i}."
             sub = {name[len(prefix) :]: a for name, a in arr.items() if name.startswith(prefix)}
-            predictors.append(registry.load_predictor({"config": member_cfg, "arrays": sub}))
+            predictors.append(load_member({"config": member_cfg, "arrays": sub}))
         return cls.of(predictors, rule=cfg["rule"])

@@ -7,7 +7,7 @@ Kinds
     "combined"  Combined: per-token arbitration between members (default token + layer).
 
 The pre-attention gate ("pregate": layer l's router applied to the layer's input hidden state)
-needs the model's weights, so it is built in the glue layer and is not in this pure registry.
+needs the model's weights, so it is built by the shuffle layer (``predict/rank_scorers.py``) and is not in this pure registry.
 
 Every class has keyword-only hyper-parameters in its constructor, ``fit(trace) -> self``,
 ``expert_scores(ctx)``, ``memory_bytes()``, ``to_state()`` and the class method ``from_state``.
@@ -15,13 +15,12 @@ Every class has keyword-only hyper-parameters in its constructor, ``fit(trace) -
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Mapping, get_args
 
-from megatron_specmoe.predict.combined import Combined
-from megatron_specmoe.predict.history_mlp import HistoryMLP
-from megatron_specmoe.predict.layer_table import LayerTable
-from megatron_specmoe.predict.token_table import TokenTable
 from megatron_specmoe.artifacts.traces import RoutingTrace
+from megatron_specmoe.predict.combined import Combined
+from megatron_specmoe.predict.members import MEMBERS
+from megatron_specmoe.predict.vocabulary import PredictorKind
 
 __all__ = [
     "PredictorKind",
@@ -33,22 +32,14 @@ __all__ = [
     "predictor_from_state",
 ]
 
-PredictorKind = Literal["token", "layer", "history", "combined"]
-
-PREDICTORS: dict[str, type] = {
-    "token": TokenTable,
-    "layer": LayerTable,
-    "history": HistoryMLP,
-    "combined": Combined,
-}
-assert set(PREDICTORS) == set(get_args(PredictorKind)), "PREDICTORS and PredictorKind disagree"
+PREDICTORS: dict[str, type] = {**MEMBERS, "combined": Combined}
 
 
 def check_kind(kind: str) -> str:
     """Return ``kind`` if it names a registered predictor, else raise a ValueError listing them."""
     allowed = list(get_args(PredictorKind))
-    if kind not in allowed:
-        hint = " ('pregate' needs the model and is built by the glue layer)" if kind == "pregate" else ""
+    if kind not in allowed or kind not in PREDICTORS:
+        hint = " ('pregate' needs the model and is built by the shuffle layer)" if kind == "pregate" else ""
         raise ValueError(f"unknown predictor kind {kind!r}; allowed: {', '.join(allowed)}{hint}")
     return kind
 
