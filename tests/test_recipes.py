@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import typing
+
+from megatron_specmoe.schedule.layout import ParallelLayout
 from pathlib import Path
 
 import pytest
@@ -111,7 +113,7 @@ def test_rendered_text_is_the_command(recipe):
 
 def test_layouts_that_cannot_work_are_refused():
     mixtral = R.preset("mixtral-8x7b")
-    folded_wrong = dataclasses.replace(mixtral, layouts=((1, R.Layout(tp=8, ep=4)),))
+    folded_wrong = dataclasses.replace(mixtral, layouts=((1, ParallelLayout(tp=8, ep=4)),))
     with pytest.raises(ValueError, match=r"TP group \(8 ranks\) is not inside one EP group"):
         R.Recipe(model=folded_wrong, nodes=1, launcher="torchrun")
     with pytest.raises(ValueError, match="world size 6 is not a multiple of TP\\*PP = 8"):

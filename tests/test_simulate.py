@@ -156,7 +156,7 @@ def test_bad_inputs_name_the_field():
     with pytest.raises(ValueError, match="nic_bw_bytes_per_s must be > 0"):
         dataclasses.replace(TINY, nic_bw_bytes_per_s=0.0)
     with pytest.raises(ValueError, match="tp=3 must divide ep=4"):
-        ParallelLayout(tp=3, ep=4)
+        ParallelLayout(tp=3, ep=4).require_folding()
     with pytest.raises(ValueError, match="unknown dispatcher 'deepep'"):
         layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="deepep")
     with pytest.raises(ValueError, match=r"home ranks must be in 0..3"):

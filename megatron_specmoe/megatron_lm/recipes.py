@@ -35,13 +35,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional, Union, get_args
 
+from megatron_specmoe.schedule.layout import ParallelLayout
+
 __all__ = [
     "ModelName",
     "Step",
     "Launcher",
     "RouteRecorder",
     "STEPS",
-    "Layout",
+    "layout_flags",
+    "layout_problems_on",
     "ModelPreset",
     "ScriptRef",
     "RecipePaths",
@@ -68,44 +71,25 @@ STEPS: tuple[Step, ...] = get_args(Step)
 _SAFE = re.compile(r"^[A-Za-z0-9_./=:,+@%-]+$")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Layout:
-    """Parallel sizes for one node count.
+def layout_flags(layout: ParallelLayout) -> tuple[str, ...]:
+    """Megatron-LM's parallel-size flags for ``layout``."""
+    out = (
+        "--tensor-model-parallel-size", str(layout.tp),
+        "--expert-model-parallel-size", str(layout.ep),
+        "--expert-tensor-parallel-size", str(layout.etp),
+        "--pipeline-model-parallel-size", str(layout.pp),
+    )
+    # Megatron-LM requires sequence parallelism for MoE with TP > 1.
+    return out + (("--sequence-parallel",) if layout.tp > 1 else ())
 
-    Attributes:
-        tp: attention tensor-parallel size.   ep: expert-parallel size.
-        pp: pipeline-parallel size.           etp: expert tensor-parallel size (1: whole experts).
-    """
 
-    tp: int
-    ep: int
-    pp: int = 1
-    etp: int = 1
+def layout_problems_on(layout: ParallelLayout, world_size: int) -> list[str]:
+    """Why ``layout`` cannot run on ``world_size`` GPUs, or cannot benefit (empty: fine)."""
+    from megatron_specmoe.megatron_lm.args import layout_problems  # imports no megatron
 
-    def flags(self) -> tuple[str, ...]:
-        out = (
-            "--tensor-model-parallel-size", str(self.tp),
-            "--expert-model-parallel-size", str(self.ep),
-            "--expert-tensor-parallel-size", str(self.etp),
-            "--pipeline-model-parallel-size", str(self.pp),
-        )
-        # Megatron-LM requires sequence parallelism for MoE with TP > 1.
-        return out + (("--sequence-parallel",) if self.tp > 1 else ())
-
-    def problems(self, world_size: int) -> list[str]:
-        """Why this layout cannot run on ``world_size`` GPUs, or cannot benefit (empty: fine)."""
-        from megatron_specmoe.megatron_lm.args import layout_problems  # imports no megatron
-
-        out = []
-        if world_size % (self.tp * self.pp):
-            out.append(f"world size {world_size} is not a multiple of TP*PP = {self.tp * self.pp}")
-        if world_size % (self.etp * self.ep * self.pp):
-            out.append(f"world size {world_size} is not a multiple of ETP*EP*PP = "
-                       f"{self.etp * self.ep * self.pp}")
-        out += layout_problems(SimpleNamespace(
-            tensor_model_parallel_size=self.tp, expert_model_parallel_size=self.ep,
-            expert_tensor_parallel_size=self.etp))
-        return out
+    return layout.world_problems(world_size) + layout_problems(SimpleNamespace(
+        tensor_model_parallel_size=layout.tp, expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +110,7 @@ class ModelPreset:
         seq_length, max_position_embeddings: sequence lengths.
         attention_flags: GQA / MLA / positional-embedding flags.
         extra_flags: anything else the model needs (norm, activation, biases).
-        layouts: (nodes, Layout) pairs, 8 GPUs per node.
+        layouts: (nodes, ParallelLayout) pairs, 8 GPUs per node.
     """
 
     name: str
@@ -146,7 +130,7 @@ class ModelPreset:
     max_position_embeddings: int
     attention_flags: tuple[str, ...]
     extra_flags: tuple[str, ...]
-    layouts: tuple[tuple[int, Layout], ...]
+    layouts: tuple[tuple[int, ParallelLayout], ...]
 
     @property
     def num_moe_layers(self) -> int:
@@ -155,7 +139,7 @@ class ModelPreset:
         pattern = eval(self.moe_layer_freq, {"__builtins__": {}})  # our own constant list expression
         return int(sum(1 for x in pattern if x))
 
-    def layout_for(self, nodes: int) -> Layout:
+    def layout_for(self, nodes: int) -> ParallelLayout:
         for n, layout in self.layouts:
             if n == nodes:
                 return layout
@@ -204,7 +188,7 @@ PRESETS: dict[str, ModelPreset] = {
         extra_flags=(*_COMMON_FLAGS, "--norm-epsilon", "1e-5"),
         # 8 experts: EP stops at 8, so 2 nodes are two EP=8 replicas and the expert all-to-all
         # stays on NVLink inside each node.
-        layouts=((1, Layout(tp=8, ep=8)), (2, Layout(tp=8, ep=8))),
+        layouts=((1, ParallelLayout(tp=8, ep=8)), (2, ParallelLayout(tp=8, ep=8))),
     ),
     "deepseek-v2-lite": ModelPreset(
         name="deepseek-v2-lite", title="DeepSeek-V2-Lite", hf_id="deepseek-ai/DeepSeek-V2-Lite",
@@ -221,7 +205,7 @@ PRESETS: dict[str, ModelPreset] = {
                          "--yarn-original-max-position-embeddings", "4096"),
         extra_flags=(*_COMMON_FLAGS, "--norm-epsilon", "1e-6"),
         # 2 nodes: EP=16 spans both nodes, the case where the all-to-all crosses InfiniBand.
-        layouts=((1, Layout(tp=2, ep=8)), (2, Layout(tp=2, ep=16))),
+        layouts=((1, ParallelLayout(tp=2, ep=8)), (2, ParallelLayout(tp=2, ep=16))),
     ),
     "qwen3-30b-a3b": ModelPreset(
         name="qwen3-30b-a3b", title="Qwen3-30B-A3B", hf_id="Qwen/Qwen3-30B-A3B",
@@ -232,7 +216,7 @@ PRESETS: dict[str, ModelPreset] = {
                          "--kv-channels", "128", "--qk-layernorm",
                          "--position-embedding-type", "rope", "--rotary-base", "1000000"),
         extra_flags=(*_COMMON_FLAGS, "--norm-epsilon", "1e-6"),
-        layouts=((1, Layout(tp=4, ep=8)), (2, Layout(tp=4, ep=16))),
+        layouts=((1, ParallelLayout(tp=4, ep=8)), (2, ParallelLayout(tp=4, ep=16))),
     ),
 }
 assert set(PRESETS) == set(get_args(ModelName)), "PRESETS must match ModelName"
@@ -415,7 +399,7 @@ class Recipe:
             raise ValueError(f"Recipe: predictor {self.predictor!r} needs token ids, which "
                              "Megatron's --moe-routing-trace-path does not record; use "
                              "recorder='specmoe' or predictor 'layer'/'history'")
-        problems = self.layout.problems(self.world_size)
+        problems = layout_problems_on(self.layout, self.world_size)
         if problems:
             raise ValueError(f"Recipe {self.model.name} on {self.nodes}x{self.gpus_per_node}: "
                              + "; ".join(problems))
@@ -451,7 +435,7 @@ class Recipe:
         return ("srun", "--nodes=1", "--ntasks=1") if self.launcher == "slurm" else ()
 
     def _megatron_common(self) -> tuple[str, ...]:
-        return (*self.model.model_flags(), *self.layout.flags(),
+        return (*self.model.model_flags(), *layout_flags(self.layout),
                 "--bf16", "--moe-grouped-gemm", "--moe-router-dtype", "fp32",
                 "--micro-batch-size", "1", "--inference-max-seq-length", str(self.model.seq_length),
                 "--load", self.paths.checkpoint)

@@ -142,7 +142,7 @@ def compare_dispatchers(
         )
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-    layout = ParallelLayout(tp=tp, ep=ep)
+    layout = ParallelLayout(tp=tp, ep=ep).require_folding()
     if tokens_per_rank < 1:
         raise ValueError(f"compare_dispatchers: tokens_per_rank must be >= 1, got {tokens_per_rank}")
     tokens_per_group = tokens_per_rank * tp

@@ -51,6 +51,7 @@ from typing import Literal, Mapping, Optional, Sequence, get_args
 import numpy as np
 import torch
 
+from megatron_specmoe.schedule.layout import ParallelLayout
 from megatron_specmoe.sim.cluster import ClusterSpec
 from megatron_specmoe.measure.measures import WireFormat, rank_hits, traffic_matrix
 from megatron_specmoe.schedule.placement import ExpertPlacement
@@ -136,43 +137,6 @@ class ModelShape:
             activation_bytes=self.activation_bytes,
             prob_bytes=self.prob_bytes,
         )
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParallelLayout:
-    """Where tokens and experts live (Megatron's MoE parallel folding: attention TP inside EP).
-
-    Attributes:
-        tp: attention tensor-parallel size; a TP group (one shuffle domain) is ``tp`` consecutive
-            EP ranks, and s-TS can move a token only inside its TP group.
-        ep: P, the expert-parallel size (the group simulated).
-        dp: replicas of the whole EP group (they do not talk during the MoE layer, so they do not
-            change the time; they only need GPUs).
-    """
-
-    tp: int
-    ep: int
-    dp: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "ep", "dp"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"ParallelLayout.{name} must be a positive int, got {value!r}")
-        if self.ep % self.tp:
-            raise ValueError(
-                f"ParallelLayout: tp={self.tp} must divide ep={self.ep} (the attention TP group "
-                "lies inside the EP group)"
-            )
-
-    @property
-    def tp_groups(self) -> int:
-        """TP groups (shuffle domains) inside one EP group."""
-        return self.ep // self.tp
-
-    @property
-    def world_size(self) -> int:
-        return self.ep * self.dp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -460,6 +424,7 @@ def simulate(
         tokens_per_step: tokens per step; must divide T (trim the trace with ``trace.select``).
     """
     _check_dispatcher(dispatcher)
+    layout.require_folding()
     num_tokens, num_layers, topk = trace.experts.shape
     for name, have, want in (
         ("num_experts", trace.num_experts, shape.num_experts),
