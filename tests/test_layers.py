@@ -212,3 +212,18 @@ def test_import_package_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT.parent)
     assert out.stdout.strip() == ""
+
+
+def test_architecture_page_names_every_module():
+    out = subprocess.run([sys.executable, str(ROOT.parent / "tools" / "module_map.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_no_reference_to_documents_outside_the_repository():
+    outside = ("DESIGN.md", "MEGATRON_NOTES.md", "STYLE.md", "../shared/docs")
+    hits = []
+    for path in list(ROOT.rglob("*.py")) + [ROOT.parent / "README.md", *sorted((ROOT.parent / "docs").glob("*.md"))]:
+        text = path.read_text()
+        hits += [f"{path.name}: {doc}" for doc in outside if doc in text]
+    assert not hits, hits

@@ -323,3 +323,18 @@ def test_history_layer_scorer_matches_expert_scores_on_device_tensors():
         model.layer_scorer(2).scores(history=torch.as_tensor(query[:, :1]))
     with pytest.raises(ValueError, match="layer=3 is outside the fitted layers 0..2"):
         model.layer_scorer(3)
+
+
+def test_one_predictor_vocabulary():
+    """The registry, the members and the run-time scorers each cover exactly their Literal."""
+    import typing
+
+    from megatron_specmoe.predict import vocabulary as V
+    from megatron_specmoe.predict.members import MEMBERS
+    from megatron_specmoe.predict.rank_scorers import RANK_SCORERS
+    from megatron_specmoe.predict.registry import PREDICTORS
+
+    V._check()
+    assert set(PREDICTORS) == set(typing.get_args(V.PredictorKind))
+    assert set(MEMBERS) == set(typing.get_args(V.MemberKind))
+    assert set(RANK_SCORERS) == set(typing.get_args(V.ShufflePredictor))

@@ -1,6 +1,6 @@
 """``specmoe evaluate``: how much of the EP all-to-all a plan saves on routing traces.
 
-Simulates s-TS on the traces as DESIGN.md "Measures" defines it (``measure/evaluate.py``): batches
+Simulates s-TS on the traces as docs/method.md "Measures" defines it (``measure/evaluate.py``): batches
 of ``--batch`` tokens in trace order; baseline = contiguous shards + contiguous experts; specmoe =
 the plan's placement + a balanced assignment (``--assignment``) from the plan's predictor; oracle =
 the same assignment from the true routes (the ceiling). Prints a table, or with ``--json`` ONE JSON

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size H (Mixtral-8x7B: 4096)")
     parser.add_argument("--dtype", default="bf16", help="activation dtype: bf16, fp16, fp32, fp8")
     parser.add_argument("--tokens-per-rank", type=int, default=64,
-                        help="tokens each GPU holds in a step (64 x TP 8 = the 512-token batch of DESIGN.md)")
+                        help="tokens each GPU holds in a step (64 x TP 8 = the 512-token batch of docs/method.md)")
     parser.add_argument("--dedup", action="store_true",
                         help="drop tokens whose whole route repeats an earlier one (Mixtral MT-Bench traces)")
     parser.add_argument("--assignment", default="refine", choices=ASSIGNMENT_CHOICES,

@@ -1,4 +1,4 @@
-"""Trace-level evaluation of speculative token shuffling (s-TS), as DESIGN.md "Measures" defines it.
+"""Trace-level evaluation of speculative token shuffling (s-TS), as docs/method.md "Measures" defines it.
 
 Notation
     T: tokens in the trace.   B: batch size (tokens per shuffle domain), 512 unless stated.

@@ -1,10 +1,10 @@
-"""The measures of DESIGN.md ("Measures"), computed from routes and home ranks.
+"""The measures of docs/method.md ("Measures"), computed from routes and home ranks.
 
 Notation
     T: tokens in the batch (one shuffle domain).    k: top-k.
     E: experts.                                      P: EP ranks.
 
-Definitions (exactly DESIGN.md's)
+Definitions (exactly docs/method.md's)
     home rank                the EP rank that holds a token when the MoE layer starts.
     local activation rate    share of (token, selected expert) pairs whose expert lives on the
                              token's home rank.

@@ -1,7 +1,7 @@
 """Run Megatron-Core's MoE layer and GPT model on a CPU-only torch with gloo (tests and demo).
 
 Megatron-Core assumes CUDA in a handful of places. ``enable()`` patches exactly those, each for a
-failure seen on a CPU build (MEGATRON_NOTES.md, "Running on the CPU with gloo"), and ``disable()``
+failure seen on a CPU build (docs/megatron_core.md, "Running on a CPU with gloo"), and ``disable()``
 restores the originals. Nothing happens at import time, and ``enable()`` does nothing at all when
 CUDA is available: GPU runs always use Megatron unmodified.
 

@@ -9,7 +9,7 @@ Placement. The router emits *logical* experts. A placement (``schedule.placement
 *physical* slot, and so which EP rank, hosts each logical expert. The dispatcher permutes the
 columns of ``routing_map`` and ``probs`` from logical to physical order before Megatron's own
 permute / all-to-all: physical slot p then receives the tokens of logical expert
-``physical_to_logical[p]``. The expert weights in slot p must be that expert's (the glue layer's
+``physical_to_logical[p]``. The expert weights in slot p must be that expert's (the
 weight mover arranges that). With the contiguous placement nothing is permuted.
 
 Lossless. Only the column order changes; every (token, expert) pair is still sent to the rank that
@@ -42,7 +42,7 @@ __all__ = ["SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_ma
 class DispatchRecorder:
     """Collects ``DispatchRecord``s from every dispatcher it is attached to (this rank only).
 
-    Attach with ``glue.recording.attach_recorder(model, recorder)``; gather all ranks' records
+    Attach with ``megatron.model_tools.attach_recorder(model, recorder)``; gather all ranks' records
     with ``comm.stats.gather_reports``.
     """
 

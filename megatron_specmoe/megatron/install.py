@@ -1,7 +1,7 @@
 """Selecting the ``specmoe`` dispatcher in Megatron-Core.
 
 Megatron picks a dispatcher with a hard if/elif on ``config.moe_token_dispatcher_type`` inside
-``MoELayer.__init__`` and has no registry (MEGATRON_NOTES.md). Two ways in, both sharing
+``MoELayer.__init__`` and has no registry (docs/megatron_core.md). Two ways in, both sharing
 ``build_specmoe_dispatcher``:
 
 1. The spec path (preferred where the caller builds the model): ``SpecMoELayer``, a ``MoELayer``

@@ -14,7 +14,7 @@ Steps, in this order:
 3. ``megatron_lm.args.install_args_hook()``: Megatron-LM's ``parse_args`` composes the script's
    ``extra_args_provider`` with ours (so ``--moe-token-dispatcher-type specmoe`` and the
    ``--specmoe-*`` flags parse), and ``validate_args`` runs our checks before any GPU work.
-   This covers the scripts listed in MEGATRON_NOTES.md: ``parse_and_validate_args`` (core 0.19:
+   This covers the scripts listed in docs/megatron_core.md: ``parse_and_validate_args`` (core 0.19:
    examples/inference/offline_inference.py, launch_inference_server.py) and
    ``initialize_megatron(extra_args_provider=...)`` (earlier: tools/run_text_generation_server.py,
    examples/inference/gpt/gpt_static_inference.py, pretrain_gpt.py).

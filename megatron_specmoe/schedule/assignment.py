@@ -7,7 +7,7 @@ Notation
     T_pad: padded rows, T_pad = P * C (= T when P divides T).
 
 Glossary
-    home rank   the rank that holds a token when the MoE layer starts (DESIGN.md "Measures").
+    home rank   the rank that holds a token when the MoE layer starts (docs/method.md, "Measures").
     rank score  ``scores[t, r]``: the expected number of token t's (token, expert) pairs that would be
                 local if t were placed on rank r (``predict.base.rank_scores``).
     shard       the C rows rank r holds after the shuffle: ``order[r*C:(r+1)*C]``.

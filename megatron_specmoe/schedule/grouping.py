@@ -12,7 +12,7 @@ Glossary
     co-location: with unknown homes, a token's local pairs are max over ranks of its experts on
                  that rank (the token goes where most of its experts are).
 
-Objective per layer (DESIGN.md, s-EG; smaller is better):
+Objective per layer (docs/method.md, s-EG; smaller is better):
     theta * load_imbalance + (1 - theta) * remote_share
 where load_imbalance is max/mean pairs per rank and remote_share is remote pairs / all pairs, both
 as ``measures.measure_routes`` defines them (``grouping_cost`` computes them that way).

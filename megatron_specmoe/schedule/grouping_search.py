@@ -5,7 +5,7 @@ Notation
     E: experts.  P: EP ranks.   n = E // P experts per rank.
     rank_of: int64 [E], the EP rank hosting each logical expert (every rank hosts exactly n).
 
-Objective (DESIGN.md, s-EG), per layer, smaller is better:
+Objective (docs/method.md, s-EG), per layer, smaller is better:
     theta * load_imbalance + (1 - theta) * remote_share
     load_imbalance = max over ranks / mean over ranks of pairs computed (independent of homes)
     remote_share   = (token, expert) pairs off the token's home rank / all pairs

@@ -2,7 +2,7 @@
 
 Notation
     T: tokens.   L: MoE layers.   k: top-k.   E: experts.   P: EP ranks.
-    B: tokens per TP group per step (one shuffle domain's batch; DESIGN.md uses B = 512).
+    B: tokens per TP group per step (one shuffle domain's batch; docs/method.md uses B = 512).
     p: TP size; a TP group is p consecutive EP ranks g*p .. g*p + p - 1.
     m: sub-experts per expert when P > E (``split_experts``).
 
@@ -11,7 +11,7 @@ Steps and groups
     tokens. Inside a group the baseline keeps Megatron's contiguous sequence-parallel shards (token
     j of the group on rank g*p + j // (B/p)); s-TS permutes the group's tokens over its p ranks with
     capacity B/p each (a token cannot leave its TP group: attention's reduce-scatter is where it
-    moves, DESIGN.md "s-TS").
+    moves, docs/method.md "s-TS").
 
 EP larger than the number of experts (e.g. Mixtral, E = 8, at EP = 16 .. 64)
     Megatron needs P <= E. We make the larger EP sizes from an exact re-expression of the same model

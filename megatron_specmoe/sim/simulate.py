@@ -7,7 +7,7 @@ Notation
     H: hidden size.   src: a token's home rank.   dst: the rank of a selected expert.
 
 Glossary
-    home rank      the EP rank holding a token when the MoE layer starts (DESIGN.md).
+    home rank      the EP rank holding a token when the MoE layer starts (docs/method.md).
     pair           (token, selected expert).   copy: (token, distinct destination rank).
     intra / inter  a (src, dst) pair of ranks on the same node / on different nodes; rank r lives
                    on node r // gpus_per_node (``ClusterSpec``).
