@@ -1,10 +1,14 @@
 """megatron_specmoe: Speculative MoE for Megatron-Core.
 
-Importing this package does no work and imports neither megatron nor TransformerEngine. Layers:
+Importing this package does no work and imports neither megatron nor TransformerEngine. Folders by
+role (docs/architecture.md has the map and the tiers):
 
-    megatron_specmoe.planning   pure planning code (traces, predictors, placement, measures)
-    megatron_specmoe.comm       collectives that take their process groups as arguments
-    megatron_specmoe.glue       the only code that imports megatron / transformer_engine
+    predict/ schedule/ measure/ artifacts/ sim/   pure planning code (no torch.distributed, no megatron)
+    comm/                                         collectives that take their process groups as arguments
+    megatron/                                     the Megatron-Core plug-in (dispatcher, specs, shuffle layer)
+    megatron_lm/                                  Megatron-LM's side (arguments, runtime hooks, launcher)
+    cli/                                          the ``specmoe`` command
+    demo/ testing/                                the demo and the test harness (never imported by the above)
 
 ``install()`` makes ``TransformerConfig(moe_token_dispatcher_type="specmoe")`` build a
 ``MoELayer`` with the specmoe dispatcher (an explicit, idempotent, reversible hook);

@@ -13,7 +13,7 @@ Glossary
                      identity ("contiguous"): logical expert e on rank e // n.
 
 The placement is pure data: it never moves weights. The dispatcher routes by it (it maps router
-columns to physical slots) and the glue layer moves expert weights so that slot p holds
+columns to physical slots) and ``megatron/apply_plan.py`` moves expert weights so that slot p holds
 ``physical_to_logical[p]``.
 """
 
