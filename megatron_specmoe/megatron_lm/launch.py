@@ -32,7 +32,7 @@ Steps, in this order:
 6. The hooks are removed afterwards (also on error or ``sys.exit``); recorded routes and stats
    are still written at interpreter exit.
 
-This module imports no megatron itself; the glue layer does, inside ``main``.
+This module imports no megatron itself; megatron/ and megatron_lm/ do, inside ``main``.
 """
 
 from __future__ import annotations
