@@ -69,12 +69,15 @@ class PhaseTime:
         rank_time_s: float64 [..., P], each GPU's t_r (without the fixed cost).
         nvlink_bytes: float64 [...], bytes over NVLink, all GPUs.
         nic_bytes: float64 [...], bytes through NICs, all GPUs.
+        busiest_nic_bytes: float64 [...], max over GPUs of max(NIC bytes out, in) (a shared NIC
+            counts its node's total).
     """
 
     time_s: np.ndarray
     rank_time_s: np.ndarray
     nvlink_bytes: np.ndarray
     nic_bytes: np.ndarray
+    busiest_nic_bytes: np.ndarray
 
 
 def _load(mat: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,4 +213,5 @@ def phase_time(
         rank_time_s=rank_time,
         nvlink_bytes=loads.nvlink_bytes,
         nic_bytes=loads.nic_bytes,
+        busiest_nic_bytes=np.maximum(nic_out, nic_in).max(-1),
     )
