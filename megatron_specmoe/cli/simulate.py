@@ -1,6 +1,7 @@
-"""``specmoe simulate``: predicted MoE-layer time on a cluster, specmoe against the dispatchers
-users would pick instead, from real or synthetic traces; ``--calibration`` prints the model against
-every published measurement it is checked on.
+"""``specmoe simulate``: MoE-layer time of specmoe and of the dispatchers users pick instead, on a cluster.
+
+From real or synthetic traces; ``--calibration`` prints the model against every published
+measurement it is checked on.
 
 For every EP size asked for, simulate every dispatcher model of ``sim/dispatchers.py`` on the same
 tokens (``sim/compare.py``) and print one table row: time per MoE layer per step (dispatch +
