@@ -131,3 +131,19 @@ def test_synthetic_routes_follow_the_group_limit():
     assert all(len(set(e)) == 8 for e in trace.experts[:, 0].tolist())  # top-8 distinct experts
     with pytest.raises(ValueError, match="hold fewer than top_k=8"):
         synthetic_routes(num_tokens=4, num_groups=64, top_groups=1)
+
+
+def test_dispatcher_registry_matches_its_literals():
+    from typing import get_args
+
+    from megatron_specmoe.sim.dispatchers import DISPATCHERS, DispatcherName, Routes, Transport, check_dispatcher
+
+    assert set(DISPATCHERS) == set(get_args(DispatcherName))
+    for name, model in DISPATCHERS.items():
+        assert model.name == name and model.transport in get_args(Transport) and model.routes in get_args(Routes)
+        assert model.runs_in in ("megatron", "specmoe", "model only")
+        assert model.routes == ("specmoe" if name.startswith("specmoe_") else "baseline")
+    # Only specmoe on Megatron's all-to-all runs in this package today.
+    assert [n for n, m in DISPATCHERS.items() if m.runs_in == "specmoe"] == ["specmoe_alltoall"]
+    with pytest.raises(ValueError, match="unknown dispatcher 'dedup'; choose one of alltoall, deepep_normal"):
+        check_dispatcher("dedup")

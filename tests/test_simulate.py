@@ -415,3 +415,22 @@ def test_cli_assignment_choices_are_the_assignment_methods(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--traces", str(tmp_path / "t.npz"), "--assignment", "hungarian"])
     assert "invalid choice: 'hungarian'" in capsys.readouterr().err
+
+
+def test_route_counts_agree_with_the_byte_function():
+    rng = np.random.default_rng(11)
+    experts = np.stack([rng.choice(16, 3, replace=False) for _ in range(64)]).astype(np.int32)
+    placement = ExpertPlacement(physical_to_logical=tuple(rng.permutation(16).tolist()), ep_size=8)
+    home = rng.integers(0, 8, 64)
+    counts = route_counts(RoutingTrace(experts=experts[:, None, :], num_experts=16), [placement], home[:, None],
+                          num_ranks=8, gpus_per_node=4, tokens_per_step=64)
+    lb = layer_bytes(expert_ranks(experts, placement), home, num_ranks=8, wire=WIRE, dispatcher="deepep_normal")
+    assert (counts.pairs[0, 0] == lb.pairs).all() and (counts.copies[0, 0] == lb.copies).all()
+    # Node copies: distinct destination nodes per token, summed per home rank.
+    ranks = expert_ranks(experts, placement)
+    expect = np.zeros((8, 2), dtype=np.int64)
+    for t in range(64):
+        for node in set((ranks[t] // 4).tolist()):
+            expect[home[t], node] += 1
+    assert (counts.node_copies[0, 0] == expect).all()
+    assert counts.tokens[0, 0].tolist() == np.bincount(home, minlength=8).tolist()

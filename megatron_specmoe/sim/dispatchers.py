@@ -47,15 +47,16 @@ from megatron_specmoe.sim.links import LinkLoads, PhaseTime, direct_loads, phase
 from megatron_specmoe.sim.simulate import RouteCounts
 from megatron_specmoe.sim.wire import WireDtypes
 
-__all__ = ["DispatcherName", "Routes", "DispatcherModel", "DISPATCHERS", "check_dispatcher",
+__all__ = ["DispatcherName", "Routes", "Transport", "DispatcherModel", "DISPATCHERS", "check_dispatcher",
            "SimResult", "simulate_dispatcher", "not_applicable"]
 
 DispatcherName = Literal[
     "alltoall", "deepep_normal", "deepep_ll", "allgather_inference", "allgather_inference_nvls",
     "specmoe_alltoall", "specmoe_deepep_normal", "specmoe_deepep_ll",
 ]
-Routes = Literal["baseline", "specmoe"]
-Transport = Literal["nccl_alltoall", "deepep_normal", "deepep_ll", "nccl_allgather", "nvls_allgather"]
+Routes = Literal["baseline", "specmoe"]  # DispatcherModel.routes
+Transport = Literal[  # DispatcherModel.transport
+    "nccl_alltoall", "deepep_normal", "deepep_ll", "nccl_allgather", "nvls_allgather"]
 
 
 @dataclass(frozen=True, kw_only=True)
