@@ -5,9 +5,11 @@ Notation
     m: groups a token may use (DeepSeek-V3's "top-4 groups").
 
 Recipe (deepseek-ai/DeepEP tests/legacy/test_internode.py and test_low_latency.py, re-expressed)
-    scores = |normal| + 1 for every (token, expert);
+    scores = iid random for every (token, expert);
     with groups: a group's score is its best expert's score; keep the m best groups, mask the rest;
     the token's experts are the k best remaining scores.
+    DeepEP draws |normal| + 1; only the order of the scores decides the selection, so any iid
+    continuous distribution selects with the same law. We draw uniforms (13x faster here).
 DeepEP's internode test uses g = nodes and m = min(nodes, 4); its intranode and low-latency tests
 use no groups. ``specmoe simulate``'s interface example (256 experts, top-8, 8 groups, top-4
 groups) is DeepSeek-V3's gate, which equals DeepEP's test at EP 64 (8 nodes).
@@ -64,14 +66,14 @@ def synthetic_routes(
     for layer in range(num_layers):
         for start in range(0, num_tokens, chunk):
             n = min(chunk, num_tokens - start)
-            scores = np.abs(rng.standard_normal((n, num_experts), dtype=np.float32)) + 1.0
+            scores = rng.random((n, num_experts), dtype=np.float32)  # in [0, 1)
             if top_groups < num_groups:
                 best = scores.reshape(n, num_groups, per_group).max(-1)  # [n, g]
-                keep = np.argpartition(-best, top_groups - 1, axis=-1)[:, :top_groups]
+                keep = np.argpartition(best, num_groups - top_groups, axis=-1)[:, num_groups - top_groups:]
                 mask = np.zeros((n, num_groups), dtype=bool)
                 np.put_along_axis(mask, keep, True, axis=-1)
-                scores = np.where(np.repeat(mask, per_group, axis=-1), scores, -np.inf)
-            out[start:start + n, layer] = np.argpartition(-scores, top_k - 1, axis=-1)[:, :top_k]
+                scores = np.where(np.repeat(mask, per_group, axis=-1), scores, np.float32(-1.0))
+            out[start:start + n, layer] = np.argpartition(scores, num_experts - top_k, axis=-1)[:, num_experts - top_k:]
     return RoutingTrace(
         experts=out, num_experts=num_experts,
         source=f"synthetic: {num_experts} experts, top-{top_k}, top-{top_groups} of {num_groups} groups, seed {seed}",
