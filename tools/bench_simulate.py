@@ -13,13 +13,14 @@ routes dropped on both sides first, as the traces' README asks), for every combi
 
 Mixtral has 8 experts: EP > 8 uses the exact expert split of sim/inputs.py (each
 expert cut into EP/8 slices along its FFN dimension, a token's row sent to every slice), the same
-for all dispatchers. Prints one markdown table per combination, the command, and writes a PNG.
+for all dispatchers. Runs alltoall, deepep_normal and specmoe_alltoall (every model:
+tools/bench_regimes.py). Prints one markdown table per combination, the command, and writes a PNG.
 
     /work/venvs/mc016/bin/python tools/bench_simulate.py --plot docs/figures/simulate_h200.png
 
 ``--compare-assignments refine,refine_spread`` instead prints one table comparing balanced
 assignment methods for TP = 8 (one node): alltoall and specmoe with each method, time per MoE
-layer per step and the busiest GPU's NIC bytes (``busiest_nic_bytes``), both NIC routings.
+layer per step and the busiest GPU's NIC bytes (``PhaseTime.busiest_nic_bytes``), both NIC routings.
 
     /work/venvs/mc016/bin/python tools/bench_simulate.py --ep 16,32 --compare-assignments refine,refine_spread
 """
