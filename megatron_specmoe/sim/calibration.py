@@ -130,9 +130,15 @@ def _nccl_busbw(row: CalibrationRow, cluster: ClusterSpec) -> float:
     return size * (p - 1) / p / float(t.time_s) / 1e9
 
 
-def predict(row: CalibrationRow) -> float:
-    """The model's value of ``row.metric`` in ``row.unit`` (module docstring)."""
-    cluster = cluster_preset(row.preset).for_ranks(row.ep)
+def predict(row: CalibrationRow, cluster: Optional[ClusterSpec] = None) -> float:
+    """The model's value of ``row.metric`` in ``row.unit`` (module docstring).
+
+    Args:
+        row: the measurement.
+        cluster: the cluster to evaluate on (default: the row's preset), e.g. a preset with one
+            constant zeroed to see what it contributes (``tools/fit_calibration.py``).
+    """
+    cluster = (cluster_preset(row.preset) if cluster is None else cluster).for_ranks(row.ep)
     if row.metric == "nccl_busbw":
         return _nccl_busbw(row, cluster)
     gpn = cluster.gpus_per_node

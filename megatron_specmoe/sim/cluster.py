@@ -250,10 +250,11 @@ _GLOO_ALPHA = 1.25e-4
 #     0.3 us per peer to issue its send/recv.
 #   NVLS multimem kernels (Megatron 0.19 inference all-gather-v / reduce-scatter-v): ASSUMED 5 us
 #     per kernel (one launch and two barrier rounds over NVLink).
-#   DeepEP low-latency kernels: FITTED to deepseek-ai/DeepEP docs/legacy.md (commit b306af0): the
-#     residual time after bytes / bandwidth is flat at 35-39 us for dispatch (EP 8 .. 256) and
-#     34-66 us for combine; we use 36 and 40 us and no per-message cost (the published latencies
-#     show none: 1024 messages at EP 256 cost no more than 512 at EP 16 beyond their bytes).
+#   DeepEP low-latency kernels: FITTED to deepseek-ai/DeepEP docs/legacy.md (commit b306af0) by
+#     python tools/fit_calibration.py: measured time minus the model's bytes / bandwidth term (busiest
+#     GPU, DeepEP-like routes) has median 28 us for dispatch (range 19-34 over EP 8 .. 256) and 30 us
+#     for combine (16-60); we use the medians and no per-message cost: the residuals do not grow with
+#     the messages (1024 per GPU at EP 256 cost no more than 512 at EP 16 beyond their bytes).
 #   DeepEP normal kernels: ASSUMED 25 us intranode, 40 us internode (notify + copy kernels); the
 #     published tables are large transfers (1-3 ms), so they do not pin these down.
 _GPU_LATENCY = CommLatency(
@@ -266,8 +267,8 @@ _GPU_LATENCY = CommLatency(
     nvls_fixed_s=5 * _US,
     deepep_normal_intra_s=25 * _US,
     deepep_normal_inter_s=40 * _US,
-    deepep_ll_dispatch_s=36 * _US,
-    deepep_ll_combine_s=40 * _US,
+    deepep_ll_dispatch_s=28 * _US,
+    deepep_ll_combine_s=30 * _US,
     deepep_ll_issue_s=0.0,
     source="NCCL tuning.cc ring latencies; DeepEP legacy.md low-latency fit; NCCL a2a, NVLS, "
            "DeepEP normal fixed costs assumed",
