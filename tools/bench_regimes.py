@@ -105,7 +105,7 @@ def _plot(results: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_specmoe.cli.simulate_report import _COLOURS
+    from megatron_specmoe.cli.simulate_report import COLOURS
 
     sets = list(dict.fromkeys(k.split(" | ")[0] for k in results))
     fig, axes = plt.subplots(len(sets), len(REGIMES), figsize=(5 * len(REGIMES), 4 * len(sets)), squeeze=False)
@@ -113,7 +113,7 @@ def _plot(results: dict, path: str, title: str) -> None:
         for j, (phase, tokens) in enumerate(REGIMES):
             ax = axes[i, j]
             rows = results.get(f"{name} | {phase} {tokens}", [])
-            for model, colour in _COLOURS.items():
+            for model, colour in COLOURS.items():
                 pts = [(r["ep"], r[model]["total_time_s"] * 1e6) for r in rows if model in r]
                 if pts:
                     ax.plot(*zip(*pts), "-" if model.startswith("specmoe") else "--", marker="o", color=colour,

@@ -7,7 +7,7 @@ Notation
 
 from __future__ import annotations
 
-__all__ = ["SHORT", "format_table", "plot_rows"]
+__all__ = ["SHORT", "COLOURS", "format_table", "plot_rows"]
 
 # Column headers (dispatcher name -> short label).
 SHORT = {
@@ -20,7 +20,7 @@ SHORT = {
     "specmoe_deepep_normal": "specmoe deepep",
     "specmoe_deepep_ll": "specmoe LL",
 }
-_COLOURS = {
+COLOURS = {
     "alltoall": "tab:red", "deepep_normal": "tab:orange", "deepep_ll": "tab:brown",
     "allgather_inference": "tab:purple", "allgather_inference_nvls": "tab:pink",
     "specmoe_alltoall": "tab:green", "specmoe_deepep_normal": "tab:olive", "specmoe_deepep_ll": "tab:cyan",
@@ -77,7 +77,7 @@ def plot_rows(series: dict[str, list[dict]], path: str, title: str) -> None:
             if not pts:
                 continue
             style = "-" if name.startswith("specmoe") else "--"
-            ax.plot(*zip(*pts), style, color=_COLOURS[name], marker="o", label=name)
+            ax.plot(*zip(*pts), style, color=COLOURS[name], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(eps, [str(e) for e in eps])
