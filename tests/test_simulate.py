@@ -8,18 +8,20 @@ from typing import get_args
 import numpy as np
 import pytest
 
-from megatron_specmoe.sim.cluster import PRESETS, ClusterSpec, PresetName, cluster_preset
+from megatron_specmoe.sim.cluster import PRESETS, ClusterSpec, CommLatency, PresetName, cluster_preset
 from megatron_specmoe.measure.measures import WireFormat
 from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.sim.dispatchers import simulate_dispatcher
+from megatron_specmoe.sim.links import direct_loads, phase_time
 from megatron_specmoe.sim.simulate import (
     ModelShape,
     ParallelLayout,
     assert_bytes_match,
     expert_ranks,
     layer_bytes,
-    phase_times,
-    simulate,
+    route_counts,
 )
+from megatron_specmoe.sim.wire import WireDtypes
 from megatron_specmoe.sim.inputs import (
     contiguous_home_ranks,
     layer_rank_scores,
@@ -39,15 +41,24 @@ from megatron_specmoe.artifacts.traces import RoutingTrace
 EXPERTS = np.array([[0, 1], [4, 5], [0, 7], [6, 5]], dtype=np.int32)
 HOME = np.array([0, 1, 2, 3])
 WIRE = WireFormat(hidden_size=2, activation_bytes=2, prob_bytes=4)
+_ZERO_LATENCY = CommLatency(**{f: 0.0 for f in CommLatency.__dataclass_fields__ if f != "source"})
 TINY = ClusterSpec(
     name="tiny",
     gpus_per_node=2,
     nodes=2,
     nvlink_bw_bytes_per_s=4.0,
+    nvlink_nominal_bytes_per_s=4.0,
     nic_bw_bytes_per_s=2.0,
-    intra_alpha_s=1.0,
-    inter_alpha_s=10.0,
+    nic_nominal_bytes_per_s=2.0,
+    latency=_ZERO_LATENCY,
+    compute=PRESETS["h100-ib"].compute,
+    inter_node_routing="direct",
 )
+
+
+def _time(sent, cluster, **kw):
+    """The old alpha-beta case: 1 s per NVLink message, 10 s per NIC message, no fixed cost."""
+    return phase_time(direct_loads(sent, cluster, **kw), cluster, fixed_s=0.0, nvl_issue_s=1.0, nic_issue_s=10.0)
 
 
 def _ranks():
@@ -55,8 +66,8 @@ def _ranks():
 
 
 def _split(sent: np.ndarray, cluster: ClusterSpec) -> tuple[int, int]:
-    t = phase_times(sent, cluster)
-    return int(t.intra_bytes), int(t.inter_bytes)
+    t = _time(sent, cluster, routing="direct")
+    return int(t.nvlink_bytes), int(t.nic_bytes)
 
 
 def test_hand_worked_pairs_and_bytes():
@@ -69,8 +80,8 @@ def test_hand_worked_pairs_and_bytes():
     assert _split(lb.combine, TINY) == (8, 12)
 
 
-def test_hand_worked_dedup_sends_one_row_per_destination():
-    lb = layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="dedup")
+def test_hand_worked_deepep_normal_sends_one_row_per_destination():
+    lb = layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="deepep_normal")
     # t1's two experts on rank 2 travel as one 4-byte row plus two 4-byte probs = 12 bytes.
     assert lb.dispatch.tolist() == [[0, 0, 0, 0], [0, 0, 12, 0], [8, 0, 0, 8], [0, 0, 8, 0]]
     assert lb.combine.tolist() == [[0, 0, 0, 0], [0, 0, 4, 0], [4, 0, 0, 4], [0, 0, 4, 0]]
@@ -82,37 +93,42 @@ def test_hand_worked_times():
     # Dispatch: rank 1 sends 16 B to rank 2 over the NIC: 10 + 16/2 = 18 s; rank 2 receives the
     # same (18 s); every other link is cheaper (rank 2 -> 0: 10 + 8/2 = 14; NVLink: 1 + 8/4 = 3).
     # Combine (transposed): rank 2 -> 1: 10 + 8/2 = 14 s is the slowest.
+    lb = layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="alltoall")
+    dispatch = _time(lb.dispatch, TINY)
+    assert dispatch.rank_time_s.tolist() == [14.0, 18.0, 18.0, 3.0]
+    assert dispatch.time_s == 18.0
+    assert _time(lb.combine.T, TINY).time_s == 14.0
+    # A fixed cost is paid once per phase, not per message.
+    fixed = phase_time(direct_loads(lb.dispatch, TINY), TINY, fixed_s=5.0, nvl_issue_s=1.0, nic_issue_s=10.0)
+    assert fixed.time_s == 23.0
+
+
+def test_alltoall_model_charges_two_fixed_costs_on_dispatch():
+    # The same case through the dispatcher model: bytes 8 per dispatched pair (row 4 + prob 4).
     trace = RoutingTrace(experts=EXPERTS[:, None, :], num_experts=8)
-    shape = ModelShape(hidden_size=2, activation_bytes=2, top_k=2, num_experts=8, num_layers=1)
-    res = simulate(
-        trace,
-        [ExpertPlacement.contiguous(8, 4)],
-        HOME[:, None],
-        shape=shape,
-        layout=ParallelLayout(tp=1, ep=4),
-        cluster=TINY,
-        dispatcher="alltoall",
-        tokens_per_step=4,
-    )
-    assert res.dispatch.rank_time_s[0, 0].tolist() == [14.0, 18.0, 18.0, 3.0]
-    assert res.dispatch.time_s[0, 0] == 18.0
-    assert res.combine.time_s[0, 0] == 14.0
-    assert res.layer_time_s[0, 0] == 32.0
-    summary = res.summary()
-    assert summary["local_activation_rate"] == 3 / 8
-    assert summary["inter_node_bytes_per_layer"] == 24 + 12
+    counts = route_counts(trace, [ExpertPlacement.contiguous(8, 4)], HOME[:, None], num_ranks=4,
+                          gpus_per_node=2, tokens_per_step=4)
+    latency = dataclasses.replace(_ZERO_LATENCY, nccl_a2a_inter_s=100.0, nccl_issue_s=1.0)
+    cluster = dataclasses.replace(TINY, latency=latency)
+    wire = WireDtypes(hidden_size=2, dispatch="bf16", combine="bf16")
+    res = simulate_dispatcher("alltoall", counts, wire=wire, cluster=cluster, top_k=2)
+    # rank 1 -> 2: 1 message (issue 1 s) + 16 B / 2 = 9 s; count exchange + all-to-all: 2 x 100 s.
+    assert res.dispatch.time_s[0, 0] == 209.0
+    assert res.combine.time_s[0, 0] == 100.0 + 1.0 + 8 / 2
+    assert res.local_activation_rate == 3 / 8
+    assert res.summary()["inter_node_bytes_per_layer"] == 24 + 12
 
 
 def test_shared_nic_adds_the_nodes_traffic():
     sent = np.zeros((4, 4), dtype=np.int64)
     sent[0, 2] = sent[1, 3] = 4  # both GPUs of node 0 send 4 B to node 1
-    per_gpu = phase_times(sent, TINY)
-    shared = phase_times(sent, dataclasses.replace(TINY, nic_shared_per_node=True))
+    per_gpu = _time(sent, TINY)
+    shared = _time(sent, dataclasses.replace(TINY, nic_shared_per_node=True))
     assert per_gpu.time_s == 10 + 4 / 2
     assert shared.time_s == 2 * 10 + 8 / 2  # one NIC: two messages, 8 bytes
 
 
-def test_dedup_never_sends_more_than_alltoall():
+def test_deepep_normal_never_sends_more_than_alltoall():
     rng = np.random.default_rng(0)
     for trial in range(20):
         num_ranks = int(rng.choice([2, 4, 8]))
@@ -125,7 +141,7 @@ def test_dedup_never_sends_more_than_alltoall():
         home = rng.integers(0, num_ranks, 64)
         ranks = expert_ranks(experts, placement)
         a = layer_bytes(ranks, home, num_ranks=num_ranks, wire=WIRE, dispatcher="alltoall")
-        d = layer_bytes(ranks, home, num_ranks=num_ranks, wire=WIRE, dispatcher="dedup")
+        d = layer_bytes(ranks, home, num_ranks=num_ranks, wire=WIRE, dispatcher="deepep_normal")
         assert (d.dispatch <= a.dispatch).all() and (d.combine <= a.combine).all(), trial
         assert (a.pairs >= a.copies).all()
 
@@ -142,10 +158,15 @@ def test_assert_bytes_match():
 def test_presets_are_valid_and_named():
     assert set(PRESETS) == set(get_args(PresetName))
     for name, spec in PRESETS.items():
-        assert spec.name == name and spec.source
+        assert spec.name == name and spec.source and spec.latency.source and spec.compute.source
         assert spec.nvlink_bw_bytes_per_s >= spec.nic_bw_bytes_per_s
+        assert spec.nvlink_bw_bytes_per_s <= spec.nvlink_nominal_bytes_per_s  # achieved <= nominal
+        assert spec.nic_bw_bytes_per_s <= spec.nic_nominal_bytes_per_s
     h200 = cluster_preset("h200-ib", nodes=8)
-    assert h200.num_gpus == 64 and h200.nvlink_bw_bytes_per_s == 450e9 and h200.nic_bw_bytes_per_s == 50e9
+    assert h200.num_gpus == 64 and h200.nvlink_nominal_bytes_per_s == 450e9
+    assert h200.nvlink_bw_bytes_per_s == 370e9 and h200.nic_bw_bytes_per_s == 48e9
+    assert cluster_preset("b200-ib").nvlink_nominal_bytes_per_s == 900e9
+    assert cluster_preset("h800-ib").nvlink_nominal_bytes_per_s == 200e9
     assert cluster_preset("pcie-eth").nic_shared_per_node
     assert h200.for_ranks(16).nodes == 2
     with pytest.raises(ValueError, match="unknown cluster preset 'dgx'"):
@@ -157,29 +178,22 @@ def test_bad_inputs_name_the_field():
         dataclasses.replace(TINY, nic_bw_bytes_per_s=0.0)
     with pytest.raises(ValueError, match="tp=3 must divide ep=4"):
         ParallelLayout(tp=3, ep=4).require_folding()
-    with pytest.raises(ValueError, match="unknown dispatcher 'deepep'"):
-        layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="deepep")
+    with pytest.raises(ValueError, match="unknown dispatcher 'dedup'"):
+        layer_bytes(_ranks(), HOME, num_ranks=4, wire=WIRE, dispatcher="dedup")
     with pytest.raises(ValueError, match=r"home ranks must be in 0..3"):
         layer_bytes(_ranks(), np.array([0, 1, 2, 4]), num_ranks=4, wire=WIRE, dispatcher="alltoall")
     with pytest.raises(ValueError, match="do not fit cluster 'tiny'"):
-        phase_times(np.zeros((8, 8)), TINY)
+        direct_loads(np.zeros((8, 8)), TINY)
     trace = RoutingTrace(experts=EXPERTS[:, None, :], num_experts=8)
-    shape = ModelShape(hidden_size=2, activation_bytes=2, top_k=2, num_experts=8, num_layers=1)
-    common = dict(shape=shape, layout=ParallelLayout(tp=1, ep=4), cluster=TINY, dispatcher="alltoall")
+    common = dict(num_ranks=4, gpus_per_node=2)
     with pytest.raises(ValueError, match="tokens_per_step=3 must be >= 1 and divide"):
-        simulate(trace, [ExpertPlacement.contiguous(8, 4)], HOME[:, None], tokens_per_step=3, **common)
+        route_counts(trace, [ExpertPlacement.contiguous(8, 4)], HOME[:, None], tokens_per_step=3, **common)
     with pytest.raises(ValueError, match="placement was made for ep_size=2"):
-        simulate(trace, [ExpertPlacement.contiguous(8, 2)], HOME[:, None], tokens_per_step=4, **common)
-    with pytest.raises(ValueError, match=r"ModelShape.top_k=1"):
-        simulate(
-            trace,
-            [ExpertPlacement.contiguous(8, 4)],
-            HOME[:, None],
-            tokens_per_step=4,
-            **{**common, "shape": dataclasses.replace(shape, top_k=1)},
-        )
-    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
-        ModelShape.from_trace(trace, hidden_size=2, dtype="int4")
+        route_counts(trace, [ExpertPlacement.contiguous(8, 2)], HOME[:, None], tokens_per_step=4, **common)
+    with pytest.raises(ValueError, match="--dispatch-dtype must be one of bf16, fp16, fp32, fp8, got 'int4'"):
+        ModelShape.from_trace(trace, hidden_size=2, dispatch_dtype="int4")
+    with pytest.raises(ValueError, match="fp8 rows need the hidden size to be a multiple of 128"):
+        ModelShape.from_trace(trace, hidden_size=100, combine_dtype="fp8")
 
 
 def test_contiguous_home_ranks_follow_tp_groups():
@@ -231,24 +245,35 @@ def test_layer_rank_scores_sum_experts_per_rank():
 
 def test_compare_dispatchers_on_synthetic_routes():
     from megatron_specmoe.sim.compare import compare_dispatchers, experts_split_factor
+    from megatron_specmoe.sim.dispatchers import DispatcherName
 
     rng = np.random.default_rng(3)
     # E = 4 experts, top-2, two layers; 32 tokens, 4 tokens per rank.
     experts = np.stack([rng.choice(4, 2, replace=False) for _ in range(64)]).reshape(32, 2, 2)
     trace = RoutingTrace(experts=experts.astype(np.int32), num_experts=4)
-    common = dict(cluster=TINY, hidden_size=8, dtype="bf16", tokens_per_rank=4)
+    common = dict(cluster=TINY, hidden_size=8, tokens_per_rank=4)
     scores = oracle_expert_scores(trace)
     cmp4 = compare_dispatchers(trace, scores, ep=4, tp=2, **common)
     res = cmp4.results
-    assert cmp4.split == 1 and set(res) == {"alltoall", "dedup", "specmoe"}
-    assert (res["alltoall"].pairs == res["dedup"].pairs).all()
-    assert res["dedup"].dispatch_bytes.sum() <= res["alltoall"].dispatch_bytes.sum()
+    assert cmp4.split == 1 and set(res) == set(get_args(DispatcherName)) - {"allgather_inference_nvls"}
+    assert set(cmp4.skipped) == {"allgather_inference_nvls"}  # EP 4 spans TINY's 2-GPU nodes
+    # DeepEP's internode kernels: one RDMA row (16 B + 2 x 12 B metadata) per (token, remote node);
+    # alltoall: one row + prob (20 B) per remote pair, here all through NICs or PXN hops.
+    home = contiguous_home_ranks(32, 2, layout=ParallelLayout(tp=2, ep=4), tokens_per_group=8)
+    remote_nodes = sum(len({e // 2 for e in experts[t, layer]} - {home[t, layer] // 2})
+                       for t in range(32) for layer in range(2))
+    assert res["deepep_normal"].dispatch.nic_bytes.sum() == remote_nodes * (16 + 24)
+    remote_node_pairs = (experts // 2 != home[..., None] // 2).sum()
+    assert res["alltoall"].dispatch.nic_bytes.sum() == remote_node_pairs * 20
     row = cmp4.table_row()
-    assert row["specmoe"]["local_activation_rate"] > row["alltoall"]["local_activation_rate"]
+    assert row["specmoe_alltoall"]["local_activation_rate"] > row["alltoall"]["local_activation_rate"]
+    assert row["specmoe_deepep_ll"]["local_activation_rate"] == row["specmoe_alltoall"]["local_activation_rate"]
+    assert row["alltoall"]["plan_time_s"] == 0.0 and row["specmoe_alltoall"]["plan_time_s"] >= 0.0
     # EP 8 > E: every expert split in two slices, one slice per rank; each pair becomes two rows.
     cmp8 = compare_dispatchers(trace, scores, ep=8, tp=2, **{**common, "tokens_per_rank": 2})
     assert cmp8.split == 2 and cmp8.results["alltoall"].cluster.nodes == 4
-    assert cmp8.results["alltoall"].pairs.sum() == 2 * res["alltoall"].pairs.sum()
+    # Each pair becomes two rows: twice the bytes on the wire in the first step's layers.
+    assert cmp8.table_row()["expert_split"] == 2
     assert experts_split_factor(4, 2) == 1
     with pytest.raises(ValueError, match="one must divide the other"):
         experts_split_factor(4, 6)
@@ -261,13 +286,13 @@ def test_compare_dispatchers_on_synthetic_routes():
 def test_rail_routing_spreads_one_gpus_inter_node_traffic():
     sent = np.zeros((4, 4), dtype=np.int64)
     sent[0, 2] = sent[0, 3] = 4  # rank 0 (node 0) sends 4 B to each GPU of node 1
-    direct = phase_times(sent, TINY)
+    direct = _time(sent, TINY)
     assert direct.time_s == 2 * 10 + 8 / 2  # two messages, 8 bytes through rank 0's NIC
-    rail = phase_times(sent, dataclasses.replace(TINY, inter_node_routing="rail"))
+    rail = _time(sent, TINY, routing="rail")
     # 0 -> 2 leaves through rank 0's NIC (local index 0): 10 + 4/2 = 12; 0 -> 3 hops over NVLink to
     # rank 1 (1 + 4/4 = 2) and leaves through rank 1's NIC: 12.
     assert rail.rank_time_s.tolist() == [12.0, 12.0, 12.0, 12.0]
-    assert int(rail.inter_bytes) == 8 and int(rail.intra_bytes) == 0  # logical bytes unchanged
+    assert int(rail.nic_bytes) == 8 and int(rail.nvlink_bytes) == 4  # the hop is on NVLink
     with pytest.raises(ValueError, match="needs one NIC per GPU"):
         dataclasses.replace(TINY, inter_node_routing="rail", nic_shared_per_node=True)
     with pytest.raises(ValueError, match="inter_node_routing must be one of"):
@@ -390,3 +415,22 @@ def test_cli_assignment_choices_are_the_assignment_methods(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--traces", str(tmp_path / "t.npz"), "--assignment", "hungarian"])
     assert "invalid choice: 'hungarian'" in capsys.readouterr().err
+
+
+def test_route_counts_agree_with_the_byte_function():
+    rng = np.random.default_rng(11)
+    experts = np.stack([rng.choice(16, 3, replace=False) for _ in range(64)]).astype(np.int32)
+    placement = ExpertPlacement(physical_to_logical=tuple(rng.permutation(16).tolist()), ep_size=8)
+    home = rng.integers(0, 8, 64)
+    counts = route_counts(RoutingTrace(experts=experts[:, None, :], num_experts=16), [placement], home[:, None],
+                          num_ranks=8, gpus_per_node=4, tokens_per_step=64)
+    lb = layer_bytes(expert_ranks(experts, placement), home, num_ranks=8, wire=WIRE, dispatcher="deepep_normal")
+    assert (counts.pairs[0, 0] == lb.pairs).all() and (counts.copies[0, 0] == lb.copies).all()
+    # Node copies: distinct destination nodes per token, summed per home rank.
+    ranks = expert_ranks(experts, placement)
+    expect = np.zeros((8, 2), dtype=np.int64)
+    for t in range(64):
+        for node in set((ranks[t] // 4).tolist()):
+            expect[home[t], node] += 1
+    assert (counts.node_copies[0, 0] == expect).all()
+    assert counts.tokens[0, 0].tolist() == np.bincount(home, minlength=8).tolist()

@@ -1,4 +1,4 @@
-"""Predicted MoE-layer communication time, specmoe vs alltoall vs dedup, EP = 8 .. 64 on H200 nodes.
+"""Predicted MoE-layer communication time, specmoe vs alltoall vs DeepEP, EP = 8 .. 64 on H200 nodes.
 
 Fits on some MT-Bench categories of the Mixtral-8x7B traces and simulates on the others (repeated
 routes dropped on both sides first, as the traces' README asks), for every combination of
@@ -13,13 +13,14 @@ routes dropped on both sides first, as the traces' README asks), for every combi
 
 Mixtral has 8 experts: EP > 8 uses the exact expert split of sim/inputs.py (each
 expert cut into EP/8 slices along its FFN dimension, a token's row sent to every slice), the same
-for all dispatchers. Prints one markdown table per combination, the command, and writes a PNG.
+for all dispatchers. Runs alltoall, deepep_normal and specmoe_alltoall (every model:
+tools/bench_regimes.py). Prints one markdown table per combination, the command, and writes a PNG.
 
     /work/venvs/mc016/bin/python tools/bench_simulate.py --plot docs/figures/simulate_h200.png
 
 ``--compare-assignments refine,refine_spread`` instead prints one table comparing balanced
 assignment methods for TP = 8 (one node): alltoall and specmoe with each method, time per MoE
-layer per step and the busiest GPU's NIC bytes (``busiest_nic_bytes``), both NIC routings.
+layer per step and the busiest GPU's NIC bytes (``PhaseTime.busiest_nic_bytes``), both NIC routings.
 
     /work/venvs/mc016/bin/python tools/bench_simulate.py --ep 16,32 --compare-assignments refine,refine_spread
 """
@@ -34,6 +35,8 @@ import sys
 import time
 
 DEFAULT_TRACES = "/work/shared/traces/mixtral-mtbench"
+# The grid compares specmoe on Megatron's all-to-all with the baselines it replaces.
+_BENCH_DISPATCHERS = ("alltoall", "deepep_normal", "specmoe_alltoall")
 # Run from a checkout without installing: the package is the folder above tools/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", default="h200-ib", help="cluster preset")
     parser.add_argument("--ep", default="8,16,32,64", help="EP sizes")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size (Mixtral-8x7B: 4096)")
-    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--dtype", default="bf16", help="dtype of both phases (sim/wire.py)")
     parser.add_argument("--tokens-per-rank", type=int, default=64, help="tokens per GPU per step")
     parser.add_argument("--assignment", default="refine", help="balanced assignment method")
     parser.add_argument("--predictors", default="layer,history",
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from megatron_specmoe.cli.simulate import format_table, parse_ep_list, simulate_rows
+    from megatron_specmoe.cli.simulate import parse_ep_list, simulate_rows
+    from megatron_specmoe.cli.simulate_report import format_table
     from megatron_specmoe.sim.cluster import cluster_preset
     from megatron_specmoe.sim.inputs import oracle_expert_scores, predictor_expert_scores
     from megatron_specmoe.artifacts.trace_io import cross_domain_split, read_traces
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n## NIC routing {routing}, {tp_desc}, predictor {pname}\n", flush=True)
                 rows = simulate_rows(
                     ev, scores, eps=eps, tp_arg=tp_mode, cluster=cluster, hidden=args.hidden,
-                    dtype=args.dtype, tokens_per_rank=args.tokens_per_rank, method=args.assignment,
+                    dispatch_dtype=args.dtype, combine_dtype=args.dtype, tokens_per_rank=args.tokens_per_rank,
+                    method=args.assignment, dispatchers=_BENCH_DISPATCHERS,
                 )
                 results[key] = rows
                 print(format_table(rows), flush=True)
@@ -121,31 +126,6 @@ def main(argv: list[str] | None = None) -> int:
               f"H={args.hidden} {args.dtype}, {args.tokens_per_rank} tok/GPU")
         print(f"plot: {args.plot}")
     return 0
-
-
-def busiest_nic_bytes(sent, gpus_per_node: int, routing: str):
-    """float64 [S, L]: bytes through the busiest NIC of one phase, max over GPUs of max(out, in).
-
-    Args:
-        sent: int64 [S, L, P, P], bytes on the wire src -> dst (``SimResult.dispatch_bytes``, or
-            the transposed ``combine_bytes``).
-        gpus_per_node: G.
-        routing: "direct" (a GPU's own NIC sends its inter-node bytes) or "rail" (PXN: GPU j of
-            node a sends node a's bytes for every GPU with local index j on other nodes).
-    """
-    import numpy as np
-
-    num_ranks = sent.shape[-1]
-    node = np.arange(num_ranks) // gpus_per_node
-    inter = sent * (node[:, None] != node[None, :])
-    recv = inter.sum(-2)
-    if routing == "direct":
-        out = inter.sum(-1)
-    else:
-        nodes = num_ranks // gpus_per_node
-        six = inter.reshape(*inter.shape[:-2], nodes, gpus_per_node, nodes, gpus_per_node)
-        out = six.sum((-3, -2)).reshape(*inter.shape[:-2], num_ranks)  # [.., node a, local j]
-    return np.maximum(out, recv).max(-1).astype(np.float64)
 
 
 def _compare_assignments(args, ev, predictors: dict, base, eps: list[int], command: str) -> int:
@@ -161,7 +141,7 @@ def _compare_assignments(args, ev, predictors: dict, base, eps: list[int], comma
         raise SystemExit(f"--compare-assignments: unknown {unknown}; choose from {list(ASSIGNMENT_CHOICES)}")
     print(f"# Assignment methods at TP = 8 (one node), {args.cluster}: time per MoE layer per step "
           "(dispatch + combine), busiest NIC = mean over steps and layers of the max over GPUs of "
-          "max(NIC bytes out, in), dispatch + combine")
+          "max(NIC bytes out, in), dispatch + combine (PhaseTime.busiest_nic_bytes)")
     print(f"cluster: {base.source}; Mixtral-8x7B traces, H={args.hidden} {args.dtype}, "
           f"{args.tokens_per_rank} tokens per GPU per step, {ev.num_tokens} tokens\n")
     head = ("| EP | NIC routing | predictor | alltoall us | " + " | ".join(f"specmoe {m} us" for m in methods)
@@ -181,18 +161,16 @@ def _compare_assignments(args, ev, predictors: dict, base, eps: list[int], comma
                     t0 = time.perf_counter()
                     runs[m] = compare_dispatchers(
                         ev, scores, ep=ep, tp=tp, cluster=cluster, hidden_size=args.hidden,
-                        dtype=args.dtype, tokens_per_rank=args.tokens_per_rank, method=m,
+                        dispatch_dtype=args.dtype, combine_dtype=args.dtype,
+                        tokens_per_rank=args.tokens_per_rank, method=m, dispatchers=("alltoall", "specmoe_alltoall"),
                     )
                     print(f"EP={ep} {routing} {pname} {m}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-                gpn = runs[methods[0]].results["alltoall"].cluster.gpus_per_node
 
                 def nic(res):
-                    both = busiest_nic_bytes(res.dispatch_bytes, gpn, routing) + busiest_nic_bytes(
-                        np.swapaxes(res.combine_bytes, -1, -2), gpn, routing)
-                    return float(both.mean())
+                    return float((res.dispatch.busiest_nic_bytes + res.combine.busiest_nic_bytes).mean())
 
                 a2a = runs[methods[0]].results["alltoall"]
-                spec = {m: runs[m].results["specmoe"] for m in methods}
+                spec = {m: runs[m].results["specmoe_alltoall"] for m in methods}
                 row = {
                     "ep": ep, "tp": tp, "routing": routing, "predictor": pname,
                     "alltoall": {"layer_time_s": float(a2a.layer_time_s.mean()), "busiest_nic_bytes": nic(a2a),
@@ -235,7 +213,7 @@ def _plot(results: dict, path: str, eps: list[int], *, title: str) -> None:
         mine = {k: v for k, v in results.items() if k.startswith(routing + " |")}
         first = next(iter(mine.values()))
         base = [r["alltoall"]["layer_time_s"] for r in first]
-        for name, colour, width in (("alltoall", "tab:red", 3), ("dedup", "tab:orange", 1.5)):
+        for name, colour, width in (("alltoall", "tab:red", 3), ("deepep_normal", "tab:orange", 1.5)):
             t = [r[name]["layer_time_s"] for r in first]
             top.plot(eps, [x * 1e6 for x in t], "-o", color=colour, label=name, linewidth=width)
             bottom.plot(eps, [x / b for x, b in zip(t, base)], "-o", color=colour, linewidth=width)
@@ -245,7 +223,7 @@ def _plot(results: dict, path: str, eps: list[int], *, title: str) -> None:
             _, tp_desc, pname = key.split(" | ")
             colour = palette[names.index(pname) % len(palette)]
             style = ("-" if pname == "oracle" else "--") + ("s" if tp_desc.startswith("TP = 8") else "^")
-            t = [r["specmoe"]["layer_time_s"] for r in rows]
+            t = [r["specmoe_alltoall"]["layer_time_s"] for r in rows]
             top.plot(eps, [x * 1e6 for x in t], style, color=colour,
                      label=f"specmoe, {pname}, {tp_desc.split(' (')[0]}")
             bottom.plot(eps, [x / b for x, b in zip(t, base)], style, color=colour)

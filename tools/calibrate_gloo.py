@@ -5,9 +5,10 @@ message sizes (bytes per (source, destination) pair), and fits
 
     time = alpha * (P - 1) + bytes_out / bw          (bytes_out = (P - 1) * message bytes)
 
-by least squares over the median time of each size; this is the simulator's per-rank model with
-every message intra-node. Prints alpha, bw, the raw medians and the exact command. The constants of
-the ``gloo-loopback`` preset in megatron_specmoe/sim/cluster.py come from this tool.
+by least squares over the median time of each size. gloo issues its messages one after another, so
+in the simulator's model (sim/links.py) alpha is the per-message issue cost and there is no fixed
+cost; bw is both links' bandwidth. Prints alpha, bw, the raw medians and the exact command. The
+constants of the ``gloo-loopback`` preset in megatron_specmoe/sim/cluster.py come from this tool.
 
     /work/venvs/mc016/bin/python tools/calibrate_gloo.py --procs 4
 """

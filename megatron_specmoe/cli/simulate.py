@@ -1,10 +1,13 @@
-"""``specmoe simulate``: predicted MoE-layer communication time on a cluster, from real traces.
+"""``specmoe simulate``: MoE-layer time of specmoe and of the dispatchers users pick instead, on a cluster.
 
-For every EP size asked for, simulate Megatron's ``alltoall``, a de-duplicating ``dedup`` and
-``specmoe`` on the same tokens (``sim/compare.py``) and print one table row: time per
-MoE layer per step (dispatch + combine, alpha-beta model of ``sim/simulate.py``), inter-node
-bytes, local activation rate, and specmoe's speed-up. ``--json`` writes every number, ``--plot``
-a PNG of time vs EP.
+From real or synthetic traces; ``--calibration`` prints the model against every published
+measurement it is checked on.
+
+For every EP size asked for, simulate every dispatcher model of ``sim/dispatchers.py`` on the same
+tokens (``sim/compare.py``) and print one table row: time per MoE layer per step (dispatch +
+combine, plus specmoe's exposed plan time), specmoe's speed-up over ``alltoall`` and the local
+activation rates. ``--json`` writes every number (``rows[i][name]`` holds ``dispatch_time_s`` and
+``combine_time_s`` of each model), ``--plot`` a PNG of time vs EP.
 
 Predictors for s-TS (``--predictor``)
     oracle   the true routes (perfect prediction): an upper bound, needs no fitting.
@@ -22,45 +25,66 @@ import sys
 import time
 from typing import Sequence
 
-HELP = "predict MoE all-to-all time of specmoe vs alltoall vs dedup on a cluster, from traces"
+HELP = ("predict MoE-layer time of specmoe vs alltoall, DeepEP and the inference all-gather on a "
+        "cluster, from traces; --calibration checks the model against published measurements")
 
 # assignment.AssignmentMethod, spelled out so that building the parser does not import torch
 # (tests/test_simulate.py checks that the two agree).
 ASSIGNMENT_CHOICES = ("contiguous", "argsort", "greedy", "refine", "refine_spread", "optimal")
+DTYPE_CHOICES = ("bf16", "fp16", "fp32", "fp8")  # sim.wire.WireDtype (checked by the tests)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_specmoe.sim.cluster import PresetName
     from typing import get_args
 
-    parser.add_argument("--traces", nargs="+", required=True, metavar="FILE",
-                        help="routing traces to simulate (any format trace_io reads)")
+    parser.add_argument("--traces", nargs="+", default=None, metavar="FILE",
+                        help="routing traces to simulate (any format trace_io reads); required unless --calibration")
+    parser.add_argument("--calibration", action="store_true",
+                        help="print the model against every published measurement (sim/calibration.csv) and exit")
     parser.add_argument("--fit-traces", nargs="+", metavar="FILE", default=None,
-                        help="traces to fit --predictor layer on (other workloads than --traces)")
+                        help="traces to fit --predictor KIND on (other workloads than --traces)")
     parser.add_argument("--plan", metavar="DIR", default=None,
                         help="plan folder: its placements (and with --predictor plan its predictor)")
     parser.add_argument("--predictor", default=None,
                         help="s-TS predictor: oracle (default without --plan), plan (default with a "
-                             "--plan that stores one), or a predictor kind (layer, history, ...) "
-                             "fitted on --fit-traces")
+                             "--plan that stores one), or a predictor kind fitted on --fit-traces")
     parser.add_argument("--plan-kind", default=None, help="predictor kind to take from the plan")
     parser.add_argument("--cluster", choices=get_args(PresetName), default="h200-ib",
-                        help="cluster preset (sim/cluster.py states every constant)")
-    parser.add_argument("--nic-routing", choices=("direct", "rail"), default="direct",
-                        help="inter-node path: direct (each GPU's own NIC) or rail (NCCL PXN: hop over "
-                             "NVLink to the GPU on the destination's rail)")
+                        help="cluster preset (sim/cluster.py states every constant and its source)")
+    parser.add_argument("--nic-routing", choices=("direct", "rail"), default=None,
+                        help="NCCL all-to-all's inter-node path: rail (PXN, the preset default on HGX) "
+                             "or direct (each GPU's own NIC)")
     parser.add_argument("--ep", default="8,16,32,64", help="EP sizes, comma-separated")
     parser.add_argument("--tp", default="node",
                         help="attention TP size (s-TS shuffle domain): an int, 'node' = min(GPUs per "
                              "node, EP) (default), or 'ep' = TP spans the whole EP group")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size H (Mixtral-8x7B: 4096)")
-    parser.add_argument("--dtype", default="bf16", help="activation dtype: bf16, fp16, fp32, fp8")
+    parser.add_argument("--dispatch-dtype", choices=DTYPE_CHOICES, default=None,
+                        help="dtype of dispatched rows (fp8: 1 B per element + one fp32 scale per 128); default bf16")
+    parser.add_argument("--combine-dtype", choices=DTYPE_CHOICES, default=None,
+                        help="dtype of combined rows; default bf16")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help="both phases' dtype (refused together with --dispatch-dtype / --combine-dtype)")
     parser.add_argument("--tokens-per-rank", type=int, default=64,
-                        help="tokens each GPU holds in a step (64 x TP 8 = the 512-token batch of docs/method.md)")
+                        help="tokens each GPU holds in a step (prefill: thousands; decode: tens to hundreds)")
+    parser.add_argument("--dispatchers", default=None,
+                        help="comma-separated dispatcher models (default: all of sim/dispatchers.py)")
+    parser.add_argument("--plan-kernels", type=int, default=None,
+                        help="kernels specmoe's plan launches per MoE layer (default 16, the fast-plan "
+                             "budget; replace by the measured count)")
+    parser.add_argument("--plan-launch", choices=("graph", "eager"), default="graph",
+                        help="plan kernels replayed in a CUDA graph (default) or launched eagerly")
+    parser.add_argument("--no-plan-overlap", action="store_true",
+                        help="charge the whole plan (default: hidden behind attention on a side stream)")
+    parser.add_argument("--phase", choices=("decode", "prefill"), default="decode",
+                        help="attention roofline used to hide the plan (default decode)")
+    parser.add_argument("--context", type=int, default=4096,
+                        help="context length for the attention roofline (decode KV length; prefill sequence)")
     parser.add_argument("--dedup", action="store_true",
                         help="drop tokens whose whole route repeats an earlier one (Mixtral MT-Bench traces)")
     parser.add_argument("--assignment", default="refine", choices=ASSIGNMENT_CHOICES,
-                        help="balanced assignment method (schedule/assignment.py); refine_spread also "
-                             "spreads predicted inter-node pairs evenly over a node's GPUs (TP < EP)")
+                        help="balanced assignment method (schedule/assignment.py)")
     parser.add_argument("--json", metavar="OUT", default=None, help="write all numbers as JSON")
     parser.add_argument("--plot", metavar="OUT.png", default=None, help="write a PNG of time vs EP")
 
@@ -88,6 +112,29 @@ def resolve_tp(text: str, ep: int, gpus_per_node: int) -> int:
     if tp < 1 or ep % tp:
         raise ValueError(f"--tp {tp} must divide every EP size, and EP {ep} is not a multiple")
     return tp
+
+
+def resolve_dtypes(args: argparse.Namespace) -> tuple[str, str]:
+    """(dispatch dtype, combine dtype) from --dtype / --dispatch-dtype / --combine-dtype."""
+    if args.dtype is not None and (args.dispatch_dtype is not None or args.combine_dtype is not None):
+        raise ValueError("--dtype sets both phases; use it alone, or --dispatch-dtype / --combine-dtype")
+    if args.dtype is not None:
+        return args.dtype, args.dtype
+    return args.dispatch_dtype or "bf16", args.combine_dtype or "bf16"
+
+
+def parse_dispatchers(text) -> list[str] | None:
+    from typing import get_args
+
+    from megatron_specmoe.sim.dispatchers import DispatcherName
+
+    if text is None:
+        return None
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in get_args(DispatcherName)]
+    if bad or not names:
+        raise ValueError(f"--dispatchers: unknown {bad or text!r}; choose from {', '.join(get_args(DispatcherName))}")
+    return names
 
 
 def _predictor_scores(args, trace, plan):
@@ -122,8 +169,9 @@ def _predictor_scores(args, trace, plan):
 
 
 def simulate_rows(
-    trace, scores, *, eps: Sequence[int], tp_arg: str, cluster, hidden: int, dtype: str,
-    tokens_per_rank: int, plan_placements=None, method: str = "refine",
+    trace, scores, *, eps: Sequence[int], tp_arg: str, cluster, hidden: int, dispatch_dtype: str = "bf16",
+    combine_dtype: str = "bf16", tokens_per_rank: int, plan_placements=None, method: str = "refine",
+    dispatchers=None, charge=None,
 ) -> list[dict]:
     """One ``Comparison.table_row()`` per EP size, all on the same tokens."""
     from megatron_specmoe.sim.compare import compare_dispatchers
@@ -133,75 +181,73 @@ def simulate_rows(
         tp = resolve_tp(tp_arg, ep, cluster.gpus_per_node)
         t0 = time.perf_counter()
         cmp = compare_dispatchers(
-            trace, scores, ep=ep, tp=tp, cluster=cluster, hidden_size=hidden, dtype=dtype,
-            tokens_per_rank=tokens_per_rank, plan_placements=plan_placements, method=method,
+            trace, scores, ep=ep, tp=tp, cluster=cluster, hidden_size=hidden, dispatch_dtype=dispatch_dtype,
+            combine_dtype=combine_dtype, tokens_per_rank=tokens_per_rank, plan_placements=plan_placements,
+            method=method, dispatchers=dispatchers, charge=charge,
         )
         rows.append(cmp.table_row())
         print(f"simulate: EP={ep} TP={tp} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table: per MoE layer per step, mean over steps and layers."""
-    head = ("| EP | nodes | TP | split | alltoall us | dedup us | specmoe us | specmoe speed-up "
-            "| inter-node MB/layer a2a / specmoe | LAR a2a / specmoe |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        a, d, s = r["alltoall"], r["dedup"], r["specmoe"]
-        lines.append(
-            f"| {r['ep']} | {r['nodes']} | {r['tp']} | x{r['expert_split']} "
-            f"| {a['layer_time_s'] * 1e6:.1f} | {d['layer_time_s'] * 1e6:.1f} | {s['layer_time_s'] * 1e6:.1f} "
-            f"| {s['speedup_vs_alltoall']:.2f}x "
-            f"| {a['inter_node_bytes_per_layer'] / 1e6:.1f} / {s['inter_node_bytes_per_layer'] / 1e6:.1f} "
-            f"| {a['local_activation_rate']:.3f} / {s['local_activation_rate']:.3f} |"
-        )
-    return "\n".join(lines)
+def _calibration(args) -> int:
+    from megatron_specmoe.sim.calibration import format_calibration, run_calibration
+
+    def progress(i, n, row):
+        print(f"simulate --calibration: {i + 1}/{n} {row.id}", file=sys.stderr, flush=True)
+
+    results = run_calibration(progress=progress)
+    print("Model vs published measurements (ratio = predicted / measured):\n")
+    print(format_calibration(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**dataclasses.asdict(r.row), "predicted": r.predicted, "ratio": r.ratio,
+                        "within": r.within, "miss_reason": r.miss_reason} for r in results], f, indent=1)
+    return 0
 
 
-def plot_rows(series: dict[str, list[dict]], path: str, title: str) -> None:
-    """PNG of MoE-layer communication time vs EP; ``series`` label -> rows (one line style per
-    label, one colour per dispatcher)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"alltoall": "tab:red", "dedup": "tab:orange", "specmoe": "tab:green"}
-    styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (label, rows) in enumerate(series.items()):
-        eps = [r["ep"] for r in rows]
-        for name, colour in colours.items():
-            if i and name != "specmoe":
-                continue  # baselines do not depend on the series' predictor / layout label
-            ax.plot(eps, [r[name]["layer_time_s"] * 1e6 for r in rows], styles[i % 4], color=colour,
-                    marker="o", label=f"{name}" + (f" ({label})" if name == "specmoe" else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(eps, [str(e) for e in eps])
-    ax.set_xlabel("EP size (GPUs; 8 per node)")
-    ax.set_ylabel("MoE-layer comm time per step (us)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _checked(args) -> None:
+    """ValueError naming the flag for values argparse cannot check."""
+    if args.hidden < 1:
+        raise ValueError(f"--hidden must be a positive int, got {args.hidden}")
+    if args.tokens_per_rank < 1:
+        raise ValueError(f"--tokens-per-rank must be a positive int, got {args.tokens_per_rank}")
+    if args.plan_kernels is not None and args.plan_kernels < 0:
+        raise ValueError(f"--plan-kernels must be >= 0, got {args.plan_kernels}")
+    if args.context < 1:
+        raise ValueError(f"--context must be a positive int, got {args.context}")
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from megatron_specmoe.sim.cluster import cluster_preset
     from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
+    from megatron_specmoe.cli.simulate_report import format_table, plot_rows
+    from megatron_specmoe.sim.cluster import cluster_preset
+    from megatron_specmoe.sim.plan_cost import DEFAULT_PLAN_KERNELS, PlanCharge
+    from megatron_specmoe.sim.wire import WireDtypes
 
-    # The simulator works on many small tensors; extra intra-op threads only add overhead (and
-    # slow down 20x on a shared machine).
+    # The simulator works on many small tensors; extra intra-op threads only add overhead.
     torch.set_num_threads(1)
     try:
+        if args.calibration:
+            if args.traces:
+                raise ValueError("--calibration uses the published measurements' own routes; drop --traces")
+            return _calibration(args)
+        if not args.traces:
+            raise ValueError("--traces FILE... is required (or --calibration)")
+        _checked(args)
         eps = parse_ep_list(args.ep)
+        dispatch_dtype, combine_dtype = resolve_dtypes(args)
+        WireDtypes(hidden_size=args.hidden, dispatch=dispatch_dtype, combine=combine_dtype)
+        names = parse_dispatchers(args.dispatchers)
+        charge = PlanCharge(
+            kernels=DEFAULT_PLAN_KERNELS if args.plan_kernels is None else args.plan_kernels,
+            launch=args.plan_launch, overlap=not args.no_plan_overlap, phase=args.phase, context=args.context,
+        )
         cluster = cluster_preset(args.cluster)
-        if args.nic_routing != cluster.inter_node_routing:
+        if args.nic_routing is not None and args.nic_routing != cluster.inter_node_routing:
             cluster = dataclasses.replace(cluster, inter_node_routing=args.nic_routing)
         trace = read_traces(args.traces)
         total = trace.num_tokens
@@ -213,9 +259,8 @@ def run(args: argparse.Namespace) -> int:
             from megatron_specmoe.artifacts.plan_folder import load_plan
 
             plan = load_plan(args.plan)
-            h = plan.header
             plan.check_compatible(num_layers=trace.num_layers, num_experts=trace.num_experts,
-                                  topk=trace.topk, ep_size=h.ep_size)
+                                  topk=trace.topk, ep_size=plan.header.ep_size)
         # Same tokens for every EP size: a multiple of the largest step.
         step = args.tokens_per_rank * max(eps)
         used = trace.num_tokens // step * step
@@ -230,21 +275,27 @@ def run(args: argparse.Namespace) -> int:
         scores, predictor_desc = _predictor_scores(args, trace, plan)
         rows = simulate_rows(
             trace, scores, eps=eps, tp_arg=args.tp, cluster=cluster, hidden=args.hidden,
-            dtype=args.dtype, tokens_per_rank=args.tokens_per_rank,
+            dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype, tokens_per_rank=args.tokens_per_rank,
             plan_placements=None if plan is None else plan.placements, method=args.assignment,
+            dispatchers=names, charge=charge,
         )
     except ValueError as exc:
         print(f"specmoe simulate: error: {exc}", file=sys.stderr)
         return 2
-    print(f"cluster {cluster.name} ({cluster.inter_node_routing} inter-node routing): {cluster.source}")
-    print(f"predictor: {predictor_desc}; tokens: {used}; hidden {args.hidden} {args.dtype}; "
-          f"{args.tokens_per_rank} tokens per GPU per step")
+    print(f"cluster {cluster.name} (NCCL all-to-all NIC routing {cluster.inter_node_routing}): {cluster.source}")
+    print(f"predictor: {predictor_desc}; tokens: {used}; hidden {args.hidden}, dispatch {dispatch_dtype}, "
+          f"combine {combine_dtype}; {args.tokens_per_rank} tokens per GPU per step")
+    print(f"plan: {charge.kernels} kernels per MoE layer, {charge.launch} launches, "
+          f"{'overlapped with' if charge.overlap else 'not overlapped with'} {charge.phase} attention "
+          f"(context {charge.context}); times per MoE layer per step = dispatch + combine + exposed plan")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cluster": cluster.to_json(), "predictor": predictor_desc, "tokens": used,
-                       "hidden": args.hidden, "dtype": args.dtype, "rows": rows}, f, indent=1)
+                       "hidden": args.hidden, "dispatch_dtype": dispatch_dtype, "combine_dtype": combine_dtype,
+                       "tokens_per_rank": args.tokens_per_rank, "plan": dataclasses.asdict(charge),
+                       "rows": rows}, f, indent=1)
     if args.plot:
-        plot_rows({predictor_desc.split(" (")[0]: rows}, args.plot,
-                  f"{cluster.name}, H={args.hidden} {args.dtype}, {args.tokens_per_rank} tok/GPU")
+        plot_rows({f"{args.tokens_per_rank} tokens/GPU": rows}, args.plot,
+                  f"{cluster.name}, H={args.hidden} {dispatch_dtype}/{combine_dtype}, {predictor_desc.split(' (')[0]}")
     return 0
