@@ -223,8 +223,8 @@ def test_table_output_and_errors(files, capsys):
     assert main(["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz"),
                  "--kind", "history"]) == 2
     assert "--kind 'history'" in capsys.readouterr().err
-    assert main(["evaluate", "--plan", str(tmp / "empty"), "--traces", str(tmp / "eval.npz")]) == 2
+    assert main(["evaluate", "--plan", str(tmp / "empty"), "--traces", str(tmp / "eval.npz")]) == 1  # a data error
     assert "stores no predictor" in capsys.readouterr().err
     assert main(["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz"),
                  "--assignment", "hungarian"]) == 2
-    assert "not one of" in capsys.readouterr().err
+    assert "--assignment 'hungarian' is not a method -- choose one of" in capsys.readouterr().err

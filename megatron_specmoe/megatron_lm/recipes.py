@@ -390,6 +390,11 @@ class Recipe:
     master_port: int = 29500
 
     def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node", "calibration_tokens", "port", "master_port"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Recipe.{name} must be a positive integer, got {value!r} "
+                                 f"(--{name.replace('_', '-')}; torchrun needs >= 1)")
         if self.launcher not in get_args(Launcher):
             raise ValueError(f"Recipe.launcher {self.launcher!r} is not one of {get_args(Launcher)}")
         if self.recorder not in get_args(RouteRecorder):
@@ -458,10 +463,10 @@ class Recipe:
         )
         plan = Command(
             step="plan", launcher=self._cpu_launcher(), program=PLAN_PROGRAM, megatron_args=(),
-            # Flag names follow `specmoe group` / `specmoe evaluate` (--traces, --ep, --out);
-            # experts and top-k come from the traces themselves.
+            # Flag names follow `specmoe group` / `specmoe evaluate`; top-k comes from the traces,
+            # the expert count from the preset (Megatron's JSONL traces do not record it).
             script_args=("--traces", p.routes, "--ep", str(self.layout.ep), "--out", p.plan,
-                         "--predictor", self.predictor),
+                         "--num-experts", str(self.model.num_experts), "--predictor", self.predictor),
             script=None,
         )
         serve = Command(
@@ -613,7 +618,9 @@ def write_recipes(recipes, directory) -> list[Path]:
     written = []
     for r in recipes:
         path = directory / r.file_name
-        path.write_text(r.script_text())
-        path.chmod(0o755)
+        tmp = path.with_name(f".{path.name}.tmp")  # renamed into place: never half a script
+        tmp.write_text(r.script_text())
+        tmp.chmod(0o755)
+        tmp.replace(path)
         written.append(path)
     return written
