@@ -35,6 +35,12 @@ MAX_EXPERTS = 1 << 16
 _NUM_EXPERTS_FIX = "pass --num-experts E, the model's routed experts per MoE layer"
 
 
+def _show(value: object) -> str:
+    """``repr(value)``, cut to 40 characters (a message names the value, it does not dump it)."""
+    r = repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 def check_num_experts(num_experts: object, *, flag: str = "--num-experts") -> Optional[int]:
     """``num_experts`` as an int (None stays None); refuse bools, floats, < 1 and > MAX_EXPERTS."""
     if num_experts is None:
@@ -75,7 +81,7 @@ def int_matrix(rows: object, *, path: PathLike, what: str, topk: Optional[int],
     for t, row in enumerate(rows):
         if not isinstance(row, list):
             raise SpecMoEDataError(f"{path}: {what}, token {t}: expected a list of expert ids, got "
-                                   f"{str(row)[:40]!r}", "re-export the trace")
+                                   f"{_show(row)}", "re-export the trace")
         if topk is None:
             topk = len(row)
         if len(row) != topk:
@@ -85,7 +91,7 @@ def int_matrix(rows: object, *, path: PathLike, what: str, topk: Optional[int],
                 "re-export the trace")
         for e in row:
             if isinstance(e, bool) or not isinstance(e, int):
-                raise SpecMoEDataError(f"{path}: {what}, token {t}: expert id {str(e)[:40]!r} is "
+                raise SpecMoEDataError(f"{path}: {what}, token {t}: expert id {_show(e)} is "
                                        "not an integer", "expert ids are whole numbers 0..E-1")
             if not 0 <= e < num_experts:
                 raise SpecMoEDataError(
@@ -129,6 +135,6 @@ def int_field(rec: dict, name: str, where: str) -> int:
     """``rec[name]`` if it is a JSON integer (not a bool, float or string), else refuse."""
     value = rec[name]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecMoEDataError(f"{where}: field {name!r} is {str(value)[:40]!r}, not an integer",
+        raise SpecMoEDataError(f"{where}: field {name!r} is {_show(value)}, not an integer",
                                "the record is corrupt; re-export the trace")
     return value

@@ -159,7 +159,7 @@ def _lines(fh, path: str):
         for lineno, line in enumerate(fh, start=1):
             yield lineno, line
     except UnicodeDecodeError:
-        raise SpecMoEDataError(f"{path}: line {lineno + 1} is not UTF-8 text",
+        raise SpecMoEDataError(f"{path}: not UTF-8 text after line {lineno}",
                                "give Megatron-Core's router_trace_rank*.jsonl files") from None
 
 
