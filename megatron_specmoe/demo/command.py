@@ -78,6 +78,13 @@ def _layout(args):
         problems.append(f"--topk {args.topk} exceeds --experts {args.experts}")
     if problems:
         raise SpecMoEUsageError("; ".join(problems), "change --ranks / --tp / --ep as said")
+    # Each DP group runs whole batches of --batch windows; fewer windows than one batch per group
+    # would leave a group (and the profile) empty.
+    need = args.batch * (args.ranks // tp)
+    for flag, value in (("--calib-windows", args.calib_windows), ("--eval-windows", args.eval_windows)):
+        if not args.synthetic and value < need:
+            raise SpecMoEUsageError(f"{flag} {value} is fewer than one batch per DP group (--batch {args.batch} x "
+                                    f"{args.ranks // tp} DP groups = {need})", f"raise {flag} to {need} or lower --batch")
     check_output_dir("--out-dir", args.out_dir)
     for flag, path in (("--json", args.json), ("--figure", args.figure)):
         if path is not None:

@@ -135,15 +135,15 @@ def sha256_file(path: PathLike) -> str:
 _RESAVE = "re-save the checkpoint with megatron_specmoe.megatron.checkpoint.save_checkpoint"
 
 
-def _need(obj: Mapping, key: str, kind: type, where: str):
+def _need(obj: Mapping, key: str, kind: type, where: str, minimum: int = 1):
     if key not in obj:
         raise SpecMoEDataError(f"{where}: field {key!r} is missing; the card is incomplete", _RESAVE)
     value = obj[key]
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise SpecMoEDataError(f"{where}: field {key!r} should be {kind.__name__}, got {str(value)[:40]!r}",
+        raise SpecMoEDataError(f"{where}: field {key!r} should be {kind.__name__}, got {repr(value)[:40]}",
                                _RESAVE)
-    if kind is int and value < 1:
-        raise SpecMoEDataError(f"{where}: field {key!r} is {value}, expected a positive count", _RESAVE)
+    if kind is int and value < minimum:
+        raise SpecMoEDataError(f"{where}: field {key!r} is {value}, expected a count >= {minimum}", _RESAVE)
     return value
 
 
@@ -182,8 +182,8 @@ def read_card(path: Optional[PathLike] = None) -> ModelCard:
     if unknown:
         raise SpecMoEDataError(f"{where}: field 'shape' has unknown keys {unknown}; known: "
                                f"{sorted(names)}", _RESAVE)
-    for key in names:
-        _need(shape_obj, key, int, f"{where} (shape)")
+    for key in names:  # shared_ffn 0: no shared expert
+        _need(shape_obj, key, int, f"{where} (shape)", minimum=0 if key == "shared_ffn" else 1)
     dtype = _need(obj, "weights_dtype", str, where)
     if dtype not in _DTYPES:
         raise SpecMoEDataError(f"{where}: field 'weights_dtype' is {dtype!r}; expected one of "
@@ -193,7 +193,7 @@ def read_card(path: Optional[PathLike] = None) -> ModelCard:
             raise SpecMoEDataError(f"{where}: field {key!r} should be an object", _RESAVE)
     eot = obj.get("eot_id", -1)
     if isinstance(eot, bool) or not isinstance(eot, int):
-        raise SpecMoEDataError(f"{where}: field 'eot_id' should be int, got {str(eot)[:40]!r}", _RESAVE)
+        raise SpecMoEDataError(f"{where}: field 'eot_id' should be int, got {repr(eot)[:40]}", _RESAVE)
     gpt = dict(_GPT_DEFAULTS)
     gpt.update(obj.get("gpt", {}))
     try:

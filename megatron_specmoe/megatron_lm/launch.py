@@ -134,7 +134,9 @@ def _import_megatron_training(target: LaunchTarget) -> None:
             f"cannot import megatron.training ({first_error}) and there is no Megatron-LM checkout "
             f"(megatron/training/arguments.py) at or above {start}",
             "run from a Megatron-LM checkout, put its root on PYTHONPATH, or install megatron-core "
-            ">= 0.19 (it ships megatron.training)")
+            ">= 0.19 (it ships megatron.training)" + (
+                f"; megatron.training also needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}, this is "
+                f"{sys.version.split()[0]}" if sys.version_info < MIN_PYTHON else ""))
     if str(root) not in sys.path:
         sys.path.append(str(root))
     try:
