@@ -1,5 +1,6 @@
-"""What both entry points (``specmoe`` and ``specmoe-launch``) do around a command: one-line
-errors, exit codes, ``--debug`` and ``--verbose``, known-irrelevant warnings (docs/cli_errors.md).
+"""Around every command of ``specmoe`` and ``specmoe-launch``: one-line errors and exit codes.
+
+Also ``--debug``, ``--verbose`` and the known-irrelevant warnings (docs/cli_errors.md).
 
 Notation: none (no tensors here).
 
