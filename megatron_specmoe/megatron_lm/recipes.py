@@ -9,9 +9,8 @@ Glossary
         (not TP*EP*PP | world); token shuffling needs EP to be a multiple of TP (see
         ``megatron_lm.args.layout_problems``).
     step: ``calibrate`` (run prompts through the stock alltoall dispatcher and record every MoE
-        layer's routes), ``plan`` (``specmoe plan``: fit predictors and expert placement on the
-        CPU), ``serve`` (Megatron-LM's inference server with ``--moe-token-dispatcher-type
-        specmoe``).
+        layer's routes), ``plan`` (``specmoe plan --num-experts E``: fit predictors and expert
+        placement on the CPU), ``serve`` (Megatron-LM's inference server, specmoe dispatcher).
     launcher: ``torchrun`` (one node, or every node started by hand with the same MASTER_ADDR) or
         ``slurm`` (an sbatch file: srun starts one torchrun per node; rendezvous on the first node
         of the allocation).
@@ -35,6 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional, Union, get_args
 
+from megatron_specmoe.artifacts.files import atomic_file
 from megatron_specmoe.schedule.layout import ParallelLayout
 
 __all__ = [
@@ -391,10 +391,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node", "calibration_tokens", "port", "master_port"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Recipe.{name} must be a positive integer, got {value!r} "
-                                 f"(--{name.replace('_', '-')}; torchrun needs >= 1)")
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:  # not bool, >= 1
+                raise ValueError(f"Recipe.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.launcher not in get_args(Launcher):
             raise ValueError(f"Recipe.launcher {self.launcher!r} is not one of {get_args(Launcher)}")
         if self.recorder not in get_args(RouteRecorder):
@@ -463,8 +461,6 @@ class Recipe:
         )
         plan = Command(
             step="plan", launcher=self._cpu_launcher(), program=PLAN_PROGRAM, megatron_args=(),
-            # Flag names follow `specmoe group` / `specmoe evaluate`; top-k comes from the traces,
-            # the expert count from the preset (Megatron's JSONL traces do not record it).
             script_args=("--traces", p.routes, "--ep", str(self.layout.ep), "--out", p.plan,
                          "--num-experts", str(self.model.num_experts), "--predictor", self.predictor),
             script=None,
@@ -618,9 +614,7 @@ def write_recipes(recipes, directory) -> list[Path]:
     written = []
     for r in recipes:
         path = directory / r.file_name
-        tmp = path.with_name(f".{path.name}.tmp")  # renamed into place: never half a script
-        tmp.write_text(r.script_text())
-        tmp.chmod(0o755)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:  # renamed into place: never half a script
+            tmp.write_text(r.script_text()), tmp.chmod(0o755)
         written.append(path)
     return written
