@@ -339,8 +339,27 @@ def test_known_megatron_warnings_are_hidden_and_said_under_verbose(tmp_path):
     assert len(lines) == 2 and "UserWarning" not in proc.stderr, proc.stderr
     assert lines[0].startswith("specmoe demo: --verbose: hid ") and "Transformer Engine and Apex are not installed" in lines[0]
     assert lines[1].startswith("specmoe demo: error: ")  # the error stays the last line
-    proc = _run(["-m", "megatron_specmoe", "--debug", *argv[2:]], tmp_path)  # --debug hides nothing
-    assert "Transformer Engine and Apex are not installed" in proc.stderr and "Traceback" in proc.stderr
+
+
+def test_debug_hides_no_warning_and_other_warnings_are_shown(capsys):
+    import warnings
+
+    from megatron_specmoe.entry import run_entry
+
+    def body():
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning)
+        warnings.warn("something else", UserWarning)
+        return 0
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert run_entry("specmoe x", body, verbose=True) == 0
+    assert [str(w.message) for w in seen] == ["something else"]  # the known one hidden, the other shown
+    assert "specmoe x: --verbose: hid 1 known warning(s)" in capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert run_entry("specmoe x", body, debug=True) == 0
+    assert len(seen) == 2  # --debug hides nothing
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="checks the refusal on Python < 3.12")
