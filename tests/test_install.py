@@ -206,3 +206,15 @@ def test_cpu_support_keeps_expert_tp_splits_a_tensor():
     assert d.input_splits == [3, 1] and d.output_splits == [2, 2]  # gloo's all_to_all wants lists
     assert d.output_splits_tp.tolist() == [4, 5]  # what Megatron does with it (ETP > 1)
     assert d.num_out_tokens == 9
+
+
+def test_expert_tensor_parallelism_runs_on_the_cpu_patches():
+    """Issue 18 finding 7, end to end: ETP = 2 on two gloo ranks, alltoall and specmoe give the same
+    output (before the fix Megatron's output_splits_tp.tolist() failed on the patched list)."""
+    from megatron_specmoe.testing.etp_check import etp_forward
+    from megatron_specmoe.testing.spawn import run_local
+
+    results = run_local(etp_forward, 2, 7)
+    for res in results:
+        assert res["max_diff"] <= 1e-6
+    assert torch.tensor(results[0]["alltoall"]).abs().sum() > 0
