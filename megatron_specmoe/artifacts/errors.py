@@ -17,7 +17,8 @@ Both are ``ValueError`` subclasses, so library callers that catch ``ValueError``
 
 from __future__ import annotations
 
-__all__ = ["SpecMoEError", "SpecMoEUsageError", "SpecMoEDataError", "SpecMoEEnvironmentError"]
+__all__ = ["SpecMoEError", "SpecMoEUsageError", "SpecMoEDataError", "SpecMoEEnvironmentError",
+           "SpecMoEArgumentError"]
 
 
 class SpecMoEError(ValueError):
@@ -58,3 +59,13 @@ class SpecMoEEnvironmentError(SpecMoEError):
     """The interpreter or installed packages cannot run the command (exit status 1)."""
 
     exit_code = 1
+
+
+class SpecMoEArgumentError(SpecMoEUsageError):
+    """A Megatron-LM command line that cannot run with the specmoe dispatcher (raised by
+    ``megatron_lm/args.py``'s checks inside ``validate_args``); the message says why and how to fix
+    it, ``specmoe-launch`` prints it as one line and exits 2."""
+
+    def __init__(self, message: str, fix: str = "change the flags as said; `specmoe-launch --help` "
+                 "and docs/cli_errors.md list the --specmoe-* flags") -> None:
+        super().__init__(message, fix)

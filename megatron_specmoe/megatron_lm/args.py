@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, get_args
 
-from megatron_specmoe.artifacts.errors import SpecMoEUsageError
+from megatron_specmoe.artifacts.errors import SpecMoEArgumentError
 from megatron_specmoe.predict.vocabulary import PLAN_KINDS, RuntimePredictor
 from megatron_specmoe.megatron.shuffle_refusals import (
     launcher_refusals,
@@ -134,15 +134,6 @@ _UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
         "defeats keeping tokens local",
     ),
 )
-
-
-class SpecMoEArgumentError(SpecMoEUsageError):
-    """A command line that cannot run with the specmoe dispatcher; the message says why and how
-    to fix it. ``specmoe-launch`` prints it as one line and exits 2 (docs/cli_errors.md)."""
-
-    def __init__(self, message: str, fix: str = "change the flags as said; `specmoe-launch --help` "
-                 "and docs/cli_errors.md list the --specmoe-* flags") -> None:
-        super().__init__(message, fix)
 
 
 @dataclass(frozen=True, kw_only=True)
