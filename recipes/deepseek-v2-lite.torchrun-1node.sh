@@ -88,6 +88,7 @@ case "$STEP" in
         --traces "${SPECMOE_WORK}/routes" \
         --ep 8 \
         --out "${SPECMOE_WORK}/plan" \
+        --num-experts 64 \
         --predictor combined
     ;;
   serve)

@@ -103,6 +103,7 @@ case "$STEP" in
         --traces "${SPECMOE_WORK}/routes" \
         --ep 16 \
         --out "${SPECMOE_WORK}/plan" \
+        --num-experts 64 \
         --predictor combined
     ;;
   serve)

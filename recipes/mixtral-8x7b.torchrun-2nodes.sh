@@ -92,6 +92,7 @@ case "$STEP" in
         --traces "${SPECMOE_WORK}/routes" \
         --ep 8 \
         --out "${SPECMOE_WORK}/plan" \
+        --num-experts 8 \
         --predictor combined
     ;;
   serve)

@@ -80,6 +80,7 @@ case "$STEP" in
         --traces "${SPECMOE_WORK}/routes" \
         --ep 8 \
         --out "${SPECMOE_WORK}/plan" \
+        --num-experts 128 \
         --predictor combined
     ;;
   serve)

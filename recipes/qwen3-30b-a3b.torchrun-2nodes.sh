@@ -95,6 +95,7 @@ case "$STEP" in
         --traces "${SPECMOE_WORK}/routes" \
         --ep 16 \
         --out "${SPECMOE_WORK}/plan" \
+        --num-experts 128 \
         --predictor combined
     ;;
   serve)

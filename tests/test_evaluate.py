@@ -223,8 +223,23 @@ def test_table_output_and_errors(files, capsys):
     assert main(["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz"),
                  "--kind", "history"]) == 2
     assert "--kind 'history'" in capsys.readouterr().err
-    assert main(["evaluate", "--plan", str(tmp / "empty"), "--traces", str(tmp / "eval.npz")]) == 2
+    assert main(["evaluate", "--plan", str(tmp / "empty"), "--traces", str(tmp / "eval.npz")]) == 1  # a data error
     assert "stores no predictor" in capsys.readouterr().err
     assert main(["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz"),
                  "--assignment", "hungarian"]) == 2
-    assert "not one of" in capsys.readouterr().err
+    assert "--assignment 'hungarian' is not a method -- choose one of" in capsys.readouterr().err
+
+
+def test_small_batches_report_progress_within_a_layer(capsys):
+    """Issue 18 finding 5: `evaluate --batch 1` ran for minutes with one line per layer only."""
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.permutation(4)[:2] for _ in range(40)])[:, None, :].astype(np.int32)
+    trace = _trace(experts)
+    evaluate_trace(trace, PerfectPredictor(trace), CONTIGUOUS, batch_size=1, progress=True,
+                   progress_every_s=0.0)
+    err = capsys.readouterr().err
+    assert "[evaluate] 40 tokens in 40 batch(es) of 1 x 1 layers" in err
+    within = [x for x in err.splitlines() if ", batch " in x]
+    assert len(within) >= 39 and "layer 1/1, batch 39/40" in within[-1] and "s left" in within[-1]
+    evaluate_trace(trace, PerfectPredictor(trace), CONTIGUOUS, batch_size=1, progress=True)
+    assert ", batch " not in capsys.readouterr().err  # throttled: every 5 s by default

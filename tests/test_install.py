@@ -155,3 +155,66 @@ def test_specmoe_spec_with_shuffle_selects_the_shuffle_layer(world):
     if not have_te():  # the TE shuffle spec needs TE; with TE it is built (tools/gpu_check.py)
         with pytest.raises(ValueError, match="use_transformer_engine=True needs TransformerEngine"):
             get_gpt_layer_specmoe_spec(8, use_transformer_engine=True, shuffle=carrier)
+
+
+def test_capacity_padding_refusal_gives_the_real_reason(world):
+    """Issue 18 finding 9: the refusal said "the shuffle assumes dropless routing", but dropping
+    without padding works; the reason is the padding sent over the all-to-all."""
+    with pytest.raises(ValueError, match=r"padding every expert to its capacity sends the padding over "
+                       r"the all-to-all.*moe_expert_capacity_factor alone, is supported") as exc:
+        _layer("specmoe", specmoe=True, moe_pad_expert_input_to_capacity=True, moe_expert_capacity_factor=1.0)
+    assert "dropless" not in str(exc.value)
+    layer = _layer("specmoe", specmoe=True, moe_expert_capacity_factor=1.0)  # dropping alone: built
+    out = layer(torch.randn(4, 2, 16))[0]
+    assert out.shape == (4, 2, 16)
+
+
+def test_recorder_counts_the_pairs_megatron_pads_and_sends(world, monkeypatch):
+    """Issue 18 finding 8: with moe_router_padding_for_quantization the recorder reported the
+    pairs from before Megatron padded the routing map, not the ones on the wire."""
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    from megatron_specmoe.megatron.dispatcher import DispatchRecorder
+
+    dispatcher = _layer("specmoe", specmoe=True).token_dispatcher
+    monkeypatch.setattr(dispatcher.config, "moe_router_padding_for_quantization", True)
+    monkeypatch.setattr(td, "get_align_size_for_quantization", lambda config: 8)  # fp8's alignment, no fp8
+    dispatcher.recorder = DispatchRecorder()
+    tokens = 8
+    routing_map = torch.zeros(tokens, 8, dtype=torch.bool)
+    for t in range(tokens):  # token t -> experts t % 8 and (t + 1) % 8: 2 pairs per expert
+        routing_map[t, [t % 8, (t + 1) % 8]] = True
+    probs = routing_map.float() * 0.5
+    dispatcher.dispatch_preprocess(torch.randn(tokens, 1, 16), routing_map, probs)
+    rec = dispatcher.recorder.records[-1]
+    sent = int(dispatcher.routing_map.sum())  # what Megatron permutes and sends
+    assert sent == 8 * 8  # every expert padded from 2 to 8 tokens
+    assert rec.measures.pairs == sent and list(rec.pairs_to_rank) == [sent]  # was 16 before the fix
+
+
+def test_cpu_support_keeps_expert_tp_splits_a_tensor():
+    """Issue 18 finding 7: cpu_support turned output_splits_tp into a list, and Megatron's
+    dispatch_postprocess calls .tolist() on it when ETP > 1."""
+    from types import SimpleNamespace
+
+    from megatron_specmoe.megatron.cpu_support import _cpu_maybe_dtoh_and_synchronize
+
+    d = SimpleNamespace(drop_and_pad=False, cuda_dtoh_point="before_ep_alltoall",
+                        input_splits=torch.tensor([3, 1]), output_splits=torch.tensor([2, 2]),
+                        output_splits_tp=torch.tensor([4, 5]), num_out_tokens=torch.tensor(9))
+    _cpu_maybe_dtoh_and_synchronize(d, "before_ep_alltoall")
+    assert d.input_splits == [3, 1] and d.output_splits == [2, 2]  # gloo's all_to_all wants lists
+    assert d.output_splits_tp.tolist() == [4, 5]  # what Megatron does with it (ETP > 1)
+    assert d.num_out_tokens == 9
+
+
+def test_expert_tensor_parallelism_runs_on_the_cpu_patches():
+    """Issue 18 finding 7, end to end: ETP = 2 on two gloo ranks, alltoall and specmoe give the same
+    output (before the fix Megatron's output_splits_tp.tolist() failed on the patched list)."""
+    from megatron_specmoe.testing.etp_check import etp_forward
+    from megatron_specmoe.testing.spawn import run_local
+
+    results = run_local(etp_forward, 2, 7)
+    for res in results:
+        assert res["max_diff"] <= 1e-6
+    assert torch.tensor(results[0]["alltoall"]).abs().sum() > 0

@@ -482,10 +482,29 @@ def test_launch_runs_a_module(monkeypatch, tmp_path, fake_install):
     (["missing_script.py"], "missing_script.py does not exist"),
 ])
 def test_launch_usage_errors(argv, message, capsys):
-    from megatron_specmoe.megatron_lm import launch
+    """The specmoe-launch entry point: one line, exit 2, no traceback (docs/cli_errors.md)."""
+    from megatron_specmoe import launch
 
     assert launch.main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("specmoe-launch: error: ") and message in err and " -- " in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_launch_argument_error_is_one_line_not_a_traceback(monkeypatch, tmp_path, fake_install, capsys):
+    """Issue 18 finding 5: a --specmoe-* refusal arrived under a 10-frame traceback."""
+    from megatron_specmoe import launch
+
+    script = tmp_path / "serve.py"
+    script.write_text(SCRIPT)
+    argv, _ = launch_argv(monkeypatch, tmp_path, "--expert-model-parallel-size", "1")
+    assert launch.main([str(script), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specmoe-launch: error: ") and "--expert-model-parallel-size is 1" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.json").exists()
+    with pytest.raises(M.SpecMoEArgumentError):  # --debug: the exception and its traceback
+        launch.main(["--debug", str(script), *argv])
 
 
 def test_find_megatron_root(tmp_path):

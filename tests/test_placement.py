@@ -37,3 +37,24 @@ def test_check_matches_names_the_field():
         p.check_matches(num_experts=16, ep_size=4)
     with pytest.raises(ValueError, match="expert_model_parallel_size=2"):
         p.check_matches(num_experts=8, ep_size=2)
+
+
+@pytest.mark.parametrize("bad", [0.9, 1.0, True, "3", None, np.float32(2.0)])
+def test_entries_must_be_integers(bad):
+    """Issue 18 finding 10: 0.9 became expert 0, True expert 1, "3" expert 3, silently."""
+    p2l = [bad, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"physical_to_logical must hold integer expert ids, got "):
+        ExpertPlacement(physical_to_logical=tuple(p2l), ep_size=2)
+    with pytest.raises(ValueError, match=r"integer expert ids"):
+        ExpertPlacement.from_json({"physical_to_logical": p2l, "ep_size": 2})
+
+
+@pytest.mark.parametrize("ep", [2.0, True, "2"])
+def test_ep_size_must_be_an_integer(ep):
+    with pytest.raises(ValueError, match=r"ep_size must be a positive integer"):
+        ExpertPlacement(physical_to_logical=(0, 1, 2, 3), ep_size=ep)
+
+
+def test_numpy_integers_are_fine():
+    pl = ExpertPlacement(physical_to_logical=tuple(np.arange(4, dtype=np.uint8)[::-1]), ep_size=np.int64(2))
+    assert pl.physical_to_logical == (3, 2, 1, 0) and all(type(x) is int for x in pl.physical_to_logical)

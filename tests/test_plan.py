@@ -104,14 +104,39 @@ def test_bad_header_files(tmp_path):
         load_plan(tmp_path)
     doc = json.loads(text)
     doc["arrays"] = []  # tensors.npz still holds array/counts
-    hdr.write_text(json.dumps(doc))
+    _write_sealed(hdr, doc)  # past the header checksum, to reach the check behind it
     with pytest.raises(ValueError, match=r"does not list \['array/counts'\]"):
         load_plan(tmp_path)
     del doc["num_layers"]
     doc["arrays"] = ["counts"]
-    hdr.write_text(json.dumps(doc))
+    _write_sealed(hdr, doc)
     with pytest.raises(ValueError, match=r"header lacks the field\(s\) \['num_layers'\]"):
         load_plan(tmp_path)
+
+
+def _write_sealed(hdr, doc):
+    """Write an edited header with a matching header_sha256 (what only save_plan should do)."""
+    doc["header_sha256"] = plan_mod.header_digest(doc)
+    hdr.write_text(json.dumps(doc))
+
+
+def test_edited_header_is_refused(tmp_path):
+    """Issue 18 finding 2: the checksum covered tensors.npz only, so "ep_size": 4 -> 2 loaded."""
+    plan = make_plan(num_layers=2, num_experts=8, topk=2, ep_size=4)
+    save_plan(plan, tmp_path)
+    hdr = tmp_path / "plan.json"
+    text = hdr.read_text()
+    assert '"ep_size": 4' in text
+    hdr.write_text(text.replace('"ep_size": 4', '"ep_size": 2'))
+    with pytest.raises(ValueError, match=r"plan\.json: its sha256 is [0-9a-f]+\.\.\. but it records "
+                       r"header_sha256 .* edited or corrupted .* -- re-run `specmoe plan`"):
+        load_plan(tmp_path)
+    assert '"notes": {}' in text
+    hdr.write_text(text.replace('"notes": {}', '"notes": {"x": 1}', 1))
+    with pytest.raises(ValueError, match=r"header was edited"):
+        load_plan(tmp_path)
+    hdr.write_text(text)
+    assert load_plan(tmp_path).header.ep_size == 4
 
 
 def _set_version(folder, version):
@@ -128,7 +153,7 @@ def test_newer_and_unmigratable_older_versions_are_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"version {PLAN_FORMAT_VERSION + 1} .* is newer .* upgrade megatron_specmoe"):
         load_plan(tmp_path)
     _set_version(tmp_path, PLAN_FORMAT_VERSION - 1)
-    with pytest.raises(ValueError, match=rf"version {PLAN_FORMAT_VERSION - 1} .* older .* cannot be migrated; re-run `specmoe plan`"):
+    with pytest.raises(ValueError, match=rf"version {PLAN_FORMAT_VERSION - 1} .* older .* cannot be migrated -- re-run `specmoe plan`"):
         load_plan(tmp_path)
 
 

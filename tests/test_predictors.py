@@ -302,7 +302,7 @@ def test_validation_split_keeps_requests_whole():
     fit, val = validation_split(req, 0.3)
     np.testing.assert_array_equal(fit, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="cannot split 10 tokens"):
-        validation_split(RoutingTrace(experts=ex, num_experts=2, request_ids=np.zeros(10)), 0.3)
+        validation_split(RoutingTrace(experts=ex, num_experts=2, request_ids=np.zeros(10, dtype=np.int64)), 0.3)
 
 
 def test_history_layer_scorer_matches_expert_scores_on_device_tensors():

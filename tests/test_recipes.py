@@ -301,3 +301,23 @@ def test_multi_node_torchrun_plan_needs_no_master_addr(tmp_path):
     proc, calls = run_recipe(recipe, "plan", tmp_path, SPECMOE_WORK=str(tmp_path / "w"))
     assert proc.returncode == 0, proc.stderr
     assert calls == [expand(recipe.commands()["plan"].argv(), {"SPECMOE_WORK": str(tmp_path / "w")})]
+
+
+@pytest.mark.parametrize("field, value", [("gpus_per_node", 0), ("gpus_per_node", -8), ("nodes", 0),
+                                          ("gpus_per_node", True), ("port", 0)])
+def test_recipe_counts_must_be_positive(field, value):
+    """Issue 18 finding 6: --gpus-per-node 0 printed scripts with --nproc-per-node=0."""
+    from megatron_specmoe.megatron_lm.recipes import make_recipe
+
+    kwargs = {"nodes": 1, "launcher": "torchrun", field: value}
+    with pytest.raises(ValueError, match=rf"Recipe\.{field} must be a positive integer, got {value!r}"):
+        make_recipe("mixtral-8x7b", **kwargs)
+
+
+def test_plan_step_names_the_expert_count():
+    """Megatron's JSONL routes do not record E, and specmoe plan no longer guesses it."""
+    from megatron_specmoe.megatron_lm.recipes import make_recipe
+
+    for model, experts in (("mixtral-8x7b", 8), ("deepseek-v2-lite", 64)):
+        plan = make_recipe(model, nodes=1, launcher="torchrun", recorder="megatron", predictor="layer").commands()["plan"]
+        assert plan.flag_value("--num-experts") == str(experts)

@@ -319,7 +319,7 @@ def test_cli_simulate_writes_table_json_and_plot(tmp_path, capsys):
     assert [r["ep"] for r in rows] == [4, 16] and rows[1]["alltoall"]["inter_node_bytes_per_layer"] > 0
     assert out_png.stat().st_size > 0
     assert main(["simulate", "--traces", str(path), "--ep", "8,x"]) == 2
-    assert "--ep must be comma-separated integers" in capsys.readouterr().err
+    assert "--ep '8,x': not comma-separated integers -- give EP sizes" in capsys.readouterr().err
     assert main(["simulate", "--traces", str(path), "--ep", "8", "--tokens-per-rank", "64"]) == 2
     assert "fewer than one step" in capsys.readouterr().err
 
@@ -368,7 +368,7 @@ def test_cli_simulate_with_fitted_predictor_and_plan(tmp_path, capsys):
     assert main(common + ["--predictor", "crystal-ball", "--fit-traces", str(fit_path)]) == 2
     assert "unknown predictor kind 'crystal-ball'" in capsys.readouterr().err
     assert main(common + ["--predictor", "layer"]) == 2
-    assert "--predictor layer needs --fit-traces" in capsys.readouterr().err
+    assert "--predictor layer needs traces to fit on -- add --fit-traces" in capsys.readouterr().err
 
 
 def test_refine_spread_evens_the_busiest_gpus_off_group_pairs():

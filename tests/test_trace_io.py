@@ -54,16 +54,31 @@ def _write_jsonl(path, records) -> str:
 # ---- layer-major JSON ----------------------------------------------------------------------------
 def test_layer_major_json_reads_token_routes(tmp_path):
     path = _write_json(tmp_path / "t.json", _layer_major(ROUTES))
-    tr = read_layer_major_json(path)
+    tr = read_layer_major_json(path, num_experts=4)
     assert tr.experts.shape == (3, 2, 2)
     assert tr.experts[1].tolist() == [[3, 2], [1, 0]]
-    assert tr.num_experts == 4  # inferred: max id 3 + 1
+    assert tr.num_experts == 4
     assert read_layer_major_json(path, num_experts=8).num_experts == 8
+
+
+def test_json_formats_never_guess_the_expert_count(tmp_path):
+    """Issue 18 finding 4: E was the largest id + 1, so one stray id changed the model."""
+    path = _write_json(tmp_path / "t.json", _layer_major(ROUTES))
+    with pytest.raises(ValueError, match=r"t\.json: a layer-major JSON trace does not record the number "
+                       r"of experts .* -- pass --num-experts E"):
+        read_layer_major_json(path)
+    jl = _write_jsonl(tmp_path / "router_trace_rank0.jsonl", [_megatron_record(0, 0, 0, [[0, 1]])])
+    with pytest.raises(ValueError, match=r"Megatron router-trace JSONL trace does not record the number"):
+        read_megatron_jsonl(jl)
+    with pytest.raises(ValueError, match=r"--num-experts 0: out of range 1\.\.65536"):
+        read_layer_major_json(path, num_experts=0)
+    with pytest.raises(ValueError, match=r"--num-experts 2\.5: not an integer"):
+        read_layer_major_json(path, num_experts=2.5)
 
 
 def test_layer_major_json_keys_out_of_order_in_file_are_sorted(tmp_path):
     obj = {"1": ROUTES[:, 1].tolist(), "0": ROUTES[:, 0].tolist()}
-    tr = read_layer_major_json(_write_json(tmp_path / "t.json", obj))
+    tr = read_layer_major_json(_write_json(tmp_path / "t.json", obj), num_experts=4)
     np.testing.assert_array_equal(tr.experts, ROUTES)
 
 
@@ -72,34 +87,34 @@ def test_layer_major_json_unequal_layer_lengths(tmp_path):
     obj["1"] = obj["1"][:2]
     path = _write_json(tmp_path / "short.json", obj)
     with pytest.raises(ValueError, match=r"short\.json: layer 1 has 2 tokens but layer 0 has 3"):
-        read_layer_major_json(path)
+        read_layer_major_json(path, num_experts=4)
 
 
 def test_layer_major_json_expert_out_of_range(tmp_path):
     path = _write_json(tmp_path / "t.json", _layer_major(ROUTES))
-    with pytest.raises(ValueError, match=r"t\.json: expert id 3 at layer 1, token 0 is out of range 0\.\.2"):
+    with pytest.raises(ValueError, match=r"t\.json: layer 0, token 1: expert id 3 is out of range 0\.\.2"):
         read_layer_major_json(path, num_experts=3)
 
 
 def test_layer_major_json_negative_id(tmp_path):
     obj = _layer_major(ROUTES)
     obj["0"][2] = [0, -1]
-    with pytest.raises(ValueError, match=r"negative expert id -1 at layer 0, token 2"):
-        read_layer_major_json(_write_json(tmp_path / "t.json", obj))
+    with pytest.raises(ValueError, match=r"layer 0, token 2: expert id -1 is out of range 0\.\.3"):
+        read_layer_major_json(_write_json(tmp_path / "t.json", obj), num_experts=4)
 
 
 def test_layer_major_json_topk_mismatch_between_tokens(tmp_path):
     obj = _layer_major(ROUTES)
     obj["0"][1] = [3, 2, 1]
     with pytest.raises(ValueError, match=r"layer 0, token 1: has 3 experts but top-k is 2"):
-        read_layer_major_json(_write_json(tmp_path / "t.json", obj))
+        read_layer_major_json(_write_json(tmp_path / "t.json", obj), num_experts=4)
 
 
 def test_layer_major_json_topk_mismatch_between_layers(tmp_path):
     obj = _layer_major(ROUTES)
     obj["1"] = [[r[0]] for r in obj["1"]]
     with pytest.raises(ValueError, match=r"layer 1, token 0: has 1 experts but top-k is 2"):
-        read_layer_major_json(_write_json(tmp_path / "t.json", obj))
+        read_layer_major_json(_write_json(tmp_path / "t.json", obj), num_experts=4)
 
 
 def test_layer_major_json_truncated_file(tmp_path):
@@ -107,22 +122,22 @@ def test_layer_major_json_truncated_file(tmp_path):
     text = json.dumps(_layer_major(ROUTES))
     path.write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match=r"cut\.json: not valid JSON at line 1, column \d+ \(char \d+\)"):
-        read_layer_major_json(path)
+        read_layer_major_json(path, num_experts=4)
 
 
 def test_layer_major_json_non_contiguous_keys(tmp_path):
     obj = {"0": ROUTES[:, 0].tolist(), "2": ROUTES[:, 1].tolist()}
     with pytest.raises(ValueError, match=r"not contiguous from 0: .*missing \[1\]"):
-        read_layer_major_json(_write_json(tmp_path / "t.json", obj))
+        read_layer_major_json(_write_json(tmp_path / "t.json", obj), num_experts=4)
 
 
 def test_layer_major_json_missing_and_bad_keys(tmp_path):
     with pytest.raises(ValueError, match=r"no layer keys"):
-        read_layer_major_json(_write_json(tmp_path / "empty.json", {}))
+        read_layer_major_json(_write_json(tmp_path / "empty.json", {}), num_experts=4)
     with pytest.raises(ValueError, match=r"key 'layer0' is not a layer number"):
-        read_layer_major_json(_write_json(tmp_path / "bad.json", {"layer0": [[0, 1]]}))
+        read_layer_major_json(_write_json(tmp_path / "bad.json", {"layer0": [[0, 1]]}), num_experts=4)
     with pytest.raises(ValueError, match=r"expert id '1' is not an integer"):
-        read_layer_major_json(_write_json(tmp_path / "str.json", {"0": [[0, "1"]]}))
+        read_layer_major_json(_write_json(tmp_path / "str.json", {"0": [[0, "1"]]}), num_experts=4)
 
 
 # ---- Megatron-Core router trace -------------------------------------------------------------------
@@ -170,7 +185,7 @@ def test_megatron_jsonl_rank_filter_and_training_passes(tmp_path):
         _megatron_record(5, 1, 1, [[0, 0]]),
     ]
     path = _write_jsonl(tmp_path / "x.jsonl", recs)
-    tr = read_megatron_jsonl(path, ranks=[0])
+    tr = read_megatron_jsonl(path, ranks=[0], num_experts=4)
     assert tr.experts.tolist() == [[[0, 1], [2, 3]], [[1, 2], [0, 3]], [[3, 0], [1, 2]]]
     assert tr.num_experts == 4
 
@@ -178,28 +193,28 @@ def test_megatron_jsonl_rank_filter_and_training_passes(tmp_path):
 def test_megatron_jsonl_errors(tmp_path):
     bad_k = [_megatron_record(0, 0, 0, [[0, 1]]), _megatron_record(0, 0, 1, [[0]], topk=1)]
     with pytest.raises(ValueError, match=r"k\.jsonl: line 2: topk=1 but .*line 1 has topk=2"):
-        read_megatron_jsonl(_write_jsonl(tmp_path / "k.jsonl", bad_k))
+        read_megatron_jsonl(_write_jsonl(tmp_path / "k.jsonl", bad_k), num_experts=4)
 
     uneven = [_megatron_record(0, 0, 0, [[0, 1], [1, 0]]), _megatron_record(0, 0, 1, [[0, 1]])]
     with pytest.raises(ValueError, match=r"u\.jsonl: step 0, rank 0, pass 0: layers have unequal num_tokens"):
-        read_megatron_jsonl(_write_jsonl(tmp_path / "u.jsonl", uneven))
+        read_megatron_jsonl(_write_jsonl(tmp_path / "u.jsonl", uneven), num_experts=4)
 
     missing_layer = [_megatron_record(0, 0, 0, [[0, 1]]), _megatron_record(0, 0, 1, [[0, 1]]),
                      _megatron_record(1, 0, 0, [[0, 1]])]
     with pytest.raises(ValueError, match=r"step 1, rank 0 has no records for layer\(s\) \[1\]"):
-        read_megatron_jsonl(_write_jsonl(tmp_path / "m.jsonl", missing_layer))
+        read_megatron_jsonl(_write_jsonl(tmp_path / "m.jsonl", missing_layer), num_experts=4)
 
     rec = _megatron_record(0, 0, 0, [[0, 1]])
     del rec["top_indices"]
     with pytest.raises(ValueError, match=r"f\.jsonl: line 1: record lacks the field\(s\) \['top_indices'\]"):
-        read_megatron_jsonl(_write_jsonl(tmp_path / "f.jsonl", [rec]))
+        read_megatron_jsonl(_write_jsonl(tmp_path / "f.jsonl", [rec]), num_experts=4)
 
     count = [_megatron_record(0, 0, 0, [[0, 1]])]
     count[0]["num_tokens"] = 2
     with pytest.raises(ValueError, match=r"num_tokens=2 but top_indices has 1 rows"):
-        read_megatron_jsonl(_write_jsonl(tmp_path / "n.jsonl", count))
+        read_megatron_jsonl(_write_jsonl(tmp_path / "n.jsonl", count), num_experts=4)
 
-    with pytest.raises(ValueError, match=r"expert id 5 at token 0 \(in merged order\), layer 3 is out of range 0\.\.3"):
+    with pytest.raises(ValueError, match=r"line 1 \(step 0, rank 0, layer 3\), token 0: expert id 5 is out of range 0\.\.3"):
         read_megatron_jsonl(_write_jsonl(tmp_path / "r.jsonl", [_megatron_record(0, 0, 3, [[5, 1]])]),
                             num_experts=4)
 
@@ -210,11 +225,11 @@ def test_megatron_jsonl_truncated_line_and_duplicate_file(tmp_path):
     cut = tmp_path / "cut.jsonl"
     cut.write_text(lines[0] + "\n" + lines[1][:20] + "\n")
     with pytest.raises(ValueError, match=r"cut\.jsonl: not valid JSON at line 2, column \d+"):
-        read_megatron_jsonl(cut)
+        read_megatron_jsonl(cut, num_experts=8)
     copy = tmp_path / "copy.jsonl"
     copy.write_text(open(p0).read())
     with pytest.raises(ValueError, match=r"step 0, rank 0, layer 1 also appears in .*router_trace_rank0"):
-        read_megatron_jsonl([p0, copy])
+        read_megatron_jsonl([p0, copy], num_experts=8)
 
 
 # ---- compact npz -------------------------------------------------------------------------------------
@@ -323,15 +338,15 @@ def test_reads_what_megatron_core_router_tracer_writes(tmp_path):
         tracer = tracer_mod.RouterTracer(str(tmp_path), max_steps=4, rank=rank)
         for step in range(2):
             # [num_tokens=2, num_layers=2, topk=2]; token 0 encodes (rank, step) in its ids.
-            idx = torch.tensor([[[rank, step], [rank, 4 + step]], [[7, 6], [5, 4]]])
+            idx = torch.tensor([[[rank, 2 + step], [rank, 4 + step]], [[7, 6], [5, 4]]])
             tracer.record_indices(idx, layer_ids=[1, 3])
             tracer.advance_step()
         tracer.flush()
     tr = read_traces(tmp_path, num_experts=8)
     assert tr.experts[:, 0, :].tolist() == [
-        [0, 0], [7, 6],  # step 0, rank 0
-        [1, 0], [7, 6],  # step 0, rank 1
-        [0, 1], [7, 6],  # step 1, rank 0
-        [1, 1], [7, 6],  # step 1, rank 1
+        [0, 2], [7, 6],  # step 0, rank 0
+        [1, 2], [7, 6],  # step 0, rank 1
+        [0, 3], [7, 6],  # step 1, rank 0
+        [1, 3], [7, 6],  # step 1, rank 1
     ]
     assert tr.experts[2, 1].tolist() == [1, 4]

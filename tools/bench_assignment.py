@@ -158,7 +158,7 @@ def quality(trace_dir: Path, predictors, methods, ep: int, batch: int) -> dict:
     from megatron_specmoe.measure.evaluate import PredictionCounts, evaluate_trace
     from megatron_specmoe.artifacts.trace_io import cross_domain_split, read_traces
 
-    traces = {c: read_traces(trace_dir / f"experts_{c}_mixtral.json") for c in CATEGORIES}
+    traces = {c: read_traces(trace_dir / f"experts_{c}_mixtral.json", num_experts=8) for c in CATEGORIES}
     sums: dict = {}
     folds = []
     for held in CATEGORIES:

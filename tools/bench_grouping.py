@@ -49,7 +49,7 @@ def _mixtral(args, methods):
     files = sorted(Path(args.traces).glob("experts_*_mixtral.json"))
     if not files:
         raise SystemExit(f"no experts_*_mixtral.json in {args.traces}")
-    traces = [read_traces(str(f)) for f in files]
+    traces = [read_traces(str(f), num_experts=8) for f in files]
     names = [f.name.split("_")[1] for f in files]
     splits = leave_one_out_splits(traces, dedup=True)
     P, B = args.ep, args.batch
@@ -139,7 +139,7 @@ def _gap(args, methods):
     from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
 
     files = sorted(Path(args.traces).glob("experts_*_mixtral.json"))
-    fit = leave_one_out_splits([read_traces(str(f)) for f in files], dedup=True)[0].fit
+    fit = leave_one_out_splits([read_traces(str(f), num_experts=8) for f in files], dedup=True)[0].fit
     layers = range(min(args.milp_layers, fit.num_layers))
     gaps = {m: [] for m in methods}
     secs = []

@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("traces", nargs="*", default=[DEFAULT_DIR],
                     help=f"trace files, or folders of *.json traces (default {DEFAULT_DIR})")
-    ap.add_argument("--num-experts", type=int, default=None, help="E (default: inferred from the files)")
+    ap.add_argument("--num-experts", type=int, default=8, help="E (default 8: Mixtral-8x7B; JSON traces do not record it)")
     ap.add_argument("--hidden", type=int, default=128, help="history MLP hidden units")
     ap.add_argument("--epochs", type=int, default=12, help="history MLP most epochs per layer")
     ap.add_argument("--layer-n", type=int, default=None,

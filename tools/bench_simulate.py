@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     eps = parse_ep_list(args.ep)
 
     def load(cats: str):
-        return [read_traces(os.path.join(args.traces_dir, f"experts_{c}_mixtral.json")) for c in cats.split(",")]
+        return [read_traces(os.path.join(args.traces_dir, f"experts_{c}_mixtral.json"), num_experts=8) for c in cats.split(",")]
 
     split = cross_domain_split(load(args.fit), load(args.eval), dedup=True)
     fit, ev = split.fit, split.eval

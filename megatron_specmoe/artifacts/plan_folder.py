@@ -8,16 +8,21 @@ A plan is a folder::
     plan.json      header (PlanHeader) + each predictor's JSON config + the list of arrays
     tensors.npz    every array: placements and predictor tensors (zip of .npy, no pickles)
 
-``plan.json`` records the sha256 of ``tensors.npz``; loading checks it, the format version and
-that every listed array is present (and nothing else). Names inside ``tensors.npz``:
+``plan.json`` records the sha256 of ``tensors.npz`` (``checksum``) and the sha256 of its own
+canonical JSON without that one field (``header_sha256``); loading checks both, the format
+version and that every listed array is present (and nothing else), so an edited header (say
+``"ep_size": 4`` changed to 2) is refused like edited tensors. Both files are read only if they
+are regular files (a FIFO would hang). ``save_plan`` writes a new folder next to the target and
+renames it into place: a failed or interrupted save leaves the old plan (or none), never half. Names inside ``tensors.npz``:
 
     placement/physical_to_logical     int [L, E], one ExpertPlacement per layer
     predictor/<kind>/<name>           predictor_state[kind]["arrays"][name]
     array/<name>                      Plan.arrays[name] (anything else a planner keeps)
 
 Format versions: ``PLAN_FORMAT_VERSION`` loads as is; an older version loads only through a
-migration in ``_MIGRATIONS`` (none exist yet: version 1 is the first), otherwise it is refused
-with the advice to re-run ``specmoe plan``; a newer version is refused.
+migration in ``_MIGRATIONS`` (none exist: version 1 had no header checksum, so its header cannot
+be verified and it is refused with the advice to re-run ``specmoe plan``); a newer version is
+refused.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from megatron_specmoe.artifacts.errors import SpecMoEDataError
+from megatron_specmoe.artifacts.files import atomic_folder, check_input_file
 from megatron_specmoe.schedule.placement import ExpertPlacement
 
 __all__ = [
@@ -45,15 +52,17 @@ __all__ = [
     "make_plan",
     "save_plan",
     "load_plan",
+    "header_digest",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 PLAN_FORMAT = "specmoe-plan"
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # 2: plan.json carries header_sha256
 PLAN_HEADER_FILE = "plan.json"
 PLAN_TENSORS_FILE = "tensors.npz"
 _PLACEMENT_KEY = "placement/physical_to_logical"
+_HEADER_SHA = "header_sha256"
 _RERUN = "re-run `specmoe plan` to make a new plan"
 
 # Older format version v -> function turning a v header (parsed plan.json) and its arrays into
@@ -311,18 +320,22 @@ def _npz_bytes(entries: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def header_digest(doc: dict) -> str:
+    """sha256 hex of the canonical JSON of a plan header ``doc`` without its ``header_sha256``."""
+    body = {k: v for k, v in doc.items() if k != _HEADER_SHA}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def save_plan(plan: Plan, directory: PathLike) -> Plan:
-    """Write ``plan`` into ``directory`` (created if needed; its plan files are replaced).
+    """Write ``plan`` as the folder ``directory`` (its parent must exist).
 
+    The two plan files are written into a temporary sibling folder that then replaces
+    ``directory``; files other than the plan's in an existing ``directory`` are carried over.
     Returns the plan as saved: header with format version, created_by and checksum filled in."""
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise SpecMoEDataError(f"{folder}: exists and is not a folder", "choose another plan folder")
     h = plan.header
     p2l = np.array([pl.physical_to_logical for pl in plan.placements], dtype=np.int64)
     entries: dict[str, np.ndarray] = {
@@ -342,28 +355,39 @@ def save_plan(plan: Plan, directory: PathLike) -> Plan:
         for kind, state in plan.predictor_state.items()
     }
     doc["arrays"] = list(plan.arrays)
-    _write_atomic(folder / PLAN_TENSORS_FILE, data)
-    _write_atomic(folder / PLAN_HEADER_FILE, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
+    doc[_HEADER_SHA] = header_digest(doc)
+    with atomic_folder(folder) as tmp:
+        (tmp / PLAN_TENSORS_FILE).write_bytes(data)
+        (tmp / PLAN_HEADER_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        if folder.is_dir():
+            for other in folder.iterdir():
+                if other.name not in (PLAN_HEADER_FILE, PLAN_TENSORS_FILE):
+                    os.replace(other, tmp / other.name)
     return replace(plan, header=header, source=str(folder))
 
 
 def _read_header(folder: Path) -> dict:
     path = folder / PLAN_HEADER_FILE
     if not folder.is_dir():
-        raise ValueError(f"{folder}: no such plan folder; make one with `specmoe plan`")
+        what = "is a file, not a plan folder" if folder.exists() else "no such plan folder"
+        raise SpecMoEDataError(f"{folder}: {what}", "make one with `specmoe plan --out DIR`")
+    if not path.exists():
+        raise SpecMoEDataError(f"{path}: missing; {folder} is not a plan folder",
+                               "make one with `specmoe plan --out DIR`")
+    check_input_file(path, what="plan header", fix=_RERUN)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing; {folder} is not a plan folder (make one with "
-                         "`specmoe plan`)") from None
+    except UnicodeDecodeError as exc:
+        raise SpecMoEDataError(f"{path}: not UTF-8 text at byte {exc.start}", _RERUN) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: "
-                         f"{exc.msg}; the file is truncated or corrupt, {_RERUN}") from None
+        raise SpecMoEDataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: "
+                               f"{exc.msg}; the file is truncated or corrupt", _RERUN) from None
     if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{path}: format is {got!r}, expected {PLAN_FORMAT!r}; not a plan header")
+        raise SpecMoEDataError(f"{path}: format is {got!r}, expected {PLAN_FORMAT!r}; not a plan "
+                               "header", "point --plan at a folder written by `specmoe plan`")
     return doc
 
 
@@ -371,51 +395,60 @@ def load_plan(directory: PathLike) -> Plan:
     """Load and verify a plan folder written by ``save_plan``.
 
     Checks, in order: plan.json parses and is a plan; its format version is current (or older
-    with a migration; otherwise refused, as is a newer one); tensors.npz has the recorded sha256;
-    the arrays listed in plan.json are exactly those in tensors.npz; shapes fit the header."""
+    with a migration; otherwise refused, as is a newer one); plan.json has the recorded
+    header_sha256; tensors.npz has the recorded sha256; the arrays listed in plan.json are
+    exactly those in tensors.npz; shapes and values fit the header. Raises ``SpecMoEDataError``."""
     folder = Path(directory)
     hpath = folder / PLAN_HEADER_FILE
     doc = _read_header(folder)
     version = doc.get("format_version")
     created_by = doc.get("created_by", "an unknown writer")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{hpath}: format_version is {version!r}, expected an integer; {_RERUN}")
+        raise SpecMoEDataError(f"{hpath}: format_version is {version!r}, expected an integer", _RERUN)
     if version > PLAN_FORMAT_VERSION:
-        raise ValueError(
+        raise SpecMoEDataError(
             f"{hpath}: plan format version {version} (written by {created_by}) is newer than this "
-            f"{_created_by()} reads (version {PLAN_FORMAT_VERSION}); upgrade megatron_specmoe, or "
-            f"{_RERUN} with this version"
-        )
+            f"{_created_by()} reads (version {PLAN_FORMAT_VERSION})", f"upgrade megatron_specmoe, "
+            f"or {_RERUN} with this version")
     if version < PLAN_FORMAT_VERSION and version not in _MIGRATIONS:
-        raise ValueError(
+        raise SpecMoEDataError(
             f"{hpath}: plan format version {version} (written by {created_by}) is older than "
             f"version {PLAN_FORMAT_VERSION} that this {_created_by()} reads and cannot be "
-            f"migrated; {_RERUN}"
-        )
+            "migrated", _RERUN)
+    if version == PLAN_FORMAT_VERSION and doc.get(_HEADER_SHA) != header_digest(doc):
+        raise SpecMoEDataError(
+            f"{hpath}: its sha256 is {header_digest(doc)[:16]}... but it records {_HEADER_SHA} "
+            f"{str(doc.get(_HEADER_SHA))[:16]!r}...; the header was edited or corrupted after the "
+            "plan was written", f"{_RERUN} (never edit plan.json by hand)")
     tpath = folder / PLAN_TENSORS_FILE
-    try:
-        data = tpath.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"{tpath}: missing; the plan folder is incomplete, {_RERUN}") from None
+    if not tpath.exists():
+        raise SpecMoEDataError(f"{tpath}: missing; the plan folder is incomplete", _RERUN)
+    check_input_file(tpath, what="plan tensors", fix=_RERUN)
+    data = tpath.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != doc.get("checksum"):
-        raise ValueError(
+        raise SpecMoEDataError(
             f"{tpath}: sha256 is {digest} but {PLAN_HEADER_FILE} records "
-            f"{doc.get('checksum')!r}; the tensors are corrupt or were changed after the plan was "
-            f"written, {_RERUN}"
-        )
+            f"{str(doc.get('checksum'))[:16]!r}...; the tensors are corrupt or were changed after "
+            "the plan was written", _RERUN)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise ValueError(f"{tpath}: not a readable .npz ({exc}); {_RERUN}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        raise SpecMoEDataError(f"{tpath}: not a readable .npz ({exc})", _RERUN) from None
     while version < PLAN_FORMAT_VERSION:
         doc, arrays = _MIGRATIONS[version](doc, arrays)
         if doc.get("format_version") != version + 1:
-            raise ValueError(f"plan migration from version {version} did not produce version "
-                             f"{version + 1}: a bug in megatron_specmoe; {_RERUN}")
+            raise SpecMoEDataError(f"plan migration from version {version} did not produce version "
+                                   f"{version + 1}: a bug in megatron_specmoe", _RERUN)
         version += 1
-    return _plan_from_parts(doc, arrays, folder)
+    try:
+        return _plan_from_parts(doc, arrays, folder)
+    except SpecMoEDataError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SpecMoEDataError(f"{folder}: inconsistent plan ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]})", _RERUN) from None
 
 
 def _plan_from_parts(doc: dict, arrays: dict[str, np.ndarray], folder: Path) -> Plan:
@@ -438,8 +471,11 @@ def _plan_from_parts(doc: dict, arrays: dict[str, np.ndarray], folder: Path) -> 
     if p2l.shape != (header.num_layers, header.num_experts):
         raise ValueError(f"{tpath}: {_PLACEMENT_KEY} has shape {p2l.shape}, expected "
                          f"(num_layers, num_experts) = {(header.num_layers, header.num_experts)}")
-    placements = [ExpertPlacement(physical_to_logical=tuple(int(x) for x in row),
-                                  ep_size=header.ep_size) for row in p2l]
+    if not np.issubdtype(p2l.dtype, np.integer):
+        raise SpecMoEDataError(f"{tpath}: {_PLACEMENT_KEY} is stored as {p2l.dtype}, not integers",
+                               _RERUN)
+    placements = [ExpertPlacement(physical_to_logical=tuple(row.tolist()), ep_size=header.ep_size)
+                  for row in p2l]
     predictor_state = {
         kind: {
             "config": v.get("config", {}),

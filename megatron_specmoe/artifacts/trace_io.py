@@ -19,8 +19,11 @@ Formats (``TraceFormat``)
                        one array per field (experts in the smallest unsigned int type that holds
                        E - 1; optional token_ids, positions, request_ids, probs).
 
-Every reader returns a ``RoutingTrace`` and raises ``ValueError`` naming the file and what is
-wrong (and where); nothing is dropped or guessed without saying so.
+Every reader returns a ``RoutingTrace`` and raises ``SpecMoEDataError`` (a ``ValueError``) naming
+the file, what is wrong and where, and what to do; nothing is dropped or guessed without saying
+so. The checks are ``trace_checks.py``'s: E is never guessed (the JSON formats need
+``num_experts``), ids are integers in 0..E-1, a route's k experts are distinct. Only regular files
+are read (a FIFO or ``/dev/zero`` is refused before it is opened).
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ from typing import Callable, Literal, Optional, Sequence, Union, get_args
 
 import numpy as np
 
+from megatron_specmoe.artifacts.errors import SpecMoEDataError, SpecMoEUsageError
+from megatron_specmoe.artifacts.files import atomic_file, check_input_file
+from megatron_specmoe.artifacts.trace_checks import (
+    check_num_experts,
+    check_routes,
+    int_field,
+    int_matrix,
+    json_error,
+    need_num_experts,
+)
 from megatron_specmoe.artifacts.traces import RoutingTrace
 
 __all__ = [
@@ -62,63 +75,6 @@ _OPTIONAL_FIELDS = ("token_ids", "positions", "request_ids", "probs")
 
 
 # ---- small helpers --------------------------------------------------------------------------------
-def _json_error(path: PathLike, exc: json.JSONDecodeError, line: Optional[int] = None) -> ValueError:
-    where = f"line {line}, column {exc.colno}" if line is not None else (
-        f"line {exc.lineno}, column {exc.colno} (char {exc.pos})"
-    )
-    return ValueError(
-        f"{path}: not valid JSON at {where}: {exc.msg}; the file is truncated or corrupt "
-        "(re-export it)"
-    )
-
-
-def _int_matrix(rows: object, *, path: PathLike, what: str, topk: Optional[int]) -> np.ndarray:
-    """int64 [n, k] from a JSON list of per-token expert lists, with located errors.
-
-    ``topk`` is the expected k (None: take it from the first row)."""
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: {what} should be a list of per-token expert lists, got "
-                         f"{type(rows).__name__}")
-    for t, row in enumerate(rows):
-        if not isinstance(row, list):
-            raise ValueError(f"{path}: {what}, token {t}: expected a list of expert ids, got {row!r}")
-        if topk is None:
-            topk = len(row)
-        if len(row) != topk:
-            raise ValueError(
-                f"{path}: {what}, token {t}: has {len(row)} experts but top-k is {topk} "
-                "(from the first token / layer); every token must list the same number"
-            )
-        for e in row:
-            if isinstance(e, bool) or not isinstance(e, int):
-                raise ValueError(f"{path}: {what}, token {t}: expert id {e!r} is not an integer")
-    if topk == 0:
-        raise ValueError(f"{path}: {what}: top-k is 0 (tokens list no experts)")
-    return np.asarray(rows, dtype=np.int64).reshape(len(rows), topk if topk is not None else 0)
-
-
-def _resolve_num_experts(
-    experts: np.ndarray, num_experts: Optional[int], *, path: PathLike, locate: Callable[[tuple], str]
-) -> int:
-    """Check ids against ``num_experts`` (or infer max + 1) and return E."""
-    if experts.size and experts.min() < 0:
-        bad = tuple(np.argwhere(experts < 0)[0])
-        raise ValueError(f"{path}: negative expert id {int(experts[bad])} at {locate(bad)}")
-    if num_experts is None:
-        if not experts.size:
-            raise ValueError(f"{path}: no routes in the file and num_experts not given")
-        return int(experts.max()) + 1
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if experts.size and experts.max() >= num_experts:
-        bad = tuple(np.argwhere(experts >= num_experts)[0])
-        raise ValueError(
-            f"{path}: expert id {int(experts[bad])} at {locate(bad)} is out of range "
-            f"0..{num_experts - 1} (num_experts={num_experts}); pass the model's num_experts"
-        )
-    return int(num_experts)
-
-
 def _smallest_uint(max_value: int) -> np.dtype:
     for dt in (np.uint8, np.uint16, np.uint32):
         if max_value <= np.iinfo(dt).max:
@@ -142,55 +98,69 @@ def read_layer_major_json(path: PathLike, *, num_experts: Optional[int] = None) 
 
     Args:
         path: the ``.json`` file.
-        num_experts: E. If given, every id is checked against it; if None it is inferred as the
-            largest id + 1 (an expert that no token chose would be missed: pass E when known).
+        num_experts: E (required: the format does not record it); every id is checked against it.
 
     Returns:
         RoutingTrace with experts int32 [T, L, k] in file order; no token ids (the format has none).
     """
+    e = need_num_experts(num_experts, path, "layer-major JSON")
+    check_input_file(path, what="trace")
     try:
         with open(path, "rb") as f:
             obj = json.load(f)
     except json.JSONDecodeError as exc:
-        raise _json_error(path, exc) from None
+        raise json_error(path, exc) from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text at byte {exc.start}; is it a JSON trace?") from None
+        raise SpecMoEDataError(f"{path}: not UTF-8 text at byte {exc.start}",
+                               "give a JSON trace (or a .npz / .jsonl one)") from None
+    except RecursionError:
+        raise SpecMoEDataError(f"{path}: JSON nested too deeply", "re-export the trace") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object keyed by layer number, got "
-                         f"{type(obj).__name__}")
+        raise SpecMoEDataError(f"{path}: expected a JSON object keyed by layer number, got "
+                               f"{type(obj).__name__}", 'a layer-major trace is {"0": [[e, ...], ...], ...}')
     if not obj:
-        raise ValueError(f"{path}: the JSON object has no layer keys; expected keys \"0\"..\"L-1\"")
+        raise SpecMoEDataError(f"{path}: the JSON object has no layer keys",
+                               'expected keys "0".."L-1", one per MoE layer')
     layer_of: dict[int, str] = {}
     for key in obj:
         try:
             num = int(key)
         except ValueError:
-            raise ValueError(
-                f"{path}: key {key!r} is not a layer number; expected keys \"0\"..\"L-1\""
-            ) from None
+            raise SpecMoEDataError(f"{path}: key {key!r} is not a layer number",
+                                   'expected keys "0".."L-1", one per MoE layer') from None
         layer_of[num] = key
     nums = sorted(layer_of)
     if nums != list(range(len(nums))):
         missing = sorted(set(range(max(nums) + 1)) - set(nums))
-        raise ValueError(
+        raise SpecMoEDataError(
             f"{path}: layer keys are not contiguous from 0: found {nums[0]}..{nums[-1]} "
-            f"({len(nums)} keys), missing {missing[:10]}{'...' if len(missing) > 10 else ''}"
-        )
+            f"({len(nums)} keys), missing {missing[:10]}{'...' if len(missing) > 10 else ''}",
+            'expected keys "0".."L-1" without gaps; re-export the trace')
     per_layer = []
     topk: Optional[int] = None
     for layer in nums:
-        mat = _int_matrix(obj[layer_of[layer]], path=path, what=f"layer {layer}", topk=topk)
+        mat = int_matrix(obj[layer_of[layer]], path=path, what=f"layer {layer}", topk=topk,
+                         num_experts=e)
         topk = mat.shape[1] if mat.shape[0] else topk
         if per_layer and mat.shape[0] != per_layer[0].shape[0]:
-            raise ValueError(
+            raise SpecMoEDataError(
                 f"{path}: layer {layer} has {mat.shape[0]} tokens but layer 0 has "
-                f"{per_layer[0].shape[0]}; layers must have equal length (truncated export?)"
-            )
+                f"{per_layer[0].shape[0]}", "layers must have equal length (a truncated export?); "
+                "re-export the trace")
         per_layer.append(mat)
-    experts = np.stack(per_layer, axis=1)  # [T, L, k]
-    e = _resolve_num_experts(experts, num_experts, path=path,
-                             locate=lambda b: f"layer {b[1]}, token {b[0]}")
+    experts = np.stack(per_layer, axis=1)  # [T, L, k], ids checked by int_matrix
     return RoutingTrace(experts=experts.astype(np.int32), num_experts=e, source=str(path))
+
+
+def _lines(fh, path: str):
+    """(line number, text) of a text file, with a located error for bytes that are not UTF-8."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(fh, start=1):
+            yield lineno, line
+    except UnicodeDecodeError:
+        raise SpecMoEDataError(f"{path}: not UTF-8 text after line {lineno}",
+                               "give Megatron-Core's router_trace_rank*.jsonl files") from None
 
 
 # ---- Megatron-Core router trace (JSONL) ---------------------------------------------------------
@@ -223,7 +193,7 @@ def read_megatron_jsonl(
 
     Args:
         paths: one ``router_trace_rank{r}.jsonl`` or several (any order; the rank field decides).
-        num_experts: E; checked if given, else inferred as the largest id + 1.
+        num_experts: E (required: the tracer does not record it); every id is checked against it.
         ranks: read only records of these ranks (None: all); the others are counted on stderr.
         progress: print a line per file to stderr.
 
@@ -234,7 +204,8 @@ def read_megatron_jsonl(
         paths = [paths]
     paths = list(paths)
     if not paths:
-        raise ValueError("read_megatron_jsonl: no files given")
+        raise SpecMoEUsageError("read_megatron_jsonl: no files given", "pass router_trace_rank*.jsonl files")
+    e = need_num_experts(num_experts, paths[0], "Megatron router-trace JSONL")
     keep_ranks = None if ranks is None else {int(r) for r in ranks}
     # (step, rank) -> layer -> list of (path, line, int64 [n, k])
     groups: dict[tuple[int, int], dict[int, list[tuple[str, int, np.ndarray]]]] = {}
@@ -246,65 +217,61 @@ def read_megatron_jsonl(
         path = str(path)
         if progress:
             print(f"[trace_io] reading {path}", file=sys.stderr)
-        try:
-            fh = open(path, "r", encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot open Megatron router trace: {exc.strerror}") from None
-        with fh:
-            for lineno, line in enumerate(fh, start=1):
+        check_input_file(path, what="Megatron router trace")
+        with open(path, "r", encoding="utf-8", errors="strict") as fh:
+            for lineno, line in _lines(fh, path):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise _json_error(path, exc, line=lineno) from None
+                    raise json_error(path, exc, line=lineno) from None
                 where = f"{path}: line {lineno}"
                 if not isinstance(rec, dict):
-                    raise ValueError(f"{where}: expected a JSON object (one router record)")
+                    raise SpecMoEDataError(f"{where}: expected a JSON object (one router record)",
+                                           "give Megatron-Core's router_trace_rank*.jsonl files")
                 missing = [k for k in _MEGATRON_REQUIRED if k not in rec]
                 if missing:
-                    raise ValueError(
-                        f"{where}: record lacks the field(s) {missing}; expected Megatron-Core "
-                        f"router-trace records with {list(_MEGATRON_REQUIRED)}"
-                    )
+                    raise SpecMoEDataError(
+                        f"{where}: record lacks the field(s) {missing}",
+                        f"Megatron-Core router-trace records have {list(_MEGATRON_REQUIRED)}; "
+                        "re-export the trace")
                 if rec.get("block", "decoder") != "decoder":
                     skipped_block += 1
                     continue
-                rank, step, layer = int(rec["rank"]), int(rec["step"]), int(rec["layer"])
+                rank, step, layer = (int_field(rec, n, where) for n in ("rank", "step", "layer"))
                 if keep_ranks is not None and rank not in keep_ranks:
                     skipped_rank += 1
                     continue
-                rec_k = int(rec["topk"])
+                rec_k = int_field(rec, "topk", where)
                 if topk is None:
                     topk, topk_where = rec_k, where
                 elif rec_k != topk:
-                    raise ValueError(
-                        f"{where}: topk={rec_k} but {topk_where} has topk={topk}; a trace must "
-                        "have one top-k for all layers and tokens"
-                    )
-                mat = _int_matrix(rec["top_indices"], path=path,
-                                  what=f"line {lineno} (step {step}, rank {rank}, layer {layer})",
-                                  topk=rec_k)
-                if mat.shape[0] != int(rec["num_tokens"]):
-                    raise ValueError(
+                    raise SpecMoEDataError(f"{where}: topk={rec_k} but {topk_where} has topk={topk}",
+                                           "a trace has one top-k for all layers and tokens; read "
+                                           "each model's files separately")
+                mat = int_matrix(rec["top_indices"], path=path,
+                                 what=f"line {lineno} (step {step}, rank {rank}, layer {layer})",
+                                 topk=rec_k, num_experts=e)
+                if mat.shape[0] != int_field(rec, "num_tokens", where):
+                    raise SpecMoEDataError(
                         f"{where}: num_tokens={rec['num_tokens']} but top_indices has "
-                        f"{mat.shape[0]} rows (truncated record?)"
-                    )
+                        f"{mat.shape[0]} rows", "the record is truncated; re-export the trace")
                 key = (step, rank, layer)
                 if owner.setdefault(key, path) != path:
-                    raise ValueError(
+                    raise SpecMoEDataError(
                         f"{where}: step {step}, rank {rank}, layer {layer} also appears in "
-                        f"{owner[key]}; the files are from different runs or one was given twice "
-                        "(read each run separately and concatenate)"
-                    )
+                        f"{owner[key]}", "the files are from different runs or one was given twice; "
+                        "read each run separately and concatenate")
                 groups.setdefault((step, rank), {}).setdefault(layer, []).append((path, lineno, mat))
     if skipped_block or skipped_rank:
         print(f"[trace_io] read_megatron_jsonl: skipped {skipped_block} record(s) of blocks other "
               f"than 'decoder' and {skipped_rank} of ranks not in {sorted(keep_ranks or [])}",
               file=sys.stderr)
     if not groups:
-        raise ValueError(f"{', '.join(map(str, paths))}: no decoder router records"
-                         + (f" and ranks {sorted(keep_ranks)}" if keep_ranks is not None else ""))
+        raise SpecMoEDataError(f"{', '.join(map(str, paths))}: no decoder router records"
+                               + (f" of ranks {sorted(keep_ranks)}" if keep_ranks is not None else ""),
+                               "trace a run with --moe-routing-trace-path (core >= 0.19)")
     layers = sorted({layer for g in groups.values() for layer in g})
     pieces = []
     for (step, rank) in sorted(groups):
@@ -312,31 +279,28 @@ def read_megatron_jsonl(
         absent = [layer for layer in layers if layer not in g]
         if absent:
             path, lineno, _ = next(iter(g.values()))[0]
-            raise ValueError(
+            raise SpecMoEDataError(
                 f"{path}: step {step}, rank {rank} has no records for layer(s) {absent} "
-                f"(traced layers: {layers}); the trace is truncated (e.g. max_steps hit mid-step)"
-            )
+                f"(traced layers: {layers})", "the trace is truncated (e.g. max_steps hit "
+                "mid-step); drop that step's records or re-trace")
         passes = {layer: len(g[layer]) for layer in layers}
         if len(set(passes.values())) != 1:
             path = g[layers[0]][0][0]
-            raise ValueError(
+            raise SpecMoEDataError(
                 f"{path}: step {step}, rank {rank}: layers fired an unequal number of times "
-                f"{passes}; cannot pair tokens across layers"
-            )
+                f"{passes}", "tokens cannot be paired across layers; re-trace the run")
         for j in range(passes[layers[0]]):
             mats = [g[layer][j][2] for layer in layers]
             sizes = {m.shape[0] for m in mats}
             if len(sizes) != 1:
                 counts = {layer: g[layer][j][2].shape[0] for layer in layers}
-                raise ValueError(
+                raise SpecMoEDataError(
                     f"{g[layers[0]][j][0]}: step {step}, rank {rank}, pass {j}: layers have "
-                    f"unequal num_tokens {counts}; tokens cannot be paired across layers"
-                )
+                    f"unequal num_tokens {counts}", "tokens cannot be paired across layers; "
+                    "re-trace the run")
             pieces.append(np.stack(mats, axis=1))
     experts = np.concatenate(pieces) if pieces else np.zeros((0, len(layers), topk or 1), np.int64)
     source = "+".join(str(p) for p in paths)
-    e = _resolve_num_experts(experts, num_experts, path=source,
-                             locate=lambda b: f"token {b[0]} (in merged order), layer {layers[b[1]]}")
     if progress:
         print(f"[trace_io] megatron trace: {experts.shape[0]} tokens, layers {layers}, "
               f"top-{topk}, E={e}", file=sys.stderr)
@@ -367,62 +331,83 @@ def write_trace(trace: RoutingTrace, path: PathLike) -> None:
         "fields": {k: {"dtype": v.dtype.str, "shape": list(v.shape)} for k, v in arrays.items()},
     }
     hbytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, header=hbytes, **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, header=hbytes, **arrays)
 
 
-def read_trace(path: PathLike) -> RoutingTrace:
-    """Read a specmoe-npz trace written by ``write_trace``; checks header, shapes and ids."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise ValueError(f"{path}: no such trace file") from None
-        raise ValueError(f"{path}: not a readable .npz trace (truncated or corrupt: {exc})") from None
+_NPZ_FIX = "the file is corrupt; re-export it (write_trace / --specmoe-record-routes)"
+
+
+def _npz_header(path: PathLike, data: dict) -> dict:
     if "header" not in data:
-        raise ValueError(f"{path}: .npz has no 'header' entry; not a {TRACE_NPZ_FORMAT} file "
-                         f"(entries: {sorted(data)})")
+        raise SpecMoEDataError(f"{path}: .npz has no 'header' entry (entries: {sorted(data)[:8]}); "
+                               f"not a {TRACE_NPZ_FORMAT} file", "write traces with write_trace")
     try:
         header = json.loads(data.pop("header").tobytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: header is not valid JSON ({exc}); the file is corrupt") from None
-    if header.get("format") != TRACE_NPZ_FORMAT:
-        raise ValueError(f"{path}: header format is {header.get('format')!r}, expected "
-                         f"{TRACE_NPZ_FORMAT!r}")
+        raise SpecMoEDataError(f"{path}: header is not valid JSON ({exc})", _NPZ_FIX) from None
+    if not isinstance(header, dict) or header.get("format") != TRACE_NPZ_FORMAT:
+        got = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise SpecMoEDataError(f"{path}: header format is {got!r}, expected {TRACE_NPZ_FORMAT!r}",
+                               "write traces with write_trace")
     version = header.get("version")
     if version != TRACE_NPZ_VERSION:
-        raise ValueError(
+        raise SpecMoEDataError(
             f"{path}: trace format version {version!r} is not supported (this megatron_specmoe "
-            f"reads version {TRACE_NPZ_VERSION}); re-export the trace with this version"
-        )
+            f"reads version {TRACE_NPZ_VERSION})", "re-export the trace with this version")
     for key in ("num_experts", "num_tokens", "num_layers", "topk", "fields"):
         if key not in header:
-            raise ValueError(f"{path}: header lacks the key {key!r}; the file is corrupt")
+            raise SpecMoEDataError(f"{path}: header lacks the key {key!r}", _NPZ_FIX)
+        if key != "fields" and (isinstance(header[key], bool) or not isinstance(header[key], int)
+                                or header[key] < 0):
+            raise SpecMoEDataError(f"{path}: header {key}={header[key]!r} is not a count", _NPZ_FIX)
+    try:
+        check_num_experts(header["num_experts"], flag="header num_experts")
+    except SpecMoEUsageError as exc:
+        raise SpecMoEDataError(f"{path}: {exc.what}", _NPZ_FIX) from None
+    if not isinstance(header["fields"], dict) or not all(
+            isinstance(v, dict) and {"dtype", "shape"} <= set(v) for v in header["fields"].values()):
+        raise SpecMoEDataError(f"{path}: header 'fields' is not a map of field -> dtype/shape", _NPZ_FIX)
+    return header
+
+
+def read_trace(path: PathLike) -> RoutingTrace:
+    """Read a specmoe-npz trace written by ``write_trace``; checks header, shapes, dtypes and ids."""
+    check_input_file(path, what="trace")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        raise SpecMoEDataError(f"{path}: not a readable .npz trace ({type(exc).__name__}: "
+                               f"{str(exc)[:80]})", "the file is truncated or corrupt; re-export "
+                               "it") from None
+    header = _npz_header(path, data)
     fields = header["fields"]
     if set(fields) != set(data):
-        raise ValueError(f"{path}: header lists fields {sorted(fields)} but the file holds "
-                         f"{sorted(data)}; the file is corrupt")
+        raise SpecMoEDataError(f"{path}: header lists fields {sorted(fields)} but the file holds "
+                               f"{sorted(data)}", _NPZ_FIX)
+    if "experts" not in data:
+        raise SpecMoEDataError(f"{path}: no 'experts' array", _NPZ_FIX)
     expect_tlk = [header["num_tokens"], header["num_layers"], header["topk"]]
     for name, arr in data.items():
         want = fields[name]
         if list(arr.shape) != want["shape"] or arr.dtype.str != want["dtype"]:
-            raise ValueError(f"{path}: field {name!r} has shape {list(arr.shape)} dtype "
-                             f"{arr.dtype.str}, header says {want['shape']} {want['dtype']}")
+            raise SpecMoEDataError(f"{path}: field {name!r} has shape {list(arr.shape)} dtype "
+                                   f"{arr.dtype.str}, header says {want['shape']} {want['dtype']}",
+                                   _NPZ_FIX)
         shape = expect_tlk if name in ("experts", "probs") else expect_tlk[:1]
         if list(arr.shape) != shape:
-            raise ValueError(f"{path}: field {name!r} has shape {list(arr.shape)}, expected "
-                             f"{shape} from the header's num_tokens/num_layers/topk")
-    if "experts" not in data:
-        raise ValueError(f"{path}: no 'experts' array; the file is corrupt")
-    experts = data["experts"].astype(np.int64)
-    _resolve_num_experts(experts, int(header["num_experts"]), path=path,
-                         locate=lambda b: f"token {b[0]}, layer {b[1]}")
+            raise SpecMoEDataError(f"{path}: field {name!r} has shape {list(arr.shape)}, expected "
+                                   f"{shape} from the header's num_tokens/num_layers/topk", _NPZ_FIX)
+        if name != "probs" and not np.issubdtype(arr.dtype, np.integer):
+            raise SpecMoEDataError(f"{path}: field {name!r} is stored as {arr.dtype}, not integers "
+                                   "(1.7 would be read as 1)", f"store {name} as an integer array")
+    e = int(header["num_experts"])
+    check_routes(data["experts"], e, path=path, locate=lambda b: f"token {b[0]}, layer {b[1]}")
     return RoutingTrace(
-        experts=experts.astype(np.int32),
-        num_experts=int(header["num_experts"]),
+        experts=data["experts"].astype(np.int32),
+        num_experts=e,
         source=str(path),
         **{name: data.get(name) for name in _OPTIONAL_FIELDS},
     )
@@ -431,6 +416,7 @@ def read_trace(path: PathLike) -> RoutingTrace:
 # ---- dispatch --------------------------------------------------------------------------------------
 def detect_format(path: PathLike) -> TraceFormat:
     """Format of one file: by suffix (.npz, .jsonl, .json), else by its first bytes."""
+    check_input_file(path, what="trace")
     suffix = Path(path).suffix.lower()
     if suffix == ".npz":
         return "specmoe-npz"
@@ -442,7 +428,7 @@ def detect_format(path: PathLike) -> TraceFormat:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError as exc:
-        raise ValueError(f"{path}: cannot open trace: {exc.strerror}") from None
+        raise SpecMoEDataError(f"{path}: cannot open trace: {exc.strerror}", "check the path") from None
     if head.startswith(b"PK"):
         return "specmoe-npz"
     text = head.lstrip()
@@ -450,8 +436,9 @@ def detect_format(path: PathLike) -> TraceFormat:
         first_line = text.split(b"\n", 1)[0]
         return "megatron-jsonl" if b'"top_indices"' in first_line or b'"num_tokens"' in first_line \
             else "layer-major-json"
-    raise ValueError(f"{path}: cannot tell the trace format (suffix {suffix!r}, starts with "
-                     f"{head[:16]!r}); pass fmt= one of {list(get_args(TraceFormat))}")
+    raise SpecMoEDataError(f"{path}: cannot tell the trace format (suffix {suffix!r}, starts with "
+                           f"{head[:16]!r})", "give a .json, .jsonl or .npz trace (or pass fmt= "
+                           f"one of {list(get_args(TraceFormat))})")
 
 
 def _expand(paths: Union[PathLike, Sequence[PathLike]]) -> list[str]:
@@ -465,13 +452,15 @@ def _expand(paths: Union[PathLike, Sequence[PathLike]]) -> list[str]:
             found = sorted(str(q) for q in Path(p).glob("router_trace_rank*.jsonl"))
             found += sorted(str(q) for q in Path(p).glob("*.npz"))
             if not found:
-                raise ValueError(f"{p}: directory holds no router_trace_rank*.jsonl files "
-                                 "and no *.npz traces")
+                raise SpecMoEDataError(f"{p}: directory holds no router_trace_rank*.jsonl files "
+                                       "and no *.npz traces", "point --traces at the files or "
+                                       "the folder the recorder wrote")
             out.extend(found)
         else:
+            check_input_file(p, what="trace")
             out.append(str(p))
     if not out:
-        raise ValueError("read_traces: no trace files given")
+        raise SpecMoEUsageError("read_traces: no trace files given", "pass --traces FILE...")
     return out
 
 
@@ -486,11 +475,14 @@ def read_traces(
     A directory stands for the ``router_trace_rank*.jsonl`` and ``*.npz`` files in it. All Megatron JSONL files
     are merged in one ``read_megatron_jsonl`` call (ranks belong together), placed where the first
     of them appears; other files are read one by one. ``fmt="auto"`` detects each file's format.
-    If ``num_experts`` is None, every file's E is inferred and the largest is used for all."""
+    ``num_experts`` is required for the JSON formats (they do not record E); a ``.npz`` records it,
+    and must agree with ``num_experts`` when that is given, and with the other files."""
+    num_experts = check_num_experts(num_experts)
     files = _expand(paths)
     allowed = get_args(TraceFormat)
     if fmt != "auto" and fmt not in allowed:
-        raise ValueError(f"read_traces: unknown fmt {fmt!r}; expected 'auto' or one of {list(allowed)}")
+        raise SpecMoEUsageError(f"read_traces: unknown fmt {fmt!r}",
+                                f"use 'auto' or one of {list(allowed)}")
     formats = [detect_format(p) if fmt == "auto" else fmt for p in files]
     readers: dict[str, Callable[[str], RoutingTrace]] = {
         "layer-major-json": lambda p: read_layer_major_json(p, num_experts=num_experts),
@@ -506,18 +498,15 @@ def read_traces(
         else:
             traces.append(readers[f](p))
     if num_experts is None and len({t.num_experts for t in traces}) > 1:
-        e = max(t.num_experts for t in traces)
-        print(f"[trace_io] read_traces: inferred E differs by file "
-              f"{[t.num_experts for t in traces]}; using E={e} (pass num_experts to be sure)",
-              file=sys.stderr)
-        traces = [RoutingTrace(experts=t.experts, num_experts=e, token_ids=t.token_ids,
-                               positions=t.positions, request_ids=t.request_ids, probs=t.probs,
-                               source=t.source) for t in traces]
+        raise SpecMoEDataError(f"{', '.join(t.source for t in traces)}: the files record different "
+                               f"numbers of experts {[t.num_experts for t in traces]}",
+                               "read one model's traces at a time")
     if num_experts is not None:
         for t in traces:
             if t.num_experts != num_experts:
-                raise ValueError(f"{t.source}: file says num_experts={t.num_experts} but "
-                                 f"num_experts={num_experts} was given")
+                raise SpecMoEDataError(f"{t.source}: the file records num_experts={t.num_experts} "
+                                       f"but {num_experts} was given (--num-experts or the plan)",
+                                       "use traces and a plan of the same model")
     return traces[0] if len(traces) == 1 else RoutingTrace.concat(traces)
 
 

@@ -14,6 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_specmoe.artifacts.errors import SpecMoEDataError
+
 __all__ = ["RoutingTrace"]
 
 
@@ -51,21 +53,29 @@ class RoutingTrace:
             raise ValueError(
                 f"RoutingTrace.experts from {self.source}: expected integer expert ids, got {ex.dtype}"
             )
-        object.__setattr__(self, "experts", ex.astype(np.int32, copy=False))
-        if self.num_experts < 1:
-            raise ValueError(f"RoutingTrace.num_experts must be >= 1, got {self.num_experts}")
+        if (isinstance(self.num_experts, bool) or not isinstance(self.num_experts, (int, np.integer))
+                or self.num_experts < 1):
+            raise ValueError(f"RoutingTrace.num_experts must be a positive integer, got "
+                             f"{self.num_experts!r}")
+        object.__setattr__(self, "num_experts", int(self.num_experts))
         if ex.size and (ex.min() < 0 or ex.max() >= self.num_experts):
             bad = np.argwhere((ex < 0) | (ex >= self.num_experts))[0]
             raise ValueError(
                 f"RoutingTrace.experts from {self.source}: expert id {int(ex[tuple(bad)])} at "
                 f"(token {bad[0]}, layer {bad[1]}) is out of range 0..{self.num_experts - 1}"
             )
+        # After the range check: an id beyond int32 cannot wrap into range.
+        object.__setattr__(self, "experts", ex.astype(np.int32, copy=False))
         tokens = ex.shape[0]
         for name, dtype in (("token_ids", np.int64), ("positions", np.int32), ("request_ids", np.int64)):
             value = getattr(self, name)
             if value is None:
                 continue
             arr = np.asarray(value)
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise SpecMoEDataError(f"RoutingTrace.{name} from {self.source}: stored as "
+                                       f"{arr.dtype}, not integers (1.7 would become 1)",
+                                       f"give {name} as an integer array")
             if arr.shape != (tokens,):
                 raise ValueError(
                     f"RoutingTrace.{name} from {self.source}: expected shape [T]=({tokens},), "

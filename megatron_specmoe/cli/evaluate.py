@@ -36,18 +36,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which of the plan's predictors to use (default: the first it stores)")
     parser.add_argument("--dedup", action="store_true",
                         help="drop tokens whose whole route repeats an earlier token's (count on stderr)")
+    parser.add_argument("--num-experts", type=int, default=None, metavar="E",
+                        help="routed experts per MoE layer; required for JSON / JSONL traces (they do "
+                             "not record it), and must equal the plan's")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def load_predictor(plan, kind: str | None):
     """The plan's predictor of ``kind`` (default: its first), rebuilt from ``plan.predictor_state``."""
+    from megatron_specmoe.artifacts.errors import SpecMoEDataError, SpecMoEUsageError
+
     kinds = list(plan.header.predictor_kinds)
     if not kinds:
-        raise ValueError(f"plan {plan.source} stores no predictor; make it with `specmoe plan` "
-                         "and a predictor, or evaluate another plan")
+        raise SpecMoEDataError(f"plan {plan.source} stores no predictor",
+                               "make it with `specmoe plan --predictor KIND`, or evaluate another plan")
     kind = kinds[0] if kind is None else kind
     if kind not in kinds:
-        raise ValueError(f"--kind {kind!r}: plan {plan.source} stores the predictors {kinds}")
+        raise SpecMoEUsageError(f"--kind {kind!r}: plan {plan.source} stores the predictors {kinds}",
+                                f"choose one of {kinds}")
     from megatron_specmoe.predict.registry import predictor_from_state
 
     return predictor_from_state(kind, plan.predictor_state[kind])
@@ -69,35 +75,44 @@ def _table(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from typing import get_args
 
-    from megatron_specmoe.schedule.assignment import AssignmentMethod
-    from megatron_specmoe.measure.evaluate import evaluate_trace
+    from megatron_specmoe.artifacts.errors import SpecMoEDataError, SpecMoEUsageError
     from megatron_specmoe.artifacts.plan_folder import load_plan
+    from megatron_specmoe.artifacts.trace_checks import check_num_experts
     from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
+    from megatron_specmoe.measure.evaluate import evaluate_trace
+    from megatron_specmoe.schedule.assignment import AssignmentMethod
 
     methods = get_args(AssignmentMethod)
     if args.assignment not in methods:
-        print(f"specmoe evaluate: --assignment {args.assignment!r} is not one of {list(methods)}",
-              file=sys.stderr)
-        return 2
+        raise SpecMoEUsageError(f"--assignment {args.assignment!r} is not a method", f"choose one of {list(methods)}")
     if args.batch < 1:
-        print(f"specmoe evaluate: --batch must be >= 1, got {args.batch}", file=sys.stderr)
-        return 2
+        raise SpecMoEUsageError(f"--batch {args.batch}: must be >= 1",
+                                "give the tokens per shuffle domain, e.g. --batch 512")
+    check_num_experts(args.num_experts)
+    plan = load_plan(args.plan)
+    if args.num_experts is not None and args.num_experts != plan.header.num_experts:
+        raise SpecMoEUsageError(f"--num-experts {args.num_experts} but the plan {args.plan} was made for "
+                                f"{plan.header.num_experts} experts", "evaluate a plan of this model")
+    trace = read_traces(args.traces, num_experts=args.num_experts)
+    if trace.num_experts != plan.header.num_experts:
+        raise SpecMoEDataError(f"--traces record {trace.num_experts} experts but the plan {args.plan} was "
+                               f"made for {plan.header.num_experts}", "evaluate a plan of this model")
     try:
-        plan = load_plan(args.plan)
-        trace = read_traces(args.traces, num_experts=plan.header.num_experts)
         plan.check_compatible(num_layers=trace.num_layers, num_experts=trace.num_experts,
                               topk=trace.topk, ep_size=plan.header.ep_size)
-        if args.dedup:
-            before = trace.num_tokens
-            trace, _ = dedup_routes(trace)
-            print(f"[evaluate] --dedup: dropped {before - trace.num_tokens} of {before} tokens that "
-                  "repeat an earlier route", file=sys.stderr)
-        predictor = load_predictor(plan, args.kind)
-        result = evaluate_trace(trace, predictor, plan.placements, batch_size=args.batch,
-                                method=args.assignment, progress=True)
     except ValueError as exc:
-        print(f"specmoe evaluate: {exc}", file=sys.stderr)
-        return 2
+        raise SpecMoEDataError(f"--plan {args.plan} does not fit --traces: {exc}",
+                               "evaluate a plan made for this model") from None
+    if args.dedup:
+        before = trace.num_tokens
+        trace, _ = dedup_routes(trace)
+        print(f"[evaluate] --dedup: dropped {before - trace.num_tokens} of {before} tokens that "
+              "repeat an earlier route", file=sys.stderr)
+    if trace.num_tokens == 0:
+        raise SpecMoEDataError(f"--traces {' '.join(args.traces)}: no tokens", "give traces with routes")
+    predictor = load_predictor(plan, args.kind)
+    result = evaluate_trace(trace, predictor, plan.placements, batch_size=args.batch,
+                            method=args.assignment, progress=True)
     out = result.to_json()
     out["config"].update(plan=str(args.plan), traces=[str(p) for p in args.traces], dedup=args.dedup)
     if args.json:

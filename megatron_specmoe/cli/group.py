@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restarts", type=int, default=4, help="random starts (graph, search, alternating)")
     parser.add_argument("--dedup", action="store_true",
                         help="drop tokens whose whole route repeats an earlier one (Mixtral MT-Bench traces)")
+    parser.add_argument("--num-experts", type=int, default=None, metavar="E",
+                        help="routed experts per MoE layer; required for JSON / JSONL traces (they do "
+                             "not record it)")
     parser.add_argument("--out", required=True, metavar="FILE.json", help="where to write the placements")
 
 
@@ -45,17 +48,32 @@ def run(args: argparse.Namespace) -> int:
     from megatron_specmoe.schedule.placement import ExpertPlacement
     from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
 
-    options = GroupingOptions(method=args.method, theta=args.theta, seed=args.seed, restarts=args.restarts)
-    trace = read_traces(args.traces)
+    from megatron_specmoe.artifacts.errors import SpecMoEUsageError
+    from megatron_specmoe.artifacts.files import atomic_file, check_output_file
+    from megatron_specmoe.artifacts.trace_checks import check_num_experts
+
+    if args.ep < 1:
+        raise SpecMoEUsageError(f"--ep {args.ep}: must be >= 1", "give the EP size, e.g. --ep 8")
+    if args.restarts < 0:
+        raise SpecMoEUsageError(f"--restarts {args.restarts}: must be >= 0", "give a count of random starts")
+    check_num_experts(args.num_experts)
+    try:
+        options = GroupingOptions(method=args.method, theta=args.theta, seed=args.seed, restarts=args.restarts)
+    except ValueError as exc:
+        raise SpecMoEUsageError(f"--method {args.method} / --theta {args.theta}: {exc}",
+                                "see `specmoe group --help`; --theta lies in [0, 1]") from None
+    check_output_file("--out", args.out)
+    trace = read_traces(args.traces, num_experts=args.num_experts)
     if args.dedup:
         before = trace.num_tokens
         trace, _ = dedup_routes(trace)
         print(f"[group] dedup: kept {trace.num_tokens} of {before} tokens", file=sys.stderr)
     if trace.num_experts % args.ep != 0:
-        raise ValueError(
-            f"--ep {args.ep} does not divide the traces' num_experts={trace.num_experts}; every EP rank "
-            "must host E/P experts"
-        )
+        raise SpecMoEUsageError(
+            f"--ep {args.ep} does not divide the traces' num_experts={trace.num_experts}",
+            "every EP rank hosts E/P experts: pick a divisor of the expert count")
+    if trace.num_tokens == 0:
+        raise SpecMoEUsageError(f"--traces {' '.join(args.traces)}: no tokens", "give traces with routes")
     start = time.perf_counter()
     placements = group_experts(trace, ep_size=args.ep, options=options, progress=True)
     seconds = time.perf_counter() - start
@@ -72,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         "tokens": trace.num_tokens,
         "layers": [p.to_json() for p in placements],
     }
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
 
     contiguous = ExpertPlacement.contiguous(trace.num_experts, args.ep)
     rows = {"contiguous": [], args.method: []}

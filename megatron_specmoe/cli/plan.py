@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dedup", action="store_true",
                    help="drop tokens whose whole route repeats an earlier token's before fitting")
-    p.add_argument("--num-experts", type=int, default=None, help="E, if the traces cannot tell (checked)")
+    p.add_argument("--num-experts", type=int, default=None, metavar="E",
+                   help="routed experts per MoE layer; required for JSON / JSONL traces, which do not "
+                        "record it (a .npz records it; checked when given)")
     p.add_argument("--hidden-size", type=int, default=None, help="model hidden size, recorded in the plan")
     p.add_argument("--vocab-size", type=int, default=None, help="model vocabulary, recorded in the plan")
 
@@ -46,67 +48,98 @@ def _log(msg: str) -> None:
     print(f"[specmoe plan] {msg}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts
-    from megatron_specmoe.schedule.placement import ExpertPlacement
-    from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
-    from megatron_specmoe.predict.registry import check_kind, fit_predictor
-    from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
+def check_flags(args: argparse.Namespace):
+    """Every flag check that needs no trace, before any reading or fitting; returns the
+    GroupingOptions. Raises SpecMoEUsageError naming the flag."""
+    from megatron_specmoe.artifacts.errors import SpecMoEUsageError
+    from megatron_specmoe.artifacts.files import check_output_dir
+    from megatron_specmoe.artifacts.trace_checks import check_num_experts
+    from megatron_specmoe.predict.registry import check_kind
+    from megatron_specmoe.schedule.grouping import GroupingOptions
 
-    try:
-        if args.ep < 1:
-            raise ValueError(f"--ep must be >= 1, got {args.ep}")
-        options = GroupingOptions(method=args.placement, theta=args.theta, seed=args.seed)
-        t0 = time.perf_counter()
-        trace = read_traces(args.traces, num_experts=args.num_experts)
-        if trace.num_experts % args.ep:
-            raise ValueError(
-                f"--ep {args.ep} does not divide the traces' {trace.num_experts} experts; every EP rank "
-                "must host the same number of experts"
-            )
-        _log(f"read {trace.num_tokens} tokens, {trace.num_layers} MoE layers, top-{trace.topk} of "
-             f"{trace.num_experts} experts from {len(args.traces)} file(s) ({time.perf_counter() - t0:.1f}s)")
-        if args.dedup:
-            before = trace.num_tokens
-            trace, _ = dedup_routes(trace)
-            _log(f"--dedup: dropped {before - trace.num_tokens} of {before} tokens repeating an earlier route")
-
-        kinds = args.predictor or ["combined"]
-        has_ids = trace.token_ids is not None
-        members = (args.members.split(",") if args.members else (["token", "layer"] if has_ids else ["layer", "history"]))
-        states = {}
-        for kind in kinds:
+    if args.ep < 1:
+        raise SpecMoEUsageError(f"--ep {args.ep}: must be >= 1", "give the EP size the plan is for, e.g. --ep 8")
+    check_num_experts(args.num_experts)
+    if args.num_experts is not None and args.num_experts % args.ep:
+        raise SpecMoEUsageError(f"--ep {args.ep} does not divide --num-experts {args.num_experts}",
+                                "every EP rank hosts the same number of experts: pick a divisor")
+    for flag, value in (("--hidden-size", args.hidden_size), ("--vocab-size", args.vocab_size)):
+        if value is not None and value < 1:
+            raise SpecMoEUsageError(f"{flag} {value}: must be >= 1", f"give the model's {flag[2:]} or leave it out")
+    for kind in args.predictor or ["combined"]:
+        try:
             check_kind(kind)
-            needs_ids = kind == "token" or (kind == "combined" and "token" in members)
-            if needs_ids and not has_ids:
-                raise ValueError(
-                    f"predictor {kind!r} needs token ids, and the traces {args.traces} carry none; use "
-                    "--predictor layer/history or --members layer,history"
-                )
-            t1 = time.perf_counter()
-            opts = {"members": tuple(members)} if kind == "combined" else {}
-            predictor = fit_predictor(kind, trace, **opts)
-            states[kind] = predictor.to_state()
-            _log(f"fitted {kind!r} ({predictor.memory_bytes() / 1e6:.2f} MB) in {time.perf_counter() - t1:.1f}s")
-
-        t2 = time.perf_counter()
-        if args.placement == "contiguous":
-            placements = [ExpertPlacement.contiguous(trace.num_experts, args.ep)] * trace.num_layers
-        else:
-            placements = group_experts(trace, ep_size=args.ep, options=options, progress=True)
-        _log(f"placement {args.placement!r} for {trace.num_layers} layers in {time.perf_counter() - t2:.1f}s")
-
-        plan = make_plan(
-            num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk, ep_size=args.ep,
-            hidden_size=args.hidden_size, vocab_size=args.vocab_size, placements=placements,
-            predictor_state=states,
-            notes={"traces": [str(p) for p in args.traces], "dedup": bool(args.dedup),
-                   "placement_method": args.placement, "theta": args.theta, "members": members},
-        )
-        saved = save_plan(plan, args.out)
+        except ValueError as exc:
+            raise SpecMoEUsageError(f"--predictor {kind}: {exc}", "choose token, layer, history or combined") from None
+    for kind in (args.members.split(",") if args.members else []):
+        try:
+            check_kind(kind)
+        except ValueError as exc:
+            raise SpecMoEUsageError(f"--members {args.members}: {exc}", "list kinds like layer,history") from None
+    try:
+        options = GroupingOptions(method=args.placement, theta=args.theta, seed=args.seed)
     except ValueError as exc:
-        print(f"specmoe plan: {exc}", file=sys.stderr)
-        return 2
+        raise SpecMoEUsageError(f"--placement {args.placement} / --theta {args.theta}: {exc}",
+                                "see `specmoe plan --help` for the methods; --theta lies in [0, 1]") from None
+    check_output_dir("--out", args.out, marker="plan.json")
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_specmoe.artifacts.errors import SpecMoEUsageError
+    from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
+    from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
+    from megatron_specmoe.predict.registry import fit_predictor
+    from megatron_specmoe.schedule.grouping import group_experts
+    from megatron_specmoe.schedule.placement import ExpertPlacement
+
+    options = check_flags(args)
+    t0 = time.perf_counter()
+    trace = read_traces(args.traces, num_experts=args.num_experts)
+    if trace.num_experts % args.ep:
+        raise SpecMoEUsageError(
+            f"--ep {args.ep} does not divide the traces' {trace.num_experts} experts",
+            "every EP rank hosts the same number of experts: pick a divisor of the expert count")
+    _log(f"read {trace.num_tokens} tokens, {trace.num_layers} MoE layers, top-{trace.topk} of "
+         f"{trace.num_experts} experts from {len(args.traces)} file(s) ({time.perf_counter() - t0:.1f}s)")
+    if trace.num_tokens == 0:
+        raise SpecMoEUsageError(f"--traces {' '.join(args.traces)}: no tokens", "give traces with routes")
+    if args.dedup:
+        before = trace.num_tokens
+        trace, _ = dedup_routes(trace)
+        _log(f"--dedup: dropped {before - trace.num_tokens} of {before} tokens repeating an earlier route")
+
+    kinds = args.predictor or ["combined"]
+    has_ids = trace.token_ids is not None
+    members = (args.members.split(",") if args.members else (["token", "layer"] if has_ids else ["layer", "history"]))
+    states = {}
+    for kind in kinds:
+        needs_ids = kind == "token" or (kind == "combined" and "token" in members)
+        if needs_ids and not has_ids:
+            raise SpecMoEUsageError(
+                f"--predictor {kind} needs token ids, and the traces {' '.join(args.traces)} carry none",
+                "use --predictor layer or history, or --members layer,history")
+        t1 = time.perf_counter()
+        opts = {"members": tuple(members)} if kind == "combined" else {}
+        predictor = fit_predictor(kind, trace, **opts)
+        states[kind] = predictor.to_state()
+        _log(f"fitted {kind!r} ({predictor.memory_bytes() / 1e6:.2f} MB) in {time.perf_counter() - t1:.1f}s")
+
+    t2 = time.perf_counter()
+    if args.placement == "contiguous":
+        placements = [ExpertPlacement.contiguous(trace.num_experts, args.ep)] * trace.num_layers
+    else:
+        placements = group_experts(trace, ep_size=args.ep, options=options, progress=True)
+    _log(f"placement {args.placement!r} for {trace.num_layers} layers in {time.perf_counter() - t2:.1f}s")
+
+    plan = make_plan(
+        num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk, ep_size=args.ep,
+        hidden_size=args.hidden_size, vocab_size=args.vocab_size, placements=placements,
+        predictor_state=states,
+        notes={"traces": [str(p) for p in args.traces], "dedup": bool(args.dedup),
+               "placement_method": args.placement, "theta": args.theta, "members": members},
+    )
+    saved = save_plan(plan, args.out)
     _log(f"wrote {args.out} (predictors {list(states)}, checksum {saved.header.checksum[:12]}...) "
          f"in {time.perf_counter() - t0:.1f}s total")
     return 0

@@ -41,21 +41,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_specmoe.artifacts.errors import SpecMoEUsageError
+    from megatron_specmoe.artifacts.files import check_output_dir
     from megatron_specmoe.megatron_lm import recipes as R
 
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            raise SpecMoEUsageError(f"{flag} {value}: must be >= 1", f"give a positive {flag}, e.g. {flag} 8")
+    if args.write is not None:
+        check_output_dir("--write", args.write)
     try:
         if args.committed:
             chosen = R.committed_recipes()
         else:
             if args.model is None:
-                raise ValueError("--model is required (or --committed)")
+                raise SpecMoEUsageError("no model chosen", "pass --model NAME (or all), or --committed")
             names = list(R.PRESETS) if args.model == "all" else [args.model]
             chosen = [R.make_recipe(name, nodes=args.nodes, launcher=args.launcher,
                                     gpus_per_node=args.gpus_per_node, recorder=args.recorder,
                                     predictor=args.predictor) for name in names]
+    except SpecMoEUsageError:
+        raise
     except ValueError as exc:
-        print(f"specmoe recipes: {exc}", file=sys.stderr)
-        return 2
+        raise SpecMoEUsageError(str(exc), "change --model / --nodes / --gpus-per-node / --recorder / "
+                                "--predictor as the message says") from None
     if args.dry_run:
         steps = R.STEPS if args.step == "all" else (args.step,)
         print("\n".join(r.dry_run(steps) for r in chosen), end="")

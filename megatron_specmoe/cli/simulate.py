@@ -25,6 +25,9 @@ import sys
 import time
 from typing import Sequence
 
+from megatron_specmoe.artifacts.errors import SpecMoEDataError, SpecMoEUsageError
+from megatron_specmoe.artifacts.files import atomic_file, check_output_file
+
 HELP = ("predict MoE-layer time of specmoe vs alltoall, DeepEP and the inference all-gather on a "
         "cluster, from traces; --calibration checks the model against published measurements")
 
@@ -85,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop tokens whose whole route repeats an earlier one (Mixtral MT-Bench traces)")
     parser.add_argument("--assignment", default="refine", choices=ASSIGNMENT_CHOICES,
                         help="balanced assignment method (schedule/assignment.py)")
+    parser.add_argument("--num-experts", type=int, default=None, metavar="E",
+                        help="routed experts per MoE layer; required for JSON / JSONL traces without --plan "
+                             "(they do not record it)")
     parser.add_argument("--json", metavar="OUT", default=None, help="write all numbers as JSON")
     parser.add_argument("--plot", metavar="OUT.png", default=None, help="write a PNG of time vs EP")
 
@@ -93,9 +99,10 @@ def parse_ep_list(text: str) -> list[int]:
     try:
         eps = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--ep must be comma-separated integers like 8,16,32,64, got {text!r}") from None
+        raise SpecMoEUsageError(f"--ep {text!r}: not comma-separated integers",
+                                "give EP sizes like --ep 8,16,32,64") from None
     if not eps or min(eps) < 1:
-        raise ValueError(f"--ep needs at least one positive EP size, got {text!r}")
+        raise SpecMoEUsageError(f"--ep {text!r}: needs positive EP sizes", "give EP sizes like --ep 8,16,32,64")
     return eps
 
 
@@ -108,16 +115,18 @@ def resolve_tp(text: str, ep: int, gpus_per_node: int) -> int:
     try:
         tp = int(text)
     except ValueError:
-        raise ValueError(f"--tp must be an int, 'node' or 'ep', got {text!r}") from None
+        raise SpecMoEUsageError(f"--tp {text!r}: not an int, 'node' or 'ep'", "e.g. --tp 8 or --tp node") from None
     if tp < 1 or ep % tp:
-        raise ValueError(f"--tp {tp} must divide every EP size, and EP {ep} is not a multiple")
+        raise SpecMoEUsageError(f"--tp {tp}: must divide every EP size, and EP {ep} is not a multiple",
+                                "choose a --tp that divides every --ep, or --tp node")
     return tp
 
 
 def resolve_dtypes(args: argparse.Namespace) -> tuple[str, str]:
     """(dispatch dtype, combine dtype) from --dtype / --dispatch-dtype / --combine-dtype."""
     if args.dtype is not None and (args.dispatch_dtype is not None or args.combine_dtype is not None):
-        raise ValueError("--dtype sets both phases; use it alone, or --dispatch-dtype / --combine-dtype")
+        raise SpecMoEUsageError("--dtype sets both phases and cannot go with --dispatch-dtype / --combine-dtype",
+                                "use --dtype alone, or --dispatch-dtype / --combine-dtype")
     if args.dtype is not None:
         return args.dtype, args.dtype
     return args.dispatch_dtype or "bf16", args.combine_dtype or "bf16"
@@ -133,7 +142,8 @@ def parse_dispatchers(text) -> list[str] | None:
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in get_args(DispatcherName)]
     if bad or not names:
-        raise ValueError(f"--dispatchers: unknown {bad or text!r}; choose from {', '.join(get_args(DispatcherName))}")
+        raise SpecMoEUsageError(f"--dispatchers: unknown {bad or text!r}",
+                                f"choose from {', '.join(get_args(DispatcherName))}")
     return names
 
 
@@ -147,23 +157,23 @@ def _predictor_scores(args, trace, plan):
     from megatron_specmoe.predict import registry
 
     if kind != "plan":
-        registry.check_kind(kind)
-        if not args.fit_traces:
-            raise ValueError(f"--predictor {kind} needs --fit-traces FILE... (other workloads to fit on)")
+        try:
+            registry.check_kind(kind)
+        except ValueError as exc:
+            raise SpecMoEUsageError(f"--predictor {kind}: {exc}", "use oracle, plan or a predictor kind") from None
         from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
 
-        fit = read_traces(args.fit_traces)
+        fit = read_traces(args.fit_traces, num_experts=trace.num_experts)
         if args.dedup:
             fit, _ = dedup_routes(fit)
         print(f"simulate: fitting the {kind} predictor on {fit.num_tokens} tokens", file=sys.stderr)
         predictor = registry.fit_predictor(kind, fit)
         return predictor_expert_scores(predictor, trace), f"{kind} fitted on {', '.join(args.fit_traces)}"
-    if plan is None:
-        raise ValueError("--predictor plan needs --plan DIR")
     kinds = plan.header.predictor_kinds
     chosen = args.plan_kind or (kinds[0] if kinds else None)
     if chosen not in kinds:
-        raise ValueError(f"plan {plan.source} stores predictor kinds {list(kinds)}; --plan-kind {chosen!r} is not one")
+        raise SpecMoEUsageError(f"--plan-kind {chosen!r}: plan {plan.source} stores predictor kinds {list(kinds)}",
+                                "choose one of those, or --predictor oracle")
     predictor = registry.predictor_from_state(chosen, plan.predictor_state[chosen])
     return predictor_expert_scores(predictor, trace), f"plan {plan.source} predictor {chosen!r}"
 
@@ -200,22 +210,29 @@ def _calibration(args) -> int:
     print("Model vs published measurements (ratio = predicted / measured):\n")
     print(format_calibration(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{**dataclasses.asdict(r.row), "predicted": r.predicted, "ratio": r.ratio,
-                        "within": r.within, "miss_reason": r.miss_reason} for r in results], f, indent=1)
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps([{**dataclasses.asdict(r.row), "predicted": r.predicted, "ratio": r.ratio,
+                                        "within": r.within, "miss_reason": r.miss_reason} for r in results], indent=1))
     return 0
 
 
 def _checked(args) -> None:
-    """ValueError naming the flag for values argparse cannot check."""
-    if args.hidden < 1:
-        raise ValueError(f"--hidden must be a positive int, got {args.hidden}")
-    if args.tokens_per_rank < 1:
-        raise ValueError(f"--tokens-per-rank must be a positive int, got {args.tokens_per_rank}")
-    if args.plan_kernels is not None and args.plan_kernels < 0:
-        raise ValueError(f"--plan-kernels must be >= 0, got {args.plan_kernels}")
-    if args.context < 1:
-        raise ValueError(f"--context must be a positive int, got {args.context}")
+    """SpecMoEUsageError naming the flag for values argparse cannot check, before any work."""
+    from megatron_specmoe.artifacts.trace_checks import check_num_experts
+
+    for flag, value, least in (("--hidden", args.hidden, 1), ("--tokens-per-rank", args.tokens_per_rank, 1),
+                               ("--plan-kernels", args.plan_kernels, 0), ("--context", args.context, 1)):
+        if value is not None and value < least:
+            raise SpecMoEUsageError(f"{flag} {value}: must be >= {least}", f"give {flag} a count >= {least}")
+    check_num_experts(args.num_experts)
+    if args.predictor not in (None, "oracle", "plan") and not args.fit_traces:
+        raise SpecMoEUsageError(f"--predictor {args.predictor} needs traces to fit on",
+                                "add --fit-traces FILE... (other workloads than --traces)")
+    if args.predictor == "plan" and not args.plan:
+        raise SpecMoEUsageError("--predictor plan needs a plan", "add --plan DIR")
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out is not None:
+            check_output_file(flag, out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -230,58 +247,70 @@ def run(args: argparse.Namespace) -> int:
 
     # The simulator works on many small tensors; extra intra-op threads only add overhead.
     torch.set_num_threads(1)
+    if args.calibration:
+        if args.traces:
+            raise SpecMoEUsageError("--calibration uses the published measurements' own routes",
+                                    "drop --traces (or drop --calibration)")
+        if args.json is not None:
+            check_output_file("--json", args.json)
+        return _calibration(args)
+    if not args.traces:
+        raise SpecMoEUsageError("no traces given", "pass --traces FILE... (or --calibration)")
+    _checked(args)
+    eps = parse_ep_list(args.ep)
+    for ep in eps:
+        resolve_tp(args.tp, ep, 1 << 30)  # refuse a bad --tp before any work ('node' resolved later)
+    dispatch_dtype, combine_dtype = resolve_dtypes(args)
     try:
-        if args.calibration:
-            if args.traces:
-                raise ValueError("--calibration uses the published measurements' own routes; drop --traces")
-            return _calibration(args)
-        if not args.traces:
-            raise ValueError("--traces FILE... is required (or --calibration)")
-        _checked(args)
-        eps = parse_ep_list(args.ep)
-        dispatch_dtype, combine_dtype = resolve_dtypes(args)
         WireDtypes(hidden_size=args.hidden, dispatch=dispatch_dtype, combine=combine_dtype)
-        names = parse_dispatchers(args.dispatchers)
-        charge = PlanCharge(
-            kernels=DEFAULT_PLAN_KERNELS if args.plan_kernels is None else args.plan_kernels,
-            launch=args.plan_launch, overlap=not args.no_plan_overlap, phase=args.phase, context=args.context,
-        )
-        cluster = cluster_preset(args.cluster)
-        if args.nic_routing is not None and args.nic_routing != cluster.inter_node_routing:
-            cluster = dataclasses.replace(cluster, inter_node_routing=args.nic_routing)
-        trace = read_traces(args.traces)
-        total = trace.num_tokens
-        if args.dedup:
-            trace, _ = dedup_routes(trace)
-            print(f"simulate: {total} tokens, {trace.num_tokens} after dropping repeated routes", file=sys.stderr)
-        plan = None
-        if args.plan:
-            from megatron_specmoe.artifacts.plan_folder import load_plan
+    except ValueError as exc:
+        raise SpecMoEUsageError(f"--hidden {args.hidden} / dtypes: {exc}", "see `specmoe simulate --help`") from None
+    names = parse_dispatchers(args.dispatchers)
+    charge = PlanCharge(
+        kernels=DEFAULT_PLAN_KERNELS if args.plan_kernels is None else args.plan_kernels,
+        launch=args.plan_launch, overlap=not args.no_plan_overlap, phase=args.phase, context=args.context,
+    )
+    cluster = cluster_preset(args.cluster)
+    if args.nic_routing is not None and args.nic_routing != cluster.inter_node_routing:
+        cluster = dataclasses.replace(cluster, inter_node_routing=args.nic_routing)
+    plan, num_experts = None, args.num_experts
+    if args.plan:
+        from megatron_specmoe.artifacts.plan_folder import load_plan
 
-            plan = load_plan(args.plan)
+        plan = load_plan(args.plan)
+        if num_experts is not None and num_experts != plan.header.num_experts:
+            raise SpecMoEUsageError(f"--num-experts {num_experts} but the plan {args.plan} was made for "
+                                    f"{plan.header.num_experts} experts", "simulate with a plan of this model")
+        num_experts = plan.header.num_experts
+    trace = read_traces(args.traces, num_experts=num_experts)
+    total = trace.num_tokens
+    if args.dedup:
+        trace, _ = dedup_routes(trace)
+        print(f"simulate: {total} tokens, {trace.num_tokens} after dropping repeated routes", file=sys.stderr)
+    if plan is not None:
+        try:
             plan.check_compatible(num_layers=trace.num_layers, num_experts=trace.num_experts,
                                   topk=trace.topk, ep_size=plan.header.ep_size)
-        # Same tokens for every EP size: a multiple of the largest step.
-        step = args.tokens_per_rank * max(eps)
-        used = trace.num_tokens // step * step
-        if used == 0:
-            raise ValueError(
-                f"--traces hold {trace.num_tokens} tokens, fewer than one step of EP {max(eps)} x "
-                f"--tokens-per-rank {args.tokens_per_rank} = {step}; lower --tokens-per-rank"
-            )
-        print(f"simulate: using the first {used} of {trace.num_tokens} tokens (a multiple of the "
-              f"largest step, {step})", file=sys.stderr)
-        trace = trace.select(np.arange(used))
-        scores, predictor_desc = _predictor_scores(args, trace, plan)
-        rows = simulate_rows(
-            trace, scores, eps=eps, tp_arg=args.tp, cluster=cluster, hidden=args.hidden,
-            dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype, tokens_per_rank=args.tokens_per_rank,
-            plan_placements=None if plan is None else plan.placements, method=args.assignment,
-            dispatchers=names, charge=charge,
-        )
-    except ValueError as exc:
-        print(f"specmoe simulate: error: {exc}", file=sys.stderr)
-        return 2
+        except ValueError as exc:
+            raise SpecMoEDataError(f"--plan {args.plan} does not fit --traces: {exc}",
+                                   "simulate with a plan made for this model") from None
+    # Same tokens for every EP size: a multiple of the largest step.
+    step = args.tokens_per_rank * max(eps)
+    used = trace.num_tokens // step * step
+    if used == 0:
+        raise SpecMoEUsageError(
+            f"--traces hold {trace.num_tokens} tokens, fewer than one step of EP {max(eps)} x "
+            f"--tokens-per-rank {args.tokens_per_rank} = {step}", "lower --tokens-per-rank or --ep")
+    print(f"simulate: using the first {used} of {trace.num_tokens} tokens (a multiple of the "
+          f"largest step, {step})", file=sys.stderr)
+    trace = trace.select(np.arange(used))
+    scores, predictor_desc = _predictor_scores(args, trace, plan)
+    rows = simulate_rows(
+        trace, scores, eps=eps, tp_arg=args.tp, cluster=cluster, hidden=args.hidden,
+        dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype, tokens_per_rank=args.tokens_per_rank,
+        plan_placements=None if plan is None else plan.placements, method=args.assignment,
+        dispatchers=names, charge=charge,
+    )
     print(f"cluster {cluster.name} (NCCL all-to-all NIC routing {cluster.inter_node_routing}): {cluster.source}")
     print(f"predictor: {predictor_desc}; tokens: {used}; hidden {args.hidden}, dispatch {dispatch_dtype}, "
           f"combine {combine_dtype}; {args.tokens_per_rank} tokens per GPU per step")
@@ -290,11 +319,11 @@ def run(args: argparse.Namespace) -> int:
           f"(context {charge.context}); times per MoE layer per step = dispatch + combine + exposed plan")
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cluster": cluster.to_json(), "predictor": predictor_desc, "tokens": used,
-                       "hidden": args.hidden, "dispatch_dtype": dispatch_dtype, "combine_dtype": combine_dtype,
-                       "tokens_per_rank": args.tokens_per_rank, "plan": dataclasses.asdict(charge),
-                       "rows": rows}, f, indent=1)
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps({"cluster": cluster.to_json(), "predictor": predictor_desc, "tokens": used,
+                                       "hidden": args.hidden, "dispatch_dtype": dispatch_dtype,
+                                       "combine_dtype": combine_dtype, "tokens_per_rank": args.tokens_per_rank,
+                                       "plan": dataclasses.asdict(charge), "rows": rows}, indent=1))
     if args.plot:
         plot_rows({f"{args.tokens_per_rank} tokens/GPU": rows}, args.plot,
                   f"{cluster.name}, H={args.hidden} {dispatch_dtype}/{combine_dtype}, {predictor_desc.split(' (')[0]}")

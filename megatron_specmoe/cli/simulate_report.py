@@ -88,5 +88,8 @@ def plot_rows(series: dict[str, list[dict]], path: str, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from megatron_specmoe.artifacts.files import atomic_file
+
+    with atomic_file(path) as tmp:  # never half a PNG where --plot points
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -53,12 +53,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _layout(args):
+    from megatron_specmoe.artifacts.errors import SpecMoEUsageError
+    from megatron_specmoe.artifacts.files import check_output_dir, check_output_file
+
+    counts = ["ranks", "calib_windows", "eval_windows", "seq", "batch", "batches", "experts", "topk",
+              "layers", "hidden"]
+    for name in counts + ["tp", "ep"]:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise SpecMoEUsageError(f"{flag} {value}: must be >= 1", f"give a positive {flag} or leave it out")
     tp = args.tp if args.tp is not None else (1 if args.synthetic else min(args.ranks, 4))
     ep = args.ep or args.ranks
     problems = []
-    if args.ranks < 1:
-        problems.append(f"--ranks must be >= 1, got {args.ranks}")
-    elif args.ranks % tp:
+    if args.ranks % tp:
         problems.append(f"--tp {tp} must divide --ranks {args.ranks}")
     elif args.ranks % ep:
         problems.append(f"--ep {ep} must divide --ranks {args.ranks}")
@@ -66,8 +74,21 @@ def _layout(args):
         problems.append(f"--ep {ep} must be a multiple of --tp {tp} (the TP group lies inside the EP group)")
     if args.synthetic and args.experts % ep:
         problems.append(f"--ep {ep} must divide --experts {args.experts} (equal experts per rank)")
+    if args.synthetic and args.topk > args.experts:
+        problems.append(f"--topk {args.topk} exceeds --experts {args.experts}")
     if problems:
-        raise SystemExit("specmoe demo: " + "; ".join(problems))
+        raise SpecMoEUsageError("; ".join(problems), "change --ranks / --tp / --ep as said")
+    # Each DP group runs whole batches of --batch windows; fewer windows than one batch per group
+    # would leave a group (and the profile) empty.
+    need = args.batch * (args.ranks // tp)
+    for flag, value in (("--calib-windows", args.calib_windows), ("--eval-windows", args.eval_windows)):
+        if not args.synthetic and value < need:
+            raise SpecMoEUsageError(f"{flag} {value} is fewer than one batch per DP group (--batch {args.batch} x "
+                                    f"{args.ranks // tp} DP groups = {need})", f"raise {flag} to {need} or lower --batch")
+    check_output_dir("--out-dir", args.out_dir)
+    for flag, path in (("--json", args.json), ("--figure", args.figure)):
+        if path is not None:
+            check_output_file(flag, path)
     return tp, ep
 
 
@@ -77,24 +98,31 @@ def _windows(card, files, split: str, seq: int, count: int):
 
     from megatron_specmoe.demo.corpus import CorpusFile, encode_files, load_tokenizer, read_corpus
 
+    from megatron_specmoe.artifacts.errors import SpecMoEDataError, SpecMoEUsageError
+    from megatron_specmoe.artifacts.files import check_input_file
+
     if not card.tokenizer_path:
-        raise SystemExit(f"specmoe demo: {card.directory} has no tokenizer_file in model.json")
+        raise SpecMoEDataError(f"{card.directory}/model.json has no tokenizer_file",
+                               "add the tokenizer to the checkpoint folder and name it in model.json")
     tokenizer = load_tokenizer(card.tokenizer_path)
     if files:
         docs = []
         for path in files:
+            flag = "--calib-text" if split == "calibration" else "--eval-text"
+            check_input_file(path, what=f"{flag} text file", fix=f"give {flag} UTF-8 text files")
             try:
                 with open(path, encoding="utf-8") as f:
                     docs.append(CorpusFile(relpath=path, split=split, text=f.read()))
-            except (OSError, UnicodeDecodeError) as exc:
-                raise SystemExit(f"specmoe demo: cannot read text file {path!r}: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise SpecMoEDataError(f"{flag} {path}: not UTF-8 text at byte {exc.start}",
+                                       f"give {flag} UTF-8 text files") from None
     else:
         docs = list(read_corpus(splits=[split]).files)
     stream = np.concatenate([np.asarray(d, dtype=np.int64) for d in encode_files(tokenizer, docs, eot_id=max(card.eot_id, 0))])
     have = len(stream) // seq
     if have < count:
-        raise SystemExit(f"specmoe demo: the {split} text has {len(stream)} tokens, {have} windows of {seq}; "
-                         f"asked for {count} (lower --{'calib' if split == 'calibration' else 'eval'}-windows or --seq)")
+        raise SpecMoEUsageError(f"the {split} text has {len(stream)} tokens, {have} windows of {seq}; asked for {count}",
+                                f"lower --{'calib' if split == 'calibration' else 'eval'}-windows or --seq")
     # Evenly spaced windows over the whole text, so that every file region is represented.
     starts = np.linspace(0, (have - 1) * seq, count).astype(np.int64) // seq * seq
     return np.stack([stream[s : s + seq] for s in starts])
@@ -113,8 +141,10 @@ def _report(result_runs, max_diff, tokens, args, extra: dict) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = args.json or os.path.join(args.out_dir, "report.json")
     fig_path = args.figure or os.path.join(args.out_dir, "lar.png")
-    with open(json_path, "w") as f:
-        json.dump(out, f, indent=2)
+    from megatron_specmoe.artifacts.files import atomic_file
+
+    with atomic_file(json_path) as tmp:
+        tmp.write_text(json.dumps(out, indent=2))
     plot_layer_lar(summaries, fig_path, title="Local activation rate per MoE layer (evaluation text)")
     print(f"\nwrote {json_path} and {fig_path}; command: {command}")
     # fp32: s-TS adds the residual inside the reduce-scatter, which changes the summation order.
@@ -155,16 +185,30 @@ def run(args) -> int:
     from megatron_specmoe.demo.pipeline import PipelineSettings, pipeline_worker
 
     start = time.perf_counter()
+    from megatron_specmoe.artifacts.errors import SpecMoEDataError, SpecMoEUsageError
+
     try:
         card = read_card(args.checkpoint)
+    except SpecMoEDataError:
+        raise
     except ValueError as exc:
-        raise SystemExit(f"specmoe demo: {exc}") from None
+        raise SpecMoEDataError(f"--checkpoint {args.checkpoint or '(the shipped model)'}: {exc}",
+                               "point --checkpoint at a folder saved by save_checkpoint") from None
+    from megatron_specmoe.megatron.checkpoint import sha256_file
+
+    if sha256_file(card.weights_path) != card.weights_sha256:  # before any rank starts
+        raise SpecMoEDataError(f"{card.weights_path}: sha256 does not match model.json field "
+                               "'weights_sha256'; the weights are corrupt or belong to another card",
+                               "re-save the checkpoint with save_checkpoint")
     if card.shape.experts % ep:
-        raise SystemExit(f"specmoe demo: --ep {ep} must divide the model's {card.shape.experts} experts")
+        raise SpecMoEUsageError(f"--ep {ep} does not divide the model's {card.shape.experts} experts",
+                                "choose an --ep that divides it")
     if card.shape.heads % tp:
-        raise SystemExit(f"specmoe demo: --tp {tp} must divide the model's {card.shape.heads} attention heads")
+        raise SpecMoEUsageError(f"--tp {tp} does not divide the model's {card.shape.heads} attention heads",
+                                "choose a --tp that divides it")
     if args.seq > card.shape.seq:
-        raise SystemExit(f"specmoe demo: --seq {args.seq} exceeds the model's sequence length {card.shape.seq}")
+        raise SpecMoEUsageError(f"--seq {args.seq} exceeds the model's sequence length {card.shape.seq}",
+                                f"use --seq {card.shape.seq} or less")
     print(f"[specmoe demo] model {card.directory}: {card.shape.layers} MoE layers, {card.shape.experts} experts, "
           f"top-{card.shape.topk}, hidden {card.shape.hidden}", file=sys.stderr)
     calib = _windows(card, args.calib_text, "calibration", args.seq, args.calib_windows)

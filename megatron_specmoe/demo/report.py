@@ -112,5 +112,8 @@ def plot_layer_lar(summaries: Sequence[dict], path: str, title: str = "Local act
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from megatron_specmoe.artifacts.files import atomic_file
+
+    with atomic_file(path) as tmp:  # never half a PNG where --figure points
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

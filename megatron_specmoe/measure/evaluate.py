@@ -233,6 +233,7 @@ def evaluate_trace(
     batch_size: int = 512,
     method: AssignmentMethod = "refine",
     progress: bool = False,
+    progress_every_s: float = 5.0,
 ) -> Evaluation:
     """Simulate s-TS on ``trace`` (see the module docstring).
 
@@ -243,7 +244,8 @@ def evaluate_trace(
         batch_size: B, tokens per shuffle domain.
         method: the balanced assignment method (``assignment.AssignmentMethod``); default the
             runtime's, "refine". Pass "optimal" for the exact ceiling of the oracle side.
-        progress: print one line per layer to stderr.
+        progress: print one line per layer to stderr, and one every ``progress_every_s``
+            seconds within a layer (small batches: --batch 1 makes T batches per layer).
 
     Returns:
         Evaluation.
@@ -277,6 +279,10 @@ def evaluate_trace(
     contiguous_rank = torch.from_numpy(ExpertPlacement.contiguous(num_experts, ep_size).rank_of_logical())
     experts = torch.from_numpy(trace.experts.astype(np.int64))
     sides = {side: [RouteMeasures.empty(ep_size) for _ in range(num_layers)] for side in SIDES}
+    if progress:
+        print(f"[evaluate] {tokens} tokens in {len(bounds)} batch(es) of {batch_size} x "
+              f"{num_layers} layers, assignment {method}", file=sys.stderr, flush=True)
+    last_note = time.perf_counter()
     prediction: list[PredictionCounts] = []
     for layer in range(num_layers):
         # Step 1: the predictor's scores for every token at this layer (per-token, so one call).
@@ -295,7 +301,14 @@ def evaluate_trace(
         prediction.append(_prediction_counts(scores, trace.experts[:, layer], hits_plan, placement, k))
         # Step 2: per batch, place the tokens on each side and count.
         acc = sides
-        for lo, hi in bounds:
+        for b, (lo, hi) in enumerate(bounds):
+            if progress and time.perf_counter() - last_note >= progress_every_s:
+                last_note = time.perf_counter()
+                done = (layer * len(bounds) + b) / (num_layers * len(bounds))
+                spent = last_note - start
+                print(f"[evaluate] layer {layer + 1}/{num_layers}, batch {b}/{len(bounds)}: "
+                      f"{100 * done:.1f}% in {spent:.0f} s, about {spent / max(done, 1e-9) - spent:.0f} s "
+                      "left", file=sys.stderr, flush=True)
             home_c = contiguous_home[hi - lo]
             h_plan = hits_plan[lo:hi]
             acc["baseline"][layer] += measure_routes(hits_base[lo:hi], home_c)

@@ -40,6 +40,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from megatron_specmoe.artifacts.errors import SpecMoEDataError
+from megatron_specmoe.artifacts.files import check_input_file
 from megatron_specmoe.megatron.build import MoEShape, layer_spec, make_config
 
 __all__ = [
@@ -130,51 +132,77 @@ def sha256_file(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def _need(obj: Mapping, key: str, kind: type, where: str):
+_RESAVE = "re-save the checkpoint with megatron_specmoe.megatron.checkpoint.save_checkpoint"
+
+
+def _need(obj: Mapping, key: str, kind: type, where: str, minimum: int = 1):
     if key not in obj:
-        raise ValueError(f"{where}: field {key!r} is missing; the card is incomplete (re-save it "
-                         "with megatron_specmoe.megatron.checkpoint.save_checkpoint)")
+        raise SpecMoEDataError(f"{where}: field {key!r} is missing; the card is incomplete", _RESAVE)
     value = obj[key]
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"{where}: field {key!r} should be {kind.__name__}, got {value!r}")
+        raise SpecMoEDataError(f"{where}: field {key!r} should be {kind.__name__}, got {repr(value)[:40]}",
+                               _RESAVE)
+    if kind is int and value < minimum:
+        raise SpecMoEDataError(f"{where}: field {key!r} is {value}, expected a count >= {minimum}", _RESAVE)
     return value
 
 
 def read_card(path: Optional[PathLike] = None) -> ModelCard:
-    """Read and check ``model.json`` (``path``: the file or its directory; None: the demo model)."""
+    """Read and check ``model.json`` (``path``: the file or its directory; None: the demo model)
+    and that the weights file (and tokenizer, if named) it names are regular files there.
+    Raises ``SpecMoEDataError`` naming the field and the fix."""
     path = Path(demo_model_dir() if path is None else path)
     card_path = path / CARD_FILE if path.is_dir() else path
     where = str(card_path)
+    if not path.exists():
+        raise SpecMoEDataError(f"{path}: no such checkpoint folder",
+                               f"pass the directory holding {CARD_FILE} and the weights")
+    if not card_path.exists():
+        raise SpecMoEDataError(f"{where}: no model card",
+                               f"pass the directory holding {CARD_FILE} and the weights")
+    check_input_file(card_path, what="model card", fix=_RESAVE)
     try:
         obj = json.loads(card_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no model card; pass the directory holding {CARD_FILE} and the "
-                         "weights") from None
+    except UnicodeDecodeError as exc:
+        raise SpecMoEDataError(f"{where}: not UTF-8 text at byte {exc.start}", _RESAVE) from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); the card is "
-                         "corrupt") from None
+        raise SpecMoEDataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); the card "
+                               "is corrupt", _RESAVE) from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+        raise SpecMoEDataError(f"{where}: expected a JSON object", _RESAVE)
     if obj.get("format") != CARD_FORMAT:
-        raise ValueError(f"{where}: field 'format' is {obj.get('format')!r}, expected {CARD_FORMAT!r}")
+        raise SpecMoEDataError(f"{where}: field 'format' is {obj.get('format')!r}, expected "
+                               f"{CARD_FORMAT!r}", _RESAVE)
     if obj.get("version") != CARD_VERSION:
-        raise ValueError(f"{where}: field 'version' is {obj.get('version')!r}; this package reads "
-                         f"version {CARD_VERSION}")
+        raise SpecMoEDataError(f"{where}: field 'version' is {obj.get('version')!r}; this package "
+                               f"reads version {CARD_VERSION}", _RESAVE)
     shape_obj = _need(obj, "shape", dict, where)
     names = {f.name for f in dataclasses.fields(MoEShape)}
     unknown = sorted(set(shape_obj) - names)
     if unknown:
-        raise ValueError(f"{where}: field 'shape' has unknown keys {unknown}; known: {sorted(names)}")
-    for key in names:
-        _need(shape_obj, key, int, f"{where} (shape)")
+        raise SpecMoEDataError(f"{where}: field 'shape' has unknown keys {unknown}; known: "
+                               f"{sorted(names)}", _RESAVE)
+    for key in names:  # shared_ffn 0: no shared expert
+        _need(shape_obj, key, int, f"{where} (shape)", minimum=0 if key == "shared_ffn" else 1)
     dtype = _need(obj, "weights_dtype", str, where)
     if dtype not in _DTYPES:
-        raise ValueError(f"{where}: field 'weights_dtype' is {dtype!r}; expected one of {sorted(_DTYPES)}")
+        raise SpecMoEDataError(f"{where}: field 'weights_dtype' is {dtype!r}; expected one of "
+                               f"{sorted(_DTYPES)}", _RESAVE)
+    for key in ("config", "gpt", "training"):
+        if not isinstance(obj.get(key, {}), dict):
+            raise SpecMoEDataError(f"{where}: field {key!r} should be an object", _RESAVE)
+    eot = obj.get("eot_id", -1)
+    if isinstance(eot, bool) or not isinstance(eot, int):
+        raise SpecMoEDataError(f"{where}: field 'eot_id' should be int, got {repr(eot)[:40]}", _RESAVE)
     gpt = dict(_GPT_DEFAULTS)
     gpt.update(obj.get("gpt", {}))
-    return ModelCard(
+    try:
+        shape = MoEShape(**shape_obj)
+    except (ValueError, TypeError) as exc:
+        raise SpecMoEDataError(f"{where}: field 'shape' is inconsistent ({exc})", _RESAVE) from None
+    card = ModelCard(
         directory=str(card_path.parent),
-        shape=MoEShape(**shape_obj),
+        shape=shape,
         config=dict(_need(obj, "config", dict, where)),
         gpt=gpt,
         weights_file=_need(obj, "weights_file", str, where),
@@ -182,9 +210,15 @@ def read_card(path: Optional[PathLike] = None) -> ModelCard:
         weights_sha256=_need(obj, "weights_sha256", str, where),
         tokenizer_file=obj.get("tokenizer_file", ""),
         tokenizer_sha256=obj.get("tokenizer_sha256", ""),
-        eot_id=int(obj.get("eot_id", -1)),
+        eot_id=eot,
         training=dict(obj.get("training", {})),
     )
+    check_input_file(card.weights_path, what=f"weights file (model.json field 'weights_file') of {where}:",
+                     fix=_RESAVE)
+    if card.tokenizer_file:
+        check_input_file(card.tokenizer_path, what=f"tokenizer (model.json field 'tokenizer_file') of "
+                         f"{where}:", fix=_RESAVE)
+    return card
 
 
 def read_weights(card: ModelCard, *, verify: bool = True) -> dict[str, torch.Tensor]:

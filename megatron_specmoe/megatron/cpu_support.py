@@ -82,13 +82,15 @@ def _to_list(x):
 def _cpu_maybe_dtoh_and_synchronize(self, point: str, tokens_per_expert: Optional[torch.Tensor] = None):
     """CPU stand-in for ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize``.
 
-    Everything already lives on the host; only the split sizes need to become Python lists, which
-    is what gloo's ``all_to_all_single`` accepts.
+    Everything already lives on the host; only the EP split sizes need to become Python lists,
+    which is what gloo's ``all_to_all_single`` accepts. ``output_splits_tp`` (the expert-TP
+    all-gather sizes) is left a tensor, as on the GPU, because Megatron calls ``.tolist()`` on it.
     """
     if not self.drop_and_pad and point == self.cuda_dtoh_point:
         self.input_splits = _to_list(self.input_splits)
         self.output_splits = _to_list(self.output_splits)
-        self.output_splits_tp = _to_list(self.output_splits_tp)
+        # output_splits_tp stays a tensor: Megatron's dispatch_postprocess calls
+        # ``self.output_splits_tp.tolist()`` itself when the expert TP size (ETP) is > 1.
         if isinstance(self.num_out_tokens, torch.Tensor):
             self.num_out_tokens = int(self.num_out_tokens)
     return tokens_per_expert

@@ -21,7 +21,8 @@ Six-phase contract. ``dispatch_preprocess`` permutes columns and records (no com
 the other five phases are Megatron's, unchanged.
 
 Accounting. When ``recorder`` is set, ``dispatch_preprocess`` appends a ``DispatchRecord`` (pairs
-and bytes this rank sends to each rank, route measures) per forward. When it is ``None`` the only
+and bytes this rank sends to each rank, route measures) per forward, counted on the routing map
+Megatron actually permutes and sends (after its padding for quantization, if any). When it is ``None`` the only
 cost is one attribute test.
 """
 
@@ -136,9 +137,13 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
                 self._columns = self._columns.to(routing_map.device)
             routing_map = routing_map.index_select(1, self._columns)
             probs = probs.index_select(1, self._columns)
+        out = super().dispatch_preprocess(hidden_states, routing_map, probs)
         if self.recorder is not None:
-            self.recorder.add(self._record(hidden_states, routing_map, probs))
-        return super().dispatch_preprocess(hidden_states, routing_map, probs)
+            # After Megatron's preprocess: with moe_router_padding_for_quantization it pads the
+            # routing map (self.routing_map) so that every expert gets a multiple of the
+            # alignment, and those padded pairs go over the wire too.
+            self.recorder.add(self._record(hidden_states, self.routing_map, probs))
+        return out
 
     def _record(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor

@@ -74,7 +74,9 @@ def build_specmoe_dispatcher(layer: MoELayer, init, config, args, kwargs) -> Non
     if unsupported:
         raise ValueError(
             f"moe_token_dispatcher_type='specmoe' does not support {', '.join(unsupported)}=True "
-            "(the shuffle assumes dropless routing); turn it off or use 'alltoall'"
+            "(padding every expert to its capacity sends the padding over the all-to-all, which "
+            "defeats keeping tokens local; token dropping without padding, "
+            "moe_expert_capacity_factor alone, is supported); turn it off or use 'alltoall'"
         )
     with _reads_as_alltoall(config):
         init(layer, config, *args, **kwargs)

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, get_args
 
+from megatron_specmoe.artifacts.errors import SpecMoEArgumentError
 from megatron_specmoe.predict.vocabulary import PLAN_KINDS, RuntimePredictor
 from megatron_specmoe.megatron.shuffle_refusals import (
     launcher_refusals,
@@ -133,11 +134,6 @@ _UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
         "defeats keeping tokens local",
     ),
 )
-
-
-class SpecMoEArgumentError(ValueError):
-    """A command line that cannot run with the specmoe dispatcher; the message says why and how
-    to fix it."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,11 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["LaunchTarget", "parse_launch_argv", "find_megatron_root", "launch", "main"]
+from megatron_specmoe.artifacts.errors import SpecMoEEnvironmentError, SpecMoEUsageError
+
+__all__ = ["LaunchTarget", "MIN_PYTHON", "parse_launch_argv", "find_megatron_root", "launch", "main"]
+
+# megatron.training (core 0.19) imports typing.override, new in Python 3.12.
+MIN_PYTHON = (3, 12)
 
 USAGE = """\
-usage: specmoe-launch SCRIPT.py [ARGS...]
-       specmoe-launch -m MODULE [ARGS...]
+usage: specmoe-launch [--debug] [--verbose] SCRIPT.py [ARGS...]
+       specmoe-launch [--debug] [--verbose] -m MODULE [ARGS...]
+
+Needs Python >= 3.12 (Megatron-LM's megatron.training imports typing.override).
+--debug: a full traceback instead of one line on an error (also SPECMOE_DEBUG=1);
+--verbose: say which known megatron-core warnings were hidden.
 
 Runs a Megatron-LM script with the specmoe plug-in installed and the --specmoe-* flags added to
 Megatron-LM's parser. ARGS go to the script unchanged, e.g.
@@ -77,20 +86,24 @@ class LaunchTarget:
         return str(self.script) if self.script is not None else f"-m {self.module}"
 
 
+_USAGE_FIX = "see `specmoe-launch --help`: specmoe-launch [--debug] [--verbose] SCRIPT.py ARGS or -m MODULE ARGS"
+
+
 def parse_launch_argv(argv: Sequence[str]) -> LaunchTarget:
-    """Split the launcher's command line; raises ValueError (with the usage) when it is unusable."""
+    """Split the launcher's command line; raises SpecMoEUsageError when it is unusable."""
     argv = list(argv)
     if not argv:
-        raise ValueError("specmoe-launch: no script given\n" + USAGE)
+        raise SpecMoEUsageError("no script given", _USAGE_FIX)
     if argv[0] == "-m":
         if len(argv) < 2:
-            raise ValueError("specmoe-launch: -m needs a module name\n" + USAGE)
+            raise SpecMoEUsageError("-m needs a module name", _USAGE_FIX)
         return LaunchTarget(module=argv[1], argv=tuple(argv[2:]))
     if argv[0].startswith("-"):
-        raise ValueError(f"specmoe-launch: unknown option {argv[0]!r} before the script\n" + USAGE)
+        raise SpecMoEUsageError(f"unknown option {argv[0]!r} before the script", _USAGE_FIX)
     script = Path(argv[0])
     if not script.is_file():
-        raise ValueError(f"specmoe-launch: script {script} does not exist (or is not a file)")
+        raise SpecMoEUsageError(f"script {script} does not exist (or is not a file)",
+                                "check the path of the Megatron-LM script")
     return LaunchTarget(script=script, argv=tuple(argv[1:]))
 
 
@@ -113,22 +126,34 @@ def _import_megatron_training(target: LaunchTarget) -> None:
         return
     except ImportError as exc:
         first_error = exc
-        if "override" in str(exc) and sys.version_info < (3, 12):
-            raise ImportError(
-                f"megatron.training needs Python >= 3.12 (typing.override); this is "
-                f"{sys.version.split()[0]}: {exc}"
-            ) from exc
+        _refuse_old_python(exc)
     start = target.script.parent if target.script is not None else Path.cwd()
     root = find_megatron_root(start)
     if root is None:
-        raise ImportError(
-            f"specmoe-launch: cannot import megatron.training ({first_error}) and no Megatron-LM "
-            f"checkout (megatron/training/arguments.py) at or above {start}: run from a "
-            "Megatron-LM checkout or put its root on PYTHONPATH"
-        ) from first_error
+        raise SpecMoEEnvironmentError(
+            f"cannot import megatron.training ({first_error}) and there is no Megatron-LM checkout "
+            f"(megatron/training/arguments.py) at or above {start}",
+            "run from a Megatron-LM checkout, put its root on PYTHONPATH, or install megatron-core "
+            ">= 0.19 (it ships megatron.training)" + (
+                f"; megatron.training also needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}, this is "
+                f"{sys.version.split()[0]}" if sys.version_info < MIN_PYTHON else ""))
     if str(root) not in sys.path:
         sys.path.append(str(root))
-    import megatron.training.arguments  # noqa: F401,F811
+    try:
+        import megatron.training.arguments  # noqa: F401,F811
+    except ImportError as exc:
+        _refuse_old_python(exc)
+        raise
+
+
+def _refuse_old_python(exc: ImportError) -> None:
+    """megatron.training imports ``typing.override`` (Python >= 3.12): say so in one line."""
+    if sys.version_info < MIN_PYTHON and "override" in str(exc):
+        raise SpecMoEEnvironmentError(
+            f"specmoe-launch runs Megatron-LM's megatron.training, which needs Python >= "
+            f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]} (it imports typing.override); this is Python "
+            f"{sys.version.split()[0]}", "run the launcher with a Python 3.12 environment (README: "
+            "'Which Python'); the planning commands (specmoe ...) run on 3.10+") from None
 
 
 def launch(target: LaunchTarget) -> None:
@@ -178,16 +203,13 @@ def launch(target: LaunchTarget) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse and launch; raises SpecMoEError subclasses for bad input (the entry point
+    ``megatron_specmoe.launch.main`` prints them as one line and exits 2 or 1)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    try:
-        target = parse_launch_argv(argv)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    launch(target)
+    launch(parse_launch_argv(argv))
     return 0
 
 

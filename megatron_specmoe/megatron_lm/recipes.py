@@ -9,9 +9,8 @@ Glossary
         (not TP*EP*PP | world); token shuffling needs EP to be a multiple of TP (see
         ``megatron_lm.args.layout_problems``).
     step: ``calibrate`` (run prompts through the stock alltoall dispatcher and record every MoE
-        layer's routes), ``plan`` (``specmoe plan``: fit predictors and expert placement on the
-        CPU), ``serve`` (Megatron-LM's inference server with ``--moe-token-dispatcher-type
-        specmoe``).
+        layer's routes), ``plan`` (``specmoe plan --num-experts E``: fit predictors and expert
+        placement on the CPU), ``serve`` (Megatron-LM's inference server, specmoe dispatcher).
     launcher: ``torchrun`` (one node, or every node started by hand with the same MASTER_ADDR) or
         ``slurm`` (an sbatch file: srun starts one torchrun per node; rendezvous on the first node
         of the allocation).
@@ -35,6 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional, Union, get_args
 
+from megatron_specmoe.artifacts.files import atomic_file
 from megatron_specmoe.schedule.layout import ParallelLayout
 
 __all__ = [
@@ -390,6 +390,9 @@ class Recipe:
     master_port: int = 29500
 
     def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node", "calibration_tokens", "port", "master_port"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:  # not bool, >= 1
+                raise ValueError(f"Recipe.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.launcher not in get_args(Launcher):
             raise ValueError(f"Recipe.launcher {self.launcher!r} is not one of {get_args(Launcher)}")
         if self.recorder not in get_args(RouteRecorder):
@@ -458,10 +461,8 @@ class Recipe:
         )
         plan = Command(
             step="plan", launcher=self._cpu_launcher(), program=PLAN_PROGRAM, megatron_args=(),
-            # Flag names follow `specmoe group` / `specmoe evaluate` (--traces, --ep, --out);
-            # experts and top-k come from the traces themselves.
             script_args=("--traces", p.routes, "--ep", str(self.layout.ep), "--out", p.plan,
-                         "--predictor", self.predictor),
+                         "--num-experts", str(self.model.num_experts), "--predictor", self.predictor),
             script=None,
         )
         serve = Command(
@@ -613,7 +614,7 @@ def write_recipes(recipes, directory) -> list[Path]:
     written = []
     for r in recipes:
         path = directory / r.file_name
-        path.write_text(r.script_text())
-        path.chmod(0o755)
+        with atomic_file(path) as tmp:  # renamed into place: never half a script
+            tmp.write_text(r.script_text()), tmp.chmod(0o755)
         written.append(path)
     return written

@@ -8,10 +8,14 @@ Notation
 
 Context key. The context of order j is the sequence of the token's expert *sets* (top-k sorted,
 so the router's order within a layer does not matter) at layers l-1, l-2, ..., l-j. Each set is a
-bitmask of W uint64 words; the j*W words are hashed to one uint64 with a
-vectorised multiply-xor hash and looked up in an open-addressing index (a power-of-two slot array
-at most half full, linear probing, vectorised over the batch); the stored words are then compared
-to reject a hash collision, so a lookup is exact.
+bitmask of W uint64 words. The table is exact by construction: contexts are grouped by their
+words themselves (never by a hash), and the lookup compares the stored words at every probe. The
+j*W words are hashed to one uint64 only to find the row fast: each word goes through the
+splitmix64 finaliser (every input bit reaches every output bit, so experts 56-63, which differ only
+in the top bits of a word, spread over the whole hash) and is folded into the running hash, which
+is finalised again. The index is a power-of-two slot array at most half full with linear probing,
+vectorised over the batch; two contexts with equal hashes are simply two rows, found by their
+words.
 
 Back-off with smoothing (an interpolated n-gram). With p_0 = q_l and, for j = 1 .. min(n, l),
 
@@ -46,7 +50,7 @@ from megatron_specmoe.predict.common import (
 from megatron_specmoe.predict.base import RouteContext
 from megatron_specmoe.artifacts.traces import RoutingTrace
 
-__all__ = ["LayerTable", "DEFAULT_GRID"]
+__all__ = ["LayerTable", "DEFAULT_GRID", "hash_keys"]
 
 # Candidate values tried when a hyper-parameter is left as None.
 DEFAULT_GRID: dict[str, tuple] = {
@@ -56,8 +60,10 @@ DEFAULT_GRID: dict[str, tuple] = {
 }
 
 _BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))  # uint64 [64], 1 << i
-_MUL = np.uint64(0x9E3779B97F4A7C15)
-_MIX = np.uint64(0xBF58476D1CE4E5B9)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_FMIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_FMIX2 = np.uint64(0x94D049BB133111EB)
+_SEED = np.uint64(0x243F6A8885A308D3)
 
 
 def set_words(experts: np.ndarray, num_experts: int) -> np.ndarray:
@@ -86,10 +92,26 @@ def set_words(experts: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
+def _fmix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 [T] (wrapping arithmetic): a bijection in which every
+    input bit affects every output bit."""
+    z = (z ^ (z >> np.uint64(30))) * _FMIX1
+    z = (z ^ (z >> np.uint64(27))) * _FMIX2
+    return z ^ (z >> np.uint64(31))
+
+
 def _mix(h: np.ndarray, word: np.ndarray) -> np.ndarray:
-    """One step of the context hash: fold a uint64 word into uint64 hashes (wrapping arithmetic)."""
-    h = (h ^ word) * _MUL
-    return h ^ (h >> np.uint64(29))
+    """One step of the context hash: fold a uint64 word into uint64 hashes [T]."""
+    return _fmix(h ^ _fmix(word + _GOLDEN))
+
+
+def hash_keys(keys: np.ndarray) -> np.ndarray:
+    """uint64 [U]: the hash of each context from its words uint64 [U, j*W] (``context_words``);
+    equal to ``context_hashes(...)[j - 1]`` for the same context."""
+    h = np.full(keys.shape[0], _SEED, dtype=np.uint64)
+    for col in range(keys.shape[1]):
+        h = _mix(h, np.ascontiguousarray(keys[:, col]))
+    return _fmix(h)
 
 
 def context_hashes(words: np.ndarray, max_order: int) -> list[np.ndarray]:
@@ -103,12 +125,12 @@ def context_hashes(words: np.ndarray, max_order: int) -> list[np.ndarray]:
         ``max_order`` arrays uint64 [T]; entry j-1 hashes layers l-1, ..., l-j (newest first).
     """
     tokens, layers, width = words.shape
-    h = np.full(tokens, np.uint64(0x243F6A8885A308D3), dtype=np.uint64)
+    h = np.full(tokens, _SEED, dtype=np.uint64)
     out = []
     for j in range(1, max_order + 1):
         for w in range(width):
             h = _mix(h, words[:, layers - j, w])
-        out.append(h * _MIX)
+        out.append(_fmix(h))
     return out
 
 
@@ -122,8 +144,8 @@ class _Table:
     """Counts after every seen context of one (layer, order), and their smoothed form.
 
     Attributes:
-        hashes: uint64 [U], sorted.
-        keys: uint64 [U, j*W], the context words (to reject hash collisions).
+        hashes: uint64 [U], ``hash_keys(keys)``; two rows may share a hash.
+        keys: uint64 [U, j*W], the context words, distinct rows (what a lookup matches).
         counts: uint32 [U, E], experts chosen after the context.
         tokens: uint32 [U], tokens that had the context (N_j).
         mix_a: float32 [U+1, E] and mix_b: float32 [U+1], set by ``compile``: a found context
@@ -140,18 +162,20 @@ class _Table:
 
     @classmethod
     def build(cls, hashes: np.ndarray, keys: np.ndarray, targets: np.ndarray, num_experts: int) -> "_Table":
-        """Args: hashes uint64 [T]; keys uint64 [T, j*W]; targets int [T, k] (experts at l)."""
-        uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        if not np.array_equal(keys, keys[first[inverse]]):
-            raise ValueError(
-                "LayerTable: two different contexts share a 64-bit hash (astronomically unlikely); "
-                "report this trace, it breaks the table's lookup"
-            )
+        """Args: hashes uint64 [T]; keys uint64 [T, j*W]; targets int [T, k] (experts at l).
+
+        Rows are the distinct contexts by their words (exact whatever the hashes do)."""
+        if keys.shape[0] == 0:
+            return cls(np.zeros(0, np.uint64), keys[:0], np.zeros((0, num_experts), np.uint32),
+                       np.zeros(0, np.uint32))
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        units = first.size
         topk = targets.shape[1]
         flat = np.repeat(inverse, topk) * num_experts + targets.reshape(-1).astype(np.int64)
-        counts = np.bincount(flat, minlength=uniq.size * num_experts).reshape(uniq.size, num_experts)
-        tokens = np.bincount(inverse, minlength=uniq.size)
-        return cls(uniq, keys[first], counts.astype(np.uint32), tokens.astype(np.uint32))
+        counts = np.bincount(flat, minlength=units * num_experts).reshape(units, num_experts)
+        tokens = np.bincount(inverse, minlength=units)
+        return cls(hashes[first], keys[first], counts.astype(np.uint32), tokens.astype(np.uint32))
 
     def compile(self, *, topk: int, min_count: int, alpha: float) -> "_Table":
         """Precompute ``mix_a`` / ``mix_b`` for fixed smoothing; returns ``self``."""
@@ -194,32 +218,35 @@ class _Table:
     def lookup(self, hashes: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """int64 [T]: the row of each context, or U (the pass-through row) when it was not seen.
 
-        Args: hashes uint64 [T]; keys uint64 [T, j*W] (the words, to reject hash collisions).
+        Args: hashes uint64 [T]; keys uint64 [T, j*W] (the context words: a row matches only if
+        its words are equal, so two contexts with one hash are told apart).
         """
         units = self.hashes.size
+        rows = np.full(hashes.shape[0], units, dtype=np.int64)
         if units == 0:
-            return np.zeros(hashes.shape[0], dtype=np.int64)
+            return rows
         if self.slots is None:
             self._index()
         mask = self.slots.size - 1
         pos = (hashes >> self.shift).astype(np.int64)
-        rows = self.slots[pos].astype(np.int64)
-        match = (rows >= 0) & (self.hashes[rows] == hashes)  # rows = -1 reads the last hash: masked
-        # Linear probing for the few tokens whose slot holds another context.
-        todo = np.flatnonzero((rows >= 0) & ~match)
-        for probe in range(1, self.probes + 1):
+        todo = np.arange(hashes.shape[0])
+        # Every stored row sits within ``probes`` slots of its home; an empty slot ends a search.
+        for probe in range(self.probes + 1):
             if todo.size == 0:
                 break
             r = self.slots[(pos[todo] + probe) & mask].astype(np.int64)
-            hit = (r >= 0) & (self.hashes[r] == hashes[todo])
-            rows[todo[hit]] = r[hit]
-            match[todo[hit]] = True
-            todo = todo[(r >= 0) & ~hit]
-        rows = np.where(match, rows, units)
-        stored = self.keys[np.minimum(rows, units - 1)]
-        for col in range(keys.shape[1]):  # column by column: no slow reduce over a short axis
-            match &= stored[:, col] == keys[:, col]
-        return np.where(match, rows, units)
+            occupied = r >= 0
+            cand = np.flatnonzero(occupied & (self.hashes[np.maximum(r, 0)] == hashes[todo]))
+            found = np.zeros(todo.size, dtype=bool)
+            if cand.size:
+                same = np.ones(cand.size, dtype=bool)
+                stored, query = self.keys[r[cand]], keys[todo[cand]]
+                for col in range(keys.shape[1]):  # column by column: no slow reduce over a short axis
+                    same &= stored[:, col] == query[:, col]
+                rows[todo[cand[same]]] = r[cand[same]]
+                found[cand[same]] = True
+            todo = todo[occupied & ~found]
+        return rows
 
     def apply(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """float32 [T, E]: one back-off step, p_j from p_{j-1} = ``scores``, for ``rows`` [T]."""
@@ -418,7 +445,9 @@ class LayerTable(FittedTables):
             tables.append(
                 [
                     _Table(
-                        np.asarray(arr[f"l{layer}.o{j}.hashes"], dtype=np.uint64),
+                        # The hash only places rows in the index: recomputed from the words, so
+                        # the stored copy cannot mislead a lookup.
+                        hash_keys(np.asarray(arr[f"l{layer}.o{j}.keys"], dtype=np.uint64)),
                         np.asarray(arr[f"l{layer}.o{j}.keys"], dtype=np.uint64),
                         np.asarray(arr[f"l{layer}.o{j}.counts"], dtype=np.uint32),
                         np.asarray(arr[f"l{layer}.o{j}.tokens"], dtype=np.uint32),

@@ -41,10 +41,19 @@ class ExpertPlacement:
     ep_size: int
 
     def __post_init__(self) -> None:
-        p2l = tuple(int(x) for x in self.physical_to_logical)
+        # Integers only: int(0.9) would silently be expert 0, int(True) expert 1, int("3") 3.
+        raw = tuple(self.physical_to_logical)
+        bad = [x for x in raw if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))]
+        if bad:
+            raise ValueError(
+                f"ExpertPlacement.physical_to_logical must hold integer expert ids, got "
+                f"{bad[0]!r} ({type(bad[0]).__name__}); write the placement with whole numbers 0..E-1"
+            )
+        p2l = tuple(int(x) for x in raw)
         object.__setattr__(self, "physical_to_logical", p2l)
         num_experts = len(p2l)
-        if not isinstance(self.ep_size, (int, np.integer)) or self.ep_size < 1:
+        if (isinstance(self.ep_size, (bool, np.bool_)) or not isinstance(self.ep_size, (int, np.integer))
+                or self.ep_size < 1):
             raise ValueError(
                 f"ExpertPlacement.ep_size must be a positive integer, got {self.ep_size!r}"
             )
@@ -135,3 +144,6 @@ class ExpertPlacement:
             return cls(physical_to_logical=tuple(obj["physical_to_logical"]), ep_size=obj["ep_size"])
         except KeyError as exc:
             raise ValueError(f"ExpertPlacement JSON lacks the field {exc.args[0]!r}") from None
+        except TypeError:
+            raise ValueError("ExpertPlacement JSON: physical_to_logical must be a list of expert "
+                             "ids") from None
