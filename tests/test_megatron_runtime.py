@@ -52,6 +52,7 @@ def _worker(rank, world, plan_dir, bad_plan_dir, out_dir):
     from megatron_specmoe.megatron import cpu_support
     from megatron_specmoe.megatron import parallel
     from megatron_specmoe.megatron_lm import runtime as R
+    from megatron_specmoe.megatron_lm import runtime_hook as RH
     from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
     from megatron_specmoe.megatron.experts import load_bank, local_expert_state, make_expert_bank
     from megatron_specmoe.megatron.model_tools import moe_sites
@@ -81,17 +82,17 @@ def _worker(rank, world, plan_dir, bad_plan_dir, out_dir):
         user_mod = types.ModuleType("specmoe_test_script")
         user_mod.load_checkpoint = load_checkpoint
         sys.modules[ckpt_mod.__name__], sys.modules[user_mod.__name__] = ckpt_mod, user_mod
-        target = R.HookTarget(module=ckpt_mod, name="load_checkpoint", model_from="first_arg")
+        target = RH.HookTarget(module=ckpt_mod, name="load_checkpoint", model_from="first_arg")
         args = _args(specmoe_plan=plan_dir, specmoe_record_routes=f"{out_dir}/routes",
                      specmoe_record_every=1, specmoe_stats=f"{out_dir}/stats-{{rank}}.jsonl")
         out = {}
-        names = R.install_runtime_hook([target], get_args=lambda: args)
+        names = RH.install_runtime_hook([target], get_args=lambda: args)
         wrapped = user_mod.load_checkpoint
         out["patched"] = names
-        out["idempotent"] = (R.install_runtime_hook([target], get_args=lambda: args) == names
+        out["idempotent"] = (RH.install_runtime_hook([target], get_args=lambda: args) == names
                              and user_mod.load_checkpoint is wrapped
                              and ckpt_mod.load_checkpoint is wrapped
-                             and R.is_runtime_hook_installed([target]))
+                             and RH.is_runtime_hook_installed([target]))
 
         model = [_Wrapper(spec)]
         assert user_mod.load_checkpoint(model, None, None) == (0, 0)
@@ -130,11 +131,11 @@ def _worker(rank, world, plan_dir, bad_plan_dir, out_dir):
         out["parts"] = [str(p) for p in runtime.parts_written]
         out["closed"] = "_specmoe_runtime" not in spec.__dict__ and not runtime.route_recorder.attached
 
-        R.uninstall_runtime_hook([target])
+        RH.uninstall_runtime_hook([target])
         out["reverted"] = (user_mod.load_checkpoint is load_checkpoint
                            and ckpt_mod.load_checkpoint is load_checkpoint
-                           and not R.is_runtime_hook_installed([target]))
-        R.uninstall_runtime_hook([target])  # idempotent
+                           and not RH.is_runtime_hook_installed([target]))
+        RH.uninstall_runtime_hook([target])  # idempotent
 
         # Route recording with Megatron's own alltoall dispatcher: no plan, written on close.
         rec = R.setup_specmoe_runtime(ref, _args(moe_token_dispatcher_type="alltoall",
@@ -239,7 +240,8 @@ def test_moe_layer_numbers_from_the_config():
 
 
 def test_settings_from_args():
-    from megatron_specmoe.megatron_lm.runtime import HookTarget, RuntimeSettings, setup_specmoe_runtime
+    from megatron_specmoe.megatron_lm.runtime import RuntimeSettings, setup_specmoe_runtime
+    from megatron_specmoe.megatron_lm.runtime_hook import HookTarget
 
     assert not RuntimeSettings.from_args(_args()).active
     assert setup_specmoe_runtime(torch.nn.Linear(2, 2), _args()) is None  # nothing asked
@@ -301,6 +303,7 @@ def test_launcher_installs_the_runtime_hook_around_the_script(monkeypatch, tmp_p
     T = megatron_training("training")
     from megatron_specmoe.megatron_lm import launch
     from megatron_specmoe.megatron_lm import runtime as R
+    from megatron_specmoe.megatron_lm import runtime_hook as RH
 
     script = tmp_path / "script.py"
     script.write_text(LAUNCHED_SCRIPT)
@@ -310,7 +313,7 @@ def test_launcher_installs_the_runtime_hook_around_the_script(monkeypatch, tmp_p
     assert json.loads((tmp_path / "out.json").read_text()) == {"ckpt": True, "by_name": True,
                                                                "get_model": True}
     assert (C.load_checkpoint, T.get_model, T.__dict__.get("load_checkpoint")) == original
-    assert not R.is_runtime_hook_installed()
+    assert not RH.is_runtime_hook_installed()
 
 
 def _tp_worker(rank, world, plan_dir, out_dir):
@@ -322,6 +325,7 @@ def _tp_worker(rank, world, plan_dir, out_dir):
     from megatron_specmoe.megatron import cpu_support
     from megatron_specmoe.megatron import parallel
     from megatron_specmoe.megatron_lm import runtime as R
+    from megatron_specmoe.megatron_lm import runtime_hook as RH
     from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
     from megatron_specmoe.megatron.experts import load_bank, make_expert_bank
     from megatron_specmoe.megatron.model_tools import moe_sites

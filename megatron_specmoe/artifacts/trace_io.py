@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union, get_args
 

@@ -18,7 +18,7 @@ Steps, in this order:
    examples/inference/offline_inference.py, launch_inference_server.py) and
    ``initialize_megatron(extra_args_provider=...)`` (earlier: tools/run_text_generation_server.py,
    examples/inference/gpt/gpt_static_inference.py, pretrain_gpt.py).
-4. ``megatron_lm.runtime.install_runtime_hook()``: after Megatron-LM's ``get_model`` and
+4. ``megatron_lm.runtime_hook.install_runtime_hook()``: after Megatron-LM's ``get_model`` and
    ``load_checkpoint`` return, the ``--specmoe-*`` flags take effect on the model: the plan's
    expert placements are applied (``--specmoe-plan``), routes are recorded
    (``--specmoe-record-routes``) and dispatch stats kept (``--specmoe-stats``), written at exit.
@@ -161,7 +161,7 @@ def launch(target: LaunchTarget) -> None:
     ``__main__``, remove what this call installed."""
     import megatron_specmoe
     from megatron_specmoe.megatron_lm import args as megatron_args
-    from megatron_specmoe.megatron_lm import runtime as megatron_runtime
+    from megatron_specmoe.megatron_lm import runtime_hook
     from megatron_specmoe.megatron_lm import shuffle_hook as megatron_shuffle
 
     saved_argv, saved_path0 = list(sys.argv), (sys.path[0] if sys.path else None)
@@ -176,8 +176,8 @@ def launch(target: LaunchTarget) -> None:
     was_installed = megatron_specmoe.is_installed()
     megatron_specmoe.install()
     megatron_args.install_args_hook()
-    runtime_was_installed = megatron_runtime.is_runtime_hook_installed()
-    megatron_runtime.install_runtime_hook()
+    runtime_was_installed = runtime_hook.is_runtime_hook_installed()
+    runtime_hook.install_runtime_hook()
     shuffle_was_installed = megatron_shuffle.is_shuffle_hook_installed()
     megatron_shuffle.install_shuffle_hook()
     try:
@@ -193,7 +193,7 @@ def launch(target: LaunchTarget) -> None:
         if not shuffle_was_installed:
             megatron_shuffle.uninstall_shuffle_hook()
         if not runtime_was_installed:
-            megatron_runtime.uninstall_runtime_hook()
+            runtime_hook.uninstall_runtime_hook()
         megatron_args.uninstall_args_hook()
         if not was_installed:
             megatron_specmoe.uninstall()

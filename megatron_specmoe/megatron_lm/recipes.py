@@ -408,7 +408,7 @@ class Recipe:
                              + "; ".join(problems))
 
     @property
-    def layout(self) -> Layout:
+    def layout(self) -> ParallelLayout:
         return self.model.layout_for(self.nodes)
 
     @property
