@@ -83,3 +83,40 @@ def test_bad_gpus_per_node(gpn, pattern):
 def test_bad_transport():
     with pytest.raises(ValueError, match="transport='dedup'"):
         _measures().internode_bytes(WIRE, "dedup")
+
+
+def test_dispatch_record_node_counts_by_hand():
+    pytest.importorskip("megatron.core")
+    from megatron_specmoe.comm.stats import summarize_by_layer
+    from megatron_specmoe.measure.accounting import TrafficReport
+    from megatron_specmoe.megatron.dispatcher import DispatchRecorder, record_from_routing_map
+
+    # EP 4, one expert per rank, 2 ranks per node. Rank r holds token r of ROUTES (home = r here).
+    records = []
+    for rank in range(4):
+        rmap = torch.zeros(1, 4, dtype=torch.bool)
+        rmap[0, ROUTES[rank]] = True
+        records.append(record_from_routing_map(rmap, ep_rank=rank, ep_size=4, layer_number=2, wire=WIRE,
+                                               gpus_per_node=2))
+    # token 0 on rank 0 (node 0) -> experts 0, 1, 2: one remote-node pair (2), one node
+    assert records[0].pairs_to_node == (2, 1)
+    assert (records[0].nodes.remote_node_pairs, records[0].nodes.remote_nodes) == (1, 1)
+    assert records[0].internode_bytes("per_pair") == 36 and records[0].internode_bytes("per_node") == 36
+    # token 2 on rank 2 (node 1) -> experts 0, 2, 3: one remote-node pair (0)
+    assert records[2].pairs_to_node == (1, 2)
+    rep = TrafficReport.from_records(records)
+    # remote-node pairs: t0 1, t1 (rank 1, node 0: 2, 3 remote) 2, t2 1, t3 (node 1: 1, 0) 2
+    assert (rep.nodes.remote_node_pairs, rep.nodes.remote_nodes) == (6, 4)
+    assert rep.internode_bytes("per_pair") == 216 and rep.internode_bytes("per_node") == 152
+    twice = summarize_by_layer([rep, rep])[2]
+    assert twice.internode_bytes("per_node") == 304
+    plain = record_from_routing_map(torch.ones(1, 4, dtype=torch.bool), ep_rank=0, ep_size=4, layer_number=2,
+                                    wire=WIRE)
+    assert plain.nodes is None and plain.pairs_to_node is None and plain.internode_bytes("per_node") is None
+    with pytest.raises(ValueError, match="same gpus_per_node"):
+        TrafficReport.from_records([plain] + records[1:])
+    with pytest.raises(ValueError, match="DispatchRecorder.gpus_per_node=3 does not divide"):
+        record_from_routing_map(torch.ones(1, 4, dtype=torch.bool), ep_rank=0, ep_size=4, layer_number=2,
+                                wire=WIRE, gpus_per_node=3)
+    with pytest.raises(ValueError, match="positive integer"):
+        DispatchRecorder(gpus_per_node=0)
