@@ -12,9 +12,9 @@ stated as such.
 Generative model (all draws from one ``numpy`` generator seeded by ``seed``):
     - each request draws a topic from a skewed distribution (weight 1/sqrt(c+1)); each of its
       tokens keeps the request's topic with probability ``stickiness``, else draws a fresh one;
-    - per layer l, each topic c owns a preferred set S[l, c] of m experts (popularity-weighted,
-      without repeats), and the layer has an expert popularity q_l (weight 1/sqrt(rank), ranks a
-      random permutation per layer);
+    - per layer l, each topic c owns a preferred set S[l, c] of m experts (uniform, without
+      repeats), and the layer has an expert popularity q_l (weight rank^-0.3, ranks a random
+      permutation per layer);
     - each of a token's k selections comes from S[l, topic] (uniformly) with probability
       ``p_topic``, else from q_l; repeated experts within a token are redrawn from q_l;
     - with ``router_groups`` G and ``topk_groups`` g (DeepSeek's group-limited routing: experts
@@ -100,7 +100,7 @@ class SyntheticSpec:
 
 def _popularity(rng: np.random.Generator, num: int) -> np.ndarray:
     w = np.empty(num)
-    w[rng.permutation(num)] = 1.0 / np.sqrt(np.arange(1, num + 1))
+    w[rng.permutation(num)] = np.arange(1, num + 1) ** -0.3
     return w / w.sum()
 
 
@@ -134,8 +134,7 @@ def synthetic_trace(spec: SyntheticSpec) -> RoutingTrace:
             groups = np.stack([rng.permutation(spec.router_groups)[: spec.topk_groups] for _ in range(C)])
             allowed = (groups[:, :, None] * size + np.arange(size)).reshape(C, A)
         pop = _popularity(rng, E)
-        sets = np.stack([rng.choice(allowed[c], size=m, replace=False, p=pop[allowed[c]] / pop[allowed[c]].sum())
-                         for c in range(C)])
+        sets = np.stack([rng.choice(allowed[c], size=m, replace=False) for c in range(C)])
         weights = pop[allowed]  # [C, A]
         cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
         cdf[:, -1] = 1.0
