@@ -36,7 +36,12 @@ def test_plan_writes_a_loadable_plan(tmp_path, capsys):
     for placement in plan.placements:
         rank = placement.rank_of_logical()
         assert rank[0] == rank[5] and rank[2] == rank[7]
-    assert "wrote" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "wrote" in err
+    # A fit-time estimate before fitting, and a bar per stage that reaches its end.
+    assert err.index("fit-time estimate: 'combined' ~") < err.index("[specmoe plan: fit combined]")
+    assert "[specmoe plan: fit combined] |" + "#" * 24 + "| 2/2 steps" in err
+    assert "[specmoe plan: group search] |" + "#" * 24 + "| 3/3 layers" in err
 
 
 def test_plan_refuses_bad_input(tmp_path, capsys):
@@ -50,3 +55,13 @@ def test_plan_refuses_bad_input(tmp_path, capsys):
     assert "unknown predictor kind 'magic'" in capsys.readouterr().err
     assert main(["plan", "--traces", str(path), "--ep", "2", "--out", out, "--placement", "magic"]) == 2
     assert "method='magic' is unknown" in capsys.readouterr().err
+
+
+def test_plan_history_progress_counts_layers(tmp_path, capsys):
+    path = _trace(tmp_path, with_ids=False)
+    assert main(["plan", "--traces", str(path), "--ep", "2", "--out", str(tmp_path / "p"), "--predictor",
+                 "history", "--placement", "contiguous"]) == 0
+    err = capsys.readouterr().err
+    assert "'history' ~" in err
+    # Layers 1 and 2 are fitted (layer 0 scores the prior): 1/2 then 2/2.
+    assert "| 1/2 layers" in err and "| 2/2 layers" in err

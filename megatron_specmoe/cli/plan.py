@@ -1,6 +1,6 @@
 """``specmoe plan``: fit route predictors and an expert placement on routing traces, write a plan.
 
-Steps (each prints a progress line to stderr):
+Steps (each prints a progress bar to stderr; before fitting, a fit-time estimate per predictor):
 1. read the traces (any format ``artifacts/trace_io.py`` reads), optionally drop repeated routes;
 2. fit each requested predictor (``predict/registry.py``);
 3. group experts per layer (``schedule/grouping.py``; ``--placement contiguous`` skips it);
@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_specmoe.artifacts.errors import SpecMoEUsageError
     from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
     from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
-    from megatron_specmoe.predict.registry import fit_predictor
+    from megatron_specmoe.cli.progress import ProgressBar
+    from megatron_specmoe.predict.registry import estimate_fit_seconds, make
     from megatron_specmoe.schedule.grouping import group_experts
     from megatron_specmoe.schedule.placement import ExpertPlacement
 
@@ -119,9 +120,24 @@ def run(args: argparse.Namespace) -> int:
             raise SpecMoEUsageError(
                 f"--predictor {kind} needs token ids, and the traces {' '.join(args.traces)} carry none",
                 "use --predictor layer or history, or --members layer,history")
+    estimates = {}
+    for kind in kinds:
+        opts = {"members": tuple(members)} if kind == "combined" else {}
+        estimates[kind] = estimate_fit_seconds(kind, trace, **opts)
+    _log("fit-time estimate: " + ", ".join(f"{k!r} ~{v:.0f} s" for k, v in estimates.items())
+         + " (history: an upper bound at its most epochs; tables: a sample's fit scaled by tokens)")
+    for kind in kinds:
         t1 = time.perf_counter()
         opts = {"members": tuple(members)} if kind == "combined" else {}
-        predictor = fit_predictor(kind, trace, **opts)
+        predictor = make(kind, **opts)
+        units = (trace.num_layers - 1 if kind == "history" else
+                 sum(trace.num_layers - 1 if m == "history" else 1 for m in members) if kind == "combined" else 1)
+        bar = ProgressBar(f"specmoe plan: fit {kind}", max(1, units), unit="layers" if kind == "history" else "steps")
+        if kind in ("history", "combined"):
+            predictor.fit(trace, progress=bar.update)
+        else:
+            predictor.fit(trace)
+        bar.finish()
         states[kind] = predictor.to_state()
         _log(f"fitted {kind!r} ({predictor.memory_bytes() / 1e6:.2f} MB) in {time.perf_counter() - t1:.1f}s")
 
@@ -129,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if args.placement == "contiguous":
         placements = [ExpertPlacement.contiguous(trace.num_experts, args.ep)] * trace.num_layers
     else:
-        placements = group_experts(trace, ep_size=args.ep, options=options, progress=True)
+        bar = ProgressBar(f"specmoe plan: group {args.placement}", trace.num_layers)
+        placements = group_experts(trace, ep_size=args.ep, options=options, on_layer=bar.update)
+        bar.finish()
     _log(f"placement {args.placement!r} for {trace.num_layers} layers in {time.perf_counter() - t2:.1f}s")
 
     plan = make_plan(
