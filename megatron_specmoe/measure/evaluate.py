@@ -24,6 +24,11 @@ into batches afterwards.
 Every count comes from ``measures.rank_hits`` and ``measures.measure_routes``, the functions the
 dispatcher's accounting uses, so the numbers agree with it by construction.
 
+Replicas (``schedule/replicas.py``): given one ``ReplicatedPlacement`` per layer, two more sides,
+``specmoe_replicas`` and ``oracle_replicas``: the same assignment from scores of ranks holding any
+copy of an expert (``replica_routes``), each pair counted on the rank the route table sends it to.
+``oracle`` (the base placement, no replicas) is the ceiling they are compared with.
+
 Node measures (``measure/nodes.py``): with ``gpus_per_node`` G, every side also counts remote nodes
 and remote-node pairs per token (EP rank r on node r // G), and with a ``WireFormat`` the inter-node
 bytes per token of the per-node de-duplicating and the per-pair transports.
@@ -49,6 +54,7 @@ import torch
 from megatron_specmoe.schedule.assignment import AssignmentMethod, assign
 from megatron_specmoe.measure.measures import RouteMeasures, WireFormat, measure_routes, rank_hits
 from megatron_specmoe.measure.nodes import NodeMeasures, check_gpus_per_node, measure_nodes
+from megatron_specmoe.measure.replica_routes import replica_hits, replica_rank_scores, routed_rank_hits
 from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.predict.base import (
     RouteContext,
@@ -59,9 +65,10 @@ from megatron_specmoe.predict.base import (
 )
 from megatron_specmoe.artifacts.traces import RoutingTrace
 
-__all__ = ["PredictionCounts", "SideResult", "Evaluation", "evaluate_trace", "SIDES"]
+__all__ = ["PredictionCounts", "SideResult", "Evaluation", "evaluate_trace", "SIDES", "REPLICA_SIDES"]
 
 SIDES = ("baseline", "placement_only", "specmoe", "oracle")
+REPLICA_SIDES = ("specmoe_replicas", "oracle_replicas")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +204,8 @@ class Evaluation:
     seconds: float
     gpus_per_node: Optional[int] = None
     wire: Optional[WireFormat] = None
+    replicas: Optional[dict] = None  # side name -> SideResult, for REPLICA_SIDES; None without
+    redundant_experts: int = 0
 
     def to_json(self) -> dict:
         """JSON-ready dict: each side's measures; ``prediction`` at the top and inside ``specmoe``
@@ -226,6 +235,10 @@ class Evaluation:
         }
         for side in SIDES:
             out[side] = getattr(self, side).summary()
+        out["config"]["redundant_experts"] = self.redundant_experts
+        if self.replicas is not None:
+            for side in REPLICA_SIDES:
+                out[side] = self.replicas[side].summary()
         out["baseline"]["prediction"] = None
         out["specmoe"]["prediction"] = pred
         out["prediction"] = pred
@@ -263,6 +276,7 @@ def evaluate_trace(
     progress_every_s: float = 5.0,
     gpus_per_node: Optional[int] = None,
     wire: Optional[WireFormat] = None,
+    replicas: Optional[Sequence] = None,
 ) -> Evaluation:
     """Simulate s-TS on ``trace`` (see the module docstring).
 
@@ -277,6 +291,8 @@ def evaluate_trace(
             seconds within a layer (small batches: --batch 1 makes T batches per layer).
         gpus_per_node: G; when given (it must divide P), every side also gets node measures.
         wire: bytes per pair, for the inter-node bytes (needs ``gpus_per_node``).
+        replicas: one ``schedule.replicas.ReplicatedPlacement`` per layer whose base is that
+            layer's placement; adds the sides ``REPLICA_SIDES``.
 
     Returns:
         Evaluation.
@@ -301,6 +317,13 @@ def evaluate_trace(
         raise ValueError(f"evaluate_trace: batch_size must be >= 1, got {batch_size}")
     if trace.num_tokens == 0:
         raise ValueError(f"evaluate_trace: trace {trace.source} has no tokens")
+    if replicas is not None:
+        if len(replicas) != num_layers:
+            raise ValueError(f"evaluate_trace: {len(replicas)} replicated placements for L={num_layers} layers")
+        for layer, (rp, pl) in enumerate(zip(replicas, placements)):
+            if rp.base != pl:
+                raise ValueError(f"evaluate_trace: replicas[{layer}] is built on another base placement "
+                                 f"than placements[{layer}]")
     if gpus_per_node is not None:
         check_gpus_per_node(gpus_per_node, ep_size, where="evaluate_trace: gpus_per_node")
     elif wire is not None:
@@ -313,13 +336,14 @@ def evaluate_trace(
                        for n in {hi - lo for lo, hi in bounds}}
     contiguous_rank = torch.from_numpy(ExpertPlacement.contiguous(num_experts, ep_size).rank_of_logical())
     experts = torch.from_numpy(trace.experts.astype(np.int64))
-    sides = {side: [RouteMeasures.empty(ep_size) for _ in range(num_layers)] for side in SIDES}
+    all_sides = SIDES + (REPLICA_SIDES if replicas is not None else ())
+    sides = {side: [RouteMeasures.empty(ep_size) for _ in range(num_layers)] for side in all_sides}
     if progress:
         print(f"[evaluate] {tokens} tokens in {len(bounds)} batch(es) of {batch_size} x "
               f"{num_layers} layers, assignment {method}", file=sys.stderr, flush=True)
     last_note = time.perf_counter()
     nodes = {side: [NodeMeasures.empty(gpus_per_node=gpus_per_node, num_nodes=ep_size // gpus_per_node)
-                    for _ in range(num_layers)] for side in SIDES} if gpus_per_node else None
+                    for _ in range(num_layers)] for side in all_sides} if gpus_per_node else None
 
     def count(side: str, layer: int, hits: torch.Tensor, home: torch.Tensor) -> None:
         sides[side][layer] += measure_routes(hits, home)
@@ -341,6 +365,13 @@ def evaluate_trace(
         hits_base = rank_hits(contiguous_rank[experts[:, layer]], ep_size)
         predicted = torch.from_numpy(rank_scores(scores, placement))  # float32 [T, P]
         prediction.append(_prediction_counts(scores, trace.experts[:, layer], hits_plan, placement, k))
+        if replicas is not None:
+            rep = replicas[layer]
+            mask_np = rep.rank_mask()
+            mask = torch.from_numpy(mask_np)
+            table = torch.from_numpy(rep.route_table())
+            slots = rep.slots_per_rank
+            pred_rep = torch.from_numpy(replica_rank_scores(scores, mask_np))
         # Step 2: per batch, place the tokens on each side and count.
         acc = sides
         for b, (lo, hi) in enumerate(bounds):
@@ -357,6 +388,12 @@ def evaluate_trace(
             count("placement_only", layer, h_plan, home_c)
             count("specmoe", layer, h_plan, assign(predicted[lo:hi], method).home_rank)
             count("oracle", layer, h_plan, assign(h_plan.float(), method).home_rank)
+            if replicas is not None:
+                ex_b = experts[lo:hi, layer]
+                for side, rank_score in (("specmoe_replicas", pred_rep[lo:hi]),
+                                         ("oracle_replicas", replica_hits(ex_b, mask).float())):
+                    home = assign(rank_score, method).home_rank
+                    count(side, layer, routed_rank_hits(ex_b, home, table, slots, ep_size), home)
         if progress:
             print(
                 f"[evaluate] layer {layer + 1}/{num_layers}: LAR baseline "
@@ -399,4 +436,6 @@ def evaluate_trace(
         seconds=time.perf_counter() - start,
         gpus_per_node=gpus_per_node,
         wire=wire,
+        replicas=None if replicas is None else {name: side(name) for name in REPLICA_SIDES},
+        redundant_experts=0 if replicas is None else replicas[0].redundant,
     )
