@@ -65,3 +65,30 @@ def test_plan_history_progress_counts_layers(tmp_path, capsys):
     assert "'history' ~" in err
     # Layers 1 and 2 are fitted (layer 0 scores the prior): 1/2 then 2/2.
     assert "| 1/2 layers" in err and "| 2/2 layers" in err
+
+
+def test_plan_with_redundant_experts_and_evaluate(tmp_path, capsys):
+    import json
+
+    from megatron_specmoe.schedule.replicas import replicas_from_arrays
+
+    path = _trace(tmp_path)
+    out = tmp_path / "plan"
+    assert main(["plan", "--traces", str(path), "--ep", "4", "--out", str(out), "--predictor", "token",
+                 "--redundant-experts", "4", "--replica-policy", "coactivation"]) == 0
+    plan = load_plan(out)
+    assert plan.header.notes["redundant_experts"] == 4 and plan.header.notes["replica_policy"] == "coactivation"
+    reps = replicas_from_arrays(plan.placements, plan.arrays, "coactivation")
+    assert len(reps) == 3 and all(r.slots_per_rank == 3 and r.redundant == 4 for r in reps)
+    capsys.readouterr()
+    assert main(["evaluate", "--plan", str(out), "--traces", str(path), "--batch", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["redundant_experts"] == 4
+    # Replicas only add copies: the oracle with them keeps at least the oracle's local pairs.
+    assert (result["oracle_replicas"]["local_activation_rate"]
+            >= result["oracle"]["local_activation_rate"] - 1e-9)
+    for flags, pattern in ((["--redundant-experts", "3"], "multiple of --ep 4"),
+                           (["--redundant-experts", "4", "--replica-policy", "hot"], "--replica-policy 'hot'")):
+        assert main(["plan", "--traces", str(path), "--ep", "4", "--out", str(tmp_path / "q"), "--predictor",
+                     "token"] + flags) == 2
+        assert pattern in capsys.readouterr().err

@@ -5,7 +5,9 @@ of ``--batch`` tokens in trace order; baseline = contiguous shards + contiguous 
 the plan's placement + a balanced assignment (``--assignment``) from the plan's predictor; oracle =
 the same assignment from the true routes (the ceiling). Prints a table, or with ``--json`` ONE JSON
 object on stdout with ``baseline``, ``placement_only``, ``specmoe`` and ``oracle`` (each:
-local_activation_rate, remote_pairs_per_token, remote_ranks_per_token, load_imbalance, per_layer),
+local_activation_rate, remote_pairs_per_token, remote_ranks_per_token, load_imbalance, per_layer;
+with ``--gpus-per-node`` also remote_nodes_per_token and internode_bytes_per_token), for a plan
+with redundant experts also ``specmoe_replicas`` and ``oracle_replicas``,
 and ``prediction`` {precision, recall, f1, rank_accuracy} (also inside ``specmoe``). Progress goes
 to stderr.
 
@@ -73,7 +75,9 @@ def _table(result: dict) -> str:
     nodes = result["config"].get("gpus_per_node") is not None
     if nodes:
         rows[0] += f" {'remote nodes/tok':>17s} {'inter-node B/tok (per node | per pair)':>40s}"
-    for side in ("baseline", "placement_only", "specmoe", "oracle"):
+    for side in ("baseline", "placement_only", "specmoe", "oracle", "specmoe_replicas", "oracle_replicas"):
+        if side not in result:
+            continue
         r = result[side]
         row = (f"{side:16s} {r['local_activation_rate']:7.4f} {r['remote_pairs_per_token']:17.4f} "
                f"{r['remote_ranks_per_token']:17.4f} {r['load_imbalance']:10.4f}")
@@ -140,10 +144,13 @@ def run(args: argparse.Namespace) -> int:
               "repeat an earlier route", file=sys.stderr)
     if trace.num_tokens == 0:
         raise SpecMoEDataError(f"--traces {' '.join(args.traces)}: no tokens", "give traces with routes")
+    from megatron_specmoe.schedule.replicas import replicas_from_arrays
+
+    replicas = replicas_from_arrays(plan.placements, plan.arrays, plan.header.notes.get("replica_policy", "load"))
     predictor = load_predictor(plan, args.kind)
     result = evaluate_trace(trace, predictor, plan.placements, batch_size=args.batch,
                             method=args.assignment, progress=True,
-                            gpus_per_node=args.gpus_per_node, wire=wire)
+                            gpus_per_node=args.gpus_per_node, wire=wire, replicas=replicas)
     out = result.to_json()
     out["config"].update(plan=str(args.plan), traces=[str(p) for p in args.traces], dedup=args.dedup)
     if args.json:
