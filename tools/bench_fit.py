@@ -123,7 +123,8 @@ def part_accuracy(args) -> None:
         from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
 
         traces = [read_traces(f) for f in files]
-        for (fit, held), path in zip(leave_one_out_splits(traces, dedup=True, drop_seen_in_fit=True), files):
+        for split, path in zip(leave_one_out_splits(traces, dedup=True, drop_seen_in_fit=True), files):
+            fit, held = split.fit, split.eval
             row = []
             for cap in caps:
                 model = make("history", max_fit_tokens=cap, max_val_tokens=None if cap is None else max(1024, cap // 4))
