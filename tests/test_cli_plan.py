@@ -92,3 +92,28 @@ def test_plan_with_redundant_experts_and_evaluate(tmp_path, capsys):
         assert main(["plan", "--traces", str(path), "--ep", "4", "--out", str(tmp_path / "q"), "--predictor",
                      "token"] + flags) == 2
         assert pattern in capsys.readouterr().err
+
+
+def test_evaluate_request_placement(tmp_path, capsys):
+    import json
+    from dataclasses import replace
+
+    from megatron_specmoe.artifacts.trace_io import read_traces
+
+    path = _trace(tmp_path)
+    out = tmp_path / "plan"
+    assert main(["plan", "--traces", str(path), "--ep", "4", "--out", str(out), "--predictor", "token"]) == 0
+    trace = read_traces([str(path)])
+    with_req = tmp_path / "req.npz"
+    write_trace(replace(trace, request_ids=np.arange(trace.num_tokens) // 4), with_req)
+    capsys.readouterr()
+    for method in ("round_robin", "group_mask"):
+        assert main(["evaluate", "--plan", str(out), "--traces", str(with_req), "--json",
+                     "--request-placement", method, "--gpus-per-node", "2", "--hidden-size", "8"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert 0.0 <= result["requests"]["local_activation_rate"] <= 1.0
+        assert "remote_nodes_per_token" in result["requests"]
+    assert main(["evaluate", "--plan", str(out), "--traces", str(path), "--request-placement", "round_robin"]) == 1
+    assert "needs traces with request ids" in capsys.readouterr().err  # a data error: exit 1
+    assert main(["evaluate", "--plan", str(out), "--traces", str(with_req), "--request-placement", "magic"]) == 2
+    assert "choose one of" in capsys.readouterr().err

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "records one)")
     parser.add_argument("--activation-bytes", type=int, default=2, choices=(1, 2, 4),
                         help="bytes per activation element on the wire (default 2: bf16)")
+    parser.add_argument("--request-placement", default=None, metavar="METHOD",
+                        help="also measure DP-attention request placement (side 'requests'): round_robin, "
+                             "least_loaded (Megatron's), affinity or group_mask; needs request ids")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -75,7 +78,8 @@ def _table(result: dict) -> str:
     nodes = result["config"].get("gpus_per_node") is not None
     if nodes:
         rows[0] += f" {'remote nodes/tok':>17s} {'inter-node B/tok (per node | per pair)':>40s}"
-    for side in ("baseline", "placement_only", "specmoe", "oracle", "specmoe_replicas", "oracle_replicas"):
+    for side in ("baseline", "placement_only", "specmoe", "oracle", "specmoe_replicas", "oracle_replicas",
+                 "requests"):
         if side not in result:
             continue
         r = result[side]
@@ -148,9 +152,24 @@ def run(args: argparse.Namespace) -> int:
 
     replicas = replicas_from_arrays(plan.placements, plan.arrays, plan.header.notes.get("replica_policy", "load"))
     predictor = load_predictor(plan, args.kind)
+    request_home = None
+    if args.request_placement is not None:
+        from typing import get_args as _methods
+
+        from megatron_specmoe.schedule.request_placement import TraceRequestMethod, trace_request_homes
+
+        if args.request_placement not in _methods(TraceRequestMethod):
+            raise SpecMoEUsageError(f"--request-placement {args.request_placement!r} is not a method",
+                                    f"choose one of {list(_methods(TraceRequestMethod))}")
+        if trace.request_ids is None:
+            raise SpecMoEDataError(f"--request-placement needs traces with request ids; {' '.join(args.traces)} "
+                                   "carry none", "give traces with request ids (Megatron JSONL, specmoe npz)")
+        request_home = trace_request_homes(trace.request_ids, trace.token_ids, predictor=predictor,
+                                           placements=plan.placements, method=args.request_placement)
     result = evaluate_trace(trace, predictor, plan.placements, batch_size=args.batch,
                             method=args.assignment, progress=True,
-                            gpus_per_node=args.gpus_per_node, wire=wire, replicas=replicas)
+                            gpus_per_node=args.gpus_per_node, wire=wire, replicas=replicas,
+                            request_home=request_home)
     out = result.to_json()
     out["config"].update(plan=str(args.plan), traces=[str(p) for p in args.traces], dedup=args.dedup)
     if args.json:

@@ -29,6 +29,10 @@ Replicas (``schedule/replicas.py``): given one ``ReplicatedPlacement`` per layer
 copy of an expert (``replica_routes``), each pair counted on the rank the route table sends it to.
 ``oracle`` (the base placement, no replicas) is the ceiling they are compared with.
 
+Request placement (DP attention, TP = 1): given every token's request home (``request_home``, from
+``schedule.request_placement.trace_request_homes``), the side ``requests`` measures the plan's
+placement with tokens where their request was placed (no token shuffle).
+
 Node measures (``measure/nodes.py``): with ``gpus_per_node`` G, every side also counts remote nodes
 and remote-node pairs per token (EP rank r on node r // G), and with a ``WireFormat`` the inter-node
 bytes per token of the per-node de-duplicating and the per-pair transports.
@@ -206,6 +210,7 @@ class Evaluation:
     wire: Optional[WireFormat] = None
     replicas: Optional[dict] = None  # side name -> SideResult, for REPLICA_SIDES; None without
     redundant_experts: int = 0
+    requests: Optional[SideResult] = None  # the "requests" side; None without request homes
 
     def to_json(self) -> dict:
         """JSON-ready dict: each side's measures; ``prediction`` at the top and inside ``specmoe``
@@ -236,6 +241,8 @@ class Evaluation:
         for side in SIDES:
             out[side] = getattr(self, side).summary()
         out["config"]["redundant_experts"] = self.redundant_experts
+        if self.requests is not None:
+            out["requests"] = self.requests.summary()
         if self.replicas is not None:
             for side in REPLICA_SIDES:
                 out[side] = self.replicas[side].summary()
@@ -277,6 +284,7 @@ def evaluate_trace(
     gpus_per_node: Optional[int] = None,
     wire: Optional[WireFormat] = None,
     replicas: Optional[Sequence] = None,
+    request_home: Optional[np.ndarray] = None,
 ) -> Evaluation:
     """Simulate s-TS on ``trace`` (see the module docstring).
 
@@ -293,6 +301,7 @@ def evaluate_trace(
         wire: bytes per pair, for the inter-node bytes (needs ``gpus_per_node``).
         replicas: one ``schedule.replicas.ReplicatedPlacement`` per layer whose base is that
             layer's placement; adds the sides ``REPLICA_SIDES``.
+        request_home: int [T], each token's DP rank under request placement; adds ``requests``.
 
     Returns:
         Evaluation.
@@ -324,6 +333,11 @@ def evaluate_trace(
             if rp.base != pl:
                 raise ValueError(f"evaluate_trace: replicas[{layer}] is built on another base placement "
                                  f"than placements[{layer}]")
+    if request_home is not None:
+        request_home = np.asarray(request_home)
+        if request_home.shape != (trace.num_tokens,) or request_home.min() < 0 or request_home.max() >= ep_size:
+            raise ValueError(f"evaluate_trace: request_home must be int [T]=({trace.num_tokens},) in 0..{ep_size - 1}")
+        request_home_t = torch.from_numpy(request_home.astype(np.int64))
     if gpus_per_node is not None:
         check_gpus_per_node(gpus_per_node, ep_size, where="evaluate_trace: gpus_per_node")
     elif wire is not None:
@@ -336,7 +350,8 @@ def evaluate_trace(
                        for n in {hi - lo for lo, hi in bounds}}
     contiguous_rank = torch.from_numpy(ExpertPlacement.contiguous(num_experts, ep_size).rank_of_logical())
     experts = torch.from_numpy(trace.experts.astype(np.int64))
-    all_sides = SIDES + (REPLICA_SIDES if replicas is not None else ())
+    all_sides = SIDES + (REPLICA_SIDES if replicas is not None else ()) + (
+        ("requests",) if request_home is not None else ())
     sides = {side: [RouteMeasures.empty(ep_size) for _ in range(num_layers)] for side in all_sides}
     if progress:
         print(f"[evaluate] {tokens} tokens in {len(bounds)} batch(es) of {batch_size} x "
@@ -388,6 +403,8 @@ def evaluate_trace(
             count("placement_only", layer, h_plan, home_c)
             count("specmoe", layer, h_plan, assign(predicted[lo:hi], method).home_rank)
             count("oracle", layer, h_plan, assign(h_plan.float(), method).home_rank)
+            if request_home is not None:
+                count("requests", layer, h_plan, request_home_t[lo:hi])
             if replicas is not None:
                 ex_b = experts[lo:hi, layer]
                 for side, rank_score in (("specmoe_replicas", pred_rep[lo:hi]),
@@ -438,4 +455,5 @@ def evaluate_trace(
         wire=wire,
         replicas=None if replicas is None else {name: side(name) for name in REPLICA_SIDES},
         redundant_experts=0 if replicas is None else replicas[0].redundant,
+        requests=None if request_home is None else side("requests"),
     )
