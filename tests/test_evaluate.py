@@ -243,3 +243,39 @@ def test_small_batches_report_progress_within_a_layer(capsys):
     assert len(within) >= 39 and "layer 1/1, batch 39/40" in within[-1] and "s left" in within[-1]
     evaluate_trace(trace, PerfectPredictor(trace), CONTIGUOUS, batch_size=1, progress=True)
     assert ", batch " not in capsys.readouterr().err  # throttled: every 5 s by default
+
+
+def test_json_node_measures(files, capsys):
+    tmp, _ = files
+    base = ["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz"), "--batch", "16",
+            "--json", "--hidden-size", "8"]
+    # One GPU per node: nodes are ranks, so the node measures equal the rank measures.
+    assert main(base + ["--gpus-per-node", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["gpus_per_node"] == 1
+    for side in ("baseline", "placement_only", "specmoe", "oracle"):
+        r = out[side]
+        assert r["remote_nodes_per_token"] == pytest.approx(r["remote_ranks_per_token"])
+        row = 8 * 2  # hidden 8, bf16
+        assert r["internode_bytes_per_token"]["per_pair"] == pytest.approx(
+            r["remote_pairs_per_token"] * (2 * row + 4))
+        assert r["internode_bytes_per_token"]["per_node"] == pytest.approx(
+            r["remote_ranks_per_token"] * 2 * row + r["remote_pairs_per_token"] * 4)
+    # Both ranks on one node: nothing crosses nodes.
+    assert main(base + ["--gpus-per-node", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["specmoe"]["remote_nodes_per_token"] == 0.0
+    assert out["specmoe"]["internode_bytes_per_token"] == {"per_node": 0.0, "per_pair": 0.0}
+
+
+def test_node_flags_refused(files, capsys):
+    tmp, _ = files
+    base = ["evaluate", "--plan", str(tmp / "plan"), "--traces", str(tmp / "eval.npz")]
+    assert main(base + ["--gpus-per-node", "3", "--hidden-size", "8"]) == 2
+    assert "--gpus-per-node=3 does not divide the EP size 2" in capsys.readouterr().err
+    assert main(base + ["--gpus-per-node", "1"]) == 2
+    assert "pass --hidden-size H" in capsys.readouterr().err
+    assert main(base + ["--hidden-size", "8"]) == 2
+    assert "pass --gpus-per-node too" in capsys.readouterr().err
+    assert main(base + ["--gpus-per-node", "1", "--hidden-size", "8"]) == 0
+    assert "remote nodes/tok" in capsys.readouterr().out

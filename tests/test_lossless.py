@@ -62,6 +62,26 @@ def _check_accounting(kind, case, per_rank):
             expert_rank = placement.rank_of_logical()[np.concatenate(routes)]
             home = np.concatenate([np.full(len(x), r) for r, x in enumerate(routes)])
             assert_matches_report(layer_bytes(expert_rank, home, num_ranks=case.ep, wire=wire, dispatcher="specmoe"), report)
+        # Node measures, counted again here by plain loops from the replayed routes.
+        if case.gpus_per_node is not None:
+            assert report.nodes is not None and report.nodes.gpus_per_node == case.gpus_per_node
+            if kind == "layer" and case.tp == 1:
+                g = case.gpus_per_node
+                p2l = case.placement or tuple(range(case.shape.experts))
+                n = case.shape.experts // case.ep
+                node_of = {e: p2l.index(e) // n // g for e in range(case.shape.experts)}
+                remote_pairs = remote_nodes = 0
+                for src in range(case.ep):
+                    for route in per_rank[src].routes[layer_index]:
+                        other = [node_of[int(e)] for e in route if node_of[int(e)] != src // g]
+                        remote_pairs += len(other)
+                        remote_nodes += len(set(other))
+                assert (report.nodes.remote_node_pairs, report.nodes.remote_nodes) == (remote_pairs, remote_nodes)
+                row = case.shape.hidden * 4
+                assert report.internode_bytes("per_pair") == remote_pairs * (2 * row + 4)
+                assert report.internode_bytes("per_node") == remote_nodes * 2 * row + remote_pairs * 4
+        else:
+            assert report.nodes is None
         # Silent experts: the ranks that host only them receive nothing.
         if case.silent_experts:
             placement = case.placement or tuple(range(case.shape.experts))
@@ -76,13 +96,14 @@ def test_lossless_four_ranks():
     cases = [
         ("layer", LosslessCase(ep=4)),
         ("layer", LosslessCase(ep=4, placement=PERMUTED, silent_experts=(5, 2), ragged=True)),
-        ("layer", LosslessCase(ep=4, placement=PERMUTED, via="hook")),
+        ("layer", LosslessCase(ep=4, placement=PERMUTED, via="hook", gpus_per_node=2)),
         ("layer", LosslessCase(ep=2, placement=PERMUTED, shape=MoEShape(shared_ffn=24))),
         ("layer", LosslessCase(ep=1, placement=PERMUTED)),
         ("layer", LosslessCase(tp=2, ep=2)),
         ("layer", LosslessCase(tp=2, ep=2, placement=PERMUTED, silent_experts=(5, 2, 7, 0))),
         ("gpt", LosslessCase(ep=4, seq=8, shape=MoEShape(layers=2))),
-        ("gpt", LosslessCase(ep=4, seq=8, shape=MoEShape(layers=2), placement=PERMUTED, via="hook")),
+        ("gpt", LosslessCase(ep=4, seq=8, shape=MoEShape(layers=2), placement=PERMUTED, via="hook",
+                             gpus_per_node=2)),
         ("gpt", LosslessCase(tp=2, ep=2, seq=8, shape=MoEShape(layers=2), placement=PERMUTED)),
     ]
     _check(run_local(run_cases, 4, cases), cases)

@@ -338,3 +338,34 @@ def test_one_predictor_vocabulary():
     assert set(PREDICTORS) == set(typing.get_args(V.PredictorKind))
     assert set(MEMBERS) == set(typing.get_args(V.MemberKind))
     assert set(RANK_SCORERS) == set(typing.get_args(V.ShufflePredictor))
+
+
+def test_history_window_and_caps():
+    import torch
+
+    rng = np.random.default_rng(5)
+    e, k, layers, t = 6, 2, 4, 400
+    ex = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(layers)]) for _ in range(t)])
+    trace = RoutingTrace(experts=ex.astype(np.int32), num_experts=e)
+    model = HistoryMLP(hidden=8, epochs=2, seed=1, window=1, max_fit_tokens=150, max_val_tokens=20).fit(trace)
+    st = model.to_state()
+    assert st["arrays"]["l3.w1"].shape == (1 * e, 8)  # reads one earlier layer, not three
+    assert model.memory_bytes() == history_mlp_bytes(layers=4, experts=e, hidden=8, window=1)
+    # Only layer l-1 matters: changing layers 0..l-2 leaves layer l's scores unchanged.
+    query = ex[:30].copy()
+    other = query.copy()
+    other[:, :2] = (other[:, :2] + 1) % e
+    for m in (model, HistoryMLP.from_state(st)):
+        a = m.expert_scores(RouteContext(layer=3, history=query[:, :3]))
+        np.testing.assert_allclose(a, m.expert_scores(RouteContext(layer=3, history=other[:, :3])))
+        got = m.layer_scorer(3).scores(history=torch.as_tensor(query[:, :3]))
+        np.testing.assert_allclose(got.numpy(), a, rtol=1e-5, atol=1e-6)
+    # The caps draw a seeded sample: the same fit twice, another fit without them.
+    again = HistoryMLP(hidden=8, epochs=2, seed=1, window=1, max_fit_tokens=150, max_val_tokens=20).fit(trace)
+    np.testing.assert_array_equal(again.to_state()["arrays"]["l3.w1"], st["arrays"]["l3.w1"])
+    full = HistoryMLP(hidden=8, epochs=2, seed=1, window=1, max_fit_tokens=None, max_val_tokens=None).fit(trace)
+    assert not np.array_equal(full.to_state()["arrays"]["l3.w1"], st["arrays"]["l3.w1"])
+    assert model.estimate_fit_seconds(trace) > 0.0
+    for name in ("max_fit_tokens", "window"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            HistoryMLP(**{name: 0})

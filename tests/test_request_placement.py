@@ -78,3 +78,66 @@ def test_online_rank_hand_worked():
         online_rank(aff, pending, max_requests=4, weight=1.5)
     with pytest.raises(ValueError, match=r"both be \[P\], got \(3,\) and \(2,\)"):
         online_rank(aff, pending[:2], max_requests=4)
+
+
+# ---- whole traces (trace_request_homes) and the evaluator's "requests" side ----------------------
+class _ByTokenId:
+    """Token id 0 -> expert 0 (rank 0 of 2), token id 1 -> expert 2 (rank 1); E = 4, top-1 scores."""
+
+    num_layers, num_experts = 1, 4
+
+    def expert_scores(self, ctx):
+        out = np.zeros((len(ctx.token_ids), 4), np.float32)
+        out[np.arange(len(ctx.token_ids)), 2 * np.asarray(ctx.token_ids)] = 1.0
+        return out
+
+    def memory_bytes(self):
+        return 0
+
+
+REQ = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+IDS = np.array([1, 1, 1, 1, 0, 0, 0, 0])  # request 0 -> rank 1; 1 -> rank 1 (2 of 3); 2, 3 -> rank 0
+
+
+def test_trace_request_homes_by_hand():
+    from megatron_specmoe.schedule.request_placement import trace_request_homes
+
+    pl = [ExpertPlacement.contiguous(4, 2)]
+    kw = dict(predictor=_ByTokenId(), placements=pl)
+    rr = trace_request_homes(REQ, IDS, method="round_robin", **kw)
+    assert rr.tolist() == [0, 0, 1, 1, 1, 0, 1, 1]
+    # group_mask: requests (0, 1) both prefer rank 1 -> the matching gives 1 to one of them;
+    # prompts are the first halves: request 1's prompt is token 2 (id 1) -> both want rank 1 fully,
+    # the tie goes to the earlier request's lower cost assignment; (2, 3) both want rank 0.
+    gm = trace_request_homes(REQ, IDS, method="group_mask", **kw)
+    assert sorted(set(gm[[0, 2]].tolist())) == [0, 1] and sorted(set(gm[[5, 6]].tolist())) == [0, 1]
+    # affinity, one slot per rank per round of 2: request 0 takes rank 1 (share 1); request 1 also
+    # prefers rank 1 but finds it full: 0.5 * 1 + 0.5 * 0 ties rank 0's 0.5 * 0 + 0.5 * 1 -> rank 0.
+    # Round 2 starts free: request 2 (id 0) -> rank 0; request 3 ties again -> rank 0 (the load
+    # term is soft: online_rank never refuses a full rank).
+    af = trace_request_homes(REQ, IDS, method="affinity", slots=1, weight=0.5, **kw)
+    assert af.tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    # least loaded ignores affinity: lowest rank with free slots first.
+    ll = trace_request_homes(REQ, IDS, method="least_loaded", slots=1, **kw)
+    assert ll.tolist() == rr.tolist()
+    with pytest.raises(ValueError, match="choose one of"):
+        trace_request_homes(REQ, IDS, method="random", **kw)
+    with pytest.raises(ValueError, match="has none; use round_robin"):
+        trace_request_homes(REQ, None, method="affinity", **kw)
+    with pytest.raises(ValueError, match="consecutive"):
+        trace_request_homes(np.array([0, 1, 0]), None, method="round_robin", **kw)
+
+
+def test_evaluate_requests_side():
+    from megatron_specmoe.artifacts.traces import RoutingTrace
+    from megatron_specmoe.measure.evaluate import evaluate_trace
+
+    experts = (2 * IDS)[:, None, None].astype(np.int32)  # top-1: the expert the id names
+    trace = RoutingTrace(experts=experts, num_experts=4, token_ids=IDS, request_ids=REQ)
+    home = np.array([1, 1, 0, 0, 0, 0, 1, 1])
+    ev = evaluate_trace(trace, _ByTokenId(), [ExpertPlacement.contiguous(4, 2)], batch_size=8,
+                        request_home=home).to_json()
+    # local: tokens 0, 1 (expert 2 on rank 1), 4, 5 (expert 0 on rank 0) -> 4 of 8
+    assert ev["requests"]["local_activation_rate"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="request_home must be int"):
+        evaluate_trace(trace, _ByTokenId(), [ExpertPlacement.contiguous(4, 2)], request_home=home[:3])

@@ -5,7 +5,9 @@ of ``--batch`` tokens in trace order; baseline = contiguous shards + contiguous 
 the plan's placement + a balanced assignment (``--assignment``) from the plan's predictor; oracle =
 the same assignment from the true routes (the ceiling). Prints a table, or with ``--json`` ONE JSON
 object on stdout with ``baseline``, ``placement_only``, ``specmoe`` and ``oracle`` (each:
-local_activation_rate, remote_pairs_per_token, remote_ranks_per_token, load_imbalance, per_layer),
+local_activation_rate, remote_pairs_per_token, remote_ranks_per_token, load_imbalance, per_layer;
+with ``--gpus-per-node`` also remote_nodes_per_token and internode_bytes_per_token), for a plan
+with redundant experts also ``specmoe_replicas`` and ``oracle_replicas``,
 and ``prediction`` {precision, recall, f1, rank_accuracy} (also inside ``specmoe``). Progress goes
 to stderr.
 
@@ -39,6 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-experts", type=int, default=None, metavar="E",
                         help="routed experts per MoE layer; required for JSON / JSONL traces (they do "
                              "not record it), and must equal the plan's")
+    parser.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                        help="EP ranks per node (rank r on node r // G); adds remote_nodes_per_token and "
+                             "internode_bytes_per_token (per_node and per_pair transports) to every side")
+    parser.add_argument("--hidden-size", type=int, default=None, metavar="H",
+                        help="model hidden size for the inter-node bytes (default: the plan's, if it "
+                             "records one)")
+    parser.add_argument("--activation-bytes", type=int, default=2, choices=(1, 2, 4),
+                        help="bytes per activation element on the wire (default 2: bf16)")
+    parser.add_argument("--request-placement", default=None, metavar="METHOD",
+                        help="also measure DP-attention request placement (side 'requests'): round_robin, "
+                             "least_loaded (Megatron's), affinity or group_mask; needs request ids")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -62,10 +75,20 @@ def load_predictor(plan, kind: str | None):
 def _table(result: dict) -> str:
     rows = [f"{'side':16s} {'LAR':>7s} {'remote pairs/tok':>17s} {'remote ranks/tok':>17s} "
             f"{'load imb.':>10s}"]
-    for side in ("baseline", "placement_only", "specmoe", "oracle"):
+    nodes = result["config"].get("gpus_per_node") is not None
+    if nodes:
+        rows[0] += f" {'remote nodes/tok':>17s} {'inter-node B/tok (per node | per pair)':>40s}"
+    for side in ("baseline", "placement_only", "specmoe", "oracle", "specmoe_replicas", "oracle_replicas",
+                 "requests"):
+        if side not in result:
+            continue
         r = result[side]
-        rows.append(f"{side:16s} {r['local_activation_rate']:7.4f} {r['remote_pairs_per_token']:17.4f} "
-                    f"{r['remote_ranks_per_token']:17.4f} {r['load_imbalance']:10.4f}")
+        row = (f"{side:16s} {r['local_activation_rate']:7.4f} {r['remote_pairs_per_token']:17.4f} "
+               f"{r['remote_ranks_per_token']:17.4f} {r['load_imbalance']:10.4f}")
+        if nodes:
+            b = r["internode_bytes_per_token"]
+            row += f" {r['remote_nodes_per_token']:17.4f} {b['per_node']:19.1f} | {b['per_pair']:18.1f}"
+        rows.append(row)
     p = result["prediction"]
     rows.append(f"prediction: precision {p['precision']:.4f} recall {p['recall']:.4f} "
                 f"F1 {p['f1']:.4f} rank accuracy {p['rank_accuracy']:.4f}")
@@ -80,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_specmoe.artifacts.trace_checks import check_num_experts
     from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
     from megatron_specmoe.measure.evaluate import evaluate_trace
+    from megatron_specmoe.measure.measures import WireFormat
+    from megatron_specmoe.measure.nodes import check_gpus_per_node
     from megatron_specmoe.schedule.assignment import AssignmentMethod
 
     methods = get_args(AssignmentMethod)
@@ -90,6 +115,19 @@ def run(args: argparse.Namespace) -> int:
                                 "give the tokens per shuffle domain, e.g. --batch 512")
     check_num_experts(args.num_experts)
     plan = load_plan(args.plan)
+    wire = None
+    if args.gpus_per_node is not None:
+        try:
+            check_gpus_per_node(args.gpus_per_node, plan.header.ep_size, where="--gpus-per-node")
+        except ValueError as exc:
+            raise SpecMoEUsageError(str(exc), "pass the GPUs per node of the EP group") from None
+        hidden = args.hidden_size if args.hidden_size is not None else plan.header.hidden_size
+        if hidden is None or hidden < 1:
+            raise SpecMoEUsageError(f"--gpus-per-node reports inter-node bytes, but the plan {args.plan} records "
+                                    "no hidden size", "pass --hidden-size H (a positive integer)")
+        wire = WireFormat(hidden_size=hidden, activation_bytes=args.activation_bytes)
+    elif args.hidden_size is not None:
+        raise SpecMoEUsageError("--hidden-size only sizes the inter-node bytes", "pass --gpus-per-node too")
     if args.num_experts is not None and args.num_experts != plan.header.num_experts:
         raise SpecMoEUsageError(f"--num-experts {args.num_experts} but the plan {args.plan} was made for "
                                 f"{plan.header.num_experts} experts", "evaluate a plan of this model")
@@ -110,9 +148,28 @@ def run(args: argparse.Namespace) -> int:
               "repeat an earlier route", file=sys.stderr)
     if trace.num_tokens == 0:
         raise SpecMoEDataError(f"--traces {' '.join(args.traces)}: no tokens", "give traces with routes")
+    from megatron_specmoe.schedule.replicas import replicas_from_arrays
+
+    replicas = replicas_from_arrays(plan.placements, plan.arrays, plan.header.notes.get("replica_policy", "load"))
     predictor = load_predictor(plan, args.kind)
+    request_home = None
+    if args.request_placement is not None:
+        from typing import get_args as _methods
+
+        from megatron_specmoe.schedule.request_placement import TraceRequestMethod, trace_request_homes
+
+        if args.request_placement not in _methods(TraceRequestMethod):
+            raise SpecMoEUsageError(f"--request-placement {args.request_placement!r} is not a method",
+                                    f"choose one of {list(_methods(TraceRequestMethod))}")
+        if trace.request_ids is None:
+            raise SpecMoEDataError(f"--request-placement needs traces with request ids; {' '.join(args.traces)} "
+                                   "carry none", "give traces with request ids (Megatron JSONL, specmoe npz)")
+        request_home = trace_request_homes(trace.request_ids, trace.token_ids, predictor=predictor,
+                                           placements=plan.placements, method=args.request_placement)
     result = evaluate_trace(trace, predictor, plan.placements, batch_size=args.batch,
-                            method=args.assignment, progress=True)
+                            method=args.assignment, progress=True,
+                            gpus_per_node=args.gpus_per_node, wire=wire, replicas=replicas,
+                            request_home=request_home)
     out = result.to_json()
     out["config"].update(plan=str(args.plan), traces=[str(p) for p in args.traces], dedup=args.dedup)
     if args.json:

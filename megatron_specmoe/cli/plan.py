@@ -1,6 +1,6 @@
 """``specmoe plan``: fit route predictors and an expert placement on routing traces, write a plan.
 
-Steps (each prints a progress line to stderr):
+Steps (each prints a progress bar to stderr; before fitting, a fit-time estimate per predictor):
 1. read the traces (any format ``artifacts/trace_io.py`` reads), optionally drop repeated routes;
 2. fit each requested predictor (``predict/registry.py``);
 3. group experts per layer (``schedule/grouping.py``; ``--placement contiguous`` skips it);
@@ -33,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", default="search", metavar="METHOD",
                    help="expert grouping method (schedule/grouping.py): contiguous, random, eplb, graph, "
                         "alternating, search (default), milp")
+    p.add_argument("--redundant-experts", type=int, default=0, metavar="R",
+                   help="extra physical slots (a multiple of --ep) that replicate hot experts "
+                        "(schedule/replicas.py); 0: none (default)")
+    p.add_argument("--replica-policy", default="load", metavar="POLICY",
+                   help="how replicas are chosen: load (EPLB), coactivation, both (default load)")
     p.add_argument("--theta", type=float, default=0.1, help="weight of load imbalance in the grouping objective")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dedup", action="store_true",
@@ -60,6 +65,14 @@ def check_flags(args: argparse.Namespace):
     if args.ep < 1:
         raise SpecMoEUsageError(f"--ep {args.ep}: must be >= 1", "give the EP size the plan is for, e.g. --ep 8")
     check_num_experts(args.num_experts)
+    from megatron_specmoe.schedule.replicas import REPLICA_POLICIES
+
+    if args.replica_policy not in REPLICA_POLICIES:
+        raise SpecMoEUsageError(f"--replica-policy {args.replica_policy!r} is not a policy",
+                                f"choose one of {list(REPLICA_POLICIES)}")
+    if args.redundant_experts < 0 or args.redundant_experts % args.ep:
+        raise SpecMoEUsageError(f"--redundant-experts {args.redundant_experts} must be a non-negative multiple "
+                                f"of --ep {args.ep}", "every rank gains the same number of slots")
     if args.num_experts is not None and args.num_experts % args.ep:
         raise SpecMoEUsageError(f"--ep {args.ep} does not divide --num-experts {args.num_experts}",
                                 "every EP rank hosts the same number of experts: pick a divisor")
@@ -89,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_specmoe.artifacts.errors import SpecMoEUsageError
     from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
     from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
-    from megatron_specmoe.predict.registry import fit_predictor
+    from megatron_specmoe.cli.progress import ProgressBar
+    from megatron_specmoe.predict.registry import estimate_fit_seconds, make
     from megatron_specmoe.schedule.grouping import group_experts
     from megatron_specmoe.schedule.placement import ExpertPlacement
 
@@ -119,9 +133,24 @@ def run(args: argparse.Namespace) -> int:
             raise SpecMoEUsageError(
                 f"--predictor {kind} needs token ids, and the traces {' '.join(args.traces)} carry none",
                 "use --predictor layer or history, or --members layer,history")
+    estimates = {}
+    for kind in kinds:
+        opts = {"members": tuple(members)} if kind == "combined" else {}
+        estimates[kind] = estimate_fit_seconds(kind, trace, **opts)
+    _log("fit-time estimate: " + ", ".join(f"{k!r} ~{v:.0f} s" for k, v in estimates.items())
+         + " (history: an upper bound at its most epochs; tables: a sample's fit scaled by tokens)")
+    for kind in kinds:
         t1 = time.perf_counter()
         opts = {"members": tuple(members)} if kind == "combined" else {}
-        predictor = fit_predictor(kind, trace, **opts)
+        predictor = make(kind, **opts)
+        units = (trace.num_layers - 1 if kind == "history" else
+                 sum(trace.num_layers - 1 if m == "history" else 1 for m in members) if kind == "combined" else 1)
+        bar = ProgressBar(f"specmoe plan: fit {kind}", max(1, units), unit="layers" if kind == "history" else "steps")
+        if kind in ("history", "combined"):
+            predictor.fit(trace, progress=bar.update)
+        else:
+            predictor.fit(trace)
+        bar.finish()
         states[kind] = predictor.to_state()
         _log(f"fitted {kind!r} ({predictor.memory_bytes() / 1e6:.2f} MB) in {time.perf_counter() - t1:.1f}s")
 
@@ -129,15 +158,31 @@ def run(args: argparse.Namespace) -> int:
     if args.placement == "contiguous":
         placements = [ExpertPlacement.contiguous(trace.num_experts, args.ep)] * trace.num_layers
     else:
-        placements = group_experts(trace, ep_size=args.ep, options=options, progress=True)
+        bar = ProgressBar(f"specmoe plan: group {args.placement}", trace.num_layers)
+        placements = group_experts(trace, ep_size=args.ep, options=options, on_layer=bar.update)
+        bar.finish()
     _log(f"placement {args.placement!r} for {trace.num_layers} layers in {time.perf_counter() - t2:.1f}s")
 
+    arrays, replica_notes = {}, {}
+    if args.redundant_experts:
+        from megatron_specmoe.schedule.replicas import replicas_to_arrays, replicate_layers
+
+        try:
+            replicas = replicate_layers(placements, trace.experts, redundant=args.redundant_experts,
+                                        policy=args.replica_policy)
+        except ValueError as exc:
+            raise SpecMoEUsageError(str(exc), "choose fewer redundant experts") from None
+        arrays = replicas_to_arrays(replicas)
+        replica_notes = {"redundant_experts": args.redundant_experts, "replica_policy": args.replica_policy}
+        _log(f"replicas: {args.redundant_experts} slots per layer by {args.replica_policy!r} "
+             f"({args.redundant_experts // args.ep} per rank)")
     plan = make_plan(
         num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk, ep_size=args.ep,
         hidden_size=args.hidden_size, vocab_size=args.vocab_size, placements=placements,
-        predictor_state=states,
+        predictor_state=states, arrays=arrays,
         notes={"traces": [str(p) for p in args.traces], "dedup": bool(args.dedup),
-               "placement_method": args.placement, "theta": args.theta, "members": members},
+               "placement_method": args.placement, "theta": args.theta, "members": members,
+               **replica_notes},
     )
     saved = save_plan(plan, args.out)
     _log(f"wrote {args.out} (predictors {list(states)}, checksum {saved.header.checksum[:12]}...) "

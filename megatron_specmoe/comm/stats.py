@@ -46,6 +46,12 @@ def summarize_by_layer(reports: Sequence[TrafficReport]) -> dict[int, TrafficRep
         measures = reps[0].measures
         for r in reps[1:]:
             measures = measures + r.measures
+        nodes = reps[0].nodes
+        for r in reps[1:]:
+            if (nodes is None) != (r.nodes is None):
+                raise ValueError(f"summarize_by_layer: layer {layer} mixes reports with and without "
+                                 "node measures; record every forward with the same gpus_per_node")
+            nodes = None if nodes is None else nodes + r.nodes
 
         def add(name):
             mats = [getattr(r, name) for r in reps]
@@ -57,5 +63,7 @@ def summarize_by_layer(reports: Sequence[TrafficReport]) -> dict[int, TrafficRep
             dispatch_bytes=add("dispatch_bytes"),
             combine_bytes=add("combine_bytes"),
             measures=measures,
+            nodes=nodes,
+            wire=reps[0].wire,
         )
     return out

@@ -7,6 +7,10 @@ A ``DispatchRecord`` is one source rank's view of one MoE layer's forward: its r
 matrix. ``TrafficReport`` stacks the rows of all ranks (gathered by ``comm.stats``) into the full
 P x P matrices. Rows sent to ``dst == src`` never leave the rank: they are counted as local pairs
 and contribute no bytes on the wire.
+
+Nodes. When the recorder knows the GPUs per node G (EP rank r on node r // G), a record also holds
+the ``nodes.NodeMeasures`` of its tokens: remote-node pairs and remote nodes, from which the
+inter-node bytes of the per-node and per-pair transports follow (``measure/nodes.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from typing import Optional
+
 from megatron_specmoe.measure.measures import RouteMeasures, WireFormat
+from megatron_specmoe.measure.nodes import NodeMeasures, Transport
 
 __all__ = ["DispatchRecord", "TrafficReport"]
 
@@ -31,6 +38,7 @@ class DispatchRecord:
             included, as Megatron's ``input_splits``).
         wire: bytes per pair on the dispatch and combine paths.
         measures: the route measures of this rank's tokens (home rank = ``ep_rank``).
+        nodes: the node measures of this rank's tokens (None when G is unknown).
     """
 
     layer_number: int
@@ -39,6 +47,19 @@ class DispatchRecord:
     pairs_to_rank: tuple[int, ...]
     wire: WireFormat
     measures: RouteMeasures
+    nodes: Optional[NodeMeasures] = None
+
+    @property
+    def pairs_to_node(self) -> Optional[tuple[int, ...]]:
+        """Pairs sent to each node (its own included); None when G is unknown."""
+        if self.nodes is None:
+            return None
+        g = self.nodes.gpus_per_node
+        return tuple(sum(self.pairs_to_rank[n * g : (n + 1) * g]) for n in range(self.nodes.num_nodes))
+
+    def internode_bytes(self, transport: Transport) -> Optional[int]:
+        """Dispatch plus combine bytes of this rank's tokens that cross nodes; None when G is unknown."""
+        return None if self.nodes is None else self.nodes.internode_bytes(self.wire, transport)
 
     @property
     def remote_pairs(self) -> int:
@@ -68,6 +89,8 @@ class TrafficReport:
         combine_bytes: P x P; bytes on the wire from dst back to src on combine, indexed
             ``[src][dst]`` like ``pairs`` (diagonal 0).
         measures: all ranks' measures added.
+        nodes: all ranks' node measures added (None when the records carry none).
+        wire: the records' bytes per pair (all ranks share it).
     """
 
     layer_number: int
@@ -75,6 +98,8 @@ class TrafficReport:
     dispatch_bytes: tuple[tuple[int, ...], ...]
     combine_bytes: tuple[tuple[int, ...], ...]
     measures: RouteMeasures
+    nodes: Optional[NodeMeasures] = None
+    wire: Optional[WireFormat] = None
 
     @classmethod
     def from_records(cls, records: Sequence[DispatchRecord]) -> "TrafficReport":
@@ -95,13 +120,30 @@ class TrafficReport:
         measures = rows[0].measures
         for row in rows[1:]:
             measures = measures + row.measures
+        with_nodes = {row.nodes is not None for row in rows}
+        if len(with_nodes) != 1:
+            raise ValueError("TrafficReport.from_records: some records carry node measures and some "
+                             "do not; give every rank's recorder the same gpus_per_node")
+        nodes = None
+        if with_nodes.pop():
+            nodes = rows[0].nodes
+            for row in rows[1:]:
+                nodes = nodes + row.nodes
         return cls(
             layer_number=layers.pop(),
             pairs=tuple(row.pairs_to_rank for row in rows),
             dispatch_bytes=tuple(row.dispatch_bytes_to_rank for row in rows),
             combine_bytes=tuple(row.combine_bytes_from_rank for row in rows),
             measures=measures,
+            nodes=nodes,
+            wire=rows[0].wire,
         )
+
+    def internode_bytes(self, transport: Transport) -> Optional[int]:
+        """Dispatch plus combine bytes that crossed nodes; None without node measures."""
+        if self.nodes is None or self.wire is None:
+            return None
+        return self.nodes.internode_bytes(self.wire, transport)
 
     @property
     def bytes_on_wire(self) -> int:

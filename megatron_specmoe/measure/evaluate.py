@@ -24,6 +24,19 @@ into batches afterwards.
 Every count comes from ``measures.rank_hits`` and ``measures.measure_routes``, the functions the
 dispatcher's accounting uses, so the numbers agree with it by construction.
 
+Replicas (``schedule/replicas.py``): given one ``ReplicatedPlacement`` per layer, two more sides,
+``specmoe_replicas`` and ``oracle_replicas``: the same assignment from scores of ranks holding any
+copy of an expert (``replica_routes``), each pair counted on the rank the route table sends it to.
+``oracle`` (the base placement, no replicas) is the ceiling they are compared with.
+
+Request placement (DP attention, TP = 1): given every token's request home (``request_home``, from
+``schedule.request_placement.trace_request_homes``), the side ``requests`` measures the plan's
+placement with tokens where their request was placed (no token shuffle).
+
+Node measures (``measure/nodes.py``): with ``gpus_per_node`` G, every side also counts remote nodes
+and remote-node pairs per token (EP rank r on node r // G), and with a ``WireFormat`` the inter-node
+bytes per token of the per-node de-duplicating and the per-pair transports.
+
 Prediction metrics (per token, summed over tokens and layers, then divided): the predicted set is
 the top-k experts by score (``predict.base.top_experts``), the true set the token's distinct
 experts at that layer. precision = |pred & true| / |pred|, recall = |pred & true| / |true|,
@@ -43,7 +56,9 @@ import numpy as np
 import torch
 
 from megatron_specmoe.schedule.assignment import AssignmentMethod, assign
-from megatron_specmoe.measure.measures import RouteMeasures, measure_routes, rank_hits
+from megatron_specmoe.measure.measures import RouteMeasures, WireFormat, measure_routes, rank_hits
+from megatron_specmoe.measure.nodes import NodeMeasures, check_gpus_per_node, measure_nodes
+from megatron_specmoe.measure.replica_routes import replica_hits, replica_rank_scores, routed_rank_hits
 from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.predict.base import (
     RouteContext,
@@ -54,9 +69,10 @@ from megatron_specmoe.predict.base import (
 )
 from megatron_specmoe.artifacts.traces import RoutingTrace
 
-__all__ = ["PredictionCounts", "SideResult", "Evaluation", "evaluate_trace", "SIDES"]
+__all__ = ["PredictionCounts", "SideResult", "Evaluation", "evaluate_trace", "SIDES", "REPLICA_SIDES"]
 
 SIDES = ("baseline", "placement_only", "specmoe", "oracle")
+REPLICA_SIDES = ("specmoe_replicas", "oracle_replicas")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,10 +135,16 @@ class SideResult:
     Attributes:
         total: RouteMeasures summed over every batch and layer.
         per_layer: one RouteMeasures per MoE layer (length L), summed over batches.
+        nodes: NodeMeasures over every batch and layer (None without ``gpus_per_node``).
+        nodes_per_layer: one NodeMeasures per layer (empty without ``gpus_per_node``).
+        wire: bytes per pair for the inter-node bytes (None: bytes not reported).
     """
 
     total: RouteMeasures
     per_layer: tuple[RouteMeasures, ...]
+    nodes: Optional[NodeMeasures] = None
+    nodes_per_layer: tuple[NodeMeasures, ...] = ()
+    wire: Optional[WireFormat] = None
 
     @property
     def local_activation_rate(self) -> float:
@@ -147,6 +169,13 @@ class SideResult:
                 "load_imbalance")
         out = {key: getattr(self, key) for key in keys}
         out["per_layer"] = {key: [getattr(m, key) for m in self.per_layer] for key in keys}
+        if self.nodes is not None:
+            out["remote_nodes_per_token"] = self.nodes.remote_nodes_per_token
+            out["remote_node_pairs_per_token"] = self.nodes.remote_node_pairs_per_token
+            out["internode_bytes_per_token"] = (
+                None if self.wire is None else self.nodes.internode_bytes_per_token(self.wire))
+            out["per_layer"]["remote_nodes_per_token"] = [
+                m.remote_nodes_per_token for m in self.nodes_per_layer]
         return out
 
 
@@ -161,6 +190,7 @@ class Evaluation:
         batch_size: B.   method: the assignment method.   num_ranks: P.
         num_tokens: T.   num_batches: ceil(T / B).   predictor_kind: ``predictor.kind``.
         seconds: wall time of the evaluation.
+        gpus_per_node: G of the node measures (None: not measured).   wire: their bytes per pair.
     """
 
     baseline: SideResult
@@ -176,6 +206,11 @@ class Evaluation:
     num_batches: int
     predictor_kind: str
     seconds: float
+    gpus_per_node: Optional[int] = None
+    wire: Optional[WireFormat] = None
+    replicas: Optional[dict] = None  # side name -> SideResult, for REPLICA_SIDES; None without
+    redundant_experts: int = 0
+    requests: Optional[SideResult] = None  # the "requests" side; None without request homes
 
     def to_json(self) -> dict:
         """JSON-ready dict: each side's measures; ``prediction`` at the top and inside ``specmoe``
@@ -195,10 +230,22 @@ class Evaluation:
                 "predictor": self.predictor_kind,
                 "seconds": round(self.seconds, 3),
                 "per_token_means": "per token and MoE layer",
+                "gpus_per_node": self.gpus_per_node,
+                "hidden_size": None if self.wire is None else self.wire.hidden_size,
+                "activation_bytes": None if self.wire is None else self.wire.activation_bytes,
+                "internode_transports": "per_node: one row per (token, remote node) each way + one "
+                                        "prob per remote-node pair; per_pair: one row per remote-node "
+                                        "pair each way + its prob",
             },
         }
         for side in SIDES:
             out[side] = getattr(self, side).summary()
+        out["config"]["redundant_experts"] = self.redundant_experts
+        if self.requests is not None:
+            out["requests"] = self.requests.summary()
+        if self.replicas is not None:
+            for side in REPLICA_SIDES:
+                out[side] = self.replicas[side].summary()
         out["baseline"]["prediction"] = None
         out["specmoe"]["prediction"] = pred
         out["prediction"] = pred
@@ -234,6 +281,10 @@ def evaluate_trace(
     method: AssignmentMethod = "refine",
     progress: bool = False,
     progress_every_s: float = 5.0,
+    gpus_per_node: Optional[int] = None,
+    wire: Optional[WireFormat] = None,
+    replicas: Optional[Sequence] = None,
+    request_home: Optional[np.ndarray] = None,
 ) -> Evaluation:
     """Simulate s-TS on ``trace`` (see the module docstring).
 
@@ -246,6 +297,11 @@ def evaluate_trace(
             runtime's, "refine". Pass "optimal" for the exact ceiling of the oracle side.
         progress: print one line per layer to stderr, and one every ``progress_every_s``
             seconds within a layer (small batches: --batch 1 makes T batches per layer).
+        gpus_per_node: G; when given (it must divide P), every side also gets node measures.
+        wire: bytes per pair, for the inter-node bytes (needs ``gpus_per_node``).
+        replicas: one ``schedule.replicas.ReplicatedPlacement`` per layer whose base is that
+            layer's placement; adds the sides ``REPLICA_SIDES``.
+        request_home: int [T], each token's DP rank under request placement; adds ``requests``.
 
     Returns:
         Evaluation.
@@ -270,6 +326,22 @@ def evaluate_trace(
         raise ValueError(f"evaluate_trace: batch_size must be >= 1, got {batch_size}")
     if trace.num_tokens == 0:
         raise ValueError(f"evaluate_trace: trace {trace.source} has no tokens")
+    if replicas is not None:
+        if len(replicas) != num_layers:
+            raise ValueError(f"evaluate_trace: {len(replicas)} replicated placements for L={num_layers} layers")
+        for layer, (rp, pl) in enumerate(zip(replicas, placements)):
+            if rp.base != pl:
+                raise ValueError(f"evaluate_trace: replicas[{layer}] is built on another base placement "
+                                 f"than placements[{layer}]")
+    if request_home is not None:
+        request_home = np.asarray(request_home)
+        if request_home.shape != (trace.num_tokens,) or request_home.min() < 0 or request_home.max() >= ep_size:
+            raise ValueError(f"evaluate_trace: request_home must be int [T]=({trace.num_tokens},) in 0..{ep_size - 1}")
+        request_home_t = torch.from_numpy(request_home.astype(np.int64))
+    if gpus_per_node is not None:
+        check_gpus_per_node(gpus_per_node, ep_size, where="evaluate_trace: gpus_per_node")
+    elif wire is not None:
+        raise ValueError("evaluate_trace: wire gives inter-node bytes and needs gpus_per_node")
 
     start = time.perf_counter()
     tokens = trace.num_tokens
@@ -278,11 +350,20 @@ def evaluate_trace(
                        for n in {hi - lo for lo, hi in bounds}}
     contiguous_rank = torch.from_numpy(ExpertPlacement.contiguous(num_experts, ep_size).rank_of_logical())
     experts = torch.from_numpy(trace.experts.astype(np.int64))
-    sides = {side: [RouteMeasures.empty(ep_size) for _ in range(num_layers)] for side in SIDES}
+    all_sides = SIDES + (REPLICA_SIDES if replicas is not None else ()) + (
+        ("requests",) if request_home is not None else ())
+    sides = {side: [RouteMeasures.empty(ep_size) for _ in range(num_layers)] for side in all_sides}
     if progress:
         print(f"[evaluate] {tokens} tokens in {len(bounds)} batch(es) of {batch_size} x "
               f"{num_layers} layers, assignment {method}", file=sys.stderr, flush=True)
     last_note = time.perf_counter()
+    nodes = {side: [NodeMeasures.empty(gpus_per_node=gpus_per_node, num_nodes=ep_size // gpus_per_node)
+                    for _ in range(num_layers)] for side in all_sides} if gpus_per_node else None
+
+    def count(side: str, layer: int, hits: torch.Tensor, home: torch.Tensor) -> None:
+        sides[side][layer] += measure_routes(hits, home)
+        if nodes is not None:
+            nodes[side][layer] += measure_nodes(hits, home, gpus_per_node)
     prediction: list[PredictionCounts] = []
     for layer in range(num_layers):
         # Step 1: the predictor's scores for every token at this layer (per-token, so one call).
@@ -299,6 +380,13 @@ def evaluate_trace(
         hits_base = rank_hits(contiguous_rank[experts[:, layer]], ep_size)
         predicted = torch.from_numpy(rank_scores(scores, placement))  # float32 [T, P]
         prediction.append(_prediction_counts(scores, trace.experts[:, layer], hits_plan, placement, k))
+        if replicas is not None:
+            rep = replicas[layer]
+            mask_np = rep.rank_mask()
+            mask = torch.from_numpy(mask_np)
+            table = torch.from_numpy(rep.route_table())
+            slots = rep.slots_per_rank
+            pred_rep = torch.from_numpy(replica_rank_scores(scores, mask_np))
         # Step 2: per batch, place the tokens on each side and count.
         acc = sides
         for b, (lo, hi) in enumerate(bounds):
@@ -311,10 +399,18 @@ def evaluate_trace(
                       "left", file=sys.stderr, flush=True)
             home_c = contiguous_home[hi - lo]
             h_plan = hits_plan[lo:hi]
-            acc["baseline"][layer] += measure_routes(hits_base[lo:hi], home_c)
-            acc["placement_only"][layer] += measure_routes(h_plan, home_c)
-            acc["specmoe"][layer] += measure_routes(h_plan, assign(predicted[lo:hi], method).home_rank)
-            acc["oracle"][layer] += measure_routes(h_plan, assign(h_plan.float(), method).home_rank)
+            count("baseline", layer, hits_base[lo:hi], home_c)
+            count("placement_only", layer, h_plan, home_c)
+            count("specmoe", layer, h_plan, assign(predicted[lo:hi], method).home_rank)
+            count("oracle", layer, h_plan, assign(h_plan.float(), method).home_rank)
+            if request_home is not None:
+                count("requests", layer, h_plan, request_home_t[lo:hi])
+            if replicas is not None:
+                ex_b = experts[lo:hi, layer]
+                for side, rank_score in (("specmoe_replicas", pred_rep[lo:hi]),
+                                         ("oracle_replicas", replica_hits(ex_b, mask).float())):
+                    home = assign(rank_score, method).home_rank
+                    count(side, layer, routed_rank_hits(ex_b, home, table, slots, ep_size), home)
         if progress:
             print(
                 f"[evaluate] layer {layer + 1}/{num_layers}: LAR baseline "
@@ -330,7 +426,13 @@ def evaluate_trace(
         total = RouteMeasures.empty(ep_size)
         for m in per_layer:
             total = total + m
-        return SideResult(total=total, per_layer=per_layer)
+        if nodes is None:
+            return SideResult(total=total, per_layer=per_layer)
+        node_total = nodes[name][0]
+        for m in nodes[name][1:]:
+            node_total = node_total + m
+        return SideResult(total=total, per_layer=per_layer, nodes=node_total,
+                          nodes_per_layer=tuple(nodes[name]), wire=wire)
 
     total_pred = PredictionCounts()
     for c in prediction:
@@ -349,4 +451,9 @@ def evaluate_trace(
         num_batches=len(bounds),
         predictor_kind=str(getattr(predictor, "kind", type(predictor).__name__)),
         seconds=time.perf_counter() - start,
+        gpus_per_node=gpus_per_node,
+        wire=wire,
+        replicas=None if replicas is None else {name: side(name) for name in REPLICA_SIDES},
+        redundant_experts=0 if replicas is None else replicas[0].redundant,
+        requests=None if request_home is None else side("requests"),
     )

@@ -23,7 +23,8 @@ the other five phases are Megatron's, unchanged.
 Accounting. When ``recorder`` is set, ``dispatch_preprocess`` appends a ``DispatchRecord`` (pairs
 and bytes this rank sends to each rank, route measures) per forward, counted on the routing map
 Megatron actually permutes and sends (after its padding for quantization, if any). When it is ``None`` the only
-cost is one attribute test.
+cost is one attribute test. A recorder made with ``gpus_per_node`` also counts, per record, the
+remote nodes and remote-node pairs of the rank's tokens (``measure/nodes.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 
 from megatron_specmoe.measure.accounting import DispatchRecord
 from megatron_specmoe.measure.measures import WireFormat, measure_routes
+from megatron_specmoe.measure.nodes import check_gpus_per_node, measure_nodes
 from megatron_specmoe.schedule.placement import ExpertPlacement
 
 __all__ = ["SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_map"]
@@ -45,9 +47,17 @@ class DispatchRecorder:
 
     Attach with ``megatron.model_tools.attach_recorder(model, recorder)``; gather all ranks' records
     with ``comm.stats.gather_reports``.
+
+    Args:
+        gpus_per_node: EP ranks per node (rank r on node r // G); when given, every record also
+            carries node measures. None: unknown, no node measures.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, gpus_per_node: Optional[int] = None) -> None:
+        if gpus_per_node is not None and (isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int)
+                                          or gpus_per_node < 1):
+            raise ValueError(f"DispatchRecorder: gpus_per_node must be a positive integer, got {gpus_per_node!r}")
+        self.gpus_per_node = gpus_per_node
         self.records: list[DispatchRecord] = []
 
     def add(self, record: DispatchRecord) -> None:
@@ -159,11 +169,18 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
                 activation_bytes=hidden_states.element_size(),
                 prob_bytes=probs.element_size(),
             ),
+            gpus_per_node=self.recorder.gpus_per_node,
         )
 
 
 def record_from_routing_map(
-    routing_map: torch.Tensor, *, ep_rank: int, ep_size: int, layer_number: int, wire: WireFormat
+    routing_map: torch.Tensor,
+    *,
+    ep_rank: int,
+    ep_size: int,
+    layer_number: int,
+    wire: WireFormat,
+    gpus_per_node: Optional[int] = None,
 ) -> DispatchRecord:
     """The record of one rank's dispatch from its physical routing map.
 
@@ -173,11 +190,16 @@ def record_from_routing_map(
         ep_rank, ep_size: this rank and P.
         layer_number: for the record.
         wire: bytes per pair.
+        gpus_per_node: G, EP ranks per node (must divide P); None: no node measures.
     """
     tokens, num_experts = routing_map.shape
     hits = routing_map.view(tokens, ep_size, num_experts // ep_size).sum(dim=2)
     home = torch.full((tokens,), ep_rank, dtype=torch.long, device=hits.device)
     measures = measure_routes(hits, home)
+    nodes = None
+    if gpus_per_node is not None:
+        check_gpus_per_node(gpus_per_node, ep_size, where="DispatchRecorder.gpus_per_node")
+        nodes = measure_nodes(hits, home, gpus_per_node)
     return DispatchRecord(
         layer_number=layer_number,
         ep_rank=ep_rank,
@@ -185,4 +207,5 @@ def record_from_routing_map(
         pairs_to_rank=measures.load_per_rank,
         wire=wire,
         measures=measures,
+        nodes=nodes,
     )

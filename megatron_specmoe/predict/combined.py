@@ -111,11 +111,21 @@ class Combined:
         out._predictors = list(predictors)
         return out
 
-    def fit(self, trace: RoutingTrace) -> "Combined":
-        """Fit every member on ``trace``. Returns ``self``."""
-        self._predictors = [
-            fit_member(kind, trace, **self.member_options.get(kind, {})) for kind in self.members
-        ]
+    def fit(self, trace: RoutingTrace, *, progress=None) -> "Combined":
+        """Fit every member on ``trace``. Returns ``self``. ``progress(done, total)``, when given,
+        is called after each member, with the history member's layers counted as its units."""
+        units = [trace.num_layers - 1 if kind == "history" else 1 for kind in self.members]
+        total, done = max(1, sum(units)), 0
+        self._predictors = []
+        for kind, unit in zip(self.members, units):
+            layer_progress = None
+            if kind == "history" and progress is not None:
+                layer_progress = (lambda d, _t, base=done: progress(base + d, total))
+            self._predictors.append(fit_member(kind, trace, progress=layer_progress,
+                                               **self.member_options.get(kind, {})))
+            done += unit
+            if progress is not None:
+                progress(done, total)
         return self
 
     # ---- protocol -----------------------------------------------------------------------------

@@ -26,9 +26,11 @@ def _member_class(kind: str) -> type:
     return MEMBERS[kind]
 
 
-def fit_member(kind: str, trace: RoutingTrace, **options: Any):
-    """A member predictor of ``kind`` fitted on ``trace``."""
-    return _member_class(kind)(**options).fit(trace)
+def fit_member(kind: str, trace: RoutingTrace, *, progress=None, **options: Any):
+    """A member predictor of ``kind`` fitted on ``trace``. ``progress(done, total)`` is handed to
+    fits that report per layer (the history MLP) and ignored by the others."""
+    member = _member_class(kind)(**options)
+    return member.fit(trace, progress=progress) if kind == "history" else member.fit(trace)
 
 
 def load_member(state: Mapping[str, Any]):

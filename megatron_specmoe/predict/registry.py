@@ -26,6 +26,7 @@ __all__ = [
     "PredictorKind",
     "PREDICTORS",
     "check_kind",
+    "estimate_fit_seconds",
     "make",
     "fit_predictor",
     "load_predictor",
@@ -52,6 +53,33 @@ def make(kind: str, **options: Any):
 def fit_predictor(kind: str, trace: RoutingTrace, **options: Any):
     """``make(kind, **options).fit(trace)``: a fitted predictor."""
     return make(kind, **options).fit(trace)
+
+
+def estimate_fit_seconds(kind: str, trace: RoutingTrace, *, sample_tokens: int = 8192, **options: Any) -> float:
+    """Seconds ``fit_predictor(kind, trace, **options)`` should take, measured before it starts.
+
+    history: ``HistoryMLP.estimate_fit_seconds`` (a few timed steps; an upper bound at most
+    ``epochs`` epochs). token, layer: one fit on the first ``sample_tokens`` tokens, scaled by
+    T / sample (their fits are linear in T). combined: the sum over its members.
+    """
+    import time
+
+    import numpy as np
+
+    check_kind(kind)
+    if kind == "combined":
+        members = options.get("members", PREDICTORS["combined"]().members)
+        member_options = options.get("member_options", {})
+        return float(sum(estimate_fit_seconds(m, trace, sample_tokens=sample_tokens, **member_options.get(m, {}))
+                         for m in members))
+    predictor = make(kind, **options)
+    if kind == "history":
+        return predictor.estimate_fit_seconds(trace)
+    n = min(trace.num_tokens, sample_tokens)
+    sample = trace.select(np.arange(n))
+    start = time.perf_counter()
+    predictor.fit(sample)
+    return (time.perf_counter() - start) * trace.num_tokens / n
 
 
 def load_predictor(state: Mapping[str, Any]):

@@ -395,6 +395,7 @@ def group_experts(
     options: GroupingOptions,
     home_ranks: Optional[np.ndarray] = None,
     progress: bool = False,
+    on_layer: Optional[Callable[[int, int], None]] = None,
 ) -> list[ExpertPlacement]:
     """One placement per MoE layer of ``trace``.
 
@@ -405,6 +406,7 @@ def group_experts(
         home_ranks: optional int64 [T] (same home at every layer) or [T, L], the home rank of
             each token under the shuffle the predictor would make.
         progress: print one line per layer to stderr.
+        on_layer: called as ``on_layer(done, L)`` after each layer (a progress bar's update).
     """
     _check_shape(trace.num_experts, ep_size)
     T, L = trace.num_tokens, trace.num_layers
@@ -429,6 +431,8 @@ def group_experts(
                 layer=layer,
             )
         )
+        if on_layer is not None:
+            on_layer(layer + 1, L)
         if progress:
             print(
                 f"[group] {options.method}: layer {layer + 1}/{L} done ({time.perf_counter() - t0:.1f} s)",

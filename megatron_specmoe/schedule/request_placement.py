@@ -40,16 +40,19 @@ ties to the lower rank. weight = 0 is Megatron's least-loaded routing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Literal, Optional, Sequence, get_args
 
 import numpy as np
 
 from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.predict.base import RouteContext, rank_scores
 
-__all__ = ["RequestMethod", "RequestPlacement", "request_affinity", "place_requests", "online_rank"]
+__all__ = ["RequestMethod", "RequestPlacement", "request_affinity", "place_requests", "online_rank",
+           "TraceRequestMethod", "trace_request_homes"]
 
 RequestMethod = Literal["round_robin", "group_mask", "balanced"]
+# How ``trace_request_homes`` places a trace's requests (see its docstring).
+TraceRequestMethod = Literal["round_robin", "least_loaded", "affinity", "group_mask"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,3 +182,65 @@ def online_rank(affinity: np.ndarray, pending: np.ndarray, *, max_requests: int,
     share = aff / total if total > 0 else np.zeros_like(aff)
     free = np.maximum(0.0, max_requests - load) / max_requests
     return int(np.argmax(weight * share + (1.0 - weight) * free))  # first maximum: the lower rank
+
+
+def trace_request_homes(
+    request_ids: np.ndarray,
+    token_ids: Optional[np.ndarray],
+    *,
+    predictor,
+    placements: Sequence[ExpertPlacement],
+    method: str,
+    prompt_share: float = 0.5,
+    slots: int = 4,
+    weight: float = 0.5,
+) -> np.ndarray:
+    """int64 [T]: the DP rank of every token when a trace's requests are placed whole, in arrival
+    order (the order of their first tokens), for measuring request placement on routing traces.
+
+    Methods (``TraceRequestMethod``):
+        round_robin    request i on rank i mod P.
+        least_loaded   Megatron's choice: ``online_rank`` with weight 0 (most free slots).
+        affinity       ``online_rank`` with ``weight``, affinity from the request's first
+                       ``prompt_share`` of tokens (its prompt) through ``request_affinity``.
+        group_mask     ``place_requests(method="group_mask")`` on the same affinity.
+    The online methods see requests in rounds of ``slots * P`` concurrent ones (every rank has
+    ``slots`` request slots; a round starts with all of them free).
+
+    Args:
+        request_ids: int [T]; a request's tokens are consecutive.
+        token_ids: int [T], needed by every method but round_robin.
+        predictor: answers ``RouteContext(layer, token_ids)`` (e.g. the token table).
+        placements: one ExpertPlacement per MoE layer (P from them).
+    """
+    if method not in get_args(TraceRequestMethod):
+        raise ValueError(f"request placement method {method!r}; choose one of {list(get_args(TraceRequestMethod))}")
+    rid = np.asarray(request_ids)
+    if rid.ndim != 1 or rid.shape[0] == 0:
+        raise ValueError("request placement needs request ids int [T] (traces with request ids)")
+    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
+    if np.unique(rid[starts]).shape[0] != starts.shape[0]:
+        raise ValueError("request placement needs each request's tokens to be consecutive in the trace")
+    ends = np.r_[starts[1:], rid.shape[0]]
+    p = placements[0].ep_size
+    n = starts.shape[0]
+    if method == "round_robin":
+        rank = np.arange(n, dtype=np.int64) % p
+    else:
+        if token_ids is None:
+            raise ValueError(f"request placement {method!r} predicts from token ids, and the trace has none; "
+                             "use round_robin")
+        prompts = [np.asarray(token_ids[s : s + max(1, int((e - s) * prompt_share))]) for s, e in zip(starts, ends)]
+        aff = request_affinity(predictor, prompts, placements)
+        if method == "group_mask":
+            rank = place_requests(aff, ends - starts, method="group_mask").rank
+        else:
+            w = 0.0 if method == "least_loaded" else weight
+            rank = np.empty(n, dtype=np.int64)
+            pending = np.zeros(p, dtype=np.int64)
+            for i in range(n):
+                if i % (slots * p) == 0:
+                    pending[:] = 0
+                rank[i] = online_rank(aff[i], pending, max_requests=slots, weight=w)
+                pending[rank[i]] += 1
+    return np.repeat(rank, ends - starts)

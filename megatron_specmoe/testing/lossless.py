@@ -43,6 +43,7 @@ class LosslessCase:
         seed: weights and inputs.
         via: how specmoe is selected: "spec" (the specmoe layer spec) or "hook" (install()).
         device: "cpu" (gloo) or "cuda" (NCCL; rank r uses GPU r mod the visible count).
+        gpus_per_node: given to the specmoe dispatcher's recorder (node measures), or None.
     """
 
     shape: MoEShape = field(default_factory=MoEShape)
@@ -57,6 +58,7 @@ class LosslessCase:
     seed: int = 7
     via: str = "spec"
     device: str = "cpu"
+    gpus_per_node: Optional[int] = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +167,7 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
         _arrange(ref, spec, case, 0)
         ref.to(case.device)
         spec.to(case.device)
-        recorder = DispatchRecorder()
+        recorder = DispatchRecorder(gpus_per_node=case.gpus_per_node)
         spec.token_dispatcher.recorder = recorder
 
         seq = case.seq + (rank if case.ragged else 0)
@@ -218,7 +220,7 @@ def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResu
             _arrange(a.layer, b.layer, case, i)
         ref.to(case.device)
         spec.to(case.device)
-        recorder = DispatchRecorder()
+        recorder = DispatchRecorder(gpus_per_node=case.gpus_per_node)
         attach_recorder(spec, recorder)
 
         # Data parallel ranks (outside a TP group) see different sequences.
