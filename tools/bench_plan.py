@@ -10,8 +10,10 @@ gathered ids), route (token rank table, V = 32000), history (history MLP over 4 
 (2 * ranks experts where ranks > 8). Keys:
     kernels     launches per MoE layer of predictor + "prices" assignment + permutation, counted
                 with ``measure.launches.LaunchCounter`` on the path a GPU runs: the Triton kernels
-                (``path`` "triton", where triton can run: a CUDA device, or TRITON_INTERPRET=1) or
-                the plain torch ops (``path`` "torch"); numpy twins are never on it.
+                (``path`` "triton", where triton can run: a CUDA device, or TRITON_INTERPRET=1; the
+                ops are dispatched on fake tensors, so nothing is computed) or the plain torch ops
+                (``path`` "torch"); numpy twins are never on it.
+    kernels_torch  the same on the plain torch path (where triton is absent).
     host_syncs  host synchronisations among them (0 expected).
     cpu_ms      median wall time of the whole plan on this CPU (torch path, 1 thread).
     lar, lar_refine  local activation rate of "prices" and of "refine" on the same scores, batches
@@ -56,8 +58,9 @@ def log(msg: str) -> None:
     print(f"[bench_plan] {msg}", file=sys.stderr, flush=True)
 
 
-def _paths(t: int, p: int, backend: str) -> dict:
-    """Each run-time plan as a closure: predictor scores -> prices -> permutation."""
+def _paths(t: int, p: int, backend: str, convert=lambda x: x) -> dict:
+    """Each run-time plan as a closure: predictor scores -> prices -> permutation; ``convert``
+    maps every input tensor (e.g. to a fake tensor)."""
     e = 8 if p <= 8 else 2 * p
     k, hidden, vocab, layers = 2, 1024, 32000, 4
     gen = torch.Generator().manual_seed(t * 131 + p)
@@ -77,6 +80,11 @@ def _paths(t: int, p: int, backend: str) -> dict:
     history = torch.randint(0, e, (t, layers, k), generator=gen)
     floor = torch.cat([torch.zeros(p), torch.full((1,), 1e-12)])
     scores = torch.rand(t, p, generator=gen)
+    (hosts, hosts_sum, router, x, own, gathered, ids, offsets, history, floor, scores) = map(
+        convert, (hosts, hosts_sum, router, x, own, gathered, ids, offsets, history, floor, scores))
+    table = RankTable(table=convert(table.table), layer=0, ep_base=0, placement_key=())
+    scorer = HistoryLayerScorer(layer=layers, num_experts=e, prior=convert(scorer.prior), w1=convert(scorer.w1),
+                                b1=convert(scorer.b1), w2=convert(scorer.w2), b2=convert(scorer.b2))
 
     def plan(s):
         return prices_plan(s, backend=backend)
@@ -92,16 +100,28 @@ def _paths(t: int, p: int, backend: str) -> dict:
     }
 
 
-def count_paths(sizes, *, check_equal: bool = False) -> list[dict]:
-    """Launch counts of every run-time path at each (T, P) of ``sizes``, on the Triton path where
-    triton can run (else torch); with ``check_equal`` also whether its plan equals the torch one."""
-    backend = "triton" if triton_usable(torch.device("cpu")) else "torch"
+def count_paths(sizes, *, check_equal: bool = False, backend: str = "auto") -> list[dict]:
+    """Launch counts of every run-time path at each (T, P) of ``sizes``: on the Triton path where
+    triton can run (``backend`` "auto"; a CUDA device or TRITON_INTERPRET=1), else torch. With
+    ``check_equal`` the kernels run (in the interpreter on a CPU) and each plan is compared with
+    the torch one; without, the ops are dispatched on fake tensors (shapes only: the same ops,
+    nothing computed, so T = 16384 counts in moments)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if backend == "auto":
+        backend = "triton" if triton_usable(torch.device("cpu")) else "torch"
     rows = []
     for t, p in sizes:
-        ref = _paths(t, p, "torch")
-        for name, fn in _paths(t, p, backend).items():
-            with LaunchCounter() as counter:
-                got = fn()
+        ref = _paths(t, p, "torch") if check_equal else None
+        fake = None if check_equal else FakeTensorMode(allow_non_fake_inputs=False)
+        paths = _paths(t, p, backend, convert=(lambda v: v) if fake is None else fake.from_tensor)
+        for name, fn in paths.items():
+            if fake is None:
+                with LaunchCounter() as counter:
+                    got = fn()
+            else:
+                with fake, LaunchCounter() as counter:
+                    got = fn()
             c = counter.result()
             row = {"predictor": name, "tokens": t, "ranks": p, "path": backend, "kernels": c.kernels,
                    "triton": c.triton, "host_syncs": c.host_syncs, "by_op": c.by_op}
@@ -202,7 +222,9 @@ def main(argv=None) -> int:
     ranks = [int(x) for x in args.ranks.split(",")]
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print(f"command: {command}", file=sys.stderr if args.json else sys.stdout)
-    counts = {(r["predictor"], r["tokens"], r["ranks"]): r for r in count_paths([(t, p) for p in ranks for t in tokens])}
+    sizes = [(t, p) for p in ranks for t in tokens]
+    counts = {(r["predictor"], r["tokens"], r["ranks"]): r for r in count_paths(sizes)}
+    torch_counts = {(r["predictor"], r["tokens"], r["ranks"]): r for r in count_paths(sizes, backend="torch")}
     lar = quality(tokens, ranks, args.traces)
     rows = []
     for p in ranks:
@@ -212,6 +234,7 @@ def main(argv=None) -> int:
                 c = counts[(name, t, p)]
                 rows.append({"predictor": name, "tokens": t, "ranks": p, "kernels": c["kernels"],
                              "host_syncs": c["host_syncs"], "path": c["path"],
+                             "kernels_torch": torch_counts[(name, t, p)]["kernels"],
                              "cpu_ms": round(_median_ms(timed[name], args.repeats), 3),
                              "lar": round(lar[(t, p)][0], 4), "lar_refine": round(lar[(t, p)][1], 4),
                              "routes": lar[(t, p)][2]})
@@ -219,11 +242,12 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'predictor':>10s} {'T':>6s} {'P':>3s} {'kernels':>7s} {'syncs':>5s} {'path':>6s} {'cpu ms':>8s} "
-          f"{'LAR':>7s} {'refine':>7s} routes")
+    print(f"{'predictor':>10s} {'T':>6s} {'P':>3s} {'kernels':>7s} {'path':>6s} {'torch':>5s} {'syncs':>5s} "
+          f"{'cpu ms':>8s} {'LAR':>7s} {'refine':>7s} routes")
     for r in rows:
-        print(f"{r['predictor']:>10s} {r['tokens']:6d} {r['ranks']:3d} {r['kernels']:7d} {r['host_syncs']:5d} "
-              f"{r['path']:>6s} {r['cpu_ms']:8.3f} {r['lar']:7.4f} {r['lar_refine']:7.4f} {r['routes']}")
+        print(f"{r['predictor']:>10s} {r['tokens']:6d} {r['ranks']:3d} {r['kernels']:7d} {r['path']:>6s} "
+              f"{r['kernels_torch']:5d} {r['host_syncs']:5d} {r['cpu_ms']:8.3f} {r['lar']:7.4f} {r['lar_refine']:7.4f} "
+              f"{r['routes']}")
     return 0
 
 

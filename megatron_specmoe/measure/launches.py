@@ -35,7 +35,7 @@ __all__ = ["LaunchCounter", "LaunchCount", "HostSyncGuard", "HostSyncError", "NO
 NO_KERNEL = frozenset({
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
     "aten::_unsafe_view", "aten::lift_fresh", "aten::detach", "aten::alias", "aten::_reshape_alias",
-    "aten::set_", "aten::resize_",
+    "aten::set_", "aten::resize_", "prim::device",
 })
 
 # Ops whose result the host must read (a synchronisation on a GPU, refused by CUDA-graph capture).

@@ -11,10 +11,11 @@ Notation
 
 Why. ``assignment``'s ``refine`` is within 0.5% of the optimum but issues some 300 aten ops per
 call on a device (P = 8); the plan then costs more launches than the collectives it trims. This
-method reaches the same local activation rate (within 0.002 on the Mixtral traces,
-``tools/bench_plan.py``) with a number of steps that depends on nothing but the ``iterations``
-argument: 7 kernel launches on the Triton path for any T and P (``fast_assign_triton``), about 30
-aten ops on the plain torch path (the reference, used where triton is absent). No host
+method reaches nearly the same local activation rate (within 0.004 with the history MLP's scores of
+the Mixtral traces at EP 4 and 8, ``tools/bench_plan.py``; up to 0.025 below with tied scores such
+as pregate's counts, where refine's exchange sweeps untie better) with a number of steps that depends on nothing but the ``iterations``
+argument: 7 kernel launches on the Triton path for any T and P (``fast_assign_triton``), 64
+aten kernels on the plain torch path (the reference, used where triton is absent). No host
 synchronisation, no data-dependent shape: CUDA-graph capturable.
 
 Method ("prices": price iterations, then one greedy round).
