@@ -108,12 +108,12 @@ def mixtral():
     and roleplay: (experts int64 [T, L, k], expert scores float32 [T, L, E])."""
     if not TRACES.is_dir():
         pytest.skip("the shared Mixtral traces are not on this machine")
-    from megatron_specmoe.artifacts.trace_io import cross_domain_split
+    from megatron_specmoe.artifacts.trace_splits import cross_domain_split
     from megatron_specmoe.predict.base import RouteContext
     from megatron_specmoe.predict.registry import fit_predictor
 
-    split = cross_domain_split([read_traces(TRACES / f"experts_{c}_mixtral.json") for c in ("coding", "roleplay")],
-                               [read_traces(TRACES / "experts_math_mixtral.json")])
+    fit = [read_traces(TRACES / f"experts_{c}_mixtral.json", num_experts=8) for c in ("coding", "roleplay")]
+    split = cross_domain_split(fit, [read_traces(TRACES / "experts_math_mixtral.json", num_experts=8)])
     history = fit_predictor("history", split.fit, epochs=6)
     experts = split.eval.experts[:3072]
     scores = np.stack([history.expert_scores(RouteContext(layer=l, history=experts[:, :l]))

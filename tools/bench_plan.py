@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -163,11 +164,12 @@ def _lar(scores_hits, batch: int) -> tuple[float, float]:
 
 def mixtral_scores(trace_dir: Path) -> list:
     """Per held-out category: (expert scores float32 [T, L, E], experts int64 [T, L, k])."""
-    from megatron_specmoe.artifacts.trace_io import cross_domain_split, read_traces
+    from megatron_specmoe.artifacts.trace_io import read_traces
+    from megatron_specmoe.artifacts.trace_splits import cross_domain_split
     from megatron_specmoe.predict.base import RouteContext
     from megatron_specmoe.predict.registry import fit_predictor
 
-    traces = {c: read_traces(trace_dir / f"experts_{c}_mixtral.json") for c in CATEGORIES}
+    traces = {c: read_traces(trace_dir / f"experts_{c}_mixtral.json", num_experts=8) for c in CATEGORIES}
     out = []
     for held in CATEGORIES:
         split = cross_domain_split([traces[c] for c in CATEGORIES if c != held], [traces[held]])
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     tokens = [int(x) for x in args.tokens.split(",")]
     ranks = [int(x) for x in args.ranks.split(",")]
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
+    command = env + "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print(f"command: {command}", file=sys.stderr if args.json else sys.stdout)
     sizes = [(t, p) for p in ranks for t in tokens]
     counts = {(r["predictor"], r["tokens"], r["ranks"]): r for r in count_paths(sizes)}
