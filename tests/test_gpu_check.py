@@ -29,6 +29,14 @@ def test_timing_step_runs_on_the_cpu_at_tiny_sizes(gpu_check):
         assert keys <= set(row) and all(row[k] > 0 for k in keys), row
 
 
+def test_plan_graph_step_runs_on_the_cpu_at_tiny_sizes(gpu_check):
+    rows = gpu_check.plan_graph("cpu", (1, 70), ranks=4, vocab=50, heads=2, head_dim=8, repeats=1)
+    assert [r["tokens"] for r in rows] == [1, 70]
+    for row in rows:
+        assert row["graph_equal"].startswith("skipped")
+        assert all(row[k] > 0 for k in ("plan_ms", "attention_ms", "overlapped_ms")), row
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_refuses_without_cuda(gpu_check, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(tmp_path / "out.json")])

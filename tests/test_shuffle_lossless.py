@@ -26,6 +26,7 @@ CASES = [
     ("gpt", ShuffleCase(tp=4, ep=4, predictor="adversarial", seq=7, batch=2)),  # T = 14: padding
     ("gpt", ShuffleCase(tp=2, ep=2, predictor="pregate", batch=3)),  # DP = 2
     ("gpt", ShuffleCase(tp=2, ep=4, predictor="pregate", method="greedy")),  # TP group = half the EP group
+    ("gpt", ShuffleCase(tp=4, ep=4, predictor="pregate", method="refine", seq=7, batch=2)),  # the reference method
     # Prefill, then decode steps with a KV cache (T = 3 < P = 4: one rank has no real token).
     ("gpt", ShuffleCase(tp=4, ep=4, predictor="pregate", batch=3, decode_steps=2)),
     # A fitted route predictor on token ids (a stand-in table), prefill + decode.

@@ -9,10 +9,13 @@ one runs. Steps:
 2. lossless, specmoe vs alltoall, on NCCL: world 1 (EP=1) and, with 2+ GPUs visible, world 2
    (EP=2, permuted placement), MoE layer and GPT model, fp32, |diff| <= 1e-6 / 1e-5;
 3. timings with CUDA events (median of 20 after 5 warm-ups) for T = 4k .. 64k tokens:
-   the runtime shuffle plan (``assign(..., "refine", validate=False)``, P = 8), the run-time
+   the shuffle plan (``assign(..., "refine", validate=False)``, P = 8; the run-time "prices" in 3b), the run-time
    predictors that feed it (token rank-table lookup, V = 129k; history MLP at MoE layer 16;
    pregate gating H = 4096 + rank scores), all with random weights, and the dispatcher's column
    permutation plus Megatron's permute (E = 64, top-8);
+3b. the run-time plan (route table -> "prices" -> permutation) captured in a CUDA graph and
+   replayed (equal to eager), and timed against an attention stand-in alone and overlapped on a
+   side stream (``plan_graph``; its code also runs on the CPU in tests/test_gpu_check.py);
 4. with TransformerEngine: the TE spec's MoE layer (TEGroupedMLP) with specmoe equals alltoall;
 5. s-TS on NCCL with local linears: a GPT model whose MoE layers are ``ShuffleTransformerLayer``
    against Megatron's local spec with alltoall, same weights, TP = EP = min(GPUs, 4), sequence
@@ -168,6 +171,81 @@ def timings(device: str = "cuda", token_counts=(4096, 8192, 16384, 32768, 65536)
             "dispatch_permute_ms": _cuda_time(dispatch_permute, repeats, device=device),
         })
         print(f"[gpu_check]   T={tokens}: {rows[-1]}", flush=True)
+    return rows
+
+
+def plan_graph(device: str = "cuda", token_counts=(64, 512, 4096, 16384), *, ranks: int = 8, vocab: int = 32000,
+               heads: int = 32, head_dim: int = 128, repeats: int = 20) -> list[dict]:
+    """The run-time plan (route rank table -> "prices" -> permutation) in a CUDA graph, and
+    overlapped with attention on a side stream, for T tokens at P = ``ranks``.
+
+    Per T: ``graph_equal`` (the replayed plan equals the eager one; on the CPU "skipped: no CUDA
+    graphs"), and median milliseconds of the plan eager, the plan replayed from its graph, an
+    attention stand-in alone (``scaled_dot_product_attention`` over one sequence of T tokens,
+    ``heads`` x ``head_dim``), and attention with the plan on a side stream joined by one event
+    (``overlapped_ms``; on the CPU the two run in order). ``overlap_saving_ms`` = attention + plan -
+    overlapped."""
+    import torch
+
+    from megatron_specmoe.predict.device import RankTable
+    from megatron_specmoe.schedule.fast_assign import prices_plan
+
+    dev = {"device": device}
+    gen = torch.Generator(device=device).manual_seed(0)
+    table = RankTable(table=torch.rand(vocab + 1, ranks, generator=gen, **dev), layer=0, ep_base=0,
+                      placement_key=())
+    rows = []
+    for tokens in token_counts:
+        ids = torch.randint(0, vocab, (tokens,), generator=gen, **dev)
+        q = torch.randn(1, heads, tokens, head_dim, generator=gen, **dev)
+
+        def plan():
+            return prices_plan(table.lookup(ids))
+
+        def attention():
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+        eager = plan()
+        row = {"tokens": tokens, "ranks": ranks, "plan_ms": _cuda_time(plan, repeats, device=device),
+               "attention_ms": _cuda_time(attention, repeats, device=device)}
+        if device == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+                for _ in range(3):
+                    plan()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = plan()
+            graph.replay()
+            torch.cuda.synchronize()
+            row["graph_equal"] = all(torch.equal(getattr(captured, f), getattr(eager, f))
+                                     for f in ("home_ext", "order", "inverse"))
+            row["plan_graph_ms"] = _cuda_time(graph.replay, repeats, device=device)
+
+            def overlapped():
+                main = torch.cuda.current_stream()
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    plan()
+                    done = torch.cuda.Event()
+                    done.record(side)
+                out = attention()
+                main.wait_event(done)
+                return out
+        else:
+            row["graph_equal"] = "skipped: no CUDA graphs on the CPU"
+
+            def overlapped():
+                plan()
+                return attention()
+        row["overlapped_ms"] = _cuda_time(overlapped, repeats, device=device)
+        row["overlap_saving_ms"] = row["attention_ms"] + row["plan_ms"] - row["overlapped_ms"]
+        rows.append(row)
+        print(f"[gpu_check]   plan T={tokens}: {row}", flush=True)
+    if device == "cuda" and not all(r["graph_equal"] is True for r in rows):
+        raise AssertionError(f"the plan replayed from a CUDA graph differs from the eager plan: {rows}")
     return rows
 
 
@@ -355,6 +433,7 @@ def main() -> int:
         return 2
     results = {"command": " ".join([sys.executable] + sys.argv)}
     for name, fn in (("environment", environment), ("lossless", lossless), ("timings", timings),
+                     ("plan_graph", plan_graph),
                      ("transformer_engine", transformer_engine), ("shuffle_nccl", shuffle_nccl),
                      ("te_shuffle", te_shuffle)):
         _step(results, name, fn)

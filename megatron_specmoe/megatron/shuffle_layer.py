@@ -154,6 +154,7 @@ class ShuffleTransformerLayer(TransformerLayer):
         self._moe_index: Optional[int] = None
         self._rank_of_cache: Optional[tuple] = None  # (placement, int64 [E])
         self.scorer = make_rank_scorer(carrier.options)
+        self._side_stream = None  # the CUDA stream stage 3 runs on (``_plan_on_side_stream``)
         # predictor "history": the router's last top-k ids, kept by a forward hook on the router.
         self._last_routes: Optional[torch.Tensor] = None
         if carrier.options.predictor == "history":
@@ -311,6 +312,9 @@ class ShuffleTransformerLayer(TransformerLayer):
                 "the shuffle spec (the specmoe dispatcher alone works with either)"
             )
         x = self.gather_input(hidden_states)
+        # Stage 3 needs only stage 1's output: on CUDA it runs on a side stream while attention
+        # runs, joined by one event wait before the shuffled reduce-scatter; on the CPU in order.
+        pending = self._plan_on_side_stream(x) if hidden_states.is_cuda and self.carrier.options.overlap_plan else None
         partial, proj_bias = self.attention(
             x.ln_full,
             attention_mask=attention_mask,
@@ -322,7 +326,11 @@ class ShuffleTransformerLayer(TransformerLayer):
             attention_bias=attention_bias,
             sequence_len_offset=sequence_len_offset,
         )
-        plan = self.plan(x)
+        if pending is None:
+            plan = self.plan(x)
+        else:
+            plan, done = pending
+            torch.cuda.current_stream(hidden_states.device).wait_event(done)
         shard = self.shuffled_reduce_scatter(x, hidden_states, partial, proj_bias, plan)
         out, real = self.moe(shard, plan)
         return self.hand_on(out, real, plan, x), context
@@ -407,6 +415,29 @@ class ShuffleTransformerLayer(TransformerLayer):
         if self.carrier.options.keep_plans:
             self.carrier.plans.append((self.layer_number, plan))
         return plan
+
+    def _plan_on_side_stream(self, x: LayerInput):
+        """Stage 3 on this layer's side CUDA stream: (plan, event recorded when it is done). The
+        side stream first waits for the main stream (stage 1's tensors); the plan's tensors are
+        marked as used by the main stream and stage 1's as used by the side stream, so that the
+        caching allocator reuses neither too early. Capturable in a CUDA graph (fork and join by
+        events)."""
+        device = x.ln_full.device
+        main = torch.cuda.current_stream(device)
+        if self._side_stream is None or self._side_stream.device != device:
+            self._side_stream = torch.cuda.Stream(device=device)
+        side = self._side_stream
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            plan = self.plan(x)
+            done = torch.cuda.Event()
+            done.record(side)
+        for t in (x.ln_full, x.history, x.gate_experts):
+            if t is not None:
+                t.record_stream(side)
+        for t in (plan.home_rank, plan.order, plan.inverse):
+            t.record_stream(main)
+        return plan, done
 
     def shuffled_reduce_scatter(self, x: LayerInput, hidden_states: torch.Tensor, partial: torch.Tensor,
                                 proj_bias: Optional[torch.Tensor], plan: ShufflePlan) -> torch.Tensor:

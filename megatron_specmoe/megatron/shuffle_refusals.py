@@ -20,6 +20,15 @@ from typing import Any, Callable, Literal, Optional
 
 __all__ = ["moe_layer_pattern", "moe_layer_numbers", "shuffle_dense_layer_problem", "Refusal", "SHUFFLE_REFUSALS", "layer_refusals", "launcher_refusals", "launcher_sentences"]
 
+# What still blocks a CUDA graph of a shuffle layer. The plan does not: "prices" on the Triton path
+# is 7 launches with no host synchronisation and static shapes (tools/gpu_check.py captures and
+# replays it). Megatron's dropless all-to-all dispatcher, which the specmoe dispatcher extends,
+# copies the per-rank token counts to the host every forward to size its all-to-all
+# (``cuda_sync_point``); only its drop-and-pad mode avoids that, and dropping tokens would break
+# losslessness.
+_GRAPH_WHY = ("the specmoe dispatcher (Megatron's dropless all-to-all) reads the per-rank token counts on "
+              "the host every forward to size its all-to-all; the shuffle plan itself is graph-safe")
+
 Scope = Literal["layer", "launcher", "both"]
 
 
@@ -109,11 +118,11 @@ SHUFFLE_REFUSALS: tuple[Refusal, ...] = (
     Refusal(field="cuda_graph_impl", flag="--cuda-graph-impl",
             unwanted=lambda s: getattr(s, "cuda_graph_impl", "none") not in ("none", None),
             requirement="cuda_graph_impl must be 'none'",
-            why="the shuffle layer plans on the host every forward"),
+            why=_GRAPH_WHY),
     Refusal(field="enable_cuda_graph", flag="--enable-cuda-graph",
             unwanted=lambda s: bool(getattr(s, "enable_cuda_graph", False)),
             requirement="enable_cuda_graph must be False",
-            why="the shuffle layer plans on the host every forward"),
+            why=_GRAPH_WHY),
     Refusal(field="spec", flag="--spec", unwanted=lambda s: getattr(s, "spec", None) is not None,
             requirement="",
             why=("Megatron-LM then takes the layer spec from that module and never asks gpt_layer_specs, "

@@ -25,18 +25,22 @@ __all__ = ["ShuffleOptions", "ShuffleState", "RouteHistory", "ShuffleCarrier"]
 @dataclass(frozen=True, kw_only=True)
 class ShuffleOptions:
     """Attributes: predictor (``ShufflePredictor``), method (``assignment.AssignmentMethod``;
-    "refine" is the runtime one), seed (for the "random" predictor), keep_plans (carrier keeps
+    "prices" is the runtime one: 7 launches on the Triton path, no host synchronisation; "refine"
+    stays selectable, some 300 launches), seed (for the "random" predictor), keep_plans (carrier keeps
     every plan it sees, for tests and benchmarks), route_predictor (a fitted
     ``predict.base.RoutePredictor``, for predictor="route"; called with token ids only
     and compiled per layer into a device table, ``predict.rank_table``),
-    route_vocab_size (V of that table; None: the predictor's own vocab_size or fitted id bound)."""
+    route_vocab_size (V of that table; None: the predictor's own vocab_size or fitted id bound),
+    overlap_plan (on CUDA, compute each layer's plan on a side stream while its attention runs;
+    False: in order, as on the CPU)."""
 
     predictor: ShufflePredictor = "pregate"
-    method: AssignmentMethod = "refine"
+    method: AssignmentMethod = "prices"
     seed: int = 0
     keep_plans: bool = False
     route_predictor: Optional[Any] = None
     route_vocab_size: Optional[int] = None
+    overlap_plan: bool = True
 
     def __post_init__(self) -> None:
         if self.predictor not in get_args(ShufflePredictor):

@@ -159,8 +159,9 @@ class RankTable:
         gather, no host synchronisation."""
         ids = token_ids.reshape(-1).long()
         v = self.vocab_size
-        rows = torch.where((ids >= 0) & (ids < v), ids, torch.full_like(ids, v))
-        return self.table.index_select(0, rows)
+        # Ids below 0 clamp to -1 and ids above V to V; -1 mod (V + 1) is V: the prior row. Three
+        # launches on a device (clamp, remainder, gather).
+        return self.table.index_select(0, ids.clamp(-1, v).remainder(v + 1))
 
 
 def token_id_bound(predictor: Any) -> int:

@@ -115,6 +115,29 @@ class HistoryLayerScorer:
         probs = torch.sigmoid(torch.addmm(self.b2, hidden, self.w2)).clamp_min_(1e-12)
         return probs / probs.sum(dim=1, keepdim=True)
 
+    def rank_scores(self, *, history, hosts_sum, offsets, floor):
+        """float32 [T, P]: ``scores(history=history) @ hosts`` for the run-time plan in eight device
+        launches (equal up to float rounding: the row sum comes out of the same matmul).
+
+        Args:
+            history: int64 [T, l, k] (as ``scores``; l >= 1).
+            hosts_sum: float32 [E, P + 1], ``span_hosts(...)`` with a column of ones appended.
+            offsets: int64 [1, l, 1], ``arange(l) * E``.
+            floor: float32 [P + 1], zeros then 1e-12. The three are constants, made once per
+                placement by the caller.
+        """
+        import torch
+
+        tokens = history.shape[0]
+        if self.w1 is None:
+            raw = torch.addmm(floor, self.prior.view(1, -1), hosts_sum)
+            return (raw[:, :-1] / raw[:, -1:]).expand(tokens, -1)
+        rows = (history + offsets).reshape(tokens, -1)
+        hidden = torch.relu(torch.nn.functional.embedding_bag(rows, self.w1, mode="sum") + self.b1)
+        # floor adds 1e-12 to the sums column in the same launch (a row of zeros would divide by 0).
+        raw = torch.addmm(floor, torch.sigmoid(torch.addmm(self.b2, hidden, self.w2)), hosts_sum)  # [T, P + 1]
+        return raw[:, :-1] / raw[:, -1:]
+
 
 class HistoryMLP(FittedTables):
     """Per-layer one-hidden-layer MLP from the full route history to this layer's experts.

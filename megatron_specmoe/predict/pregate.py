@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["topk_rank_scores", "top_experts", "expert_rank_counts", "span_hosts"]
+__all__ = ["topk_rank_scores", "top_experts", "expert_rank_counts", "span_hosts", "rank_scores_from_logits",
+           "rank_scores_from_experts"]
 
 
 def topk_rank_scores(
@@ -147,3 +148,28 @@ def expert_rank_counts(experts: torch.Tensor, *, rank_of: torch.Tensor, ep_base:
     out = torch.zeros(experts.shape[0], tp, dtype=torch.float32, device=experts.device)
     out.scatter_add_(1, local.clamp(0, tp - 1), inside.float())
     return out
+
+
+def rank_scores_from_logits(logits: torch.Tensor, *, k: int, hosts: torch.Tensor) -> torch.Tensor:
+    """``topk_rank_scores`` in three device launches for the run-time plan: a stable descending
+    sort of each row (equal logits: the lower expert first, the same experts as the k rounds), a
+    gather of the k experts' rows of ``hosts`` and their sum.
+
+    Args:
+        logits: float [T, E] router logits on any device.   k: top-k, 1 .. E.
+        hosts: float32 [E, P], ``span_hosts(rank_of, ep_base=..., tp=P)`` (made once per placement).
+
+    Returns:
+        float32 [T, P], equal to ``topk_rank_scores(logits, k=k, rank_of=..., ep_base=..., tp=P)``.
+    """
+    if logits.dim() != 2 or not 1 <= k <= logits.shape[1] or hosts.shape[0] != logits.shape[1]:
+        raise ValueError(f"rank_scores_from_logits: logits [T, E] with 1 <= k <= E and hosts [E, P] needed, got "
+                         f"{tuple(logits.shape)}, k={k}, hosts {tuple(hosts.shape)}")
+    experts = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
+    return hosts[experts].sum(dim=1)
+
+
+def rank_scores_from_experts(experts: torch.Tensor, *, hosts: torch.Tensor) -> torch.Tensor:
+    """``expert_rank_counts`` in two device launches: float32 [T, P] from ``experts`` int [T, k]
+    (logical ids) and ``hosts`` float32 [E, P] (``span_hosts``)."""
+    return hosts[experts].sum(dim=1)

@@ -24,13 +24,14 @@ computes the same scores and the plan after it is identical on all of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, get_args
 
 import torch
 
 from megatron_specmoe.predict.device import compile_rank_table, layer_device_scorer
-from megatron_specmoe.predict.pregate import expert_rank_counts, span_hosts, topk_rank_scores
+from megatron_specmoe.predict.history_mlp import HistoryLayerScorer
+from megatron_specmoe.predict.pregate import rank_scores_from_experts, rank_scores_from_logits, span_hosts
 from megatron_specmoe.predict.vocabulary import ShufflePredictor
 
 __all__ = ["ScoreInputs", "RankScorer", "RANK_SCORERS", "make_rank_scorer"]
@@ -104,13 +105,21 @@ class PregateScorer:
     Attributes: sign (+1, or -1 for the adversarial baseline)."""
 
     sign: float = 1.0
+    _hosts: dict = field(default_factory=dict, compare=False, repr=False)  # (rank_of id, ep_base, tp) -> [E, P]
 
     def __call__(self, x: ScoreInputs) -> torch.Tensor:
+        # The expert -> TP rank matrix is made once per rank_of tensor (the layer keeps one per
+        # placement), so a forward costs the sort, a gather and a sum (``pregate``'s device forms).
+        key = (id(x.rank_of), x.ep_base, x.tp)
+        cached = self._hosts.get("hosts")
+        if cached is None or cached[0] != key or cached[1] is not x.rank_of:
+            cached = (key, x.rank_of, span_hosts(x.rank_of, ep_base=x.ep_base, tp=x.tp))
+            self._hosts["hosts"] = cached
+        hosts = cached[2]
         if x.gate_experts is not None:  # sequence parallel: gated shard by shard, then gathered
-            scores = expert_rank_counts(x.gate_experts, rank_of=x.rank_of, ep_base=x.ep_base, tp=x.tp)
+            scores = rank_scores_from_experts(x.gate_experts, hosts=hosts)
         else:
-            scores = topk_rank_scores(x.gate(x.layer_input), k=x.topk, rank_of=x.rank_of,
-                                      ep_base=x.ep_base, tp=x.tp)
+            scores = rank_scores_from_logits(x.gate(x.layer_input), k=x.topk, hosts=hosts)
         return -scores if self.sign < 0 else scores
 
 
@@ -154,6 +163,7 @@ class HistoryScorer:
         self.predictor = predictor
         self.vocab_size = vocab_size
         self._cache: Optional[tuple] = None  # (device, device scorer)
+        self._consts: Optional[tuple] = None  # (key, rank_of, hosts_sum, offsets, floor)
 
     def __call__(self, x: ScoreInputs) -> torch.Tensor:
         history = x.history
@@ -175,7 +185,20 @@ class HistoryScorer:
                                          vocab_size=self.vocab_size)
             cached = (history.device, scorer)
             self._cache = cached
-        expert_scores = cached[1].scores(token_ids=ids, history=history)  # [T, E]
+        scorer = cached[1]
+        if isinstance(scorer, HistoryLayerScorer) and scorer.w1 is not None:
+            # The history MLP alone: its fused rank scores (8 launches) with constants made once.
+            consts = self._consts
+            key = (id(x.rank_of), x.ep_base, x.tp, history.device)
+            if consts is None or consts[0] != key or consts[1] is not x.rank_of:
+                hosts = span_hosts(x.rank_of.to(history.device), ep_base=x.ep_base, tp=x.tp)
+                e = hosts.shape[0]
+                consts = (key, x.rank_of, torch.cat([hosts, hosts.new_ones(e, 1)], dim=1),
+                          (torch.arange(scorer.layer, device=history.device) * e).view(1, -1, 1),
+                          torch.cat([hosts.new_zeros(x.tp), hosts.new_full((1,), 1e-12)]))
+                self._consts = consts
+            return scorer.rank_scores(history=history, hosts_sum=consts[2], offsets=consts[3], floor=consts[4])
+        expert_scores = scorer.scores(token_ids=ids, history=history)  # [T, E]
         return expert_scores @ span_hosts(x.rank_of.to(history.device), ep_base=x.ep_base, tp=x.tp)
 
 

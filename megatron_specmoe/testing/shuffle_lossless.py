@@ -55,7 +55,7 @@ class ShuffleCase:
     ep: int = 4
     placement: Optional[tuple[int, ...]] = None
     predictor: str = "pregate"
-    method: str = "refine"
+    method: str = "prices"
     seq: int = 8
     batch: int = 2
     seed: int = 7
