@@ -113,3 +113,13 @@ def test_plan_is_at_most_16_launches_per_layer_with_every_predictor(interpreted_
     assert seen == {"assignment", "pregate", "pregate_sp", "route", "history"}
     assignment = [r for r in interpreted_counts if r["predictor"] == "assignment"]
     assert all(r["kernels"] == 7 and r["triton"] == 4 for r in assignment)  # 2 iterations: 3 + 2 * 2
+
+
+def test_simulator_charges_the_counted_launches(interpreted_counts):
+    """sim/plan_cost's launch constants are the counts measured here (largest over sizes)."""
+    from megatron_specmoe.sim.plan_cost import DEFAULT_PLAN_KERNELS, PLAN_KERNELS
+
+    for name, kernels in PLAN_KERNELS.items():
+        measured = max(r["kernels"] for r in interpreted_counts if r["predictor"] == name)
+        assert kernels == measured, (name, kernels, measured)
+    assert DEFAULT_PLAN_KERNELS == max(r["kernels"] for r in interpreted_counts if r["predictor"] != "assignment")

@@ -8,9 +8,10 @@ Notation
 Plan charge (``PlanCharge``, ``plan_time``)
     plan time = K x launch cost, launch cost = ``ComputeRates.launch_graph_s`` (a kernel inside a
     replayed CUDA graph) or ``launch_eager_s`` (eager PyTorch); sources in ``cluster.py``.
-    K defaults to ``DEFAULT_PLAN_KERNELS``: the fast-plan issue's budget of at most 16 launches per
-    layer. The counter that measures the real number is being built in parallel; until it lands
-    this is a constant, overridden by ``--plan-kernels``.
+    K defaults to ``DEFAULT_PLAN_KERNELS`` = 16, the most any run-time predictor's plan launches per
+    MoE layer on the Triton path (``PLAN_KERNELS``: route 10, pregate 11, history 16, counted by
+    ``measure/launches.LaunchCounter`` in ``tools/bench_plan.py``; ``tests/test_launches.py`` checks
+    that these constants are what the counter counts). ``--plan-kernels`` overrides it.
     exposed = max(0, plan - attention) with CUDA graphs when the plan runs on a side stream beside
     attention (it needs only token ids, earlier routes or the gathered layer input); the whole plan
     otherwise. Eager launches are charged in full even with overlap: the host issues them one
@@ -37,14 +38,16 @@ from typing import Literal, get_args
 
 from megatron_specmoe.sim.cluster import ClusterSpec
 
-__all__ = ["PlanLaunch", "Phase", "DEFAULT_PLAN_KERNELS", "PlanCharge", "AttentionRoofline",
+__all__ = ["PlanLaunch", "Phase", "PLAN_KERNELS", "DEFAULT_PLAN_KERNELS", "PlanCharge", "AttentionRoofline",
            "attention_roofline", "plan_time"]
 
 PlanLaunch = Literal["graph", "eager"]
 Phase = Literal["prefill", "decode"]
 
-# The fast-plan issue's launch budget per MoE layer; a counter is being built in parallel.
-DEFAULT_PLAN_KERNELS = 16
+# Launches per MoE layer of the whole plan (scores -> prices assignment -> permutation), Triton path,
+# as measure/launches.LaunchCounter counts them (tools/bench_plan.py; checked by tests/test_launches.py).
+PLAN_KERNELS: dict[str, int] = {"route": 10, "pregate": 11, "history": 16}
+DEFAULT_PLAN_KERNELS = max(PLAN_KERNELS.values())
 
 
 @dataclass(frozen=True, kw_only=True)
