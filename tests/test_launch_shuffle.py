@@ -537,3 +537,22 @@ def test_megatron_builder_with_the_hook_is_lossless(tmp_path):
             assert "chunk 0 has MoE layers but no ShuffleTransformerLayer" in res["unhooked"], where
         # The plans actually moved tokens (not Megatron's contiguous shards) somewhere.
         assert sum(r[i]["shuffled"] for r in results) > 0, (freq, sp, predictor)
+
+
+def test_te_refusal_names_the_gpu_check_where_te_is_present(monkeypatch):
+    from megatron_specmoe.megatron_lm import checks
+
+    real = checks.importlib.util.find_spec
+    args = parse(monkeypatch, [*BASE_ARGV, *without(GOOD, "--transformer-impl")])
+    # Here TE is absent: the message says so and asks for local linears.
+    with pytest.raises(M.SpecMoEArgumentError, match="TransformerEngine is not installed here.*Pass --transformer-impl local"):
+        M.validate_specmoe_args(args)
+    # Where TE is importable, the refusal stays and names the check that lifts it.
+    monkeypatch.setattr(checks.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else real(name, *a))
+    with pytest.raises(M.SpecMoEArgumentError, match=r"--transformer-impl transformer_engine.*stay refused until "
+                       r"tools/gpu_check.sh has verified them on a GPU.*Pass --transformer-impl local"):
+        M.validate_specmoe_args(args)
+    with pytest.raises(ValueError, match="--specmoe-shuffle: get_gpt_layer_with_transformer_engine_spec.*"
+                       "tools/gpu_check.sh has verified them"):
+        raise MS._refuse_te("get_gpt_layer_with_transformer_engine_spec(num_experts=...)")
