@@ -24,6 +24,8 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # pyzmq and msgpack: Megatron's data-parallel inference coordinator (core 0.19) and its engines talk
 # over ZMQ with msgpack payloads; the request-placement tests run the coordinator live on loopback.
 "${pip[@]}" pyzmq msgpack
+# einops: Megatron's dynamic-batching attention rearranges with it (tests/test_cpu_dynamic.py).
+"${pip[@]}" einops
 case "$mcore" in
   0.16.*) "${pip[@]}" "megatron-core==$mcore" ;;
   *)      "${pip[@]}" triton
