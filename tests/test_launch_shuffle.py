@@ -39,7 +39,6 @@ GOOD = [
     "--tensor-model-parallel-size", "4", "--expert-model-parallel-size", "4",
     "--expert-tensor-parallel-size", "1", "--sequence-parallel",
     "--moe-token-dispatcher-type", "specmoe", "--transformer-impl", "local", "--specmoe-shuffle",
-    "--use-legacy-static-engine",
 ]
 
 
@@ -112,13 +111,12 @@ def test_shuffle_is_on_by_default_with_tp_inside_ep(monkeypatch, tmp_path):
     assert settings.options().route_predictor.kind == "token"
 
 
-def test_dynamic_context_is_refused_before_any_gpu_work(monkeypatch):
-    # Core 0.19's engines run on the dynamic context unless --use-legacy-static-engine.
+def test_core_019s_dynamic_engine_is_accepted(monkeypatch):
+    # Core 0.19's engines run on the dynamic context unless --use-legacy-static-engine; the shuffle
+    # layer runs on both (tests/test_shuffle_dynamic.py).
     args = parse(monkeypatch, [*BASE_ARGV, *without(GOOD, "--use-legacy-static-engine")])
-    with pytest.raises(M.SpecMoEArgumentError, match="token shuffling .*at --tensor-model-parallel-size 4.* "
-                       "runs on Megatron's static inference context.*Pass --use-legacy-static-engine.*"
-                       "serve it with --tensor-model-parallel-size 1"):
-        M.validate_specmoe_args(args)
+    assert not args.use_legacy_static_engine
+    assert M.validate_specmoe_args(args).method == "shuffle"
 
 
 def test_flag_is_off_by_default(monkeypatch):
@@ -142,8 +140,6 @@ def test_flag_is_off_by_default(monkeypatch):
      r"does not support --multi-latent-attention .*serve with --tensor-model-parallel-size 1"),
     (lambda a: [*a, "--moe-layer-freq", "([1]+[0]+[1]*2)"],
      r"dense layer\(s\) \[1\] come after the MoE layer 0.*Drop --sequence-parallel"),
-    (lambda a: [*a, "--inference-dynamic-batching"],
-     r"--inference-dynamic-batching \(the shuffle layer supports Megatron's static inference context only"),
     (lambda a: [*a, "--specmoe-record-routes", "routes"],
      "--specmoe-record-routes routes with token shuffling .*would not line up with the batch's token ids"),
     (lambda a: [*a, "--specmoe-predictor", "token"],

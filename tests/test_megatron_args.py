@@ -31,9 +31,8 @@ GOOD_LAYOUT = [
     "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4",
     "--expert-tensor-parallel-size", "1", "--sequence-parallel",
 ]
-# What token shuffling (on by default with TP > 1) needs on top: local linears and core 0.19's
-# static inference context.
-SHUFFLE_READY = ["--transformer-impl", "local", "--use-legacy-static-engine"]
+# What token shuffling (on by default with TP > 1) needs on top: Megatron's local linears.
+SHUFFLE_READY = ["--transformer-impl", "local"]
 
 
 def megatron_training(name: str = "arguments"):

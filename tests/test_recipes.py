@@ -139,11 +139,11 @@ def test_serve_steps_that_would_be_refused_are_refused_here():
         R.make_recipe("qwen3-30b-a3b", nodes=1, launcher="torchrun", recorder="megatron")
     with pytest.raises(ValueError, match="predictor 'history': the serve step places requests .* use predictor 'token'"):
         R.make_recipe("qwen3-30b-a3b", nodes=1, launcher="torchrun", recorder="megatron", predictor="history")
-    # TP > 1 would shuffle tokens, which Megatron-LM's (dynamic-engine) server cannot run yet.
+    # TP > 1 would shuffle tokens, which needs local linears (the serve step runs TE layers).
     mixtral = R.preset("mixtral-8x7b")
     tp8 = dataclasses.replace(mixtral, layouts=((1, ParallelLayout(tp=8, ep=8)),))
-    with pytest.raises(ValueError, match="launch_inference_server.py, which serves with Megatron's dynamic "
-                       "engine, and token shuffling .*TP = 8.*use a layout with TP = 1"):
+    with pytest.raises(ValueError, match="token shuffling \\(what TP = 8 turns on\\) needs --transformer-impl local "
+                       "until tools/gpu_check.sh .*use a layout with TP = 1"):
         R.Recipe(model=tp8, nodes=1, launcher="torchrun")
 
 

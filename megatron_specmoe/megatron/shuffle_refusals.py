@@ -145,11 +145,6 @@ SHUFFLE_REFUSALS: tuple[Refusal, ...] = (
             requirement="",
             why="multi-token-prediction layers would get a second set of shuffle layers outside the block",
             scope="launcher"),
-    Refusal(field="inference_dynamic_batching", flag="--inference-dynamic-batching",
-            unwanted=lambda s: bool(getattr(s, "inference_dynamic_batching", False)),
-            requirement="",
-            why="the shuffle layer supports Megatron's static inference context only, not the dynamic one",
-            scope="launcher"),
 )
 
 

@@ -29,9 +29,8 @@ All of them are idempotent. Nothing here runs at import time.
 What ``validate_specmoe_args`` writes back into the args namespace, so that the model builder
 (``megatron_lm/shuffle_hook.py``) and the runtime (``megatron_lm/runtime.py``) read one decision:
 ``specmoe_shuffle`` / ``specmoe_request_placement`` (the method) and ``specmoe_predictor`` (its
-default filled in). Token shuffling needs Megatron's local linears (``--transformer-impl local``)
-and the static inference context (core 0.19: ``--use-legacy-static-engine`` with a script that
-builds a ``StaticInferenceEngine``), and none of ``--spec`` / MTP / multi-latent attention / context
+default filled in). Token shuffling needs Megatron's local linears (``--transformer-impl local``;
+it runs under both Megatron inference contexts, static and dynamic), and none of ``--spec`` / MTP / multi-latent attention / context
 parallelism / CUDA graphs / recomputation / ``--specmoe-record-routes`` / shared experts /
 pipeline stages with sequence parallelism (``checks.check_shuffle``). Request placement needs a
 plan with a token table and megatron-core 0.19's DP coordinator (``checks.check_request_placement``).
@@ -250,7 +249,7 @@ def add_specmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "with TP > 1 inside EP: the MoE transformer layers become ShuffleTransformerLayer (tokens "
         "move to the TP rank hosting their predicted experts inside attention's own TP "
         "collectives). With it, a layout that would place requests instead (TP = 1) is an error. "
-        "Inference only; needs --transformer-impl local and the static inference context.",
+        "Inference only; needs --transformer-impl local.",
     )
     group.add_argument(
         "--specmoe-request-placement",

@@ -277,15 +277,6 @@ def check_shuffle(args: argparse.Namespace, predictor: str) -> str:
             sequence_parallel=sp, predictor=shuffle_predictor)
         if problem:
             raise SpecMoEArgumentError(problem)
-    if hasattr(args, "use_legacy_static_engine") and not args.use_legacy_static_engine:
-        raise SpecMoEArgumentError(
-            f"token shuffling {why} runs on Megatron's static inference context, but Megatron-LM's "
-            "engines (core 0.19) run on the dynamic one (continuous batching) unless "
-            "--use-legacy-static-engine is given, and the shuffle layer refuses it. Pass "
-            "--use-legacy-static-engine to a script that builds a StaticInferenceEngine "
-            "(examples/inference/launch_inference_server.py always serves with the dynamic engine: "
-            "serve it with --tensor-model-parallel-size 1)"
-        )
     return shuffle_predictor
 
 

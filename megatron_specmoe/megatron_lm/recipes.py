@@ -8,9 +8,9 @@ Glossary
         attention data-parallel ranks, so Megatron-LM needs TP*PP | world and ETP*EP*PP | world
         (not TP*EP*PP | world). The serve step's method follows from it
         (``megatron_lm.checks.layout_method``): DP attention (TP = 1) places requests, which is what
-        every preset here serves with, because Megatron-LM's inference server
-        (``launch_inference_server.py``) always runs the dynamic engine, and token shuffling (TP > 1)
-        runs on the static inference context only (a recipe with TP > 1 is refused).
+        every preset here serves with: it keeps Megatron's TransformerEngine layers, while token
+        shuffling (TP > 1) needs local linears until ``tools/gpu_check.sh`` has verified its TE ones on a
+        GPU (a recipe with TP > 1 is refused).
     step: ``calibrate`` (run prompts through the stock alltoall dispatcher and record every MoE
         layer's routes), ``plan`` (``specmoe plan --num-experts E``: fit predictors and expert
         placement on the CPU), ``serve`` (Megatron-LM's inference server, specmoe dispatcher).
@@ -413,10 +413,10 @@ class Recipe:
                              + "; ".join(problems))
         if self.layout.tp > 1:
             raise ValueError(
-                f"Recipe {self.model.name}: the serve step runs {SERVE_SCRIPT.path}, which serves with "
-                f"Megatron's dynamic engine, and token shuffling (what TP = {self.layout.tp} turns on) runs on "
-                "the static inference context only; use a layout with TP = 1 (DP attention: request "
-                "placement)")
+                f"Recipe {self.model.name}: token shuffling (what TP = {self.layout.tp} turns on) needs "
+                "--transformer-impl local until tools/gpu_check.sh has verified its TE linears on a GPU, and "
+                f"the serve step ({SERVE_SCRIPT.path}) runs Megatron's TE layers; use a layout with TP = 1 "
+                "(DP attention: request placement)")
         if self.predictor != "token":
             raise ValueError(f"Recipe: predictor {self.predictor!r}: the serve step places requests (DP "
                              "attention), which predicts from the prompt's token ids: use predictor 'token'")
