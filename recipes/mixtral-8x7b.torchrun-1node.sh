@@ -9,9 +9,8 @@
 # Usage: bash THIS_FILE STEP, with STEP one of:
 #   calibrate  run PROMPTS through the stock alltoall dispatcher, record the routes
 #   plan       specmoe plan: fit the predictor and expert placement (CPU, one node)
-#   serve      Megatron-LM's inference server with --moe-token-dispatcher-type specmoe:
-#              DP attention (TP=1), each request placed on the DP rank hosting the
-#              experts its prompt is predicted to use (--specmoe-request-placement)
+#   serve      Megatron-LM's inference server, specmoe dispatcher, DP attention: each
+#              request goes to the DP rank hosting its predicted experts
 # Environment: MEGATRON_LM (a Megatron-LM checkout, core 0.19), CHECKPOINT (this
 # model's Megatron checkpoint), PROMPTS (calibrate: JSONL, one {"text": ...} per line),
 # SPECMOE_WORK (routes/, plan/, stats/; default ./specmoe-work; on a filesystem that

@@ -77,7 +77,7 @@ def test_install_is_reversible_and_checks_the_plan(plan_dir, tmp_path, monkeypat
     from megatron_specmoe.megatron_lm import dp_coordinator as dpc
 
     monkeypatch.delenv(dpc.PLAN_ENV, raising=False)
-    with pytest.raises(ValueError, match="missing: no such plan folder; make one with `specmoe plan`"):
+    with pytest.raises(ValueError, match="missing: no such plan folder -- make one with `specmoe plan"):
         dpc.install_request_routing(tmp_path / "missing")
     assert not dpc.is_request_routing_installed()
     try:

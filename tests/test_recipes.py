@@ -361,5 +361,5 @@ def test_plan_step_names_the_expert_count():
     from megatron_specmoe.megatron_lm.recipes import make_recipe
 
     for model, experts in (("mixtral-8x7b", 8), ("deepseek-v2-lite", 64)):
-        plan = make_recipe(model, nodes=1, launcher="torchrun", recorder="megatron", predictor="layer").commands()["plan"]
+        plan = make_recipe(model, nodes=1, launcher="torchrun").commands()["plan"]
         assert plan.flag_value("--num-experts") == str(experts)

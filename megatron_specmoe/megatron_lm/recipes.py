@@ -6,11 +6,8 @@ Glossary
     layout: TP (attention tensor parallel), EP (expert parallel), ETP (expert tensor parallel,
         always 1 here), PP (pipeline). With MoE parallel folding the expert grid reuses the
         attention data-parallel ranks, so Megatron-LM needs TP*PP | world and ETP*EP*PP | world
-        (not TP*EP*PP | world). The serve step's method follows from it
-        (``megatron_lm.checks.layout_method``): DP attention (TP = 1) places requests, which is what
-        every preset here serves with: it keeps Megatron's TransformerEngine layers, while token
-        shuffling (TP > 1) needs local linears until ``tools/gpu_check.sh`` has verified its TE ones on a
-        GPU (a recipe with TP > 1 is refused).
+        (not TP*EP*PP | world). Every preset serves with DP attention (TP = 1: request placement,
+        TE layers kept); TP > 1 (token shuffling: local linears only, for now) is refused.
     step: ``calibrate`` (run prompts through the stock alltoall dispatcher and record every MoE
         layer's routes), ``plan`` (``specmoe plan --num-experts E``: fit predictors and expert
         placement on the CPU), ``serve`` (Megatron-LM's inference server, specmoe dispatcher).
@@ -190,8 +187,7 @@ PRESETS: dict[str, ModelPreset] = {
                          "--position-embedding-type", "rope", "--rotary-base", "1000000"),
         extra_flags=(*_COMMON_FLAGS, "--norm-epsilon", "1e-5"),
         # 8 experts: EP stops at 8, so 2 nodes are two EP=8 replicas and the expert all-to-all
-        # stays on NVLink inside each node. DP attention: each GPU holds one expert per layer and a
-        # full copy of attention and embeddings, about 15 GB in bf16.
+        # stays on NVLink inside each node. DP attention: ~15 GB per GPU in bf16.
         layouts=((1, ParallelLayout(tp=1, ep=8)), (2, ParallelLayout(tp=1, ep=8))),
     ),
     "deepseek-v2-lite": ModelPreset(
@@ -374,9 +370,9 @@ class Recipe:
         gpus_per_node: GPUs per node.
         recorder: ``specmoe`` (--specmoe-record-routes: routes with token ids, for every
             predictor) or ``megatron`` (Megatron's --moe-routing-trace-path: routes only, so no
-            token-table predictor, which request placement needs: refused at TP = 1).
-        predictor: the --specmoe-predictor used to plan and serve ("token": request placement
-            predicts from the prompt's token ids).
+            token-table predictor, which request placement needs: refused).
+        predictor: the --specmoe-predictor to plan and serve with ("token", the only one request
+            placement takes).
         paths: shared paths.
         calibration_tokens: tokens generated per calibration prompt.
         port: the server's HTTP port.
@@ -412,11 +408,10 @@ class Recipe:
             raise ValueError(f"Recipe {self.model.name} on {self.nodes}x{self.gpus_per_node}: "
                              + "; ".join(problems))
         if self.layout.tp > 1:
-            raise ValueError(
-                f"Recipe {self.model.name}: token shuffling (what TP = {self.layout.tp} turns on) needs "
-                "--transformer-impl local until tools/gpu_check.sh has verified its TE linears on a GPU, and "
-                f"the serve step ({SERVE_SCRIPT.path}) runs Megatron's TE layers; use a layout with TP = 1 "
-                "(DP attention: request placement)")
+            raise ValueError(f"Recipe {self.model.name}: token shuffling (what TP = {self.layout.tp} turns on) "
+                             "needs --transformer-impl local until tools/gpu_check.sh has verified its TE "
+                             "linears on a GPU, and the serve step runs Megatron's TE layers; use a layout "
+                             "with TP = 1 (DP attention: request placement)")
         if self.predictor != "token":
             raise ValueError(f"Recipe: predictor {self.predictor!r}: the serve step places requests (DP "
                              "attention), which predicts from the prompt's token ids: use predictor 'token'")
@@ -529,9 +524,8 @@ class Recipe:
             f"# Usage: {where}, with STEP one of:",
             "#   calibrate  run PROMPTS through the stock alltoall dispatcher, record the routes",
             "#   plan       specmoe plan: fit the predictor and expert placement (CPU, one node)",
-            "#   serve      Megatron-LM's inference server with --moe-token-dispatcher-type specmoe:",
-            "#              DP attention (TP=1), each request placed on the DP rank hosting the",
-            "#              experts its prompt is predicted to use (--specmoe-request-placement)",
+            "#   serve      Megatron-LM's inference server, specmoe dispatcher, DP attention: each",
+            "#              request goes to the DP rank hosting its predicted experts",
             "# Environment: MEGATRON_LM (a Megatron-LM checkout, core 0.19), CHECKPOINT (this",
             "# model's Megatron checkpoint), PROMPTS (calibrate: JSONL, one {\"text\": ...} per line),",
             "# SPECMOE_WORK (routes/, plan/, stats/; default ./specmoe-work; on a filesystem that",
