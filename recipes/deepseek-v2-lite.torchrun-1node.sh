@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): 27 layers (26 MoE), 64 experts, top-6, shared experts (2816 wide).
-# 1 node(s) x 8 GPUs: TP=2 EP=8 ETP=1 PP=1 (attention DP=4).
+# 1 node(s) x 8 GPUs: TP=1 EP=8 ETP=1 PP=1 (attention DP=8).
 #
 # Generated from megatron_specmoe/megatron_lm/recipes.py by:
 #   specmoe recipes --model deepseek-v2-lite --nodes 1 --launcher torchrun --write DIR
@@ -9,7 +9,8 @@
 # Usage: bash THIS_FILE STEP, with STEP one of:
 #   calibrate  run PROMPTS through the stock alltoall dispatcher, record the routes
 #   plan       specmoe plan: fit the predictor and expert placement (CPU, one node)
-#   serve      Megatron-LM's inference server with --moe-token-dispatcher-type specmoe
+#   serve      Megatron-LM's inference server, specmoe dispatcher, DP attention: each
+#              request goes to the DP rank hosting its predicted experts
 # Environment: MEGATRON_LM (a Megatron-LM checkout, core 0.19), CHECKPOINT (this
 # model's Megatron checkpoint), PROMPTS (calibrate: JSONL, one {"text": ...} per line),
 # SPECMOE_WORK (routes/, plan/, stats/; default ./specmoe-work; on a filesystem that
@@ -67,11 +68,10 @@ case "$STEP" in
         --norm-epsilon 1e-6 \
         --tokenizer-type HuggingFaceTokenizer \
         --tokenizer-model deepseek-ai/DeepSeek-V2-Lite \
-        --tensor-model-parallel-size 2 \
+        --tensor-model-parallel-size 1 \
         --expert-model-parallel-size 8 \
         --expert-tensor-parallel-size 1 \
         --pipeline-model-parallel-size 1 \
-        --sequence-parallel \
         --bf16 \
         --moe-grouped-gemm \
         --moe-router-dtype fp32 \
@@ -89,7 +89,7 @@ case "$STEP" in
         --ep 8 \
         --out "${SPECMOE_WORK}/plan" \
         --num-experts 64 \
-        --predictor combined
+        --predictor token
     ;;
   serve)
     : "${MEGATRON_LM:?set MEGATRON_LM (see the top of this file)}"
@@ -130,11 +130,10 @@ case "$STEP" in
         --norm-epsilon 1e-6 \
         --tokenizer-type HuggingFaceTokenizer \
         --tokenizer-model deepseek-ai/DeepSeek-V2-Lite \
-        --tensor-model-parallel-size 2 \
+        --tensor-model-parallel-size 1 \
         --expert-model-parallel-size 8 \
         --expert-tensor-parallel-size 1 \
         --pipeline-model-parallel-size 1 \
-        --sequence-parallel \
         --bf16 \
         --moe-grouped-gemm \
         --moe-router-dtype fp32 \
@@ -143,7 +142,8 @@ case "$STEP" in
         --load "${CHECKPOINT}" \
         --moe-token-dispatcher-type specmoe \
         --specmoe-plan "${SPECMOE_WORK}/plan" \
-        --specmoe-predictor combined \
+        --specmoe-predictor token \
+        --specmoe-request-placement \
         --specmoe-stats "${SPECMOE_WORK}/stats/rank{rank}.jsonl" \
         --port 5000
     ;;

@@ -117,7 +117,8 @@ FLAGS = [
     c("recipes --nodes 3 has no layout", ["recipes", "--model", "mixtral-8x7b", "--nodes", "3", "--dry-run"], 2, r"preset mixtral-8x7b has no layout for 3 node\(s\)"),
     c("recipes --gpus-per-node 3 does not fit the layout", ["recipes", "--model", "mixtral-8x7b", "--gpus-per-node", "3", "--dry-run"], 2, r"Recipe mixtral-8x7b on 1x3: world size 3 is not a multiple"),
     c("recipes no model", ["recipes", "--dry-run"], 2, r"no model chosen -- pass --model NAME"),
-    c("recipes megatron recorder with combined", ["recipes", "--model", "mixtral-8x7b", "--recorder", "megatron", "--dry-run"], 2, r"predictor 'combined' needs token ids"),
+    c("recipes megatron recorder with token", ["recipes", "--model", "mixtral-8x7b", "--recorder", "megatron", "--dry-run"], 2, r"predictor 'token' needs token ids"),
+    c("recipes predictor request placement cannot use", ["recipes", "--model", "mixtral-8x7b", "--predictor", "history", "--dry-run"], 2, r"predictor 'history': the serve step places requests .* use predictor 'token'"),
     c("recipes --write a file", ["recipes", "--model", "mixtral-8x7b", "--write", "{d}/f"], 2, r"--write .*f: exists and is not a folder", setup=text("f", "x")),
     c("recipes --write in a missing folder", ["recipes", "--model", "mixtral-8x7b", "--write", "{d}/a/b"], 2, r"--write .*b: the folder .*a does not exist", absent=["{d}/a"]),
     c("recipes --model bogus", ["recipes", "--model", "bogus", "--dry-run"], 2, r"argument --model: invalid choice", argparse=True),
@@ -258,7 +259,9 @@ LAUNCH_FLAGS = [
     L("predictor missing from the plan", ["--specmoe-plan", "{d}/plan", "--specmoe-predictor", "token"], r"--specmoe-predictor token: the plan .* holds no such predictor", setup=_plan4()),
     L("EP 1 cannot benefit", ["--expert-model-parallel-size", "1"], r"--expert-model-parallel-size is 1"),
     L("record-every without routes", ["--specmoe-record-every", "5"], r"--specmoe-record-every 5: must be >= 0 and needs --specmoe-record-routes"),
-    L("shuffle with transformer_engine", ["--specmoe-shuffle", "--specmoe-shuffle-predictor", "pregate"], r"--specmoe-shuffle with --transformer-impl transformer_engine"),
+    L("shuffle with transformer_engine", ["--specmoe-shuffle"], r"token shuffling .* with --transformer-impl transformer_engine"),
+    L("TP 2 shuffles by default: transformer_engine", [], r"token shuffling \(the specmoe dispatcher shuffles tokens at --tensor-model-parallel-size 2.* --transformer-impl transformer_engine"),
+    L("layer predictor has no run-time form", ["--specmoe-plan", "{d}/plan"], r"--specmoe-predictor layer: the n-gram layer table has no run-time form", setup=_plan4()),
 ]
 
 

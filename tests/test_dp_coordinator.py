@@ -77,7 +77,7 @@ def test_install_is_reversible_and_checks_the_plan(plan_dir, tmp_path, monkeypat
     from megatron_specmoe.megatron_lm import dp_coordinator as dpc
 
     monkeypatch.delenv(dpc.PLAN_ENV, raising=False)
-    with pytest.raises(ValueError, match="missing: no such plan folder; make one with `specmoe plan`"):
+    with pytest.raises(ValueError, match="missing: no such plan folder -- make one with `specmoe plan"):
         dpc.install_request_routing(tmp_path / "missing")
     assert not dpc.is_request_routing_installed()
     try:
@@ -110,22 +110,30 @@ def test_launcher_flags_are_checked_before_any_gpu_work(monkeypatch, plan_dir, t
     # DP attention: TP = 1, EP = 2 (the plan's), specmoe dispatcher, the plan's token table.
     base = [*BASE_ARGV, "--tensor-model-parallel-size", "1", "--expert-model-parallel-size", "2",
             "--expert-tensor-parallel-size", "1", "--moe-token-dispatcher-type", "specmoe",
-            "--num-experts", "4", "--moe-router-topk", "1", "--num-layers", "1", "--transformer-impl", "local",
-            "--specmoe-predictor", "token"]
-    good = [*base, "--specmoe-plan", str(plan_dir), "--specmoe-request-placement", "--specmoe-request-weight", "0.8"]
-    args = parse(monkeypatch, good)
-    M.validate_specmoe_args(args)
-    settings = RuntimeSettings.from_args(args)
-    assert settings.places_requests and settings.request_weight == 0.8
+            "--num-experts", "4", "--moe-router-topk", "1", "--num-layers", "1", "--transformer-impl", "local"]
+    # Request placement is what the specmoe dispatcher does at TP = 1, asked for or not.
+    for extra in ([], ["--specmoe-request-placement"]):
+        args = parse(monkeypatch, [*base, "--specmoe-plan", str(plan_dir), "--specmoe-request-weight", "0.8", *extra])
+        assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, method="requests", predictor="token",
+                                                                   plan=plan_dir)
+        assert args.specmoe_request_placement and not args.specmoe_shuffle
+        settings = RuntimeSettings.from_args(args)
+        assert settings.places_requests and settings.request_weight == 0.8 and not settings.shuffle
+    good = [*base, "--specmoe-plan", str(plan_dir), "--specmoe-request-placement"]
     cases = [
         (["--specmoe-request-weight", "1.5"], r"--specmoe-request-weight 1.5: must be in \[0, 1\]"),
-        (["--tensor-model-parallel-size", "2"], "places whole requests for DP attention .* TP is 2; .* use --specmoe-shuffle"),
+        (["--tensor-model-parallel-size", "2"],
+         "places whole requests for DP attention .* TP is 2; with TP > 1 the specmoe dispatcher shuffles tokens"),
+        (["--specmoe-predictor", "pregate"], "--specmoe-predictor pregate: request placement .* predicts from the "
+         "prompt's token ids alone; use --specmoe-predictor token"),
+        (["--specmoe-shuffle"], "--specmoe-shuffle and --specmoe-request-placement: the layout selects one"),
     ]
     for extra, message in cases:
         with pytest.raises(M.SpecMoEArgumentError, match=message):
             M.validate_specmoe_args(parse(monkeypatch, [*good, *extra]))
-    with pytest.raises(M.SpecMoEArgumentError, match="--specmoe-request-placement needs --specmoe-plan DIR"):
-        M.validate_specmoe_args(parse(monkeypatch, [*base, "--specmoe-request-placement"]))
+    with pytest.raises(M.SpecMoEArgumentError, match=r"request placement \(the specmoe dispatcher places requests at "
+                       "--tensor-model-parallel-size 1, DP attention\) needs --specmoe-plan DIR with a 'token' predictor"):
+        M.validate_specmoe_args(parse(monkeypatch, base))
     alltoall = [a if a != "specmoe" else "alltoall" for a in good]
-    with pytest.raises(M.SpecMoEArgumentError, match="--specmoe-request-placement needs --moe-token-dispatcher-type specmoe"):
+    with pytest.raises(M.SpecMoEArgumentError, match="--specmoe-request-placement only apply to the specmoe dispatcher"):
         M.validate_specmoe_args(parse(monkeypatch, alltoall))

@@ -88,21 +88,40 @@ def write_plan(folder, *, kinds=("token",), num_layers=4, ep_size=4, hidden_size
     return folder
 
 
-def test_good_command_line_is_accepted(monkeypatch, capsys):
+def test_good_command_line_is_accepted(monkeypatch):
     args = parse(monkeypatch, [*BASE_ARGV, *GOOD])
-    assert (args.specmoe_shuffle, args.specmoe_shuffle_predictor) == (True, "pregate")
-    # --specmoe-predictor (default 'combined', which needs a plan) does not apply with the shuffle.
-    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, shuffle="pregate")
-    # Core 0.19's "static" engine runs on the dynamic context unless told otherwise: a warning.
-    assert "pass --use-legacy-static-engine" in capsys.readouterr().err
-    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--use-legacy-static-engine"])
-    assert M.validate_specmoe_args(args).shuffle == "pregate"
-    assert "--use-legacy-static-engine" not in capsys.readouterr().err
+    # No plan: the shuffle predicts with the layer's own router.
+    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, method="shuffle",
+                                                               predictor="pregate", shuffle="pregate")
+    assert (args.specmoe_shuffle, args.specmoe_predictor) == (True, "pregate")
+    assert MS.ShuffleSettings.from_args(args) == MS.ShuffleSettings(predictor="pregate")
+    assert M.validate_specmoe_args(args).shuffle == "pregate"  # the same answer again
+
+
+def test_shuffle_is_on_by_default_with_tp_inside_ep(monkeypatch, tmp_path):
+    plan = write_plan(tmp_path / "plan")
+    args = parse(monkeypatch, [*BASE_ARGV, *without(GOOD, "--specmoe-shuffle"), "--specmoe-plan", str(plan)])
+    assert not args.specmoe_shuffle
+    # The plan's first predictor (its token table) is the shuffle's.
+    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(
+        active=True, method="shuffle", predictor="token", plan=plan, shuffle="route")
+    assert args.specmoe_shuffle and not args.specmoe_request_placement
+    settings = MS.ShuffleSettings.from_args(args)
+    assert (settings.predictor, settings.plan_kind) == ("route", "token")
+    assert settings.options().route_predictor.kind == "token"
+
+
+def test_core_019s_dynamic_engine_is_accepted(monkeypatch):
+    # Core 0.19's engines run on the dynamic context unless --use-legacy-static-engine; the shuffle
+    # layer runs on both (tests/test_shuffle_dynamic.py).
+    args = parse(monkeypatch, [*BASE_ARGV, *without(GOOD, "--use-legacy-static-engine")])
+    assert not args.use_legacy_static_engine
+    assert M.validate_specmoe_args(args).method == "shuffle"
 
 
 def test_flag_is_off_by_default(monkeypatch):
     args = parse(monkeypatch, BASE_ARGV)
-    assert (args.specmoe_shuffle, args.specmoe_shuffle_predictor) == (False, "pregate")
+    assert (args.specmoe_shuffle, args.specmoe_predictor) == (False, None)
     assert MS.ShuffleSettings.from_args(args) is None
 
 
@@ -111,20 +130,24 @@ def test_flag_is_off_by_default(monkeypatch):
     (lambda a: without(a, "--transformer-impl"),
      "--transformer-impl transformer_engine.*default.*Pass --transformer-impl local"),
     (lambda a: [*without(a, "--moe-token-dispatcher-type"), "--moe-token-dispatcher-type", "alltoall"],
-     "--specmoe-shuffle needs the specmoe dispatcher.*is 'alltoall'.*--moe-token-dispatcher-type specmoe"),
+     "--specmoe-shuffle only appl.* to the specmoe dispatcher.*is 'alltoall'.*--moe-token-dispatcher-type specmoe"),
     (lambda a: [*a, "--pipeline-model-parallel-size", "2"],
      "--sequence-parallel and --pipeline-model-parallel-size 2.*Drop --sequence-parallel"),
     (lambda a: [*a, "--moe-shared-expert-intermediate-size", "128"],
-     "--moe-shared-expert-intermediate-size and --tensor-model-parallel-size 4"),
+     "at --tensor-model-parallel-size 4.*--moe-shared-expert-intermediate-size.*--tensor-model-parallel-size 1"),
     (lambda a: [*a, "--spec", "my.module", "my_spec"], r"does not support --spec \(Megatron-LM then takes"),
+    (lambda a: [*a, "--multi-latent-attention"],
+     r"does not support --multi-latent-attention .*serve with --tensor-model-parallel-size 1"),
     (lambda a: [*a, "--moe-layer-freq", "([1]+[0]+[1]*2)"],
      r"dense layer\(s\) \[1\] come after the MoE layer 0.*Drop --sequence-parallel"),
-    (lambda a: [*a, "--inference-dynamic-batching"],
-     r"--inference-dynamic-batching \(the shuffle layer supports Megatron's static inference context only"),
     (lambda a: [*a, "--specmoe-record-routes", "routes"],
-     "--specmoe-record-routes routes with --specmoe-shuffle: .*would not line up with the batch's token ids"),
-    (lambda a: [*a, "--specmoe-shuffle-predictor", "route"],
-     "--specmoe-shuffle-predictor route needs --specmoe-plan DIR with a 'token' predictor"),
+     "--specmoe-record-routes routes with token shuffling .*would not line up with the batch's token ids"),
+    (lambda a: [*a, "--specmoe-predictor", "token"],
+     "--specmoe-predictor token needs --specmoe-plan DIR"),
+    (lambda a: [*a, "--specmoe-predictor", "layer"],
+     "--specmoe-predictor layer: the n-gram layer table has no run-time form"),
+    (lambda a: [*a, "--specmoe-request-placement"],
+     "--specmoe-shuffle and --specmoe-request-placement: the layout selects one"),
 ])
 def test_refused_before_any_gpu_work(monkeypatch, change, message):
     args = parse(monkeypatch, change([*BASE_ARGV, *GOOD]))
@@ -132,13 +155,18 @@ def test_refused_before_any_gpu_work(monkeypatch, change, message):
         M.validate_specmoe_args(args)
 
 
-def test_layout_problems_refused_even_with_fallback(monkeypatch):
+def test_shuffle_at_tp1_and_layout_problems_are_refused_even_with_fallback(monkeypatch):
     layout = ["--tensor-model-parallel-size", "1", "--expert-model-parallel-size", "4"]
     argv = [*BASE_ARGV, *without(GOOD, "--tensor-model-parallel-size", "--expert-model-parallel-size",
                                  "--sequence-parallel"), *layout, "--specmoe-fallback-alltoall"]
     args = parse(monkeypatch, argv)
-    with pytest.raises(M.SpecMoEArgumentError, match="--specmoe-shuffle cannot shuffle tokens on this "
-                       "layout: --tensor-model-parallel-size is 1.*does not apply to --specmoe-shuffle"):
+    with pytest.raises(M.SpecMoEArgumentError, match="--specmoe-shuffle with --tensor-model-parallel-size 1: "
+                       ".*with DP attention the specmoe dispatcher places requests instead"):
+        M.validate_specmoe_args(args)
+    argv = [*without(argv, "--expert-model-parallel-size"), "--expert-model-parallel-size", "1"]
+    args = parse(monkeypatch, argv)
+    with pytest.raises(M.SpecMoEArgumentError, match="--expert-model-parallel-size is 1.*--specmoe-shuffle asks "
+                       "for the method, so --specmoe-fallback-alltoall does not apply"):
         M.validate_specmoe_args(args)
     assert args.moe_token_dispatcher_type == "specmoe"  # no silent fallback
 
@@ -146,45 +174,58 @@ def test_layout_problems_refused_even_with_fallback(monkeypatch):
 def test_dense_layers_first_are_accepted_and_history_needs_consecutive_moe_layers(monkeypatch, tmp_path):
     plan = write_plan(tmp_path / "plan", num_layers=3)
     argv = [*BASE_ARGV, *GOOD, "--moe-layer-freq", "([0]+[1]*3)", "--specmoe-plan", str(plan)]
-    args = parse(monkeypatch, argv)
-    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, plan=plan, shuffle="pregate")
+    args = parse(monkeypatch, [*argv, "--specmoe-predictor", "pregate"])
+    assert M.validate_specmoe_args(args).shuffle == "pregate"
     # The plan's MoE-layer index comes from --moe-layer-freq, so the token table works with dense layers.
-    args = parse(monkeypatch, [*argv, "--specmoe-shuffle-predictor", "route"])
-    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, plan=plan, shuffle="route")
+    args = parse(monkeypatch, [*argv, "--specmoe-predictor", "token"])
+    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, method="shuffle", predictor="token",
+                                                               plan=plan, shuffle="route")
     # The route history passes from MoE layer to MoE layer: a dense layer between them breaks it,
     # with or without sequence parallelism.
     history_plan = write_plan(tmp_path / "history", kinds=("token", "combined"), num_layers=3)
     args = parse(monkeypatch, [*BASE_ARGV, *without(GOOD, "--sequence-parallel"), "--moe-layer-freq",
                                "([1]+[0]+[1]*2)", "--specmoe-plan", str(history_plan),
-                               "--specmoe-shuffle-predictor", "history"])
-    with pytest.raises(M.SpecMoEArgumentError, match=r"history: dense layer\(s\) \[1\] come after the MoE layer 0"):
+                               "--specmoe-predictor", "combined"])
+    with pytest.raises(M.SpecMoEArgumentError, match=r"route-history predictor .*: dense layer\(s\) \[1\] "
+                       "come after the MoE layer 0"):
         M.validate_specmoe_args(args)
 
 
-def test_history_predictor_needs_a_combined_or_history_predictor_in_the_plan(monkeypatch, tmp_path):
+def test_history_predictors_need_their_plan_kind(monkeypatch, tmp_path):
     token_only = write_plan(tmp_path / "token")
-    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-shuffle-predictor", "history",
-                               "--specmoe-plan", str(token_only)])
-    with pytest.raises(M.SpecMoEArgumentError, match="history: the plan .*token holds no 'combined' or "
-                       "'history' predictor \\(it has token\\)"):
-        M.validate_specmoe_args(args)
-    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-shuffle-predictor", "history"])
-    with pytest.raises(M.SpecMoEArgumentError, match="history needs --specmoe-plan DIR with a 'combined' or 'history'"):
+    for name in ("history", "combined"):
+        args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-predictor", name, "--specmoe-plan", str(token_only)])
+        with pytest.raises(M.SpecMoEArgumentError, match=f"--specmoe-predictor {name}: the plan .*token holds no "
+                           "such predictor \\(it has token\\).*--predictor " + name):
+            M.validate_specmoe_args(args)
+    history_plan = write_plan(tmp_path / "history", kinds=("combined", "token"))
+    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-plan", str(history_plan)])
+    assert M.validate_specmoe_args(args).shuffle == "history"  # the plan's first: combined
+    options = MS.ShuffleSettings.from_args(args).options()
+    assert options.predictor == "history" and options.route_predictor.kind == "combined"
+
+
+def test_combined_members_without_a_device_form_are_refused(monkeypatch, tmp_path):
+    from megatron_specmoe.artifacts.plan_folder import load_plan, make_plan, save_plan
+
+    plan = load_plan(write_plan(tmp_path / "src", kinds=("combined",)))
+    state = {"combined": {"config": {**plan.predictor_state["combined"]["config"],
+                                     "members": [{"kind": "token"}, {"kind": "layer"}]},
+                          "arrays": plan.predictor_state["combined"]["arrays"]}}
+    h = plan.header
+    save_plan(make_plan(num_layers=h.num_layers, num_experts=h.num_experts, topk=h.topk, ep_size=h.ep_size,
+                        hidden_size=h.hidden_size, predictor_state=state), tmp_path / "layer")
+    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-plan", str(tmp_path / "layer")])
+    with pytest.raises(M.SpecMoEArgumentError, match=r"combined predictor has member\(s\) \['layer'\] with no "
+                       "run-time form; re-plan with `specmoe plan --predictor combined --members token,history`"):
         M.validate_specmoe_args(args)
 
 
 def test_route_predictor_needs_the_plans_token_table(monkeypatch, tmp_path):
-    good = write_plan(tmp_path / "good")
-    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-shuffle-predictor", "route",
-                               "--specmoe-plan", str(good)])
-    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, plan=good, shuffle="route")
-    options = MS.ShuffleSettings.from_args(args).options()
-    assert options.predictor == "route" and options.route_predictor.kind == "token"
     bad = write_plan(tmp_path / "bad", kinds=("history",))
-    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-shuffle-predictor", "route",
-                               "--specmoe-plan", str(bad)])
-    with pytest.raises(M.SpecMoEArgumentError, match="route: the plan .*bad holds no 'token' predictor "
-                       r"\(it has history\)"):
+    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, "--specmoe-predictor", "token", "--specmoe-plan", str(bad)])
+    with pytest.raises(M.SpecMoEArgumentError, match="--specmoe-predictor token: the plan .*bad holds no such "
+                       r"predictor \(it has history\)"):
         M.validate_specmoe_args(args)
 
 
@@ -198,8 +239,12 @@ def _config(*, layers=3, freq=1, sp=False, dispatcher="specmoe", tp=4):
                        sequence_parallel=sp, moe_layer_freq=freq)
 
 
+# The shuffle layer's predictor names -> the --specmoe-predictor values that select them.
+FLAG_OF = {"pregate": "pregate", "route": "token", "history": "combined"}
+
+
 def _flag_args(on=True, predictor="pregate", plan=None):
-    return argparse.Namespace(specmoe_shuffle=on, specmoe_shuffle_predictor=predictor, specmoe_plan=plan)
+    return argparse.Namespace(specmoe_shuffle=on, specmoe_predictor=FLAG_OF[predictor], specmoe_plan=plan)
 
 
 @pytest.fixture
@@ -324,7 +369,7 @@ def test_hook_refusals(hook, tmp_path):
     # ... but the route history cannot pass a dense layer.
     holder.args = _flag_args(predictor="history", plan=str(write_plan(tmp_path / "history", kinds=("combined",),
                                                                        num_layers=2)))
-    with pytest.raises(ValueError, match=r"history: dense layer\(s\) \[1\] come after the MoE layer 0"):
+    with pytest.raises(ValueError, match=r"route-history predictor .*: dense layer\(s\) \[1\] come after the MoE layer 0"):
         G.get_gpt_decoder_block_spec(_config(freq=[1, 0, 1]), use_transformer_engine=False, pp_rank=0)
 
 
@@ -410,7 +455,7 @@ def _e2e_worker(rank, world, cases):
             make = dict(tp=4, ep=4, sequence_parallel=sp, moe_layer_freq=list(freq))
             ref = _reference(make_config(shape, dispatcher="alltoall", **make), shape.vocab, shape.seq).eval()
             args = argparse.Namespace(
-                moe_token_dispatcher_type="specmoe", specmoe_shuffle=True, specmoe_shuffle_predictor=predictor,
+                moe_token_dispatcher_type="specmoe", specmoe_shuffle=True, specmoe_predictor=FLAG_OF[predictor],
                 specmoe_plan=plan, specmoe_record_routes=None, specmoe_record_every=0, specmoe_stats=None)
             MS.install_shuffle_hook(get_args=lambda: args)
             try:
@@ -488,3 +533,22 @@ def test_megatron_builder_with_the_hook_is_lossless(tmp_path):
             assert "chunk 0 has MoE layers but no ShuffleTransformerLayer" in res["unhooked"], where
         # The plans actually moved tokens (not Megatron's contiguous shards) somewhere.
         assert sum(r[i]["shuffled"] for r in results) > 0, (freq, sp, predictor)
+
+
+def test_te_refusal_names_the_gpu_check_where_te_is_present(monkeypatch):
+    from megatron_specmoe.megatron_lm import checks
+
+    real = checks.importlib.util.find_spec
+    args = parse(monkeypatch, [*BASE_ARGV, *without(GOOD, "--transformer-impl")])
+    # Here TE is absent: the message says so and asks for local linears.
+    with pytest.raises(M.SpecMoEArgumentError, match="TransformerEngine is not installed here.*Pass --transformer-impl local"):
+        M.validate_specmoe_args(args)
+    # Where TE is importable, the refusal stays and names the check that lifts it.
+    monkeypatch.setattr(checks.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else real(name, *a))
+    with pytest.raises(M.SpecMoEArgumentError, match=r"--transformer-impl transformer_engine.*stay refused until "
+                       r"tools/gpu_check.sh has verified them on a GPU.*Pass --transformer-impl local"):
+        M.validate_specmoe_args(args)
+    with pytest.raises(ValueError, match="--specmoe-shuffle: get_gpt_layer_with_transformer_engine_spec.*"
+                       "tools/gpu_check.sh has verified them"):
+        raise MS._refuse_te("get_gpt_layer_with_transformer_engine_spec(num_experts=...)")

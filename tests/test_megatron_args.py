@@ -31,6 +31,8 @@ GOOD_LAYOUT = [
     "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4",
     "--expert-tensor-parallel-size", "1", "--sequence-parallel",
 ]
+# What token shuffling (on by default with TP > 1) needs on top: Megatron's local linears.
+SHUFFLE_READY = ["--transformer-impl", "local"]
 
 
 def megatron_training(name: str = "arguments"):
@@ -91,9 +93,9 @@ def test_real_parser_defaults_of_our_flags(monkeypatch):
     args = parse(monkeypatch, BASE_ARGV)
     assert args.moe_token_dispatcher_type == "allgather"  # Megatron's own default is untouched
     assert (args.specmoe_plan, args.specmoe_record_routes, args.specmoe_stats) == (None, None, None)
-    assert args.specmoe_predictor == M.DEFAULT_PREDICTOR
+    assert args.specmoe_predictor is None  # the plan's first predictor, or pregate without a plan
     assert args.specmoe_fallback_alltoall is False
-    assert (args.specmoe_shuffle, args.specmoe_shuffle_predictor) == (False, "pregate")
+    assert (args.specmoe_shuffle, args.specmoe_request_placement) == (False, False)
 
 
 def test_real_parser_rejects_specmoe_without_our_provider(monkeypatch, capsys):
@@ -164,7 +166,8 @@ def test_compose_accepts_a_provider_that_returns_none():
 
 
 def specmoe_args(monkeypatch, *extra, layout=GOOD_LAYOUT):
-    return parse(monkeypatch, [*BASE_ARGV, *layout, "--moe-token-dispatcher-type", "specmoe", *extra])
+    return parse(monkeypatch, [*BASE_ARGV, *layout, *SHUFFLE_READY, "--moe-token-dispatcher-type", "specmoe",
+                               *extra])
 
 
 def test_predictor_that_needs_a_plan_without_one(monkeypatch):
@@ -176,22 +179,22 @@ def test_predictor_that_needs_a_plan_without_one(monkeypatch):
 def test_pregate_needs_no_plan(monkeypatch):
     args = specmoe_args(monkeypatch, "--specmoe-predictor", "pregate")
     check = M.validate_specmoe_args(args)
-    assert check == M.SpecMoEArgsCheck(active=True, predictor="pregate", plan=None)
-    assert args.moe_token_dispatcher_type == "specmoe"
+    assert check == M.SpecMoEArgsCheck(active=True, method="shuffle", predictor="pregate", shuffle="pregate")
+    assert args.moe_token_dispatcher_type == "specmoe" and args.specmoe_shuffle
+    # Without --specmoe-predictor and without a plan, the same.
+    assert M.validate_specmoe_args(specmoe_args(monkeypatch)) == check
 
 
 @pytest.mark.parametrize("layout, message", [
     (["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "1",
       "--expert-tensor-parallel-size", "1"], "--expert-model-parallel-size is 1"),
-    (["--tensor-model-parallel-size", "1", "--expert-model-parallel-size", "8"],
-     "--tensor-model-parallel-size is 1"),
     (["--tensor-model-parallel-size", "8", "--expert-model-parallel-size", "4",
       "--expert-tensor-parallel-size", "1"], r"TP group \(8 ranks\) is not inside one EP group \(4"),
     # ETP not given: Megatron-LM makes it TP (2), so experts would be split.
     (["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4"],
      "expert tensor parallel size is 2.*--expert-tensor-parallel-size 1"),
 ])
-def test_layouts_where_shuffling_cannot_help(monkeypatch, layout, message):
+def test_layouts_where_the_dispatcher_can_do_nothing(monkeypatch, layout, message):
     args = specmoe_args(monkeypatch, "--specmoe-predictor", "pregate", layout=layout)
     with pytest.raises(M.SpecMoEArgumentError, match=message + ".*--specmoe-fallback-alltoall"):
         M.validate_specmoe_args(args)
@@ -199,11 +202,12 @@ def test_layouts_where_shuffling_cannot_help(monkeypatch, layout, message):
 
 
 def test_fallback_to_alltoall_only_when_asked(monkeypatch, capsys):
-    layout = ["--tensor-model-parallel-size", "1", "--expert-model-parallel-size", "8"]
+    layout = ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "1",
+              "--expert-tensor-parallel-size", "1"]
     args = specmoe_args(monkeypatch, "--specmoe-fallback-alltoall", "--specmoe-plan", "p",
                         layout=layout)
     check = M.validate_specmoe_args(args)
-    assert not check.active and "--tensor-model-parallel-size is 1" in check.fallback_reason
+    assert not check.active and "--expert-model-parallel-size is 1" in check.fallback_reason
     assert args.moe_token_dispatcher_type == "alltoall"
     assert "specmoe: falling back to alltoall" in capsys.readouterr().err
     assert M.validate_specmoe_args(args) == check  # a second look gives the same answer
@@ -256,7 +260,10 @@ def test_matching_plan_is_accepted(monkeypatch, tmp_path):
     plan = write_plan(tmp_path / "plan")
     args = specmoe_args(monkeypatch, "--specmoe-plan", str(plan), "--specmoe-predictor", "history")
     assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(
-        active=True, predictor="history", plan=plan)
+        active=True, method="shuffle", predictor="history", plan=plan, shuffle="history")
+    # Unset, the predictor is the plan's first.
+    args = specmoe_args(monkeypatch, "--specmoe-plan", str(plan))
+    assert M.validate_specmoe_args(args).predictor == "history" and args.specmoe_predictor == "history"
 
 
 def test_plan_for_another_shape(monkeypatch, tmp_path):
@@ -335,7 +342,7 @@ def test_args_hook_composes_and_validates_then_reverts(monkeypatch):
         assert "megatron.training.arguments.parse_args" in patched
         assert "megatron.training.arguments.validate_args" in patched
         assert M.is_args_hook_installed()
-        args = parse(monkeypatch, [*BASE_ARGV, *GOOD_LAYOUT, "--port", "1",
+        args = parse(monkeypatch, [*BASE_ARGV, *GOOD_LAYOUT, *SHUFFLE_READY, "--port", "1",
                                    "--moe-token-dispatcher-type", "specmoe",
                                    "--specmoe-predictor", "pregate"], provider=script_provider)
         assert args.port == 1 and args.moe_token_dispatcher_type == "specmoe"
@@ -344,8 +351,8 @@ def test_args_hook_composes_and_validates_then_reverts(monkeypatch):
         config = A.core_transformer_config_from_args(args)
         assert config.moe_token_dispatcher_type == "specmoe"
         assert (config.expert_model_parallel_size, config.expert_tensor_parallel_size) == (4, 1)
-        bad = parse(monkeypatch, [*BASE_ARGV, *GOOD_LAYOUT, "--moe-token-dispatcher-type",
-                                  "specmoe"], provider=script_provider)
+        bad = parse(monkeypatch, [*BASE_ARGV, *GOOD_LAYOUT, *SHUFFLE_READY, "--moe-token-dispatcher-type",
+                                  "specmoe", "--specmoe-predictor", "token"], provider=script_provider)
         with pytest.raises(M.SpecMoEArgumentError, match="needs --specmoe-plan"):
             A.validate_args(bad, {})
     finally:
@@ -408,7 +415,7 @@ def launch_argv(monkeypatch, tmp_path, *extra):
     monkeypatch.setenv("RANK", "0")
     out = tmp_path / "out.json"
     monkeypatch.setenv("SPECMOE_TEST_OUT", str(out))
-    argv = [*BASE_ARGV, *GOOD_LAYOUT, "--moe-token-dispatcher-type", "specmoe",
+    argv = [*BASE_ARGV, *GOOD_LAYOUT, *SHUFFLE_READY, "--moe-token-dispatcher-type", "specmoe",
             "--specmoe-predictor", "pregate", *extra]
     return argv, (lambda: json.loads(out.read_text()))
 
@@ -570,4 +577,4 @@ def test_python_dash_m_launch_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(out.read_text())
     assert seen["dispatcher"] == "alltoall" and seen["port"] == 9 and seen["installed"] is True
-    assert "specmoe: falling back to alltoall: token shuffling cannot help" in proc.stderr
+    assert "specmoe: falling back to alltoall: the specmoe dispatcher can do nothing" in proc.stderr

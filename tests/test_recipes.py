@@ -41,8 +41,29 @@ def megatron_parser() -> argparse.ArgumentParser:
     return M.add_specmoe_args(parser)
 
 
+def plan_for(recipe, folder):
+    """A plan with the shape the recipe's plan step would write for its model and EP size: a token
+    table fitted on a small synthetic trace (the predictor its serve step uses)."""
+    import numpy as np
+
+    from megatron_specmoe.artifacts.plan_folder import make_plan, save_plan
+    from megatron_specmoe.artifacts.traces import RoutingTrace
+    from megatron_specmoe.predict.registry import fit_predictor
+
+    m, rng = recipe.model, np.random.default_rng(0)
+    experts = np.stack([np.stack([rng.permutation(m.num_experts)[:m.topk] for _ in range(m.num_moe_layers)])
+                        for _ in range(16)]).astype(np.int32)
+    trace = RoutingTrace(experts=experts, num_experts=m.num_experts,
+                         token_ids=rng.integers(0, m.vocab_size, 16).astype(np.int64))
+    save_plan(make_plan(num_layers=m.num_moe_layers, num_experts=m.num_experts, topk=m.topk,
+                        ep_size=recipe.layout.ep, hidden_size=m.hidden_size,
+                        predictor_state={recipe.predictor: fit_predictor(recipe.predictor, trace).to_state()}),
+              folder)
+    return folder
+
+
 @pytest.mark.parametrize("recipe", ALL)
-def test_commands_parse_with_megatron_lms_parser(recipe):
+def test_commands_parse_with_megatron_lms_parser(recipe, tmp_path):
     parser = megatron_parser()
     for step in ("calibrate", "serve"):
         cmd = recipe.commands()[step]
@@ -59,12 +80,29 @@ def test_commands_parse_with_megatron_lms_parser(recipe):
         assert script_flags <= cmd.script.own_flags, cmd.script.source
         if step == "serve":
             assert args.moe_token_dispatcher_type == "specmoe"
-            # Our checks, short of reading a plan (none exists at dry-run time).
-            args.specmoe_plan, args.specmoe_predictor = None, "pregate"
-            assert M.validate_specmoe_args(args).active
+            # Our checks in full, on a plan of the shape the plan step writes: the serve step
+            # places requests and nothing is refused.
+            args.specmoe_plan = str(plan_for(recipe, tmp_path / "plan"))
+            check = M.validate_specmoe_args(args)
+            assert (check.active, check.method, check.predictor) == (True, "requests", "token")
+            assert args.specmoe_request_placement and not args.specmoe_shuffle
         else:
             assert args.moe_token_dispatcher_type == "alltoall"
             assert not M.validate_specmoe_args(args).active
+
+
+def test_serve_methods_per_preset(tmp_path):
+    """What each committed recipe's serve step turns on (the issue's table): request placement for
+    every preset, since Megatron-LM's server runs the dynamic engine (DP attention, TP = 1)."""
+    parser = megatron_parser()
+    seen = {}
+    for recipe in R.committed_recipes():
+        args = parser.parse_args(list(recipe.commands()["serve"].megatron_args))
+        args.specmoe_plan = str(plan_for(recipe, tmp_path / recipe.file_name))
+        check = M.validate_specmoe_args(args)
+        seen[recipe.file_name] = (check.method, recipe.layout.tp, recipe.layout.ep)
+    print("\n".join(f"{name}: {method} (TP={tp} EP={ep})" for name, (method, tp, ep) in sorted(seen.items())))
+    assert {method for method, _, _ in seen.values()} == {"requests"}
 
 
 @pytest.mark.parametrize("recipe", ALL)
@@ -95,14 +133,18 @@ def test_paths_agree_between_steps(recipe):
     assert c["calibrate"].flag_value("--load") == c["serve"].flag_value("--load")
 
 
-def test_megatron_recorder_feeds_the_plan_too():
-    r = R.make_recipe("qwen3-30b-a3b", nodes=1, launcher="torchrun", recorder="megatron",
-                      predictor="history")
-    c = r.commands()
-    assert c["calibrate"].flag_value("--specmoe-record-routes") is None
-    assert c["calibrate"].flag_value("--moe-routing-trace-path") == c["plan"].flag_value("--traces")
+def test_serve_steps_that_would_be_refused_are_refused_here():
+    # Request placement predicts from the prompt: a token table, which needs token ids.
     with pytest.raises(ValueError, match="needs token ids.*--moe-routing-trace-path"):
         R.make_recipe("qwen3-30b-a3b", nodes=1, launcher="torchrun", recorder="megatron")
+    with pytest.raises(ValueError, match="predictor 'history': the serve step places requests .* use predictor 'token'"):
+        R.make_recipe("qwen3-30b-a3b", nodes=1, launcher="torchrun", recorder="megatron", predictor="history")
+    # TP > 1 would shuffle tokens, which needs local linears (the serve step runs TE layers).
+    mixtral = R.preset("mixtral-8x7b")
+    tp8 = dataclasses.replace(mixtral, layouts=((1, ParallelLayout(tp=8, ep=8)),))
+    with pytest.raises(ValueError, match="token shuffling \\(what TP = 8 turns on\\) needs --transformer-impl local "
+                       "until tools/gpu_check.sh .*use a layout with TP = 1"):
+        R.Recipe(model=tp8, nodes=1, launcher="torchrun")
 
 
 @pytest.mark.parametrize("recipe", ALL)
@@ -116,7 +158,7 @@ def test_layouts_that_cannot_work_are_refused():
     folded_wrong = dataclasses.replace(mixtral, layouts=((1, ParallelLayout(tp=8, ep=4)),))
     with pytest.raises(ValueError, match=r"TP group \(8 ranks\) is not inside one EP group"):
         R.Recipe(model=folded_wrong, nodes=1, launcher="torchrun")
-    with pytest.raises(ValueError, match="world size 6 is not a multiple of TP\\*PP = 8"):
+    with pytest.raises(ValueError, match="world size 6 is not a multiple of ETP\\*EP\\*PP = 8"):
         R.Recipe(model=mixtral, nodes=1, gpus_per_node=6, launcher="torchrun")
     with pytest.raises(ValueError, match="no layout for 3 node\\(s\\); it has 1, 2"):
         R.make_recipe("mixtral-8x7b", nodes=3, launcher="slurm")
@@ -319,5 +361,5 @@ def test_plan_step_names_the_expert_count():
     from megatron_specmoe.megatron_lm.recipes import make_recipe
 
     for model, experts in (("mixtral-8x7b", 8), ("deepseek-v2-lite", 64)):
-        plan = make_recipe(model, nodes=1, launcher="torchrun", recorder="megatron", predictor="layer").commands()["plan"]
+        plan = make_recipe(model, nodes=1, launcher="torchrun").commands()["plan"]
         assert plan.flag_value("--num-experts") == str(experts)

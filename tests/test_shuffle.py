@@ -102,15 +102,6 @@ def test_layer_refuses_unsupported_settings():
         _check_config(SimpleNamespace(**{**ok, "inference_fuse_tp_communication": True}))
 
 
-def test_layer_refuses_the_dynamic_inference_context():
-    from megatron_specmoe.megatron.shuffle_layer import ShuffleTransformerLayer
-
-    dynamic = SimpleNamespace(is_static_batching=lambda: False)
-    with pytest.raises(ValueError, match="dynamic inference context .* is not supported yet; serve with the static"):
-        ShuffleTransformerLayer.forward(SimpleNamespace(training=False), torch.zeros(4, 1, 8),
-                                        inference_context=dynamic)
-
-
 def test_shuffle_spec_replaces_layer_linears_and_carries_one_carrier():
     from megatron_specmoe.megatron.install import SpecMoELayer
     from megatron_specmoe.megatron.shuffle_layer import (

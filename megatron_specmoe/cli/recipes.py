@@ -28,9 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recorder", choices=("specmoe", "megatron"), default="specmoe",
                         help="calibration route recorder: --specmoe-record-routes (with token "
                         "ids) or Megatron's --moe-routing-trace-path")
-    parser.add_argument("--predictor", default="combined",
+    parser.add_argument("--predictor", default="token",
                         choices=("token", "layer", "history", "combined", "pregate"),
-                        help="--specmoe-predictor to plan and serve with (default combined)")
+                        help="--specmoe-predictor to plan and serve with (default token, the one "
+                        "request placement takes; the others are refused)")
     parser.add_argument("--committed", action="store_true",
                         help="the recipes kept in the repository's recipes/ folder")
     what = parser.add_mutually_exclusive_group(required=True)

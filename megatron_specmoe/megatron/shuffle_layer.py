@@ -92,12 +92,6 @@ __all__ = [
 ]
 
 
-def _is_static(inference_context) -> bool:
-    """True for Megatron's static inference context (and for contexts that predate the method)."""
-    check = getattr(inference_context, "is_static_batching", None)
-    return True if check is None else bool(check())
-
-
 def _group_rank(group) -> int:
     return dist.get_group_rank(group, dist.get_rank())
 
@@ -304,13 +298,6 @@ class ShuffleTransformerLayer(TransformerLayer):
                 f"or padding_mask (got extra {sorted(unsupported)}); pass None"
             )
         inference_context = inference_context if inference_context is not None else inference_params
-        if inference_context is not None and not _is_static(inference_context):
-            raise ValueError(
-                "ShuffleTransformerLayer: Megatron's dynamic inference context (continuous batching of "
-                "packed requests) is not supported yet; serve with the static context "
-                "(StaticInferenceContext, Megatron's static batching engine) or build the model without "
-                "the shuffle spec (the specmoe dispatcher alone works with either)"
-            )
         x = self.gather_input(hidden_states)
         # Stage 3 needs only stage 1's output: on CUDA it runs on a side stream while attention
         # runs, joined by one event wait before the shuffled reduce-scatter; on the CPU in order.

@@ -109,8 +109,8 @@ SHUFFLE_REFUSALS: tuple[Refusal, ...] = (
             sentence=lambda a: (
                 f"--specmoe-shuffle with --moe-shared-expert-intermediate-size and "
                 f"--tensor-model-parallel-size {_int(a, 'tensor_model_parallel_size')}: the shared expert's "
-                "TP linears expect every TP rank to hold the same tokens, which shuffling changes. Drop "
-                "--specmoe-shuffle for this model")),
+                "TP linears expect every TP rank to hold the same tokens, which shuffling changes. Serve "
+                "this model with --tensor-model-parallel-size 1 (DP attention: request placement)")),
     Refusal(field="tp_comm_overlap", flag="--tp-comm-overlap",
             unwanted=lambda s: bool(getattr(s, "tp_comm_overlap", False)),
             requirement="tp_comm_overlap must be False (the shuffle owns attention's TP collectives)",
@@ -144,11 +144,6 @@ SHUFFLE_REFUSALS: tuple[Refusal, ...] = (
             unwanted=lambda s: getattr(s, "mtp_num_layers", None) is not None,
             requirement="",
             why="multi-token-prediction layers would get a second set of shuffle layers outside the block",
-            scope="launcher"),
-    Refusal(field="inference_dynamic_batching", flag="--inference-dynamic-batching",
-            unwanted=lambda s: bool(getattr(s, "inference_dynamic_batching", False)),
-            requirement="",
-            why="the shuffle layer supports Megatron's static inference context only, not the dynamic one",
             scope="launcher"),
 )
 
@@ -188,13 +183,14 @@ def shuffle_dense_layer_problem(pattern: list[int], *, sequence_parallel: bool,
     late = [i for i, x in enumerate(pattern) if not x and i > first_moe]
     if predictor == "history" and late:
         return (
-            f"--specmoe-shuffle-predictor history: dense layer(s) {late} come after the MoE layer "
-            f"{first_moe}; the route history passes from one MoE layer to the next, which a dense "
-            "layer in between interrupts. Use --specmoe-shuffle-predictor route or pregate"
+            f"the shuffle's route-history predictor (--specmoe-predictor combined or history): dense "
+            f"layer(s) {late} come after the MoE layer {first_moe}; the route history passes from one MoE "
+            "layer to the next, which a dense layer in between interrupts. Use --specmoe-predictor token "
+            "or pregate"
         )
     if sequence_parallel and late:
         return (
-            f"--specmoe-shuffle with --sequence-parallel: dense layer(s) {late} come after the MoE "
+            f"token shuffling with --sequence-parallel: dense layer(s) {late} come after the MoE "
             f"layer {first_moe}; with sequence parallelism a shuffle layer passes its tokens on in "
             "shuffled order, which Megatron's dense TransformerLayer cannot read. Drop "
             "--sequence-parallel (shuffle layers then return true order), or use a model whose dense "

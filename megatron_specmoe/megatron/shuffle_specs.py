@@ -239,15 +239,30 @@ def carrier_of(spec: Any) -> ShuffleCarrier:
 
 
 class _OutputHandle:
-    """Undo for ``true_order_output``: ``remove()`` restores the output layer."""
+    """Undo for ``true_order_output``: ``remove()`` restores the output layer and the decoder."""
 
-    def __init__(self, layer, hook, saved_flag, carrier) -> None:
-        self._layer, self._hook, self._saved, self._carrier = layer, hook, saved_flag, carrier
+    def __init__(self, layer, hooks, saved_flag, carrier) -> None:
+        self._layer, self._hooks, self._saved, self._carrier = layer, hooks, saved_flag, carrier
 
     def remove(self) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         self._layer.explicit_expert_comm = self._saved
         self._carrier.output_consumer = None
+
+
+def _gathers_before_output_layer(inference_context) -> bool:
+    """Whether GPTModel all-gathers the sequence-parallel hidden states itself before its output
+    layer (core 0.19's dynamic context with ``materialize_only_last_token_logits``: it slices the
+    last token of each request from the full view, then runs the output layer without sequence
+    parallelism)."""
+    if inference_context is None:
+        return False
+    static = getattr(inference_context, "is_static_batching", None)
+    if static is None or static():
+        return False
+    config = getattr(inference_context, "config", None)
+    return bool(getattr(config, "materialize_only_last_token_logits", False))
 
 
 def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
@@ -273,6 +288,8 @@ def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
     group = layer.tp_group
 
     def gather_true_order(_module, args, kwargs):
+        if not layer.sequence_parallel:  # GPTModel gathered itself (dynamic context, see below)
+            return None
         state = carrier.state
         hidden = args[0]
         if state is None or hidden.shape[0] != state.plan.capacity:
@@ -285,11 +302,35 @@ def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
         carrier.state = None
         return (full.view(state.seq, state.batch, h),) + tuple(args[1:]), kwargs
 
+    def contiguous_for_dynamic(_module, _args, kwargs, output):
+        # Core 0.19's dynamic context: GPTModel all-gathers the decoder output in Megatron's
+        # contiguous shard order before its output layer, so the last layer's shuffled shard is
+        # turned back into this rank's contiguous shard here (one extra all-gather of the hidden
+        # states; the static context keeps the free path above).
+        if not _gathers_before_output_layer(kwargs.get("inference_context")):
+            return None
+        state = carrier.state
+        if state is None or output.shape[0] != state.plan.capacity:
+            raise ValueError(
+                "true_order_output: the decoder's output is not the last shuffle layer's shard "
+                f"(rows {output.shape[0]}, plan capacity {None if state is None else state.plan.capacity})"
+            )
+        h = output.shape[-1]
+        full = deferred_all_gather(output.reshape(-1, h), state.plan, group, counter=carrier.counter)
+        carrier.state = None
+        tp = group.size()
+        per = state.seq // tp
+        rank = group.rank()
+        return full.view(state.seq, state.batch, h)[rank * per:(rank + 1) * per]
+
     saved = layer.explicit_expert_comm
     carrier.output_consumer = "output_layer"
-    hook = layer.register_forward_pre_hook(gather_true_order, with_kwargs=True)
+    hooks = [layer.register_forward_pre_hook(gather_true_order, with_kwargs=True)]
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        hooks.append(decoder.register_forward_hook(contiguous_for_dynamic, with_kwargs=True))
     layer.explicit_expert_comm = True  # the hook gathers; the linear itself must not
-    return _OutputHandle(layer, hook, saved, carrier)
+    return _OutputHandle(layer, hooks, saved, carrier)
 
 
 def feed_token_ids(model, carrier: ShuffleCarrier):

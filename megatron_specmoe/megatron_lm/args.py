@@ -3,9 +3,10 @@
 Glossary
     provider: an ``extra_args_provider``, the ``f(parser) -> parser`` that Megatron-LM's
         ``parse_args`` calls after it has added its own arguments.
-    layout: the parallel sizes TP (attention tensor parallel), EP (expert parallel), ETP (expert
-        tensor parallel). Token shuffling needs the attention TP group inside one EP group with
-        ETP = 1 (MoE parallel folding), e.g. TP = EP = 8 on one node, or TP = 4, EP = 8.
+    layout, method, predictor: see ``megatron_lm/checks.py``. In short: the specmoe dispatcher
+        shuffles tokens with TP > 1 inside EP (ETP = 1), places requests with DP attention (TP = 1),
+        and refuses, before any GPU work, a command line where the method its layout selects
+        cannot run, naming the setting and the change that makes it work.
 
 Three ways in, from the least to the most invasive:
 
@@ -25,26 +26,16 @@ Three ways in, from the least to the most invasive:
 
 All of them are idempotent. Nothing here runs at import time.
 
-``--specmoe-shuffle`` (speculative token shuffling, ``megatron/shuffle_layer.py``; the model side is
-``megatron_lm/shuffle_hook.py``) is checked here too, before any GPU work, because the shuffle layer
-would otherwise refuse only once the model is built (or, for some settings, at its first forward):
-it needs the specmoe dispatcher on a layout where shuffling helps, Megatron's local linears
-(``--transformer-impl local``: Megatron-LM's default ``transformer_engine`` is refused), no
-``--spec`` / MTP / multi-latent attention / context parallelism / CUDA graphs / recomputation /
-``--specmoe-record-routes`` (routes would not line up with token ids) /
-``--inference-dynamic-batching`` (the layer runs on the static inference context only; without
-``--use-legacy-static-engine`` core 0.19's static engine uses the dynamic context too, which stderr
-warns about), no pipeline stages with
-sequence parallelism, no shared experts with TP > 1, and, with sequence
-parallelism or the "history" predictor, no dense layer after an MoE layer
-(``shuffle_dense_layer_problem``). The predictors ``route`` and ``history`` need ``--specmoe-plan``
-with a token table, resp. a combined (token + history) or history predictor.
-
-``--specmoe-request-placement`` (DP attention, TP = 1; ``megatron_lm/dp_coordinator.py``) needs the
-specmoe dispatcher, ``--specmoe-plan`` with a token table and megatron-core 0.19's DP coordinator;
-with it, TP = 1 is not a layout problem. The layer is forward-only (it raises in
-training mode); a training script cannot be told apart from an inference script here, so that is
-left to the layer.
+What ``validate_specmoe_args`` writes back into the args namespace, so that the model builder
+(``megatron_lm/shuffle_hook.py``) and the runtime (``megatron_lm/runtime.py``) read one decision:
+``specmoe_shuffle`` / ``specmoe_request_placement`` (the method) and ``specmoe_predictor`` (its
+default filled in). Token shuffling needs Megatron's local linears (``--transformer-impl local``;
+it runs under both Megatron inference contexts, static and dynamic), and none of ``--spec`` / MTP / multi-latent attention / context
+parallelism / CUDA graphs / recomputation / ``--specmoe-record-routes`` / shared experts /
+pipeline stages with sequence parallelism (``checks.check_shuffle``). Request placement needs a
+plan with a token table and megatron-core 0.19's DP coordinator (``checks.check_request_placement``).
+The shuffle layer is forward-only (it raises in training mode); a training script cannot be told
+apart from an inference script here, so that is left to the layer.
 """
 
 from __future__ import annotations
@@ -56,15 +47,6 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, get_args
-
-from megatron_specmoe.artifacts.errors import SpecMoEArgumentError
-from megatron_specmoe.predict.vocabulary import PLAN_KINDS, RuntimePredictor
-from megatron_specmoe.megatron.shuffle_refusals import (
-    launcher_refusals,
-    launcher_sentences,
-    moe_layer_pattern as _moe_layer_pattern,
-    shuffle_dense_layer_problem,
-)
 
 __all__ = [
     "DISPATCHER",
@@ -80,6 +62,9 @@ __all__ = [
     "num_moe_layers",
     "moe_layer_pattern",
     "shuffle_dense_layer_problem",
+    "RUNTIME_PREDICTOR_OF",
+    "Method",
+    "layout_method",
     "widen_dispatcher_literal",
     "narrow_dispatcher_literal",
     "install_args_hook",
@@ -87,19 +72,27 @@ __all__ = [
     "is_args_hook_installed",
 ]
 
-DISPATCHER = "specmoe"
-DISPATCHER_FLAG = "--moe-token-dispatcher-type"
-
-PredictorName = Literal["token", "layer", "history", "combined", "pregate"]
-# The pre-attention gate reuses the model's own router weights: it needs no calibration, so no plan.
-PREDICTORS_WITHOUT_PLAN: frozenset[str] = frozenset({"pregate"})
-DEFAULT_PREDICTOR: PredictorName = "combined"
-# What the shuffle layers predict with (--specmoe-shuffle-predictor): the layer's own router on its
-# input, the plan's token table on the token ids ("route" needs the plan's "token" predictor), or
-# the plan's token table combined with its route-history MLP on the routes carried between layers
-# ("history" needs a "combined" (token + history) or a "history" predictor).
-# --specmoe-shuffle-predictor takes predict.vocabulary.RuntimePredictor; the plan kinds each needs
-# are predict.vocabulary.PLAN_KINDS (empty for pregate).
+from megatron_specmoe.megatron_lm.checks import (
+    DISPATCHER,
+    DISPATCHER_FLAG,
+    PREDICTORS_WITHOUT_PLAN,
+    PLAN_KINDS,
+    RUNTIME_PREDICTOR_OF,
+    Method,
+    PredictorName,
+    RuntimePredictor,
+    SpecMoEArgumentError,
+    check_request_placement,
+    check_shuffle,
+    layout_method,
+    layout_problems,
+    moe_layer_pattern,
+    num_moe_layers,
+    read_plan,
+    resolve_predictor,
+    shuffle_dense_layer_problem,
+    warn,
+)
 
 SPECMOE_OPTION_STRINGS: tuple[str, ...] = (
     "--specmoe-plan",
@@ -109,7 +102,6 @@ SPECMOE_OPTION_STRINGS: tuple[str, ...] = (
     "--specmoe-stats",
     "--specmoe-fallback-alltoall",
     "--specmoe-shuffle",
-    "--specmoe-shuffle-predictor",
     "--specmoe-request-placement",
     "--specmoe-request-weight",
 )
@@ -145,14 +137,18 @@ class SpecMoEArgsCheck:
             ``'specmoe'``).
         fallback_reason: set when ``--specmoe-fallback-alltoall`` turned specmoe into ``alltoall``
             because the layout cannot benefit; the text says why.
-        predictor: the predictor name, or None when not active.
+        method: what the dispatcher turns on (``checks.Method``: "shuffle" or "requests"), or
+            None when not active.
+        predictor: ``--specmoe-predictor`` as resolved (its default filled in), or None when not
+            active.
         plan: the plan directory, or None.
-        shuffle: the shuffle layers' predictor (``--specmoe-shuffle-predictor``) when
-            ``--specmoe-shuffle`` is on, else None.
+        shuffle: the shuffle layers' own predictor name ("pregate", "route", "history") when the
+            method is "shuffle", else None.
     """
 
     active: bool
     fallback_reason: Optional[str] = None
+    method: Optional[Method] = None
     predictor: Optional[str] = None
     plan: Optional[Path] = None
     shuffle: Optional[str] = None
@@ -204,11 +200,13 @@ def add_specmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--specmoe-predictor",
         type=str,
         choices=get_args(PredictorName),
-        default=DEFAULT_PREDICTOR,
-        help="How a token's experts are guessed before the gate: 'token' (token-id table), "
-        "'layer' (table over the previous layers' routes), 'history' (classifier over all "
-        "previous layers' routes), 'combined' (the more confident of token and history), "
-        f"'pregate' (the layer's router on its input; needs no plan). Default: {DEFAULT_PREDICTOR}.",
+        default=None,
+        help="What the method predicts each token's experts with: 'token' (the plan's token-id "
+        "table), 'combined' (the plan's combined predictor, members token and history), 'history' "
+        "(the plan's classifier over the earlier layers' routes; token shuffling only), 'pregate' "
+        "(the layer's router on its input; needs no plan; token shuffling only). 'layer' has no "
+        "run-time form and is refused. Request placement (TP = 1) takes 'token'. Default: the "
+        "plan's first predictor, or 'pregate' without a plan.",
     )
     group.add_argument(
         "--specmoe-record-routes",
@@ -239,45 +237,35 @@ def add_specmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--specmoe-fallback-alltoall",
         action="store_true",
         default=False,
-        help="If the parallel layout cannot benefit from token shuffling (EP = 1, TP = 1, ETP > 1, "
+        help="If the parallel layout gives the specmoe dispatcher nothing to do (EP = 1, ETP > 1, "
         "or the TP group not inside one EP group), run the plain alltoall dispatcher with a "
-        "warning instead of stopping with an error. Does not apply to --specmoe-shuffle.",
+        "warning instead of stopping with an error.",
     )
     group.add_argument(
         "--specmoe-shuffle",
         action="store_true",
         default=False,
-        help="Speculative token shuffling: the MoE transformer layers become ShuffleTransformerLayer "
-        "(tokens are moved to the TP rank hosting their predicted experts inside attention's own "
-        "TP collectives, so the expert all-to-all carries mostly mispredictions). Inference only "
-        "(forward-only; the layer raises in training mode). Needs --moe-token-dispatcher-type "
-        "specmoe and --transformer-impl local.",
-    )
-    group.add_argument(
-        "--specmoe-shuffle-predictor",
-        type=str,
-        choices=get_args(RuntimePredictor),
-        default="pregate",
-        help="With --specmoe-shuffle: 'pregate' (default; the layer's router on its input, no "
-        "plan needed), 'route' (the plan's token table on the token ids; needs --specmoe-plan "
-        "with a 'token' predictor) or 'history' (the plan's token table combined with its "
-        "route-history MLP on the routes carried between layers; needs --specmoe-plan with a "
-        "'combined' or 'history' predictor). With --specmoe-shuffle, --specmoe-predictor is not used.",
+        help="Assert speculative token shuffling, which the specmoe dispatcher turns on by itself "
+        "with TP > 1 inside EP: the MoE transformer layers become ShuffleTransformerLayer (tokens "
+        "move to the TP rank hosting their predicted experts inside attention's own TP "
+        "collectives). With it, a layout that would place requests instead (TP = 1) is an error. "
+        "Inference only; needs --transformer-impl local.",
     )
     group.add_argument(
         "--specmoe-request-placement",
         action="store_true",
         default=False,
-        help="DP attention (TP = 1) serving with Megatron's dynamic engine (core >= 0.19): its data-"
-        "parallel coordinator places each request on the DP rank whose experts the prompt is "
-        "predicted to use, weighed against free request slots (megatron_lm/dp_coordinator.py). Needs "
-        "--specmoe-plan with a 'token' predictor.",
+        help="Assert request placement, which the specmoe dispatcher turns on by itself with DP "
+        "attention (TP = 1) under Megatron's dynamic engine (core >= 0.19): its data-parallel "
+        "coordinator places each request on the DP rank whose experts the prompt is predicted to "
+        "use, weighed against free request slots (megatron_lm/dp_coordinator.py). Needs "
+        "--specmoe-plan with a 'token' predictor. With it, TP > 1 is an error.",
     )
     group.add_argument(
         "--specmoe-request-weight",
         type=float,
         default=0.5,
-        help="With --specmoe-request-placement: share of the score given to expert affinity, in "
+        help="Request placement: share of the score given to expert affinity, in "
         "[0, 1] (0 = Megatron's least-loaded routing; default 0.5).",
     )
     return parser
@@ -302,220 +290,22 @@ def compose(
     provider.__name__ = f"specmoe_compose({getattr(existing, '__name__', 'provider')})"
     return provider
 
-
 # --------------------------------------------------------------------------- checks
 
 
-def num_moe_layers(args: argparse.Namespace) -> Optional[int]:
-    """MoE layers in the whole model from ``--num-layers`` and ``--moe-layer-freq`` (an int N:
-    layers 0, N, 2N, ... are MoE; or a 0/1 list), or None when ``--num-layers`` is unknown."""
-    num_layers = getattr(args, "num_layers", None)
-    if num_layers is None:
-        return None
-    freq = getattr(args, "moe_layer_freq", 1)
-    if freq is None:
-        freq = 1
-    if isinstance(freq, int):
-        return len(range(0, num_layers, freq))
-    pattern = list(freq)
-    if len(pattern) != num_layers:
-        raise SpecMoEArgumentError(
-            f"--moe-layer-freq lists {len(pattern)} layers but --num-layers is {num_layers}"
-        )
-    return int(sum(1 for x in pattern if x))
-
-
-def moe_layer_pattern(num_layers: int, freq: Any, *,
-                      names: tuple[str, str] = ("--moe-layer-freq", "--num-layers")) -> list[int]:
-    """``model_tools.moe_layer_pattern`` with its error as a SpecMoEArgumentError (flag names)."""
-    try:
-        return _moe_layer_pattern(num_layers, freq, names=names)
-    except ValueError as exc:
-        raise SpecMoEArgumentError(str(exc)) from None
-
-
-
-
-def layout_problems(args: argparse.Namespace) -> list[str]:
-    """Why token shuffling cannot help this parallel layout (empty when it can).
-
-    ETP unset means ETP = TP, Megatron-LM's default."""
-    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
-    ep = int(getattr(args, "expert_model_parallel_size", 1) or 1)
-    etp = getattr(args, "expert_tensor_parallel_size", None)
-    etp = tp if etp is None else int(etp)
-    problems = []
-    if ep == 1:
-        problems.append(
-            "--expert-model-parallel-size is 1: every rank holds every expert, there is no "
-            "expert all-to-all to shrink"
-        )
-    # TP = 1 is DP attention: tokens cannot move, but --specmoe-request-placement places whole
-    # requests on the DP (= EP) rank whose experts they are predicted to use.
-    if tp == 1 and not getattr(args, "specmoe_request_placement", False):
-        problems.append(
-            "--tensor-model-parallel-size is 1: tokens can only be shuffled inside an attention "
-            "tensor-parallel group, and a group of one rank cannot move them (for DP attention use "
-            "--specmoe-request-placement, which places whole requests instead)"
-        )
-    if etp != 1:
-        problems.append(
-            f"expert tensor parallel size is {etp} (Megatron-LM uses TP when "
-            "--expert-tensor-parallel-size is not given): the specmoe dispatcher needs whole "
-            "experts per rank; pass --expert-tensor-parallel-size 1"
-        )
-    if tp > 1 and ep > 1 and ep % tp != 0:
-        problems.append(
-            f"the attention TP group ({tp} ranks) is not inside one EP group ({ep} ranks): a token "
-            "shuffled to another TP rank would land in another EP group; make EP a multiple of TP "
-            "(e.g. TP=4, EP=8)"
-        )
-    return problems
-
-
-def _check_plan(args: argparse.Namespace, plan_dir: Path, predictor: str,
-                flag: Optional[str] = None, any_of: tuple[str, ...] = ()) -> None:
-    """Read the plan (artifacts/plan_folder.py checks its format and checksum) and compare its shape with
-    the command line: MoE layers, experts, top-k, EP size, and vocabulary / hidden size when both
-    sides know them (the padded vocabulary is known only after the tokenizer is built)."""
-    if not plan_dir.is_dir():
-        raise SpecMoEArgumentError(
-            f"--specmoe-plan {plan_dir}: no such directory; write it with `specmoe plan` "
-            "(see recipes/README.md)"
-        )
-    from megatron_specmoe.artifacts.plan_folder import load_plan  # pure numpy, cheap
-
-    try:
-        plan = load_plan(plan_dir)
-        plan.check_compatible(
-            num_layers=num_moe_layers(args),
-            num_experts=getattr(args, "num_experts", None),
-            topk=getattr(args, "moe_router_topk", None),
-            ep_size=getattr(args, "expert_model_parallel_size", None),
-            vocab_size=getattr(args, "padded_vocab_size", None),
-            hidden_size=getattr(args, "hidden_size", None),
-        )
-    except ValueError as exc:
-        raise SpecMoEArgumentError(f"--specmoe-plan {plan_dir}: {exc}") from exc
-    kinds = tuple(plan.header.predictor_kinds)
-    wanted = any_of or (predictor,)
-    if flag is not None and not set(wanted) & set(kinds):
-        raise SpecMoEArgumentError(
-            f"{flag}: the plan {plan_dir} holds no {' or '.join(repr(k) for k in wanted)} predictor "
-            f"(it has {', '.join(kinds) if kinds else 'none'}); re-run `specmoe plan` with predictor "
-            f"{wanted[0]}" + (", or use --specmoe-shuffle-predictor pregate" if "shuffle" in flag else "")
-        )
-    if flag is not None:
-        return
-    if predictor not in PREDICTORS_WITHOUT_PLAN and predictor not in kinds:
-        raise SpecMoEArgumentError(
-            f"--specmoe-predictor {predictor}: the plan {plan_dir} holds no such predictor (it has "
-            f"{', '.join(kinds) if kinds else 'none'}); choose one of those, or re-run `specmoe "
-            f"plan` with predictor {predictor}"
-        )
-
-
-def _check_shuffle(args: argparse.Namespace, plan: Optional[str]) -> str:
-    """The ``--specmoe-shuffle`` checks that need no GPU (the dispatcher is specmoe and the layout
-    sound by now); returns the shuffle predictor. See the module docstring."""
-    predictor = getattr(args, "specmoe_shuffle_predictor", None) or "pregate"
-    if predictor not in get_args(RuntimePredictor):
-        raise SpecMoEArgumentError(
-            f"--specmoe-shuffle-predictor {predictor}: choose one of {get_args(RuntimePredictor)}"
-        )
-    impl = getattr(args, "transformer_impl", "local")
-    if impl != "local":
-        raise SpecMoEArgumentError(
-            f"--specmoe-shuffle with --transformer-impl {impl} (Megatron-LM's default is "
-            "transformer_engine): the shuffle layer's TransformerEngine linears (megatron/te_shuffle.py) "
-            "have not been verified on a GPU yet (tools/gpu_check.sh does that), so the launcher does "
-            "not build them. Pass --transformer-impl local"
-        )
-    sentences = launcher_sentences(args)
-    if sentences:
-        raise SpecMoEArgumentError(sentences[0])
-    bad = launcher_refusals(args)
-    if bad:
-        raise SpecMoEArgumentError(
-            "--specmoe-shuffle does not support " + "; ".join(bad) + ". Drop these flags, or drop "
-            "--specmoe-shuffle"
-        )
-    if getattr(args, "specmoe_record_routes", None):
-        raise SpecMoEArgumentError(
-            f"--specmoe-record-routes {args.specmoe_record_routes} with --specmoe-shuffle: each rank "
-            "routes the tokens the shuffle moved to it, so the recorded routes would not line up with "
-            "the batch's token ids. Record routes in a run without --specmoe-shuffle (calibration "
-            "needs no shuffling)"
-        )
-    sp = bool(getattr(args, "sequence_parallel", False))
-    num_layers = getattr(args, "num_layers", None)
-    if num_layers is not None:
-        problem = shuffle_dense_layer_problem(
-            moe_layer_pattern(int(num_layers), getattr(args, "moe_layer_freq", 1)),
-            sequence_parallel=sp, predictor=predictor)
-        if problem:
-            raise SpecMoEArgumentError(problem)
-    if hasattr(args, "use_legacy_static_engine") and not args.use_legacy_static_engine and _rank0():
-        print("specmoe: --specmoe-shuffle: Megatron-LM's inference engines (core 0.19) run on the "
-              "dynamic inference context unless --use-legacy-static-engine is given, and the shuffle "
-              "layer refuses that context at its first forward; pass --use-legacy-static-engine to "
-              "scripts that build a StaticInferenceEngine", file=sys.stderr)
-    if PLAN_KINDS[predictor] and plan is None:
-        raise SpecMoEArgumentError(
-            f"--specmoe-shuffle-predictor {predictor} needs --specmoe-plan DIR with a "
-            f"{' or '.join(repr(k) for k in PLAN_KINDS[predictor])} predictor (made by `specmoe "
-            "plan`); without a plan use --specmoe-shuffle-predictor pregate"
-        )
-    return predictor
-
-
-def _check_request_placement(args: argparse.Namespace, dispatcher: Optional[str], plan: Optional[str]) -> None:
-    """``--specmoe-request-placement``: DP attention (TP = 1) with the specmoe dispatcher, a plan
-    holding a token table, a weight in [0, 1], and a Megatron-Core whose DP coordinator takes a
-    per-request routing decision (0.19)."""
-    flag = "--specmoe-request-placement"
-    weight = getattr(args, "specmoe_request_weight", 0.5)
-    if not 0.0 <= float(weight) <= 1.0:
-        raise SpecMoEArgumentError(f"--specmoe-request-weight {weight}: must be in [0, 1] (0 = least-loaded)")
-    if dispatcher != DISPATCHER:
-        raise SpecMoEArgumentError(
-            f"{flag} needs {DISPATCHER_FLAG} {DISPATCHER} (the plan's expert placement must be applied "
-            "for the predicted affinities to hold)"
-        )
-    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
-    if tp != 1:
-        raise SpecMoEArgumentError(
-            f"{flag} places whole requests for DP attention (--tensor-model-parallel-size 1), but TP is "
-            f"{tp}; with TP > 1 tokens move inside the TP group instead: use --specmoe-shuffle"
-        )
-    if plan is None:
-        raise SpecMoEArgumentError(f"{flag} needs --specmoe-plan DIR with a 'token' predictor (made by `specmoe plan`)")
-    try:
-        from megatron_specmoe.megatron_lm.dp_coordinator import _coordinator_class
-
-        _coordinator_class()
-    except ImportError as exc:
-        raise SpecMoEArgumentError(f"{flag}: {exc}") from None
-    plan_dir = Path(plan)
-    _check_plan(args, plan_dir, "token", flag=flag, any_of=("token",))
-
-
-def _rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
-    """Check a parsed Megatron-LM command line before any GPU work.
+    """Check a parsed Megatron-LM command line before any GPU work and decide the method.
 
     Raises ``SpecMoEArgumentError`` (a ValueError) naming the flag and the fix. When the layout
-    cannot benefit and ``--specmoe-fallback-alltoall`` is set, sets
+    gives the dispatcher nothing to do and ``--specmoe-fallback-alltoall`` is set, sets
     ``args.moe_token_dispatcher_type = 'alltoall'`` and ``args.specmoe_fallback_reason``, and
-    warns on stderr (rank 0). Calling it again on the same args gives the same answer.
+    warns on stderr (rank 0). Otherwise sets ``args.specmoe_shuffle``,
+    ``args.specmoe_request_placement`` and ``args.specmoe_predictor`` to the decision (module
+    docstring). Calling it again on the same args gives the same answer.
     """
     dispatcher = getattr(args, "moe_token_dispatcher_type", None)
     plan = getattr(args, "specmoe_plan", None)
     stats = getattr(args, "specmoe_stats", None)
-    predictor = getattr(args, "specmoe_predictor", DEFAULT_PREDICTOR)
     previous_fallback = getattr(args, "specmoe_fallback_reason", None)
     if not hasattr(args, "specmoe_plan"):
         raise SpecMoEArgumentError(
@@ -529,22 +319,20 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
             f"--specmoe-record-every {every}: must be >= 0 and needs --specmoe-record-routes DIR "
             "(it says how often to write the recorded routes)"
         )
-
     shuffle = bool(getattr(args, "specmoe_shuffle", False))
-    if shuffle and dispatcher != DISPATCHER:
+    requests = bool(getattr(args, "specmoe_request_placement", False))
+    if shuffle and requests:
         raise SpecMoEArgumentError(
-            f"--specmoe-shuffle needs the specmoe dispatcher, but {DISPATCHER_FLAG} is "
-            f"{dispatcher!r}: add {DISPATCHER_FLAG} {DISPATCHER}"
-            + (f" (it fell back to alltoall: {previous_fallback})" if previous_fallback else "")
+            "--specmoe-shuffle and --specmoe-request-placement: the layout selects one (TP > 1 "
+            "shuffles tokens, TP = 1 places requests); drop the one that does not match"
         )
-
-    if getattr(args, "specmoe_request_placement", False):
-        _check_request_placement(args, dispatcher, plan)
 
     if dispatcher != DISPATCHER:
         if previous_fallback is not None:
             return SpecMoEArgsCheck(active=False, fallback_reason=previous_fallback)
-        given = [f for f, v in (("--specmoe-plan", plan), ("--specmoe-stats", stats)) if v]
+        given = [f for f, v in (("--specmoe-plan", plan), ("--specmoe-stats", stats),
+                                ("--specmoe-shuffle", shuffle), ("--specmoe-request-placement", requests),
+                                ("--specmoe-predictor", getattr(args, "specmoe_predictor", None))) if v]
         if given:
             raise SpecMoEArgumentError(
                 f"{' and '.join(given)} only apply to the specmoe dispatcher, but "
@@ -567,49 +355,56 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
             + ". Drop these flags, or use the alltoall dispatcher."
         )
 
-    # 3. Layouts where shuffling cannot help: error, or alltoall if the user asked for it.
+    # 3. Layouts that give the dispatcher nothing to do: error, or alltoall if the user asked for it.
     problems = layout_problems(args)
-    if problems and shuffle:
-        raise SpecMoEArgumentError(
-            "--specmoe-shuffle cannot shuffle tokens on this layout: " + "; ".join(problems)
-            + ". Fix the layout (--specmoe-fallback-alltoall does not apply to --specmoe-shuffle)"
-        )
     if problems:
-        reason = "token shuffling cannot help this layout: " + "; ".join(problems)
-        if not getattr(args, "specmoe_fallback_alltoall", False):
+        reason = "the specmoe dispatcher can do nothing on this layout: " + "; ".join(problems)
+        if not getattr(args, "specmoe_fallback_alltoall", False) or shuffle or requests:
+            asked = [f for f, v in (("--specmoe-shuffle", shuffle), ("--specmoe-request-placement", requests)) if v]
             raise SpecMoEArgumentError(
-                reason + ". Pass --specmoe-fallback-alltoall to run the plain alltoall "
-                "dispatcher instead."
+                reason + (f". Fix the layout ({asked[0]} asks for the method, so "
+                          "--specmoe-fallback-alltoall does not apply)" if asked else
+                          ". Fix the layout, or pass --specmoe-fallback-alltoall to run the plain "
+                          "alltoall dispatcher instead.")
             )
         args.moe_token_dispatcher_type = "alltoall"
         args.specmoe_fallback_reason = reason
-        if _rank0():
-            print(f"specmoe: falling back to alltoall: {reason}", file=sys.stderr)
+        warn(f"falling back to alltoall: {reason}")
         return SpecMoEArgsCheck(active=False, fallback_reason=reason)
 
-    # 4. Speculative token shuffling: its own predictor replaces --specmoe-predictor.
-    if shuffle:
-        shuffle_predictor = _check_shuffle(args, plan)
-        if plan is None:
-            return SpecMoEArgsCheck(active=True, predictor=None, shuffle=shuffle_predictor)
-        plan_dir = Path(plan)
-        kinds = PLAN_KINDS.get(shuffle_predictor, ())
-        _check_plan(args, plan_dir, kinds[0] if kinds else "pregate",
-                    flag=f"--specmoe-shuffle-predictor {shuffle_predictor}" if kinds else None, any_of=kinds)
-        return SpecMoEArgsCheck(active=True, predictor=None, plan=plan_dir, shuffle=shuffle_predictor)
+    # 4. The method the layout selects, and the flags that assert one.
+    method = layout_method(args)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    if requests and method == "shuffle":
+        raise SpecMoEArgumentError(
+            f"--specmoe-request-placement places whole requests for DP attention (--tensor-model-parallel-size "
+            f"1), but TP is {tp}; with TP > 1 the specmoe dispatcher shuffles tokens inside the TP group "
+            "instead: drop --specmoe-request-placement, or use --tensor-model-parallel-size 1"
+        )
+    if shuffle and method == "requests":
+        raise SpecMoEArgumentError(
+            "--specmoe-shuffle with --tensor-model-parallel-size 1: tokens can only be shuffled inside "
+            "an attention tensor-parallel group, and a group of one rank cannot move them. Use TP > 1 "
+            "(a divisor of EP), or drop --specmoe-shuffle: with DP attention the specmoe dispatcher "
+            "places requests instead"
+        )
 
-    # 5. The plan: present when the predictor needs one, and made for this model and layout.
-    if plan is None:
-        if predictor not in PREDICTORS_WITHOUT_PLAN:
-            raise SpecMoEArgumentError(
-                f"--specmoe-predictor {predictor} needs --specmoe-plan DIR (made by `specmoe "
-                "plan` from a calibration run); without a plan only --specmoe-predictor pregate "
-                "works"
-            )
-        return SpecMoEArgsCheck(active=True, predictor=predictor)
-    plan_dir = Path(plan)
-    _check_plan(args, plan_dir, predictor)
-    return SpecMoEArgsCheck(active=True, predictor=predictor, plan=plan_dir)
+    # 5. The plan (made for this model and layout) and the predictor.
+    plan_dir = Path(plan) if plan else None
+    plan_obj = read_plan(args, plan_dir) if plan_dir is not None else None
+    predictor = resolve_predictor(args, method, plan_obj, plan_dir)
+
+    # 6. The method's own checks; then the decision goes back into args.
+    shuffle_predictor = None
+    if method == "shuffle":
+        shuffle_predictor = check_shuffle(args, predictor)
+    else:
+        check_request_placement(args, predictor, plan_obj, plan_dir)
+    args.specmoe_predictor = predictor
+    args.specmoe_shuffle = method == "shuffle"
+    args.specmoe_request_placement = method == "requests"
+    return SpecMoEArgsCheck(active=True, method=method, predictor=predictor, plan=plan_dir,
+                            shuffle=shuffle_predictor)
 
 
 # --------------------------------------------------------------------------- config Literal

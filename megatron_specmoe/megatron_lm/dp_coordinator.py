@@ -25,6 +25,12 @@ importable class, so the spawned process gets it by name), and it sets the envir
 ``SPECMOE_REQUEST_PLAN`` and ``SPECMOE_REQUEST_WEIGHT``, which the spawned process inherits and
 ``SpecMoECoordinator.__init__`` reads. ``uninstall_request_routing()`` undoes both.
 
+Engines that go away: Megatron's coordinator forgets the requests a removed engine held (its
+DISCONNECT handler and the EHOSTUNREACH path only drop the engine); ``SpecMoECoordinator`` sends
+them again to the best remaining engine (class docstring). Tested live, with Megatron's client,
+this coordinator in its spawned process and stand-in engines on loopback
+(``tests/test_dp_coordinator_live.py``; 7 of 11 requests are lost without the re-send).
+
 Megatron-Core 0.16's coordinator routes round-robin inside its event loop with no per-request
 hook; ``install_request_routing`` refuses it by name.
 """
@@ -136,12 +142,31 @@ def _base():
 
 class SpecMoECoordinator(_base()):
     """Megatron's ``DataParallelInferenceCoordinator`` that places requests by predicted expert
-    affinity (module docstring). Without ``SPECMOE_REQUEST_PLAN`` in the environment it behaves
-    exactly as Megatron's."""
+    affinity (module docstring) and loses no request when an engine goes away (below). Without
+    ``SPECMOE_REQUEST_PLAN`` in the environment it places requests exactly as Megatron's.
+
+    Engines that go away. Megatron's coordinator removes an engine when it sends DISCONNECT (what
+    the dynamic engine's shutdown does, after cancelling the requests it holds) or when a send to
+    it fails (EHOSTUNREACH: the process died), and forgets the requests that engine held: their
+    clients never hear back. This one keeps the payload of every request it sent until the
+    engine's ENGINE_REPLY for it arrives (``specmoe_in_flight``: request id -> (identity, payload));
+    when an engine is removed, its unanswered requests are sent again to the best remaining
+    engine, chosen as for a new request. With no engine left they wait (``specmoe_orphans``) for
+    the next engine that registers."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.specmoe_router = router_from_env()
+        self.specmoe_in_flight: dict[int, tuple[bytes, bytes]] = {}
+        self.specmoe_orphans: list[bytes] = []
+        reply = self._handlers[_headers().ENGINE_REPLY]
+
+        def handle_engine_reply(coordinator, sender_identity, payload):
+            for finished in payload[1]:
+                coordinator.specmoe_in_flight.pop(finished["request_id"], None)
+            return reply(coordinator, sender_identity, payload)
+
+        self._handlers[_headers().ENGINE_REPLY] = handle_engine_reply
 
     def compute_request_hashes(self, prompt):
         if getattr(self, "specmoe_router", None) is not None:
@@ -166,6 +191,70 @@ class SpecMoECoordinator(_base()):
         affinity = router.rank_affinity(tokens, dp_ranks)
         best = online_rank(affinity, self._pending_counts, max_requests=int(self.max_requests), weight=router.weight)
         return self._identities_list[best]
+
+    # ---- no request lost ----------------------------------------------------------------------
+    def _send_to_engine(self, identity, payload):
+        sent = super()._send_to_engine(identity, payload)
+        if sent:
+            request_id = _submitted_request_id(payload)
+            if request_id is not None:
+                self.specmoe_in_flight[request_id] = (identity, payload)
+        return sent
+
+    def _remove_engine(self, identity):
+        orphans = [rid for rid, (held_by, _) in self.specmoe_in_flight.items() if held_by == identity]
+        super()._remove_engine(identity)
+        for rid in orphans:
+            _, payload = self.specmoe_in_flight.pop(rid)
+            self.request_id_to_rank.pop(rid, None)  # its pending count left with the engine
+            self.specmoe_orphans.append(payload)
+        self._dispatch_orphans()
+
+    def _handle_rank_registration(self, sender_identity):
+        super()._handle_rank_registration(sender_identity)
+        self._dispatch_orphans()
+
+    def _dispatch_orphans(self) -> None:
+        """Send the waiting requests to the best engines left (each send may remove another
+        engine, whose requests join the queue); stops when the queue is empty or no engine is left."""
+        import msgpack
+
+        # The submit handler may be retrying a new request (a failed send removed an engine and
+        # brought us here): its prompt must be the one routed when we return.
+        routing = self.__dict__.get("specmoe_prompt_tokens")
+        try:
+            self._dispatch_waiting(msgpack)
+        finally:
+            self.specmoe_prompt_tokens = routing
+
+    def _dispatch_waiting(self, msgpack) -> None:
+        while self.specmoe_orphans and self._identities_list:
+            payload = self.specmoe_orphans.pop(0)
+            _, request_id, prompt, _ = msgpack.unpackb(payload, raw=False)
+            hashes = self.compute_request_hashes(prompt)
+            identity = self.get_best_data_parallel_rank(hashes)
+            if not self._send_to_engine(identity, payload):
+                self.specmoe_orphans.append(payload)  # that engine is gone too: try the next one
+                continue
+            self.request_id_to_rank[request_id] = identity
+            self._pending_counts[self.identity_to_rank_index[identity]] += 1
+
+
+def _headers():
+    from megatron.core.inference.headers import Headers
+
+    return Headers
+
+
+def _submitted_request_id(payload: bytes) -> Optional[int]:
+    """The request id of a SUBMIT_REQUEST engine payload (msgpack ``[header, id, prompt,
+    sampling_params]``), or None for any other message."""
+    import msgpack
+
+    message = msgpack.unpackb(payload, raw=False)
+    if message and message[0] == _headers().SUBMIT_REQUEST.value and len(message) == 4:
+        return int(message[1])
+    return None
 
 
 def router_from_env() -> Optional[AffinityRouter]:

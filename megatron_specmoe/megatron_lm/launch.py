@@ -63,7 +63,8 @@ Runs a Megatron-LM script with the specmoe plug-in installed and the --specmoe-*
 Megatron-LM's parser. ARGS go to the script unchanged, e.g.
   torchrun --nproc-per-node 8 -m megatron_specmoe.launch tools/run_text_generation_server.py \\
       --moe-token-dispatcher-type specmoe --specmoe-plan plans/mixtral ...
-Add --specmoe-shuffle --transformer-impl local for speculative token shuffling (inference only).
+With TP > 1 the specmoe dispatcher shuffles tokens (speculative token shuffling: inference only,
+--transformer-impl local); with TP = 1 (DP attention) it places requests.
 """
 
 

@@ -6,8 +6,8 @@ Glossary
     layout: TP (attention tensor parallel), EP (expert parallel), ETP (expert tensor parallel,
         always 1 here), PP (pipeline). With MoE parallel folding the expert grid reuses the
         attention data-parallel ranks, so Megatron-LM needs TP*PP | world and ETP*EP*PP | world
-        (not TP*EP*PP | world); token shuffling needs EP to be a multiple of TP (see
-        ``megatron_lm.args.layout_problems``).
+        (not TP*EP*PP | world). Every preset serves with DP attention (TP = 1: request placement,
+        TE layers kept); TP > 1 (token shuffling: local linears only, for now) is refused.
     step: ``calibrate`` (run prompts through the stock alltoall dispatcher and record every MoE
         layer's routes), ``plan`` (``specmoe plan --num-experts E``: fit predictors and expert
         placement on the CPU), ``serve`` (Megatron-LM's inference server, specmoe dispatcher).
@@ -187,8 +187,8 @@ PRESETS: dict[str, ModelPreset] = {
                          "--position-embedding-type", "rope", "--rotary-base", "1000000"),
         extra_flags=(*_COMMON_FLAGS, "--norm-epsilon", "1e-5"),
         # 8 experts: EP stops at 8, so 2 nodes are two EP=8 replicas and the expert all-to-all
-        # stays on NVLink inside each node.
-        layouts=((1, ParallelLayout(tp=8, ep=8)), (2, ParallelLayout(tp=8, ep=8))),
+        # stays on NVLink inside each node. DP attention: ~15 GB per GPU in bf16.
+        layouts=((1, ParallelLayout(tp=1, ep=8)), (2, ParallelLayout(tp=1, ep=8))),
     ),
     "deepseek-v2-lite": ModelPreset(
         name="deepseek-v2-lite", title="DeepSeek-V2-Lite", hf_id="deepseek-ai/DeepSeek-V2-Lite",
@@ -205,7 +205,7 @@ PRESETS: dict[str, ModelPreset] = {
                          "--yarn-original-max-position-embeddings", "4096"),
         extra_flags=(*_COMMON_FLAGS, "--norm-epsilon", "1e-6"),
         # 2 nodes: EP=16 spans both nodes, the case where the all-to-all crosses InfiniBand.
-        layouts=((1, ParallelLayout(tp=2, ep=8)), (2, ParallelLayout(tp=2, ep=16))),
+        layouts=((1, ParallelLayout(tp=1, ep=8)), (2, ParallelLayout(tp=1, ep=16))),
     ),
     "qwen3-30b-a3b": ModelPreset(
         name="qwen3-30b-a3b", title="Qwen3-30B-A3B", hf_id="Qwen/Qwen3-30B-A3B",
@@ -216,7 +216,7 @@ PRESETS: dict[str, ModelPreset] = {
                          "--kv-channels", "128", "--qk-layernorm",
                          "--position-embedding-type", "rope", "--rotary-base", "1000000"),
         extra_flags=(*_COMMON_FLAGS, "--norm-epsilon", "1e-6"),
-        layouts=((1, ParallelLayout(tp=4, ep=8)), (2, ParallelLayout(tp=4, ep=16))),
+        layouts=((1, ParallelLayout(tp=1, ep=8)), (2, ParallelLayout(tp=1, ep=16))),
     ),
 }
 assert set(PRESETS) == set(get_args(ModelName)), "PRESETS must match ModelName"
@@ -370,8 +370,9 @@ class Recipe:
         gpus_per_node: GPUs per node.
         recorder: ``specmoe`` (--specmoe-record-routes: routes with token ids, for every
             predictor) or ``megatron`` (Megatron's --moe-routing-trace-path: routes only, so no
-            token-table predictor).
-        predictor: the --specmoe-predictor used to plan and serve.
+            token-table predictor, which request placement needs: refused).
+        predictor: the --specmoe-predictor to plan and serve with ("token", the only one request
+            placement takes).
         paths: shared paths.
         calibration_tokens: tokens generated per calibration prompt.
         port: the server's HTTP port.
@@ -383,7 +384,7 @@ class Recipe:
     nodes: int
     gpus_per_node: int = 8
     recorder: RouteRecorder = "specmoe"
-    predictor: str = "combined"
+    predictor: str = "token"
     paths: RecipePaths = field(default_factory=RecipePaths)
     calibration_tokens: int = 128
     port: int = 5000
@@ -401,11 +402,19 @@ class Recipe:
         if self.recorder == "megatron" and self.predictor in ("token", "combined"):
             raise ValueError(f"Recipe: predictor {self.predictor!r} needs token ids, which "
                              "Megatron's --moe-routing-trace-path does not record; use "
-                             "recorder='specmoe' or predictor 'layer'/'history'")
+                             "recorder='specmoe'")
         problems = layout_problems_on(self.layout, self.world_size)
         if problems:
             raise ValueError(f"Recipe {self.model.name} on {self.nodes}x{self.gpus_per_node}: "
                              + "; ".join(problems))
+        if self.layout.tp > 1:
+            raise ValueError(f"Recipe {self.model.name}: token shuffling (what TP = {self.layout.tp} turns on) "
+                             "needs --transformer-impl local until tools/gpu_check.sh has verified its TE "
+                             "linears on a GPU, and the serve step runs Megatron's TE layers; use a layout "
+                             "with TP = 1 (DP attention: request placement)")
+        if self.predictor != "token":
+            raise ValueError(f"Recipe: predictor {self.predictor!r}: the serve step places requests (DP "
+                             "attention), which predicts from the prompt's token ids: use predictor 'token'")
 
     @property
     def layout(self) -> ParallelLayout:
@@ -469,6 +478,7 @@ class Recipe:
             step="serve", launcher=self._gpu_launcher(), program=self._program(SERVE_SCRIPT),
             megatron_args=(*self._megatron_common(), "--moe-token-dispatcher-type", "specmoe",
                            "--specmoe-plan", p.plan, "--specmoe-predictor", self.predictor,
+                           "--specmoe-request-placement",
                            "--specmoe-stats", p.stats),
             script_args=("--port", str(self.port)),
             script=SERVE_SCRIPT, creates=(str(Path(p.stats).parent),),
@@ -514,7 +524,8 @@ class Recipe:
             f"# Usage: {where}, with STEP one of:",
             "#   calibrate  run PROMPTS through the stock alltoall dispatcher, record the routes",
             "#   plan       specmoe plan: fit the predictor and expert placement (CPU, one node)",
-            "#   serve      Megatron-LM's inference server with --moe-token-dispatcher-type specmoe",
+            "#   serve      Megatron-LM's inference server, specmoe dispatcher, DP attention: each",
+            "#              request goes to the DP rank hosting its predicted experts",
             "# Environment: MEGATRON_LM (a Megatron-LM checkout, core 0.19), CHECKPOINT (this",
             "# model's Megatron checkpoint), PROMPTS (calibrate: JSONL, one {\"text\": ...} per line),",
             "# SPECMOE_WORK (routes/, plan/, stats/; default ./specmoe-work; on a filesystem that",

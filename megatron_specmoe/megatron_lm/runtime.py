@@ -32,7 +32,7 @@ What each flag does here (``megatron_lm/args.py`` parses and checks them before 
     ``megatron_lm.shuffle_hook.install_shuffle_hook`` while the model was built)
     ``megatron_shuffle.attach_shuffle_outputs`` on the unwrapped chunks: with sequence parallelism
     the output layer restores true order inside its own all-gather; with
-    ``--specmoe-shuffle-predictor route`` each forward's token ids reach the layers. A chunk whose
+    ``--specmoe-predictor token`` (or combined) each forward's token ids reach the layers. A chunk whose
     MoE layers are not shuffle layers is refused (the script built its spec some other way).
 ``--specmoe-request-placement``  (specmoe dispatcher, a plan with a token table, TP = 1)
     ``dp_coordinator.install_request_routing(plan, weight=--specmoe-request-weight)``: the

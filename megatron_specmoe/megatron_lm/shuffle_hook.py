@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, get_args
 
 from megatron_specmoe.megatron.shuffle_refusals import moe_layer_pattern, shuffle_dense_layer_problem
+from megatron_specmoe.megatron_lm.checks import RUNTIME_PREDICTOR_OF, te_refusal
 from megatron_specmoe.predict.vocabulary import PLAN_KINDS, RuntimePredictor
 
 __all__ = [
@@ -83,20 +84,25 @@ class ShuffleSettings:
     """What ``--specmoe-shuffle`` asks for.
 
     Attributes:
-        predictor: ``--specmoe-shuffle-predictor`` ("pregate", "route" or "history").
+        predictor: the shuffle layer's predictor ("pregate", "route" or "history"), from
+            ``--specmoe-predictor`` (``checks.RUNTIME_PREDICTOR_OF``: token -> route, combined and
+            history -> history).
         plan: ``--specmoe-plan`` (its "token" predictor serves "route"; its "combined" or
             "history" predictor serves "history"), or None.
+        plan_kind: the plan's predictor kind to load (``--specmoe-predictor`` itself), or None for
+            the first of ``PLAN_KINDS[predictor]`` the plan holds.
     """
 
     predictor: str = "pregate"
     plan: Optional[Path] = None
+    plan_kind: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.predictor not in get_args(RuntimePredictor):
-            raise ValueError(f"--specmoe-shuffle-predictor {self.predictor!r}: choose one of "
+            raise ValueError(f"ShuffleSettings.predictor {self.predictor!r}: choose one of "
                              f"{get_args(RuntimePredictor)}")
         if PLAN_KINDS[self.predictor] and self.plan is None:
-            raise ValueError(f"--specmoe-shuffle-predictor {self.predictor} needs --specmoe-plan DIR with "
+            raise ValueError(f"the shuffle's {self.predictor} predictor needs --specmoe-plan DIR with "
                              f"a {' or '.join(repr(k) for k in PLAN_KINDS[self.predictor])} predictor")
 
     @classmethod
@@ -105,8 +111,12 @@ class ShuffleSettings:
         if args is None or not getattr(args, "specmoe_shuffle", False):
             return None
         plan = getattr(args, "specmoe_plan", None)
-        return cls(predictor=getattr(args, "specmoe_shuffle_predictor", None) or "pregate",
-                   plan=Path(plan) if plan else None)
+        name = getattr(args, "specmoe_predictor", None) or "pregate"
+        if name not in RUNTIME_PREDICTOR_OF:
+            raise ValueError(f"--specmoe-predictor {name}: token shuffling predicts with one of "
+                             f"{tuple(RUNTIME_PREDICTOR_OF)}")
+        return cls(predictor=RUNTIME_PREDICTOR_OF[name], plan=Path(plan) if plan else None,
+                   plan_kind=None if name == "pregate" else name)
 
     def options(self):
         """The ``ShuffleOptions`` for one model's carrier (loads the plan's predictor for "route"
@@ -120,9 +130,10 @@ class ShuffleSettings:
         from megatron_specmoe.predict.registry import predictor_from_state
 
         plan = load_plan(self.plan)
-        kind = next((k for k in kinds if k in plan.predictor_state), None)
+        kind = self.plan_kind if self.plan_kind in plan.predictor_state else next(
+            (k for k in kinds if k in plan.predictor_state), None)
         if kind is None:
-            raise ValueError(f"--specmoe-shuffle-predictor {self.predictor}: the plan {self.plan} holds no "
+            raise ValueError(f"the shuffle's {self.predictor} predictor: the plan {self.plan} holds no "
                              f"{' or '.join(repr(k) for k in kinds)} predictor (it has "
                              f"{list(plan.predictor_state)}); re-run `specmoe plan` with it, or use the "
                              "pregate predictor")
@@ -208,11 +219,7 @@ def _carrier_of_block(block: Any) -> Any:
 
 
 def _refuse_te(what: str) -> ValueError:
-    return ValueError(
-        f"--specmoe-shuffle: {what} asks for TransformerEngine layers; the shuffle layer does not "
-        "support TE linears yet (TE's fused layernorm-linear all-gathers inside TE). Pass "
-        "--transformer-impl local"
-    )
+    return ValueError(te_refusal(f"--specmoe-shuffle: {what} asks for TransformerEngine layers"))
 
 
 def _wrap_block(original: Callable, settings_from: Callable[[], Optional[ShuffleSettings]]) -> Callable:
