@@ -33,7 +33,7 @@ HELP = ("predict MoE-layer time of specmoe vs alltoall, DeepEP and the inference
 
 # assignment.AssignmentMethod, spelled out so that building the parser does not import torch
 # (tests/test_simulate.py checks that the two agree).
-ASSIGNMENT_CHOICES = ("contiguous", "argsort", "greedy", "refine", "refine_spread", "optimal")
+ASSIGNMENT_CHOICES = ("contiguous", "argsort", "greedy", "refine", "refine_spread", "prices", "optimal")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32", "fp8")  # sim.wire.WireDtype (checked by the tests)
 
 
