@@ -59,3 +59,18 @@ def test_replicated_config_adds_the_slots():
     assert replicated_config(cfg, 4).num_moe_experts == cfg.num_moe_experts + 4
     with pytest.raises(ValueError, match="--redundant-experts 3 .* divisible by the EP size 4"):
         replicated_config(cfg, 3)
+
+
+def test_column_map_is_four_kernels_and_no_host_sync():
+    from megatron_specmoe.measure.launches import HostSyncGuard, LaunchCounter
+
+    d = _dispatcher(1)
+    d.set_replicas(REP)
+    routing = torch.rand(16, 8) > 0.7
+    probs = torch.rand(16, 8) * routing
+    d._to_physical(routing, probs)  # the table moves to the inputs' device once, on the first forward
+    with LaunchCounter() as counter, HostSyncGuard():
+        d._to_physical(routing, probs)
+    count = counter.result()
+    # Two zero-filled [T, E + R] buffers and two index_copy, whatever T: no host sync.
+    assert count.kernels == 4 and count.host_syncs == 0, count.by_op
