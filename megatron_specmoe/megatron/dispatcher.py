@@ -24,7 +24,8 @@ so the router still emits E *logical* columns. ``set_replicas`` gives the dispat
 ``ReplicatedPlacement``; ``dispatch_preprocess`` then scatters logical column e to physical column
 ``route_table[e, ep_rank]``: the copy on this rank if there is one, else the plan's chosen copy.
 Every token on this rank is at home here, so the table row is fixed per rank: one static
-``index_copy`` per tensor (no host sync, deterministic, static shapes: capturable by construction, not yet run under a CUDA graph).
+``index_copy`` per tensor (no host sync, deterministic; static shapes, so capturable by
+construction, though not yet run under a CUDA graph).
 
 Six-phase contract. ``dispatch_preprocess`` permutes columns and records (no communication);
 the other five phases are Megatron's, unchanged.
