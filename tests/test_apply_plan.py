@@ -86,3 +86,22 @@ def test_plan_moves_by_hand():
     assert plan_moves([0, 1], [0, 1]) == []
     with pytest.raises(ValueError, match="permutations of the same"):
         plan_moves([0, 1], [0, 0])
+
+
+def test_plan_copies_by_hand():
+    from megatron_specmoe.comm.weight_move import plan_copies
+
+    # 2 ranks x 3 slots. Now: rank 0 holds 0, 1, (empty); rank 1 holds 2, 3, (empty).
+    # Target: rank 0: 1, 0, replica 3; rank 1: 2, 3, replica 0. Expert 0's replica on rank 1 is
+    # copied from rank 0 (its only holder); rank 0's slots swap locally.
+    moves = plan_copies([0, 1, -1, 2, 3, -1], [1, 0, 3, 2, 3, 0], slots_per_rank=3)
+    assert [(m.logical, m.src_slot, m.dst_slot) for m in moves] == [(1, 1, 0), (0, 0, 1), (3, 4, 2), (0, 0, 5)]
+    # A holder on the destination's own rank is preferred to a lower slot elsewhere.
+    moves = plan_copies([0, 1, -1, 2, 0, -1], [0, 1, 2, 2, 0, 0], slots_per_rank=3)
+    assert [(m.logical, m.src_slot, m.dst_slot) for m in moves] == [(2, 3, 2), (0, 4, 5)]
+    # A permutation gives plan_moves' moves.
+    assert plan_copies([0, 1, 2, 3], [1, 0, 2, 3], slots_per_rank=2) == plan_moves([0, 1, 2, 3], [1, 0, 2, 3])
+    with pytest.raises(ValueError, match=r"target experts \[4\] are in no current slot"):
+        plan_copies([0, 1, -1, 2, 3, -1], [0, 1, 4, 2, 3, 0], slots_per_rank=3)
+    with pytest.raises(ValueError, match="same length, a multiple of slots_per_rank=3"):
+        plan_copies([0, 1, 2, 3], [0, 1, 2, 3], slots_per_rank=3)

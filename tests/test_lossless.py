@@ -17,9 +17,19 @@ TOL = 1e-6
 PERMUTED = (5, 2, 7, 0, 1, 6, 3, 4)
 
 
+REPLICAS = ((7,), (1,), (3,), (5,))  # one replica slot per rank on top of PERMUTED (R = 4)
+
+
 def _check(results_by_rank, cases):
     for case_index, (kind, case) in enumerate(cases):
         per_rank = [rank_results[case_index] for rank_results in results_by_rank]
+        if case.wrong_replica:  # the harness's negative check: a wrong replica must show
+            assert max(res.max_out_diff for res in per_rank) > 1e-3
+            assert [res.slots_hold_their_experts for res in per_rank] == [False] + [True] * (case.ep - 1)
+            continue
+        if case.replica_extra is not None:
+            assert all(res.slots_hold_their_experts for res in per_rank)
+            _check_replica_routes(case, per_rank)
         for res in per_rank:
             assert res.max_out_diff <= TOL, (kind, case, res.rank, res.max_out_diff)
             assert res.max_grad_diff <= TOL, (kind, case, res.rank, res.max_grad_diff)
@@ -50,7 +60,7 @@ def _check_accounting(kind, case, per_rank):
                 assert tuple(report.pairs[src]) == per_rank[src].alltoall_input_splits[layer_index]
         # The cluster simulator, replaying the same routes with the same placement, computes
         # exactly the matrices the dispatcher reported (MoE-layer cases; no duplicated TP copies).
-        if kind == "layer" and case.tp == 1 and case.ep > 1:
+        if kind == "layer" and case.tp == 1 and case.ep > 1 and case.replica_extra is None:
             import numpy as np
 
             from megatron_specmoe.schedule.placement import ExpertPlacement
@@ -92,6 +102,33 @@ def _check_accounting(kind, case, per_rank):
                     assert report.measures.load_per_rank[dst] == 0
 
 
+def _check_replica_routes(case, per_rank):
+    """The records equal the routes replayed through the plan's route table (a pair goes to the copy
+    on its token's rank if there is one, else to the least planned-load copy), and the replicas
+    made pairs local that the base placement sends away."""
+    import numpy as np
+
+    from megatron_specmoe.sim.simulate import assert_matches_report, layer_bytes
+    from megatron_specmoe.testing.lossless import replica_placement
+
+    rep = replica_placement(case)
+    table, s = rep.route_table(), rep.slots_per_rank
+    routes = [per_rank[r].routes[0] for r in range(case.ep)]
+    home = np.concatenate([np.full(len(x), r) for r, x in enumerate(routes)])
+    experts = np.concatenate(routes)
+    slot = table[experts, home[:, None]]
+    wire = WireFormat(hidden_size=case.shape.hidden, activation_bytes=4, prob_bytes=4)
+    report = per_rank[0].reports[0]
+    assert_matches_report(layer_bytes(slot // s, home, num_ranks=case.ep, wire=wire, dispatcher="specmoe"), report)
+    # By hand for two pairs: expert 7 lives on rank 1 with a replica on rank 0 (planned load 0, the
+    # least): from rank 3 it goes to rank 0's replica slot (0 * 3 + 2); from rank 1 it stays local.
+    if case.replica_extra == REPLICAS and case.replica_load is None:
+        assert table[7, 3] == 2 and table[7, 1] == 3 and table[1, 1] == 5
+    base_local = int((rep.base.rank_of_logical()[experts] == home[:, None]).sum())
+    assert sum(report.pairs[r][r] for r in range(case.ep)) > base_local
+    assert int((slot % s >= rep.base.experts_per_rank).sum()) > 0  # replica slots served pairs
+
+
 def test_lossless_four_ranks():
     cases = [
         ("layer", LosslessCase(ep=4)),
@@ -99,6 +136,10 @@ def test_lossless_four_ranks():
         ("layer", LosslessCase(ep=4, placement=PERMUTED, via="hook", gpus_per_node=2)),
         ("layer", LosslessCase(ep=2, placement=PERMUTED, shape=MoEShape(shared_ffn=24))),
         ("layer", LosslessCase(ep=1, placement=PERMUTED)),
+        ("layer", LosslessCase(ep=4, placement=PERMUTED, replica_extra=REPLICAS)),
+        ("layer", LosslessCase(ep=4, placement=PERMUTED, replica_extra=REPLICAS, wrong_replica=True)),
+        ("layer", LosslessCase(ep=4, placement=PERMUTED, replica_extra=((7, 1), (1, 3), (3, 5), (5, 7)),
+                               replica_load=(3.0, 2.0, 1.0, 0.0), ragged=True)),
         ("layer", LosslessCase(tp=2, ep=2)),
         ("layer", LosslessCase(tp=2, ep=2, placement=PERMUTED, silent_experts=(5, 2, 7, 0))),
         ("gpt", LosslessCase(ep=4, seq=8, shape=MoEShape(layers=2))),

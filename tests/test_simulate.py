@@ -317,6 +317,13 @@ def test_cli_simulate_writes_table_json_and_plot(tmp_path, capsys):
     assert "| 4 | 1 | 4 | x1 |" in text and "| 16 | 2 | 8 | x2 |" in text
     rows = json.loads(out_json.read_text())["rows"]
     assert [r["ep"] for r in rows] == [4, 16] and rows[1]["alltoall"]["inter_node_bytes_per_layer"] > 0
+    # Node measures on every row: EP 4 fits one node (nothing remote), EP 16 spans two.
+    assert rows[0]["alltoall"]["remote_nodes_per_token"] == 0.0
+    assert rows[0]["specmoe_alltoall"]["internode_bytes_per_token"] == {"per_node": 0.0, "per_pair": 0.0}
+    for name in ("alltoall", "deepep_normal", "specmoe_alltoall"):
+        assert 0.0 < rows[1][name]["remote_nodes_per_token"] <= 1.0
+        b = rows[1][name]["internode_bytes_per_token"]
+        assert 0.0 < b["per_node"] <= b["per_pair"]
     assert out_png.stat().st_size > 0
     assert main(["simulate", "--traces", str(path), "--ep", "8,x"]) == 2
     assert "--ep '8,x': not comma-separated integers -- give EP sizes" in capsys.readouterr().err
@@ -434,3 +441,37 @@ def test_route_counts_agree_with_the_byte_function():
             expect[home[t], node] += 1
     assert (counts.node_copies[0, 0] == expect).all()
     assert counts.tokens[0, 0].tolist() == np.bincount(home, minlength=8).tolist()
+
+
+def test_node_measures_per_dispatcher_row_hand_worked():
+    # The hand-worked case on 2 nodes x 2 GPUs: t1 (node 0) reaches node 1 with 2 pairs; t2 (node 1)
+    # reaches node 0 with 1 pair; t0 and t3 stay in their node. Remote nodes: 2 over 4 tokens = 0.5.
+    # Row 4 B (H = 2, bf16), prob 4 B. per_pair: 3 pairs x (4 + 4 + 4) = 36 B (= the alltoall
+    # model's NIC bytes); per_node: 2 node copies x (4 + 4) + 3 probs x 4 = 28 B; per token / 4.
+    trace = RoutingTrace(experts=np.concatenate([EXPERTS, EXPERTS])[:, None, :], num_experts=8)
+    home = np.concatenate([HOME, HOME])[:, None]
+    wire = WireDtypes(hidden_size=2, dispatch="bf16", combine="bf16")
+    counts = route_counts(trace, [ExpertPlacement.contiguous(8, 4)], home, num_ranks=4,
+                          gpus_per_node=2, tokens_per_step=4)  # two steps, summed
+    assert (counts.nodes.tokens, counts.nodes.remote_nodes, counts.nodes.remote_node_pairs) == (8, 4, 6)
+    for name in ("alltoall", "deepep_normal", "deepep_ll", "allgather_inference"):
+        summary = simulate_dispatcher(name, counts, wire=wire, cluster=TINY, top_k=2).summary()
+        assert summary["remote_nodes_per_token"] == 0.5
+        assert summary["internode_bytes_per_token"] == {"per_node": 28 / 4, "per_pair": 36 / 4}
+    a2a = simulate_dispatcher("alltoall", counts, wire=wire, cluster=TINY, top_k=2).summary()
+    assert a2a["inter_node_bytes_per_layer"] == 36
+    # The same counts from measure/nodes.py's WireFormat path (equal rows): the same bytes.
+    assert counts.nodes.internode_bytes(WIRE, "per_node") == 2 * 28
+    assert counts.nodes.internode_bytes(WIRE, "per_pair") == 2 * 36
+    # One node of 4 ranks (G = 8): nothing crosses nodes. G = 3 does not divide P = 4: no measure.
+    one = route_counts(trace, [ExpertPlacement.contiguous(8, 4)], home, num_ranks=4, gpus_per_node=8,
+                       tokens_per_step=4)
+    assert one.nodes.num_nodes == 1 and one.nodes.remote_nodes == 0 and one.nodes.pairs == 16
+    partial = route_counts(trace, [ExpertPlacement.contiguous(8, 4)], home, num_ranks=4, gpus_per_node=3,
+                           tokens_per_step=4)
+    assert partial.nodes is None
+    none = dataclasses.replace(a2a_res := simulate_dispatcher("alltoall", counts, wire=wire, cluster=TINY,
+                                                              top_k=2), nodes=None)
+    assert a2a_res.nodes is not None
+    assert none.summary()["remote_nodes_per_token"] is None
+    assert none.summary()["internode_bytes_per_token"] is None

@@ -13,6 +13,13 @@ parameters are overwritten only after all of its transfers have completed, so a 
 leaves the layer as it was. Peak extra memory per rank: the experts that change slot on this
 rank, at most n experts (one layer's experts) at a time.
 
+Replicas (``schedule/replicas.py``): with redundant experts a logical expert may sit in several
+slots, and slots may start empty. ``plan_copies`` generalises ``plan_moves``: every target slot
+takes its expert from a slot holding it now, on its own rank when there is one (a local copy),
+else the lowest such slot; ``current`` may repeat experts and mark unknown slots -1. A permutation
+gives exactly ``plan_moves``'s moves. ``move_layer_experts`` runs either with the same atomic,
+verified protocol.
+
 Verification: each expert's fingerprint (the float64 sum of each of its tensors, and of the tensor
 weighted by position) is taken at its source before the move and compared at its destination
 after; a mismatch raises and names the layer, slot and expert.
@@ -26,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["SlotMove", "plan_moves", "move_layer_experts", "fingerprint"]
+__all__ = ["SlotMove", "plan_moves", "plan_copies", "move_layer_experts", "fingerprint"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +61,37 @@ def plan_moves(current: Sequence[int], target: Sequence[int]) -> list[SlotMove]:
     ]
 
 
+def plan_copies(current: Sequence[int], target: Sequence[int], *, slots_per_rank: int) -> list[SlotMove]:
+    """The slot copies that turn ``current`` into ``target`` (module docstring, Replicas).
+
+    Args:
+        current: length N (slots), the logical expert in each slot now, -1 where unknown/empty;
+            experts may repeat.   target: length N, the logical expert each slot must hold.
+        slots_per_rank: s; slot p is on rank p // s.
+
+    Raises:
+        ValueError: lengths differ, or a target expert is in no current slot.
+    """
+    if len(current) != len(target) or slots_per_rank < 1 or len(current) % slots_per_rank:
+        raise ValueError(f"plan_copies: current ({len(current)} slots) and target ({len(target)}) must have "
+                         f"the same length, a multiple of slots_per_rank={slots_per_rank}")
+    holders: dict[int, list[int]] = {}
+    for slot, logical in enumerate(current):
+        if logical >= 0:
+            holders.setdefault(int(logical), []).append(slot)
+    missing = sorted({int(x) for x in target} - set(holders))
+    if missing:
+        raise ValueError(f"plan_copies: target experts {missing} are in no current slot; load them first")
+    moves = []
+    for slot, logical in enumerate(target):
+        if current[slot] == logical:
+            continue
+        src = holders[int(logical)]
+        same = [q for q in src if q // slots_per_rank == slot // slots_per_rank]
+        moves.append(SlotMove(logical=int(logical), src_slot=(same or src)[0], dst_slot=slot))
+    return moves
+
+
 def fingerprint(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """float64 [2 * len(tensors)]: sum and position-weighted sum of each tensor."""
     parts = []
@@ -79,7 +117,9 @@ def move_layer_experts(
     Args:
         local_experts: ``local_experts(i)`` returns the parameter tensors of local expert i of
             this rank, in the same order on every rank.
-        current, target: physical_to_logical before and after (length E; E divisible by P).
+        current, target: physical_to_logical before and after (length N slots, N divisible by P):
+            permutations of 0..E-1, or with replicas (module docstring) ``current`` may repeat
+            experts and hold -1 in slots whose weights do not matter.
         group: the EP process group; its rank r owns slots r*n .. r*n + n - 1.
         layer_name: for error messages.
 
@@ -91,7 +131,8 @@ def move_layer_experts(
     if num % size:
         raise ValueError(f"{layer_name}: {num} experts do not divide over EP size {size}")
     n = num // size
-    moves = plan_moves(current, target)
+    permutation = sorted(current) == sorted(target) == list(range(num))
+    moves = plan_moves(current, target) if permutation else plan_copies(current, target, slots_per_rank=n)
     mine_in = [m for m in moves if m.dst_slot // n == rank]
     mine_out = [m for m in moves if m.src_slot // n == rank and m.dst_slot // n != rank]
 

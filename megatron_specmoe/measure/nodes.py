@@ -80,10 +80,18 @@ class NodeMeasures:
     def internode_bytes(self, wire: WireFormat, transport: Transport) -> int:
         """Dispatch plus combine bytes that cross nodes (module docstring)."""
         row = wire.hidden_size * wire.activation_bytes
+        return self.internode_bytes_rows(dispatch_row=row, combine_row=row, prob_bytes=wire.prob_bytes,
+                                         transport=transport)
+
+    def internode_bytes_rows(self, *, dispatch_row: int, combine_row: int, prob_bytes: int,
+                             transport: Transport) -> int:
+        """``internode_bytes`` with the two phases' row sizes given apart (e.g. an fp8 dispatch row
+        with its scales and a bf16 combine row): per_pair = pairs * (dispatch_row + prob + combine_row),
+        per_node = remote_nodes * (dispatch_row + combine_row) + pairs * prob."""
         if transport == "per_pair":
-            return self.remote_node_pairs * (wire.dispatch_bytes_per_pair + wire.combine_bytes_per_pair)
+            return self.remote_node_pairs * (dispatch_row + prob_bytes + combine_row)
         if transport == "per_node":
-            return self.remote_nodes * 2 * row + self.remote_node_pairs * wire.prob_bytes
+            return self.remote_nodes * (dispatch_row + combine_row) + self.remote_node_pairs * prob_bytes
         raise ValueError(f"NodeMeasures.internode_bytes: transport={transport!r}; choose one of {list(TRANSPORTS)}")
 
     def internode_bytes_per_token(self, wire: WireFormat) -> dict[str, float]:

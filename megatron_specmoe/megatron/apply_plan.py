@@ -16,6 +16,12 @@ Both need expert tensor parallel size 1 (each rank holds whole experts). Group-l
 (``moe_router_num_groups``) ties experts to groups of contiguous ids; "router" mode would change
 which experts share a group, so it is refused there.
 
+Replicas (``apply_replicas``): a layer built with E + R physical slots (``megatron/replicas.py``)
+gets the plan's ``ReplicatedPlacement``: every slot is filled with its logical expert by
+``comm.weight_move`` (moves of base experts and copies into the replica slots, one atomic,
+verified exchange per layer) and the dispatcher is told the route table (dispatcher mode only:
+the router keeps its E logical outputs).
+
 Expert weights move with ``comm.weight_move`` (point-to-point over the EP group, atomic and
 verified per layer; peak extra memory: at most one layer's local experts per rank).
 """
@@ -31,8 +37,9 @@ from megatron_specmoe.comm.weight_move import move_layer_experts
 from megatron_specmoe.megatron.experts import local_expert_state
 from megatron_specmoe.megatron.model_tools import moe_sites
 from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.schedule.replicas import ReplicatedPlacement
 
-__all__ = ["ApplyMode", "ApplyReport", "apply_placements"]
+__all__ = ["ApplyMode", "ApplyReport", "apply_placements", "apply_replicas", "base_slots"]
 
 ApplyMode = Literal["router", "dispatcher"]
 
@@ -127,4 +134,63 @@ def apply_placements(
                 d.set_placement(None)
         else:
             d.set_placement(target)
+    return ApplyReport(layers=len(sites), transfers=transfers, peak_extra_bytes=peak)
+
+
+def base_slots(num_experts: int, ep_size: int, slots_per_rank: int) -> tuple[int, ...]:
+    """Length P * s: what a replicated layer holds before ``apply_replicas`` when its base slots were
+    loaded contiguously (rank q's first n slots: experts q*n .. q*n + n - 1) and its replica slots
+    are empty (-1)."""
+    n = num_experts // ep_size
+    return tuple(q * n + i if i < n else -1 for q in range(ep_size) for i in range(slots_per_rank))
+
+
+def apply_replicas(
+    model: torch.nn.Module,
+    replicas: Sequence[ReplicatedPlacement],
+    *,
+    current: Optional[Sequence[Sequence[int]]] = None,
+) -> ApplyReport:
+    """Fill every physical slot with its expert per ``replicas`` (one per MoE layer) and route by
+    them. Call on every rank; the layers must have E + R slots and a specmoe dispatcher.
+
+    Args:
+        model: a built Megatron model (or one ``MoELayer``).
+        replicas: the plan's ``ReplicatedPlacement`` per MoE layer.
+        current: per MoE layer, the logical expert in each of the P * s slots now (-1: empty);
+            default ``base_slots`` (contiguous base experts, empty replica slots).
+    """
+    from megatron.core import parallel_state
+
+    sites = moe_sites(model)
+    if len(replicas) != len(sites):
+        raise ValueError(f"apply_replicas: the plan has {len(replicas)} replica layers but the model has "
+                         f"{len(sites)} MoE layers; make the plan for this model")
+    for site, rep in zip(sites, replicas):  # every layer checked before any weight moves
+        d = site.dispatcher
+        if not hasattr(d, "set_replicas"):
+            raise ValueError(f"MoE layer {site.layer_number} uses {type(d).__name__}; replicas need "
+                             "moe_token_dispatcher_type='specmoe'")
+        if rep.num_experts + rep.redundant != d.num_experts or rep.ep_size != d.ep_size:
+            raise ValueError(
+                f"MoE layer {site.layer_number}: the plan has E={rep.num_experts} + R={rep.redundant} slots "
+                f"on EP {rep.ep_size}, the layer num_moe_experts={d.num_experts} on EP {d.ep_size}; build it "
+                "with megatron.replicas.replicated_config")
+    group = parallel_state.get_expert_model_parallel_group()
+    transfers, peak = 0, 0
+    for index, (site, rep) in enumerate(zip(sites, replicas)):
+        d = site.dispatcher
+        s = rep.slots_per_rank
+        now = (base_slots(rep.num_experts, rep.ep_size, s) if current is None else tuple(current[index]))
+
+        def local(i, layer=site.layer):
+            state = local_expert_state(layer, i)
+            return [state[k] for k in sorted(state)]
+
+        moved = move_layer_experts(local, current=now, target=rep.physical_to_logical, group=group,
+                                   layer_name=f"MoE layer {site.layer_number}")
+        d.set_replicas(rep)
+        transfers += moved
+        per_expert = sum(t.numel() * t.element_size() for t in local(0))
+        peak = max(peak, min(moved, s) * per_expert)
     return ApplyReport(layers=len(sites), transfers=transfers, peak_extra_bytes=peak)

@@ -17,6 +17,16 @@ computes it, with its own probability, and combined back into its own row. Token
 local (because the token shuffle put them there) never leave the rank: Megatron's all-to-all sends
 a zero-length chunk to itself by construction.
 
+Replicas (``schedule/replicas.py``). A layer with R redundant experts is built with
+``num_moe_experts = E + R`` physical slots (SequentialMLP then holds s = (E + R) / P local experts
+per rank, this dispatcher E + R columns) and a router built with E experts (``megatron/replicas.py``),
+so the router still emits E *logical* columns. ``set_replicas`` gives the dispatcher the plan's
+``ReplicatedPlacement``; ``dispatch_preprocess`` then scatters logical column e to physical column
+``route_table[e, ep_rank]``: the copy on this rank if there is one, else the plan's chosen copy.
+Every token on this rank is at home here, so the table row is fixed per rank: one static
+``index_copy`` per tensor (no host sync, deterministic; static shapes, so capturable by
+construction, though not yet run under a CUDA graph).
+
 Six-phase contract. ``dispatch_preprocess`` permutes columns and records (no communication);
 the other five phases are Megatron's, unchanged.
 
@@ -38,6 +48,7 @@ from megatron_specmoe.measure.accounting import DispatchRecord
 from megatron_specmoe.measure.measures import WireFormat, measure_routes
 from megatron_specmoe.measure.nodes import check_gpus_per_node, measure_nodes
 from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.schedule.replicas import ReplicatedPlacement
 
 __all__ = ["SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_map"]
 
@@ -106,6 +117,8 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.recorder: Optional[DispatchRecorder] = None
         self.layer_number = 0
         self._ep_rank = self.ep_group.rank() if self.ep_group is not None else 0
+        self.replicas: Optional[ReplicatedPlacement] = None
+        self._replica_slots: Optional[torch.Tensor] = None
         self.set_placement(placement)
 
     # ---- placement -------------------------------------------------------------------------------
@@ -128,6 +141,44 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
             else torch.tensor(placement.physical_to_logical, dtype=torch.long)
         )
 
+    def set_replicas(self, replicas: Optional[ReplicatedPlacement]) -> None:
+        """Route logical experts to the physical slots of ``replicas`` from the next forward on
+        (module docstring, Replicas); ``None`` turns replicas off. The placement of the E + R
+        physical columns becomes contiguous (the replicas' slot order is the physical order).
+
+        Raises:
+            ValueError: E + R is not this layer's ``num_moe_experts``, or the EP size differs.
+        """
+        if replicas is None:
+            self.replicas, self._replica_slots = None, None
+            return
+        physical = replicas.num_experts + replicas.redundant
+        if physical != self.num_experts or replicas.ep_size != self.ep_size:
+            raise ValueError(
+                f"SpecMoETokenDispatcher.set_replicas: the plan has E={replicas.num_experts} experts + "
+                f"R={replicas.redundant} replicas on EP {replicas.ep_size}, the layer has "
+                f"num_moe_experts={self.num_experts} physical slots on EP {self.ep_size}; build the layer "
+                "with megatron.replicas.replicated_config (num_moe_experts = E + R)"
+            )
+        self.set_placement(None)
+        table = torch.as_tensor(replicas.route_table()[:, self._ep_rank], dtype=torch.long)
+        self.replicas, self._replica_slots = replicas, table  # int64 [E]: logical e -> physical slot
+
+    def _to_physical(self, routing_map: torch.Tensor, probs: torch.Tensor):
+        """bool [T, E] and float [T, E] logical -> [T, E + R] physical (set_replicas)."""
+        if self._replica_slots.device != routing_map.device:  # once, on the first forward
+            self._replica_slots = self._replica_slots.to(routing_map.device)
+        if routing_map.shape[1] != self._replica_slots.numel():
+            raise ValueError(
+                f"SpecMoETokenDispatcher: the router emitted {routing_map.shape[1]} experts, the replica "
+                f"plan has {self._replica_slots.numel()} logical experts; give the layer a router built "
+                "with num_moe_experts = E (megatron.replicas.use_logical_router)"
+            )
+        shape = (routing_map.shape[0], self.num_experts)
+        slots = self._replica_slots
+        return (routing_map.new_zeros(shape).index_copy(1, slots, routing_map),
+                probs.new_zeros(shape).index_copy(1, slots, probs))
+
     # ---- phase 1 ---------------------------------------------------------------------------------
     def dispatch_preprocess(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
@@ -136,12 +187,15 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
 
         Args:
             hidden_states: [S/TP, B, H] activations (any float dtype).
-            routing_map: bool [T, E], logical experts selected per token.
+            routing_map: bool [T, E], logical experts selected per token (E logical experts;
+                with replicas the layer has E + R physical columns).
             probs: float [T, E], router probabilities (zero where not selected), logical order.
 
         Returns:
             (permuted tokens [T*k, H], permuted probs [T*k]) as Megatron's alltoall dispatcher.
         """
+        if self._replica_slots is not None:
+            routing_map, probs = self._to_physical(routing_map, probs)
         if self._columns is not None:
             if self._columns.device != routing_map.device:  # once, on the first forward
                 self._columns = self._columns.to(routing_map.device)

@@ -42,6 +42,7 @@ from typing import Literal, Optional, get_args
 
 import numpy as np
 
+from megatron_specmoe.measure.nodes import TRANSPORTS, NodeMeasures
 from megatron_specmoe.sim.cluster import ClusterSpec
 from megatron_specmoe.sim.links import LinkLoads, PhaseTime, direct_loads, phase_time
 from megatron_specmoe.sim.simulate import RouteCounts
@@ -121,6 +122,8 @@ class SimResult:
         combine: ``PhaseTime`` of combine, arrays [S, L].
         wire_bytes: float64 [S, L], bytes all ranks put on the wire (NVLink + NIC, both phases).
         local_activation_rate: share of pairs served on the token's home rank.
+        nodes: ``NodeMeasures`` of the routes this model carries (``RouteCounts.nodes``), or None.
+        wire: the row formats (for the node measures' inter-node bytes), or None.
     """
 
     dispatcher: str
@@ -128,6 +131,23 @@ class SimResult:
     dispatch: PhaseTime
     combine: PhaseTime
     local_activation_rate: float
+    nodes: Optional[NodeMeasures] = None
+    wire: Optional[WireDtypes] = None
+
+    def node_summary(self) -> dict:
+        """``remote_nodes_per_token`` and ``internode_bytes_per_token`` ({per_node, per_pair}) of
+        the routes (``measure/nodes.py``'s two transports: what these routes cost across nodes
+        whatever kernels carry them; the model's own NIC bytes are ``inter_node_bytes_per_layer``);
+        None for both when the EP group has partial nodes."""
+        m = self.nodes
+        if m is None or self.wire is None:
+            return {"remote_nodes_per_token": None, "internode_bytes_per_token": None}
+        kw = dict(dispatch_row=self.wire.dispatch_row, combine_row=self.wire.combine_row,
+                  prob_bytes=self.wire.prob_bytes)
+        return {"remote_nodes_per_token": m.remote_nodes_per_token,
+                "internode_bytes_per_token": {
+                    t: (m.internode_bytes_rows(transport=t, **kw) / m.tokens if m.tokens else 0.0)
+                    for t in TRANSPORTS}}
 
     @property
     def layer_time_s(self) -> np.ndarray:
@@ -147,6 +167,7 @@ class SimResult:
             "local_activation_rate": self.local_activation_rate,
             "nvlink_bytes_per_layer": float((self.dispatch.nvlink_bytes + self.combine.nvlink_bytes).mean()),
             "inter_node_bytes_per_layer": float((self.dispatch.nic_bytes + self.combine.nic_bytes).mean()),
+            **self.node_summary(),
         }
 
 
@@ -296,5 +317,5 @@ def simulate_dispatcher(
     else:
         dispatch, combine = _allgather(counts, wire, cluster, top_k, nvls=model.transport == "nvls_allgather")
     return SimResult(dispatcher=name, cluster=cluster, dispatch=dispatch, combine=combine,
-                     local_activation_rate=counts.local_activation_rate())
+                     local_activation_rate=counts.local_activation_rate(), nodes=counts.nodes, wire=wire)
 

@@ -34,6 +34,7 @@ import torch
 
 from megatron_specmoe.artifacts.traces import RoutingTrace
 from megatron_specmoe.measure.measures import WireFormat, rank_hits, traffic_matrix
+from megatron_specmoe.measure.nodes import NodeMeasures, measure_nodes
 from megatron_specmoe.schedule.layout import ParallelLayout
 from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.sim.wire import WireDtypes
@@ -194,6 +195,10 @@ class RouteCounts:
             included).
         tokens: int64 [S, L, P], tokens at home on each rank.
         gpus_per_node: G used for ``node_copies``.
+        nodes: ``measure.nodes.NodeMeasures`` of every step and layer together (remote nodes per
+            token, remote-node pairs; ``measure_nodes`` on each batch), or None when the EP group
+            spans nodes but G does not divide P (partial nodes have no node measure). P <= G is
+            one node of P ranks.
     """
 
     pairs: np.ndarray
@@ -201,6 +206,7 @@ class RouteCounts:
     node_copies: np.ndarray
     tokens: np.ndarray
     gpus_per_node: int
+    nodes: Optional[NodeMeasures] = None
 
     @property
     def num_ranks(self) -> int:
@@ -217,7 +223,7 @@ class RouteCounts:
 
 
 def _batch_counts(ranks: np.ndarray, home: np.ndarray, num_ranks: int, gpn: int):
-    """(pairs [P, P], copies [P, P], node copies [P, N], tokens [P]) of one batch."""
+    """(pairs [P, P], copies [P, P], node copies [P, N], tokens [P], NodeMeasures or None) of one batch."""
     hits = rank_hits(torch.as_tensor(ranks, dtype=torch.int64), num_ranks)  # [B, P]
     home_t = torch.as_tensor(home, dtype=torch.int64)
     nodes = -(-num_ranks // gpn)
@@ -227,7 +233,16 @@ def _batch_counts(ranks: np.ndarray, home: np.ndarray, num_ranks: int, gpn: int)
     copies = traffic_matrix((hits > 0).long(), home_t, num_ranks)
     node_copies = torch.zeros(num_ranks, nodes, dtype=torch.int64).index_add_(0, home_t, (node_hits > 0).long())
     tokens = torch.bincount(home_t, minlength=num_ranks)
-    return pairs.numpy(), copies.numpy(), node_copies.numpy(), tokens.numpy()
+    measured = _node_gpus(num_ranks, gpn)
+    node_measures = None if measured is None else measure_nodes(hits, home_t, measured)
+    return pairs.numpy(), copies.numpy(), node_copies.numpy(), tokens.numpy(), node_measures
+
+
+def _node_gpus(num_ranks: int, gpn: int) -> Optional[int]:
+    """G for ``measure_nodes``: P when the group fits one node, G when G divides P, else None."""
+    if num_ranks <= gpn:
+        return num_ranks
+    return gpn if num_ranks % gpn == 0 else None
 
 
 def route_counts(
@@ -273,14 +288,19 @@ def route_counts(
     copies = np.zeros_like(pairs)
     node_copies = np.zeros((steps, num_layers, num_ranks, nodes), dtype=np.int64)
     tokens = np.zeros((steps, num_layers, num_ranks), dtype=np.int64)
+    measured = _node_gpus(num_ranks, gpus_per_node)
+    nodes = (None if measured is None
+             else NodeMeasures.empty(gpus_per_node=measured, num_nodes=num_ranks // measured))
     for layer in range(num_layers):
         ranks = expert_ranks(trace.experts[:, layer], placements[layer])
         for step in range(steps):
             sl = slice(step * tokens_per_step, (step + 1) * tokens_per_step)
             out = _batch_counts(ranks[sl], home_ranks[sl, layer], num_ranks, gpus_per_node)
-            pairs[step, layer], copies[step, layer], node_copies[step, layer], tokens[step, layer] = out
+            pairs[step, layer], copies[step, layer], node_copies[step, layer], tokens[step, layer] = out[:4]
+            if nodes is not None:
+                nodes = nodes + out[4]
     return RouteCounts(pairs=pairs, copies=copies, node_copies=node_copies, tokens=tokens,
-                       gpus_per_node=gpus_per_node)
+                       gpus_per_node=gpus_per_node, nodes=nodes)
 
 def assert_bytes_match(
     simulated: np.ndarray,

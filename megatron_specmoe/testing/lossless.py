@@ -44,6 +44,14 @@ class LosslessCase:
         via: how specmoe is selected: "spec" (the specmoe layer spec) or "hook" (install()).
         device: "cpu" (gloo) or "cuda" (NCCL; rank r uses GPU r mod the visible count).
         gpus_per_node: given to the specmoe dispatcher's recorder (node measures), or None.
+        replica_extra: redundant experts (MoE-layer case): rank q's replica slots hold experts
+            ``replica_extra[q]`` on top of ``placement``. The specmoe layer is built with E + R slots
+            and an E-expert router (``megatron/replicas.py``), its base slots loaded contiguously and
+            its replica slots with NaN, then ``apply_replicas`` moves and copies the experts in
+            (``comm.weight_move``); the reference is alltoall on E experts without replicas.
+        replica_load: the planned load per rank (route table: which remote copy a pair uses).
+        wrong_replica: after applying, overwrite rank 0's first replica slot with another expert's
+            weights (the harness's own negative check: the outputs must then differ).
     """
 
     shape: MoEShape = field(default_factory=MoEShape)
@@ -59,6 +67,9 @@ class LosslessCase:
     via: str = "spec"
     device: str = "cpu"
     gpus_per_node: Optional[int] = None
+    replica_extra: Optional[tuple[tuple[int, ...], ...]] = None
+    replica_load: Optional[tuple[float, ...]] = None
+    wrong_replica: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +79,9 @@ class LosslessResult:
     MoE-layer forward; alltoall_input_splits: Megatron's own ``input_splits`` of the reference
     dispatcher on this rank, per MoE layer (pairs sent to each EP rank under the contiguous
     placement), to check the accounting against; routes: per MoE layer, int64 [T, k] the logical
-    experts the router chose for this rank's tokens (MoE-layer case), to replay in the simulator."""
+    experts the router chose for this rank's tokens (MoE-layer case), to replay in the simulator;
+    slots_hold_their_experts (replica cases): every local slot's weights have the fingerprint of the
+    bank's expert that the replica plan puts there (the weights encode the logical id)."""
 
     rank: int
     max_out_diff: float
@@ -77,6 +90,7 @@ class LosslessResult:
     reports: tuple[TrafficReport, ...]
     alltoall_input_splits: tuple[tuple[int, ...], ...] = ()
     routes: tuple = ()
+    slots_hold_their_experts: Optional[bool] = None
 
 
 def _setup(case: LosslessCase) -> None:
@@ -142,8 +156,53 @@ def _splits(dispatcher, ep: int) -> tuple[int, ...]:
 def _logical_routes(dispatcher, topk: int):
     """int64 [T, k]: logical experts per token from the dispatcher's last (physical) routing map."""
     physical = dispatcher.routing_map.nonzero()[:, 1].view(-1, topk).cpu()
-    p2l = torch.tensor(dispatcher.placement.physical_to_logical, dtype=torch.long)
+    where = dispatcher.replicas if getattr(dispatcher, "replicas", None) is not None else dispatcher.placement
+    p2l = torch.tensor(where.physical_to_logical, dtype=torch.long)
     return p2l[physical].numpy()
+
+
+def replica_placement(case: LosslessCase):
+    """The case's ``ReplicatedPlacement`` (``replica_extra`` over ``placement``)."""
+    from megatron_specmoe.schedule.replicas import ReplicatedPlacement
+
+    load = case.replica_load if case.replica_load is not None else tuple(float(q) for q in range(case.ep))
+    return ReplicatedPlacement(base=_placement(case), extra=case.replica_extra, planned_load=load, policy="load")
+
+
+@torch.no_grad()
+def _build_replicated(case: LosslessCase, ref):
+    """The specmoe layer with E + R slots, filled by ``apply_replicas`` (``LosslessCase.replica_extra``);
+    returns (layer, whether every slot holds its expert's fingerprint)."""
+    from megatron.core import parallel_state
+
+    from megatron_specmoe.comm.weight_move import fingerprint
+    from megatron_specmoe.megatron.apply_plan import apply_replicas, base_slots
+    from megatron_specmoe.megatron.experts import load_local_expert_state, local_expert_state
+    from megatron_specmoe.megatron.replicas import replicated_config, use_logical_router
+
+    shape, rep = case.shape, replica_placement(case)
+    logical_cfg = make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep)
+    spec = build_moe_layer(replicated_config(logical_cfg, rep.redundant), shape, specmoe=True, via=case.via)
+    use_logical_router(spec, logical_cfg)
+    spec.router.weight.copy_(ref.router.weight)
+    bank = make_expert_bank(ref, shape.experts, case.seed)  # arrange_layers' bank of MoE layer 0
+    rank, s = parallel_state.get_expert_model_parallel_rank(), rep.slots_per_rank
+    start = base_slots(shape.experts, case.ep, s)
+    for i in range(s):
+        logical = start[rank * s + i]
+        state = bank[logical] if logical >= 0 else {k: torch.full_like(v, float("nan")) for k, v in bank[0].items()}
+        load_local_expert_state(spec, i, state)
+    apply_replicas(spec, [rep], current=[start])
+    if case.wrong_replica and rank == 0:
+        wrong = next(e for e in range(shape.experts) if e != rep.extra[0][0])
+        load_local_expert_state(spec, s - len(rep.extra[0]), bank[wrong])
+
+    def prints(state):
+        return fingerprint([state[k] for k in sorted(state)])
+
+    ok = all(torch.allclose(prints(local_expert_state(spec, i)), prints(bank[rep.physical_to_logical[rank * s + i]]))
+             for i in range(s))
+    return spec, ok
 
 
 def _reports(spec_recorder) -> tuple[TrafficReport, ...]:
@@ -162,9 +221,18 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
     try:
         shape = case.shape
         ref = build_moe_layer(make_config(shape, dispatcher="alltoall", tp=case.tp, ep=case.ep), shape, specmoe=False)
-        spec = build_moe_layer(make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep), shape, specmoe=True, via=case.via)
-        spec.token_dispatcher.set_placement(_placement(case))
-        _arrange(ref, spec, case, 0)
+        slots_ok = None
+        if case.replica_extra is not None:
+            if shape.shared_ffn or case.silent_experts:
+                raise ValueError("LosslessCase.replica_extra: no shared experts or silent experts with replicas")
+            arrange_layers([ref], [ExpertPlacement.contiguous(shape.experts, case.ep)], seed=case.seed,
+                           layer_index=0)
+            spec, slots_ok = _build_replicated(case, ref)
+        else:
+            spec = build_moe_layer(make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep), shape,
+                                   specmoe=True, via=case.via)
+            spec.token_dispatcher.set_placement(_placement(case))
+            _arrange(ref, spec, case, 0)
         ref.to(case.device)
         spec.to(case.device)
         recorder = DispatchRecorder(gpus_per_node=case.gpus_per_node)
@@ -192,6 +260,7 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
             reports=_reports(recorder),
             alltoall_input_splits=(_splits(ref.token_dispatcher, case.ep),),
             routes=(_logical_routes(spec.token_dispatcher, shape.topk),),
+            slots_hold_their_experts=slots_ok,
         )
     finally:
         parallel.destroy()
