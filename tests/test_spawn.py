@@ -53,3 +53,22 @@ def test_a_timeout_names_the_ranks_without_a_result():
 def test_timeout_must_be_positive_or_none():
     with pytest.raises(ValueError, match=r"timeout_s must be > 0 or None \(no timeout\), got 0"):
         run_local(_sum_then, 2, "none", timeout_s=0)
+
+
+def test_a_taken_port_is_retried_with_a_new_one(monkeypatch):
+    import socket
+
+    from megatron_specmoe.testing import spawn
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        ports = [held.getsockname()[1]]  # the first choice is taken by this test
+        real = spawn.free_port
+
+        def choose():
+            return ports.pop() if ports else real()
+
+        monkeypatch.setattr(spawn, "free_port", choose)
+        assert run_local(_sum_then, 2, "none", timeout_s=300) == [3.0, 3.0]
+        assert ports == []

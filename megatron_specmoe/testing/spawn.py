@@ -9,6 +9,10 @@ so a rank that dies without reporting (killed, ``os._exit``, a crash in native c
 by rank and exit code within about a second, not after the whole timeout; a timeout names the
 ranks that never reported; and a rank that reported but then exited with a non-zero code (or
 did not exit at all) fails the run too.
+
+The free port can be taken by another process between the choice and the rendezvous (machines
+shared by many test runs): when rank 0 cannot listen on it (EADDRINUSE) the whole start is retried
+with a new port, up to ``_PORT_TRIES`` times; nothing of ``fn`` has run by then.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = ["free_port", "run_local", "RankFailed"]
 _POLL_S = 0.2  # how often the parent looks at its children while waiting for results
 _DRAIN_S = 2.0  # grace for a result still in the pipe when its rank has already exited
 _EXIT_S = 30.0  # how long a rank that reported may take to exit
+_PORT_TRIES = 3  # starts with a fresh port when the chosen one was taken before the rendezvous
 
 
 class RankFailed(RuntimeError):
@@ -65,7 +70,13 @@ def _worker(rank: int, job: _Job, queue) -> None:
     )
     torch.set_num_threads(job.threads)
     try:
-        dist.init_process_group(job.backend, rank=rank, world_size=job.world_size)
+        try:
+            dist.init_process_group(job.backend, rank=rank, world_size=job.world_size)
+        except Exception as exc:  # noqa: BLE001 - a taken port is retried by the parent
+            if "EADDRINUSE" in str(exc):
+                queue.put((rank, _PORT_TAKEN, traceback.format_exc()))
+                return
+            raise
         try:
             result = job.fn(rank, job.world_size, *job.args)
         finally:
@@ -73,6 +84,13 @@ def _worker(rank: int, job: _Job, queue) -> None:
         queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
+
+
+class _PortTaken(Exception):
+    """The rendezvous port was taken before rank 0 could listen on it."""
+
+
+_PORT_TAKEN = "port taken"
 
 
 def _exit_text(code: Optional[int]) -> str:
@@ -114,6 +132,8 @@ def _collect(procs, queue, world_size: int, timeout_s: Optional[float]) -> tuple
                 missing = [r for r in range(world_size) if r not in results]
                 return results, [f"timed out after {timeout_s:g} s; no result from rank(s) {missing}"]
             continue
+        if ok == _PORT_TAKEN:
+            raise _PortTaken(payload)
         if not ok:
             return results, [f"--- rank {rank} ---\n{payload}"]
         results[rank] = payload
@@ -140,6 +160,16 @@ def run_local(
     """
     if timeout_s is not None and not timeout_s > 0:
         raise ValueError(f"run_local: timeout_s must be > 0 or None (no timeout), got {timeout_s!r}")
+    for attempt in range(_PORT_TRIES):
+        try:
+            return _run_once(fn, world_size, args, backend=backend, threads=threads, timeout_s=timeout_s)
+        except _PortTaken as taken:
+            if attempt + 1 == _PORT_TRIES:
+                raise RankFailed(f"the rendezvous port was taken {_PORT_TRIES} times in a row:\n{taken}") from None
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn, world_size: int, args: tuple, *, backend: str, threads: int, timeout_s: Optional[float]) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     job = _Job(fn=fn, args=args, world_size=world_size, port=free_port(), backend=backend, threads=threads)
@@ -149,6 +179,9 @@ def run_local(
     failures: list[str] = []
     try:
         results, failures = _collect(procs, queue, world_size, timeout_s)
+    except _PortTaken:
+        failures = ["port taken"]  # end every rank now; the caller starts again
+        raise
     finally:
         # After a failure the other ranks may wait in a collective forever: end them.
         for p in procs:
