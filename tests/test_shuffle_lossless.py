@@ -76,7 +76,7 @@ def _ceil(a, b):
     return -(-a // b)
 
 
-def _expected_tp_calls(case, kind, model):
+def _expected_tp_calls(case, kind, model, logit_rows=()):
     """The float collectives one rank issues on its TP group, worked out from the model's
     structure (all fp32, H hidden, k top-k, V vocabulary, P = TP, T tokens of a forward,
     T_pad = P * ceil(T / P)), as a multiset of (function, payload bytes, dtype); payloads are full
@@ -84,7 +84,8 @@ def _expected_tp_calls(case, kind, model):
 
     Megatron ("ref"), sequence parallelism off: the vocab-parallel embedding all-reduces [T, H];
     every layer's output projection all-reduces [T, H]; with a KV cache the logits [T, V] are
-    all-gathered (runtime_gather_output). On: the embedding reduce-scatters [T, H]; every layer
+    all-gathered (runtime_gather_output; ``logit_rows`` says how many rows Megatron materialised:
+    the whole prefill on core 0.19, its last token on 0.16). On: the embedding reduce-scatters [T, H]; every layer
     all-gathers its input [T, H] and reduce-scatters its projection [T, H]; the output layer
     all-gathers [T, H]. The MoE layers (ETP = 1) add no float TP collective.
 
@@ -101,7 +102,7 @@ def _expected_tp_calls(case, kind, model):
     def add(name, rows, cols):
         calls[(name, rows * cols * 4, F32)] += 1
 
-    for t in _steps(case):
+    for step, t in enumerate(_steps(case)):
         t_pad = p * _ceil(t, p)
         if kind == "gpt":
             add("all_reduce", t, h)
@@ -112,7 +113,7 @@ def _expected_tp_calls(case, kind, model):
                     add("reduce_scatter_tensor", t_pad, h)
                     add("all_gather_into_tensor", t_pad, h + (k if case.predictor == "history" else 0))
             if case.decode_steps:
-                add("all_gather_into_tensor", t, v)
+                add("all_gather_into_tensor", logit_rows[step], v)
             continue
         if kind == "gpt_sp":
             add("reduce_scatter_tensor", t, h)
@@ -191,7 +192,7 @@ def _check_case(kind, case, per_rank, world):
         # Megatron's layers with the specmoe dispatcher issue exactly Megatron's.
         measured = {name: _float_tp_calls(calls) for name, calls in res.tp_calls.items()}
         for model in ("ref", "shuffle"):
-            want = _expected_tp_calls(case, kind, model)
+            want = _expected_tp_calls(case, kind, model, res.logit_rows)
             assert measured[model] == want, (where, model, "TP collectives", measured[model], want)
         assert measured["base"] == measured["ref"], where
         # Same bytes on the wire where there is neither a pad row nor an id column to carry.

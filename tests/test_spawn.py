@@ -46,8 +46,9 @@ def test_a_nonzero_exit_after_reporting_fails():
 
 
 def test_a_timeout_names_the_ranks_without_a_result():
-    with pytest.raises(RankFailed, match=r"timed out after 30 s; no result from rank\(s\) \[0\]"):
-        run_local(_sum_then, 2, "hang", timeout_s=30)
+    # Rank 0 hangs; rank 1 reports unless the loaded machine starts it too slowly for the timeout.
+    with pytest.raises(RankFailed, match=r"timed out after 10 s; no result from rank\(s\) \[0(, 1)?\]"):
+        run_local(_sum_then, 2, "hang", timeout_s=10)
 
 
 def test_timeout_must_be_positive_or_none():

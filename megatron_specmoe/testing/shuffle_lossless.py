@@ -89,7 +89,9 @@ class ShuffleResult:
     tp_calls: per model ("ref", "base", "shuffle"), the raw ``torch.distributed`` collectives this
     rank issued on its TP group during the forwards (``testing.collectives``), in order;
     plans_agree: every TP rank computed identical plans; plans: layers x forwards planned;
-    plan_rows: every plan this rank used, in order (``PlanRows``);
+    plan_rows: every plan this rank used, in order (``PlanRows``); logit_rows (GPT cases): per
+    forward, the rows of logits Megatron's model returned (numel / V; with a KV cache they are
+    gathered over TP: all of the prefill's on core 0.19, the last token's on 0.16);
     history_ok (predictor "history", GPT cases): after the prefill, the route history the shuffle
     layers carried equals the routes Megatron's own routers chose, token for token (None: not
     checked)."""
@@ -103,6 +105,7 @@ class ShuffleResult:
     plans: int
     plan_rows: tuple = ()
     history_ok: Optional[bool] = None
+    logit_rows: tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
@@ -374,6 +377,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             pos = case.seq + i
             step_tokens = torch.randint(0, shape.vocab, (case.batch, 1), generator=gen)
             steps.append((step_tokens, torch.full((case.batch, 1), pos), full[..., pos : pos + 1, : pos + 1]))
+        logit_rows = []
         with torch.no_grad():
             for step_index, (step_tokens, step_positions, step_mask) in enumerate(steps):
                 outs = {}
@@ -384,6 +388,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
                         outs[name] = model(step_tokens, step_positions, step_mask, **extra)
                     if contexts[name] is not None:
                         contexts[name].sequence_len_offset += step_tokens.shape[1]
+                logit_rows.append(outs["ref"].numel() // shape.vocab)
                 diff = max(diff, float((outs["ref"] - outs["shuffle"]).abs().max()),
                            float((outs["ref"] - outs["base"]).abs().max()))
                 if case.predictor == "history" and step_index == 0:
@@ -395,6 +400,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             shuffle=_sum_measures(recorders["shuffle"].records),
             tp_calls=_tp_calls(raw, tp_group),
             plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans), history_ok=history_ok,
+            logit_rows=tuple(logit_rows),
         )
     finally:
         parallel.destroy()
