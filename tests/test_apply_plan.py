@@ -49,7 +49,7 @@ def _worker(rank, world):
         with torch.no_grad():
             before = models["alltoall"](tokens, pos, mask)
         placements = [ExpertPlacement(physical_to_logical=t, ep_size=4) for t in TARGETS]
-        out = {}
+        out = {"refusals": _corrupted_moves_refused(models["alltoall"], placements, rank)}
         for d, mode in (("alltoall", "router"), ("specmoe", "dispatcher")):
             report = apply_placements(models[d], placements, mode=mode)
             with torch.no_grad():
@@ -71,13 +71,85 @@ def _worker(rank, world):
         parallel.destroy()
 
 
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _corrupted_moves_refused(model, placements, rank):
+    """Two corruptions of the first layer's move, each on one rank only: (1) the bytes of the
+    first expert tensor rank 2 receives are changed in flight; (2) the fingerprint rank 1 takes
+    of a received expert is wrong. Each must be refused on every rank, naming the failure, and
+    leave every weight of the model (routers included) exactly as it was. Returns, per
+    corruption, (error message, whether the model is unchanged)."""
+    import torch.distributed as dist
+
+    from megatron_specmoe.comm import weight_move
+    from megatron_specmoe.megatron.apply_plan import apply_placements
+    from megatron_specmoe.megatron.patching import Patch, apply_patches, revert_patches
+
+    send_recv = dist.batch_isend_irecv
+
+    def corrupt_first_receive(ops):
+        reqs = send_recv(ops)
+        for req in reqs:
+            req.wait()
+        received = [op.tensor for op in ops if op.op is dist.irecv]
+        if rank == 2 and received:
+            received[0].add_(1.0)
+        return []  # already completed (waiting twice on a gloo receive blocks)
+
+    fingerprint = weight_move.fingerprint
+
+    def bad_fingerprint(tensors):
+        value = fingerprint(tensors)
+        # Received buffers are plain tensors; the model's own experts are Parameters.
+        if rank == 1 and not isinstance(tensors[0], torch.nn.Parameter):
+            value = value + 1.0
+        return value
+
+    corruptions = [
+        Patch(owner=dist, name="batch_isend_irecv", replacement=corrupt_first_receive, why="test: corrupt a transfer"),
+        Patch(owner=weight_move, name="fingerprint", replacement=bad_fingerprint, why="test: a bad fingerprint"),
+    ]
+    out = []
+    for patch in corruptions:
+        before = _snapshot(model)
+        applied = apply_patches([patch])
+        try:
+            apply_placements(model, placements, mode="router")
+            message = ""
+        except RuntimeError as err:
+            message = str(err)
+        finally:
+            revert_patches(applied)
+        after = _snapshot(model)
+        out.append((message, before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)))
+    return out
+
+
+# Expert moves per rank (sends + receives + local copies), worked by hand from TARGETS with the
+# contiguous start (slot p holds logical p; n = 2 slots per rank):
+#   layer 0 (5,2,7,0,1,6,3,4): every slot changes and every expert leaves its rank, so each rank
+#     receives 2 and sends 2: 4 on every rank;
+#   layer 1 (1,0,3,2,6,7,4,5): ranks 0 and 1 swap their two experts in place (2 local copies);
+#     ranks 2 and 3 exchange both experts (2 received + 2 sent = 4).
+TRANSFERS = (4 + 2, 4 + 2, 4 + 4, 4 + 4)
+
+
 def test_apply_placements_keeps_logits_and_places_experts():
     results = run_local(_worker, 4)
     for rank, out in enumerate(results):
+        refusals = out.pop("refusals")
+        # A corrupted transfer (on rank 2) and a bad fingerprint (on rank 1) are refused on every
+        # rank before any rank writes a weight.
+        for (message, unchanged), culprit in zip(refusals, (2, 1)):
+            assert "MoE layer 1: expert move failed verification on 1 rank(s); no rank modified the layer" in message, (rank, message)
+            assert ("arrived in slot" in message) == (rank == culprit), (rank, message)
+            assert unchanged, rank
         for mode, (diff, exact, layers, transfers) in out.items():
             assert diff <= 1e-6, (rank, mode, diff)
             assert exact, (rank, mode)
-            assert layers == 2 and transfers > 0
+            assert layers == 2 and transfers == TRANSFERS[rank], (rank, mode, transfers)
 
 
 def test_plan_moves_by_hand():

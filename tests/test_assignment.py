@@ -359,3 +359,20 @@ def test_greedy_numpy_hand_worked_first_maximum_and_room():
     assert _greedy_numpy(scores, np.array([2, 2]), 2).tolist() == [1, 0, 0, 1]
     # With room [3, 1] rank 0 takes all three of its asks in round 1, rank 1 its one.
     assert _greedy_numpy(scores, np.array([3, 1]), 2).tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("tokens, seeds, floor", [(512, 20, 0.996), (1024, 20, 0.998), (2048, 4, 0.999)])
+def test_refine_reaches_the_readme_share_of_the_optimal_objective(tokens, seeds, floor):
+    """README: refine's objective against the exact optimum (min-cost flow), P = 8, rank scores
+    Dirichlet(0.3) as in tools/bench_assignment.py. Measured here: the worst of 20 seeds is
+    0.9967 at T = 512, 0.9987 at T = 1024, 0.9995 at T = 2048 (4 seeds); never above optimal."""
+    from megatron_specmoe.schedule.assignment import planned_score
+
+    ratios = []
+    for seed in range(seeds):
+        rng = np.random.default_rng([tokens, 8, seed])
+        scores = torch.from_numpy(rng.dirichlet(np.full(8, 0.3), size=tokens).astype(np.float32))
+        best = planned_score(scores, assign(scores, "optimal"))
+        ratios.append(planned_score(scores, assign(scores, "refine")) / best)
+    assert min(ratios) >= floor, (tokens, min(ratios))
+    assert max(ratios) <= 1.0 + 1e-6, (tokens, max(ratios))

@@ -26,30 +26,56 @@ def _collectives(rank, world_size):
         rows, fold = torch.tensor([0]), torch.tensor([[100.0, 100.0]])
     else:
         rows, fold = torch.tensor([1, 2]), torch.tensor([[1000.0, 1000.0], [2000.0, 2000.0]])
+    from megatron_specmoe.testing.collectives import count_collectives
+
     counter = CollectiveCounter()
-    shard = shuffled_reduce_scatter(partial, plan, group, fold_rows=rows, fold=fold, counter=counter)
-    back = deferred_all_gather(shard, plan, group, counter=counter)
+    with count_collectives() as raw:
+        shard = shuffled_reduce_scatter(partial, plan, group, fold_rows=rows, fold=fold, counter=counter)
+        back = deferred_all_gather(shard, plan, group, counter=counter)
+    raw_calls = [(c.name, c.payload_bytes, c.dtype, c.group_ranks) for c in raw.calls]
     try:
         shuffled_reduce_scatter(partial[:2], plan, group)
         wrong_rows = None
     except ValueError as err:
         wrong_rows = str(err)
-    return shard.tolist(), back.tolist(), dict(counter.sent_bytes), dict(counter.calls), wrong_rows
+    return shard.tolist(), back.tolist(), dict(counter.sent_bytes), dict(counter.calls), wrong_rows, raw_calls
 
 
 def test_shuffled_reduce_scatter_and_deferred_all_gather_hand_worked():
     results = run_local(_collectives, 2)
     # Sum over ranks = 3 * partial; token t gets its residual once.
     want_true = [[3 + 100, 30 + 100], [6 + 1000, 60 + 1000], [9 + 2000, 90 + 2000]]
-    shard0, back0, sent0, calls0, err0 = results[0]
-    shard1, back1, _, _, _ = results[1]
+    shard0, back0, sent0, calls0, err0, raw0 = results[0]
+    shard1, back1, _, _, _, _ = results[1]
     assert shard0 == [want_true[1], want_true[2]]  # rank 0: tokens 1, 2
     assert shard1 == [want_true[0], [0.0, 0.0]]  # rank 1: token 0, then its zero pad row
     assert back0 == want_true and back1 == want_true
     # [T_pad=4, H=2] fp32 = 32 bytes each way; a ring sends half of it at P = 2.
     assert sent0 == {"reduce_scatter": 16, "all_gather": 16}
     assert calls0 == {"reduce_scatter": 1, "all_gather": 1}
+    # At the raw torch.distributed functions: exactly one reduce-scatter of [T_pad=4, H=2] fp32 in
+    # and one all-gather of [4, 2] fp32 out, on the two ranks' group.
+    assert raw0 == [("reduce_scatter_tensor", 32, "torch.float32", (0, 1)),
+                    ("all_gather_into_tensor", 32, "torch.float32", (0, 1))]
     assert "partial has 2 rows, plan has 3 tokens" in err0
+
+
+def test_raw_collective_counter_wraps_aliases_refuses_nesting_and_reverts():
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    from megatron_specmoe.testing.collectives import count_collectives
+
+    originals = dist.all_reduce, dist.reduce_scatter_tensor, mappings.dist_all_gather_func
+    assert mappings.dist_all_gather_func is dist.all_gather_into_tensor  # bound at import
+    with count_collectives():
+        assert dist.all_reduce is not originals[0] and dist.reduce_scatter_tensor is not originals[1]
+        # Megatron's alias is wrapped too: the same counted function as torch.distributed's.
+        assert mappings.dist_all_gather_func is dist.all_gather_into_tensor is not originals[2]
+        with pytest.raises(RuntimeError, match="already patched .* nested counting is not supported"):
+            with count_collectives():
+                pass
+    assert (dist.all_reduce, dist.reduce_scatter_tensor, mappings.dist_all_gather_func) == originals
 
 
 def test_ring_bytes_all_reduce_equals_reduce_scatter_plus_all_gather():

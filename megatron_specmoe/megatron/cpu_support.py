@@ -17,6 +17,8 @@ CUDA is available: GPU runs always use Megatron unmodified.
 | causal mask built with ``device="cuda"``                   | build it on the CPU                |
 | CUDA RNG tracker ``add``/``fork`` call ``torch.cuda`` RNG   | a CPU RNG tracker with the same    |
 |                                                            |   semantics (named CPU RNG states) |
+| activation recompute saves / restores the CUDA RNG state   | no CUDA RNG state on the CPU: an   |
+|   (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``)      |   empty state, restoring is a no-op |
 
 Usage::
 
@@ -112,6 +114,15 @@ def _make_padded_gather(original_fn):
     return _gather_along_first_dim
 
 
+def _cpu_get_cuda_rng_state(*_args, **_kwargs) -> torch.Tensor:
+    """No CUDA generator on the CPU: an empty state (the CPU state is saved separately)."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _cpu_set_cuda_rng_state(*_args, **_kwargs) -> None:
+    return None
+
+
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
@@ -180,6 +191,10 @@ def _patches() -> list[Patch]:
               why="the RNG tracker seeds CUDA generators"),
         Patch(owner=mrandom.CudaRNGStatesTracker, name="fork", replacement=_cpu_tracker_fork,
               why="the RNG tracker forks CUDA generator states"),
+        Patch(owner=mrandom, name="_get_cuda_rng_state", replacement=_cpu_get_cuda_rng_state,
+              why="activation recompute saves the CUDA RNG state"),
+        Patch(owner=mrandom, name="_set_cuda_rng_state", replacement=_cpu_set_cuda_rng_state,
+              why="activation recompute restores the CUDA RNG state"),
     ]
     if "te_general_gemm" not in moe_utils.__dict__ or "te_general_gemm" in patched_names(moe_utils):
         patches.append(

@@ -28,6 +28,7 @@ from megatron_specmoe.comm.shuffle import CollectiveCounter
 from megatron_specmoe.megatron import cpu_support
 from megatron_specmoe.megatron import parallel
 from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_config
+from megatron_specmoe.testing.collectives import RawCollectiveCounter, count_collectives
 from megatron_specmoe.testing.lossless import arrange_layers
 from megatron_specmoe.measure.measures import RouteMeasures
 from megatron_specmoe.schedule.placement import ExpertPlacement
@@ -48,7 +49,9 @@ class ShuffleCase:
     """One configuration. Attributes: shape; tp, ep (etp is 1); placement (physical_to_logical
     for every layer, None = contiguous); predictor, method (``ShuffleOptions``); seq, batch (S and
     B of the whole sequence); seed; decode_steps (GPT case: extra one-token steps with a KV cache
-    after the prefill)."""
+    after the prefill); route_stand_in (predictor "route": "modulo", ``TokenModuloPredictor``, or
+    "one_rank", ``OneRankPredictor``: every token predicted to TP rank 0's experts); mutant (a
+    ``testing.mutants`` name applied on every rank for this case, None: the library as it is)."""
 
     shape: MoEShape = field(default_factory=lambda: MoEShape(layers=2))
     tp: int = 4
@@ -60,14 +63,35 @@ class ShuffleCase:
     batch: int = 2
     seed: int = 7
     decode_steps: int = 0
+    route_stand_in: str = "modulo"
+    mutant: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRows:
+    """One ShufflePlan as plain lists (picklable, for checks in the parent): layer_number, and
+    the plan's home_rank [T], order [T_pad], inverse [T_pad], capacity C, num_tokens T,
+    num_ranks P."""
+
+    layer_number: int
+    home_rank: tuple[int, ...]
+    order: tuple[int, ...]
+    inverse: tuple[int, ...]
+    capacity: int
+    num_tokens: int
+    num_ranks: int
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShuffleResult:
     """Attributes: rank; max_out_diff (max |shuffle - ref| over every output compared);
     base / shuffle: this rank's summed RouteMeasures (None when it recorded nothing);
-    base_tp_bytes / shuffle_tp_bytes: bytes this rank sent on TP collectives (ring model), by
-    kind; plans_agree: every TP rank computed identical plans; plans: layers x forwards planned;
+    tp_calls: per model ("ref", "base", "shuffle"), the raw ``torch.distributed`` collectives this
+    rank issued on its TP group during the forwards (``testing.collectives``), in order;
+    plans_agree: every TP rank computed identical plans; plans: layers x forwards planned;
+    plan_rows: every plan this rank used, in order (``PlanRows``); logit_rows (GPT cases): per
+    forward, the rows of logits Megatron's model returned (numel / V; with a KV cache they are
+    gathered over TP: all of the prefill's on core 0.19, the last token's on 0.16);
     history_ok (predictor "history", GPT cases): after the prefill, the route history the shuffle
     layers carried equals the routes Megatron's own routers chose, token for token (None: not
     checked)."""
@@ -76,11 +100,12 @@ class ShuffleResult:
     max_out_diff: float
     base: Optional[RouteMeasures]
     shuffle: Optional[RouteMeasures]
-    base_tp_bytes: dict
-    shuffle_tp_bytes: dict
+    tp_calls: dict
     plans_agree: bool
     plans: int
+    plan_rows: tuple = ()
     history_ok: Optional[bool] = None
+    logit_rows: tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
@@ -144,6 +169,27 @@ class TokenModuloPredictor:
         return 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class OneRankPredictor:
+    """A stand-in fitted RoutePredictor for tests: every token scores experts 0 and 1 (half
+    each), which the contiguous placement puts on EP rank 0, so every token of a TP group is
+    predicted to one rank and the assignment must overflow it to the others, within capacity."""
+
+    kind: str = "one_rank"
+    num_experts: int = 8
+    num_layers: int = 2
+
+    def expert_scores(self, ctx):
+        import numpy as np
+
+        out = np.zeros((len(ctx.token_ids), self.num_experts), dtype=np.float32)
+        out[:, :2] = 0.5
+        return out
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
 def toy_history_predictor(shape: MoEShape, seed: int = 0):
     """The "history" predictor's usual form, a Combined (mixture) of a TokenTable and a HistoryMLP,
     fitted (seeded, so identically on every rank) on 256 tokens of random ids and routes with a
@@ -176,7 +222,10 @@ def _options(case: ShuffleCase):
     if case.predictor == "history":
         route = toy_history_predictor(case.shape)
     if case.predictor == "route":
-        route = TokenModuloPredictor(num_experts=case.shape.experts, num_layers=case.shape.layers)
+        stand_ins = {"modulo": TokenModuloPredictor, "one_rank": OneRankPredictor}
+        if case.route_stand_in not in stand_ins:
+            raise ValueError(f"ShuffleCase.route_stand_in={case.route_stand_in!r}; choose one of {sorted(stand_ins)}")
+        route = stand_ins[case.route_stand_in](num_experts=case.shape.experts, num_layers=case.shape.layers)
     return ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True,
                           route_predictor=route,
                           route_vocab_size=case.shape.vocab if case.predictor == "route" else None)
@@ -199,6 +248,30 @@ def _sum_measures(records) -> Optional[RouteMeasures]:
     for rec in records:
         total = rec.measures if total is None else total + rec.measures
     return total
+
+
+def _plan_rows(plans) -> tuple[PlanRows, ...]:
+    return tuple(PlanRows(layer_number=int(n), home_rank=tuple(p.home_rank.tolist()), order=tuple(p.order.tolist()),
+                          inverse=tuple(p.inverse.tolist()), capacity=int(p.capacity), num_tokens=int(p.num_tokens),
+                          num_ranks=int(p.num_ranks)) for n, p in plans)
+
+
+def _tp_calls(counters: dict, group) -> dict:
+    return {name: tuple(c.on(group)) for name, c in counters.items()}
+
+
+@contextlib.contextmanager
+def _mutant(case: ShuffleCase):
+    if case.mutant is None:
+        yield
+        return
+    from megatron_specmoe.testing.mutants import apply_mutant, revert_mutant
+
+    applied = apply_mutant(case.mutant)
+    try:
+        yield
+    finally:
+        revert_mutant(applied)
 
 
 def _plans_agree(plans, group) -> tuple[bool, int]:
@@ -288,8 +361,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
         mask = torch.triu(torch.ones(1, 1, case.seq, case.seq, dtype=torch.bool), diagonal=1)
 
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        base_bytes = CollectiveCounter()
-        counters = {"ref": CollectiveCounter(), "base": base_bytes, "shuffle": carrier.counter}
+        raw = {name: RawCollectiveCounter() for name in models}
         diff = 0.0
         if case.decode_steps:
             from megatron.core.inference.contexts import StaticInferenceContext
@@ -305,16 +377,18 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             pos = case.seq + i
             step_tokens = torch.randint(0, shape.vocab, (case.batch, 1), generator=gen)
             steps.append((step_tokens, torch.full((case.batch, 1), pos), full[..., pos : pos + 1, : pos + 1]))
+        logit_rows = []
         with torch.no_grad():
             for step_index, (step_tokens, step_positions, step_mask) in enumerate(steps):
                 outs = {}
                 for name, model in models.items():
-                    with count_tp_collectives(tp_group, counters[name]):
+                    with count_collectives(raw[name]):
                         extra = {} if contexts[name] is None else {
                             "inference_context": contexts[name], "runtime_gather_output": True}
                         outs[name] = model(step_tokens, step_positions, step_mask, **extra)
                     if contexts[name] is not None:
                         contexts[name].sequence_len_offset += step_tokens.shape[1]
+                logit_rows.append(outs["ref"].numel() // shape.vocab)
                 diff = max(diff, float((outs["ref"] - outs["shuffle"]).abs().max()),
                            float((outs["ref"] - outs["base"]).abs().max()))
                 if case.predictor == "history" and step_index == 0:
@@ -324,8 +398,9 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             rank=rank, max_out_diff=diff,
             base=_sum_measures(recorders["base"].records),
             shuffle=_sum_measures(recorders["shuffle"].records),
-            base_tp_bytes=dict(base_bytes.sent_bytes), shuffle_tp_bytes=dict(carrier.counter.sent_bytes),
-            plans_agree=agree, plans=planned, history_ok=history_ok,
+            tp_calls=_tp_calls(raw, tp_group),
+            plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans), history_ok=history_ok,
+            logit_rows=tuple(logit_rows),
         )
     finally:
         parallel.destroy()
@@ -421,11 +496,11 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
         mask = torch.triu(torch.ones(1, 1, case.seq, case.seq, dtype=torch.bool), diagonal=1)
 
         outs = {}
-        counters = {"ref": CollectiveCounter(), "base": CollectiveCounter(), "shuffle": carrier.counter}
+        raw = {name: RawCollectiveCounter() for name in ("ref", "base", "shuffle")}
         with torch.no_grad():
             for name in ("ref", "base", "shuffle"):
                 h = x
-                with count_tp_collectives(tp_group, counters[name]):
+                with count_collectives(raw[name]):
                     for layer in stacks[name]:
                         h, _ = layer(hidden_states=h, attention_mask=mask)
                 outs[name] = h
@@ -437,8 +512,8 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
             rank=rank, max_out_diff=diff,
             base=_sum_measures(recorders["base"].records),
             shuffle=_sum_measures(recorders["shuffle"].records),
-            base_tp_bytes=dict(counters["base"].sent_bytes), shuffle_tp_bytes=dict(carrier.counter.sent_bytes),
-            plans_agree=agree, plans=planned,
+            tp_calls=_tp_calls(raw, tp_group),
+            plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans),
         )
     finally:
         parallel.destroy()
@@ -487,4 +562,8 @@ def run_shuffle_cases(rank: int, world_size: int, cases) -> list[ShuffleResult]:
         "layers": layers_shuffle_lossless,
         "refuse": shuffle_refusals,
     }
-    return [kinds[kind](rank, world_size, case) for kind, case in cases]
+    out = []
+    for kind, case in cases:
+        with _mutant(case):
+            out.append(kinds[kind](rank, world_size, case))
+    return out
