@@ -273,7 +273,7 @@ def build_model(
     gpt = dict(card.gpt)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(card.shape, specmoe=specmoe, via=via),
+        transformer_layer_spec=layer_spec(card.shape, specmoe=specmoe, via=via, config=config),
         vocab_size=card.shape.vocab,
         max_sequence_length=card.shape.seq,
         parallel_output=parallel_output,

@@ -17,6 +17,8 @@ CUDA is available: GPU runs always use Megatron unmodified.
 | causal mask built with ``device="cuda"``                   | build it on the CPU                |
 | CUDA RNG tracker ``add``/``fork`` call ``torch.cuda`` RNG   | a CPU RNG tracker with the same    |
 |                                                            |   semantics (named CPU RNG states) |
+| ``isinstance(x, TELinear)`` in MLA's constructor, where    | a placeholder class no linear is   |
+|   ``TELinear`` is no class without TE (0.16.1)             |   an instance of                   |
 
 Usage::
 
@@ -50,6 +52,11 @@ log = logging.getLogger(__name__)
 def needed() -> bool:
     """True on a machine without CUDA (the only place these patches are applied)."""
     return not torch.cuda.is_available()
+
+
+class _NoTELinear:
+    """Stands in for TE's ``TELinear`` where megatron-core 0.16.1 tests ``isinstance`` against it
+    without TE: no module is an instance of it."""
 
 
 class _NoStream:
@@ -181,6 +188,11 @@ def _patches() -> list[Patch]:
         Patch(owner=mrandom.CudaRNGStatesTracker, name="fork", replacement=_cpu_tracker_fork,
               why="the RNG tracker forks CUDA generator states"),
     ]
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if not isinstance(mla.__dict__.get("TELinear", type), type) or "TELinear" in patched_names(mla):
+        patches.append(Patch(owner=mla, name="TELinear", replacement=_NoTELinear,
+                             why="isinstance(..., TELinear) where TELinear is no class without TE (0.16.1)"))
     if "te_general_gemm" not in moe_utils.__dict__ or "te_general_gemm" in patched_names(moe_utils):
         patches.append(
             Patch(owner=moe_utils, name="te_general_gemm", replacement=None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -44,6 +44,10 @@ class LosslessCase:
         via: how specmoe is selected: "spec" (the specmoe layer spec) or "hook" (install()).
         device: "cpu" (gloo) or "cuda" (NCCL; rank r uses GPU r mod the visible count).
         gpus_per_node: given to the specmoe dispatcher's recorder (node measures), or None.
+        config: extra ``TransformerConfig`` fields as (name, value) pairs, for both models (e.g.
+            DeepSeek-style routing: moe_router_num_groups, moe_router_group_topk, a sigmoid score
+            with moe_router_enable_expert_bias; multi_latent_attention for the GPT case). With an
+            expert bias the routers get the same random nonzero bias, so that it takes part.
     """
 
     shape: MoEShape = field(default_factory=MoEShape)
@@ -59,6 +63,7 @@ class LosslessCase:
     via: str = "spec"
     device: str = "cpu"
     gpus_per_node: Optional[int] = None
+    config: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,8 +122,11 @@ def arrange_layers(layers, placements, *, seed: int, layer_index: int, silent_ex
         router[e, 0] = -1e4
     bank = make_expert_bank(first, num_experts, seed + 100 * layer_index)
     ep_rank = parallel_state.get_expert_model_parallel_rank()
+    bias = torch.randn(num_experts, generator=gen) * 0.3  # the expert bias, where the router has one
     for layer, placement in zip(layers, placements):
         layer.router.weight.copy_(router)
+        if getattr(layer.router, "expert_bias", None) is not None:
+            layer.router.expert_bias.copy_(bias)
         load_bank(layer, bank, placement, ep_rank)
 
 
@@ -161,8 +169,11 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
     _setup(case)
     try:
         shape = case.shape
-        ref = build_moe_layer(make_config(shape, dispatcher="alltoall", tp=case.tp, ep=case.ep), shape, specmoe=False)
-        spec = build_moe_layer(make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep), shape, specmoe=True, via=case.via)
+        extra = dict(case.config)
+        ref = build_moe_layer(make_config(shape, dispatcher="alltoall", tp=case.tp, ep=case.ep, **extra), shape,
+                              specmoe=False)
+        spec = build_moe_layer(make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep, **extra), shape,
+                               specmoe=True, via=case.via)
         spec.token_dispatcher.set_placement(_placement(case))
         _arrange(ref, spec, case, 0)
         ref.to(case.device)
@@ -209,7 +220,7 @@ def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResu
         # in inference mode without it (allowed for MoE in eval mode): every TP rank then
         # routes its own full copy of the tokens.
         cfgs = [
-            make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=False)
+            make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, **{**dict(case.config), "sequence_parallel": False})
             for d in ("alltoall", "specmoe")
         ]
         ref = build_gpt_model(cfgs[0], shape, specmoe=False).eval()
