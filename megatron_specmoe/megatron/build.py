@@ -72,11 +72,13 @@ def make_config(shape: MoEShape, *, dispatcher: str, tp: int = 1, ep: int = 1, e
 
 
 def spec_options(config) -> dict:
-    """The layer-spec options a config needs (``multi_latent_attention``, ``normalization``), for
-    Megatron's spec builders; {} for a standard-attention LayerNorm config."""
+    """The layer-spec options a config needs (``multi_latent_attention``, ``qk_layernorm``,
+    ``normalization``), for Megatron's spec builders; {} for a standard-attention LayerNorm config."""
     out = {}
     if getattr(config, "multi_latent_attention", False):
         out["multi_latent_attention"] = True
+    if getattr(config, "qk_layernorm", False):
+        out["qk_layernorm"] = True
     if config is not None and getattr(config, "normalization", "LayerNorm") != "LayerNorm":
         out["normalization"] = config.normalization
     return out
