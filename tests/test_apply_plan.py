@@ -177,3 +177,62 @@ def test_plan_copies_by_hand():
         plan_copies([0, 1, -1, 2, 3, -1], [0, 1, 4, 2, 3, 0], slots_per_rank=3)
     with pytest.raises(ValueError, match="same length, a multiple of slots_per_rank=3"):
         plan_copies([0, 1, 2, 3], [0, 1, 2, 3], slots_per_rank=3)
+
+
+GROUP_KEPT = (5, 4, 7, 6, 1, 0, 3, 2)  # router groups {0..3}, {4..7} trade blocks, shuffled inside
+GROUP_MIXED = (5, 2, 7, 0, 1, 6, 3, 4)
+
+
+def _grouped_worker(rank, world):
+    """Group-limited routing (2 groups, 1 per token) with a nonzero expert bias: router mode applies a
+    placement that keeps the groups intact and refuses one that mixes them; dispatcher mode keeps the
+    function for the mixed one too."""
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+
+    from megatron_specmoe.megatron import cpu_support, parallel
+    from megatron_specmoe.megatron.apply_plan import apply_placements
+    from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
+    from megatron_specmoe.megatron.model_tools import moe_sites
+
+    cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout(ep=4))
+    try:
+        shape = MoEShape(layers=2)
+        extra = dict(moe_router_num_groups=2, moe_router_group_topk=1, moe_router_score_function="sigmoid",
+                     moe_router_enable_expert_bias=True)
+        models = {d: build_gpt_model(make_config(shape, dispatcher=d, ep=4, **extra), shape,
+                                     specmoe=d == "specmoe").eval() for d in ("alltoall", "specmoe")}
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for site in moe_sites(models["alltoall"]):
+                site.layer.router.expert_bias.copy_(torch.randn(8, generator=gen))
+        models["specmoe"].load_state_dict(models["alltoall"].state_dict())
+        gen = torch.Generator().manual_seed(3 + parallel_state.get_data_parallel_rank())
+        tokens = torch.randint(0, shape.vocab, (2, 8), generator=gen)
+        pos = torch.arange(8).unsqueeze(0).expand(2, -1)
+        mask = torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), diagonal=1)
+        with torch.no_grad():
+            before = models["alltoall"](tokens, pos, mask)
+        out = {}
+        mixed = [ExpertPlacement(physical_to_logical=GROUP_MIXED, ep_size=4)] * 2
+        try:
+            apply_placements(models["alltoall"], mixed, mode="router")
+            out["refused"] = ""
+        except ValueError as exc:
+            out["refused"] = str(exc)
+        kept = [ExpertPlacement(physical_to_logical=GROUP_KEPT, ep_size=4)] * 2
+        for d, mode, placements in (("alltoall", "router", kept), ("specmoe", "dispatcher", mixed)):
+            apply_placements(models[d], placements, mode=mode)
+            with torch.no_grad():
+                out[mode] = float((models[d](tokens, pos, mask) - before).abs().max())
+        return out
+    finally:
+        parallel.destroy()
+
+
+def test_router_groups_in_router_and_dispatcher_modes():
+    for out in run_local(_grouped_worker, 4):
+        assert "router mode would make physical slots 0..3 router group 0, but they hold experts of " \
+               "router groups [0, 1]" in out["refused"]
+        assert out["router"] <= 1e-6 and out["dispatcher"] <= 1e-6, out

@@ -133,11 +133,9 @@ def test_flag_is_off_by_default(monkeypatch):
      "--specmoe-shuffle only appl.* to the specmoe dispatcher.*is 'alltoall'.*--moe-token-dispatcher-type specmoe"),
     (lambda a: [*a, "--pipeline-model-parallel-size", "2"],
      "--sequence-parallel and --pipeline-model-parallel-size 2.*Drop --sequence-parallel"),
-    (lambda a: [*a, "--moe-shared-expert-intermediate-size", "128"],
-     "at --tensor-model-parallel-size 4.*--moe-shared-expert-intermediate-size.*--tensor-model-parallel-size 1"),
+    (lambda a: [*a, "--moe-shared-expert-intermediate-size", "128", "--moe-shared-expert-overlap"],
+     r"does not support --moe-shared-expert-overlap"),
     (lambda a: [*a, "--spec", "my.module", "my_spec"], r"does not support --spec \(Megatron-LM then takes"),
-    (lambda a: [*a, "--multi-latent-attention"],
-     r"does not support --multi-latent-attention .*serve with --tensor-model-parallel-size 1"),
     (lambda a: [*a, "--moe-layer-freq", "([1]+[0]+[1]*2)"],
      r"dense layer\(s\) \[1\] come after the MoE layer 0.*Drop --sequence-parallel"),
     (lambda a: [*a, "--specmoe-record-routes", "routes"],
@@ -552,3 +550,16 @@ def test_te_refusal_names_the_gpu_check_where_te_is_present(monkeypatch):
     with pytest.raises(ValueError, match="--specmoe-shuffle: get_gpt_layer_with_transformer_engine_spec.*"
                        "tools/gpu_check.sh has verified them"):
         raise MS._refuse_te("get_gpt_layer_with_transformer_engine_spec(num_experts=...)")
+
+
+def test_deepseek_layers_are_accepted(monkeypatch, capsys):
+    """Multi-latent attention, a shared expert at TP 4 and group-limited routing with an expert bias
+    (DeepSeek's layers) pass the check before any GPU work: no refusal row names them any more."""
+    deepseek = ["--multi-latent-attention", "--kv-lora-rank", "32", "--qk-head-dim", "16",
+                "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16",
+                "--moe-shared-expert-intermediate-size", "128", "--moe-router-num-groups", "4",
+                "--moe-router-group-topk", "2", "--moe-router-score-function", "sigmoid",
+                "--moe-router-enable-expert-bias"]
+    args = parse(monkeypatch, [*BASE_ARGV, *GOOD, *deepseek])
+    assert M.validate_specmoe_args(args) == M.SpecMoEArgsCheck(active=True, method="shuffle",
+                                                               predictor="pregate", shuffle="pregate")

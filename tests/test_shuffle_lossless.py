@@ -53,7 +53,7 @@ CASES = [
     # ... and a stack of layers from Megatron's contiguous shard, back with restore_true_order.
     ("layers", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
     ("layers", ShuffleCase(tp=2, ep=2, predictor="random", seq=6, batch=3)),
-    # Refused: shared experts at TP > 1; EP (2) not a multiple of TP (4); a sequence-parallel
+    # Refused: shared experts overlapped with the dispatcher; EP (2) not a multiple of TP (4); a sequence-parallel
     # model whose output nobody brings back to true order.
     ("refuse", ShuffleCase(tp=4, ep=2, shape=MoEShape(layers=1))),
 ]
@@ -177,7 +177,7 @@ def _check_plans(per_rank, case, world, where):
 def _check_case(kind, case, per_rank, world):
     if kind == "refuse":
         for shared_msg, ep_msg, order_msg in per_rank:
-            assert "shared experts with TP > 1 are not supported" in shared_msg
+            assert "moe_shared_expert_overlap must be False" in shared_msg
             assert "EP size 2 is not a multiple of TP size 4" in ep_msg
             assert "leaves tokens in shuffled order; call shuffle_specs.true_order_output" in order_msg
         return

@@ -1,6 +1,17 @@
 """Train the shipped demo model from scratch: tokenizer, GPT-MoE (Megatron-Core, CPU, 1 process).
 
     python tools/train_demo_model.py --out megatron_specmoe/data
+    python tools/train_demo_model.py --preset deepseek-style --tokenizer megatron_specmoe/data/tokenizer.json \
+        --out megatron_specmoe/data/deepseek-style
+
+Presets (``--preset``; any flag given explicitly wins):
+    gpt-moe         the first demo model: standard attention, LayerNorm, 32 experts top-4, softmax
+                    router with Megatron's load-balancing aux loss.
+    deepseek-style  DeepSeek-V3's layer shape in small: multi-latent attention (no query
+                    compression, kv_lora_rank 64, RoPE head dims 32 + 16), RMSNorm, one shared
+                    expert, 64 fine-grained routed experts top-6, group-limited routing (4 groups,
+                    top-2 groups), sigmoid scores with an expert bias updated after every step
+                    (aux-loss-free balancing, Megatron's own update) plus a small sequence aux loss.
 
 Steps
     1. corpus: the running interpreter's stdlib .py files, split by file (megatron_specmoe.demo.corpus);
@@ -47,20 +58,27 @@ def log(msg: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(REPO, "megatron_specmoe", "data"))
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpt-moe", help="architecture (module docstring)")
+    p.add_argument("--out", default=None, help="model folder (default: megatron_specmoe/data, or "
+                                                 "megatron_specmoe/data/deepseek-style for that preset)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="copy this tokenizer.json instead of training one (the same corpus split gives the same one)")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--topk", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=64, help="expert FFN size")
+    p.add_argument("--experts", type=int, default=None, help="routed experts (preset)")
+    p.add_argument("--topk", type=int, default=None, help="top-k (preset)")
+    p.add_argument("--ffn", type=int, default=None, help="expert FFN size (preset)")
+    p.add_argument("--shared-ffn", type=int, default=None, help="shared-expert FFN size, 0: none (preset)")
+    p.add_argument("--groups", type=int, default=None, help="moe_router_num_groups, 1: none (preset)")
+    p.add_argument("--group-topk", type=int, default=None, help="moe_router_group_topk (preset)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--aux-loss", type=float, default=1e-2, help="moe_aux_loss_coeff")
+    p.add_argument("--aux-loss", type=float, default=None, help="moe_aux_loss_coeff (preset)")
     p.add_argument("--max-minutes", type=float, default=25.0,
                    help="wall-time budget of the training loop: the learning-rate schedule runs on "
                         "max(step / steps, elapsed / budget), and training stops when either ends "
@@ -70,7 +88,43 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for name, value in preset["args"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.out is None:
+        args.out = os.path.join(REPO, "megatron_specmoe", "data", *preset["subdir"])
+    return args
+
+
+PRESETS = {
+    "gpt-moe": {
+        "subdir": (),
+        "args": {"experts": 32, "topk": 4, "ffn": 64, "shared_ffn": 0, "groups": 1, "group_topk": 0,
+                 "aux_loss": 1e-2},
+        "config": {"moe_router_load_balancing_type": "aux_loss", "init_method_std": 0.02},
+    },
+    "deepseek-style": {
+        "subdir": ("deepseek-style",),
+        "args": {"experts": 64, "topk": 6, "ffn": 16, "shared_ffn": 64, "groups": 4, "group_topk": 2,
+                 "aux_loss": 1e-3},
+        "config": {"init_method_std": 0.02, "normalization": "RMSNorm",
+                   "multi_latent_attention": True, "q_lora_rank": None, "kv_lora_rank": 64,
+                   "qk_head_dim": 32, "qk_pos_emb_head_dim": 16, "v_head_dim": 32, "rope_type": "rope",
+                   "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+                   "moe_router_bias_update_rate": 1e-3, "moe_router_topk_scaling_factor": 2.5,
+                   "moe_router_load_balancing_type": "seq_aux_loss"},
+    },
+}
+
+
+def model_config(args) -> dict:
+    """The card's extra TransformerConfig fields for ``args`` (preset plus router groups)."""
+    config = dict(PRESETS[args.preset]["config"])
+    if args.groups > 1:
+        config.update(moe_router_num_groups=args.groups, moe_router_group_topk=args.group_topk)
+    return config
 
 
 # ---- 2. tokenizer ---------------------------------------------------------------------------------
@@ -157,6 +211,15 @@ def expert_load(model, windows: torch.Tensor, seq: int, batch: int, experts: int
             for layer in range(routes.shape[0])]
 
 
+def update_expert_bias(model) -> None:
+    """Megatron's aux-loss-free bias update (what its finalize_model_grads does after a step):
+    each router's expert bias moves by the update rate towards less-loaded experts, from the
+    tokens it counted since the last update."""
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    _update_router_expert_bias([model], model.config)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -174,7 +237,17 @@ def main(argv=None) -> int:
 
     # 2. tokenizer
     tok_path = os.path.join(args.out, "tokenizer.json")
-    tok = train_tokenizer(fit_files, args.vocab, tok_path)
+    if args.tokenizer:
+        import shutil
+
+        from tokenizers import Tokenizer
+
+        if os.path.abspath(args.tokenizer) != os.path.abspath(tok_path):
+            shutil.copyfile(args.tokenizer, tok_path)
+        tok = Tokenizer.from_file(tok_path)
+        log(f"tokenizer copied from {args.tokenizer}")
+    else:
+        tok = train_tokenizer(fit_files, args.vocab, tok_path)
     eot_id = tok.token_to_id(EOT)
     vocab = tok.get_vocab_size()
     log(f"tokenizer: {vocab} tokens, end-of-text id {eot_id}, {time.time() - t_start:.0f}s")
@@ -198,8 +271,8 @@ def main(argv=None) -> int:
 
     init_single_process()
     shape = MoEShape(hidden=args.hidden, ffn=args.ffn, experts=args.experts, topk=args.topk,
-                     heads=args.heads, layers=args.layers, vocab=vocab, seq=seq, shared_ffn=0)
-    config = {"moe_router_load_balancing_type": "aux_loss", "init_method_std": 0.02}
+                     heads=args.heads, layers=args.layers, vocab=vocab, seq=seq, shared_ffn=args.shared_ffn)
+    config = model_config(args)
     card = checkpoint.ModelCard(directory=args.out, shape=shape, config=config,
                                 gpt=dict(checkpoint._GPT_DEFAULTS), weights_file="model.pt",
                                 weights_dtype=args.dtype, weights_sha256="",
@@ -247,6 +320,8 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if config.get("moe_router_enable_expert_bias"):
+            update_expert_bias(model)
         running.append(float(loss))
         if (step + 1) % 25 == 0:
             el = time.time() - t_train
@@ -268,10 +343,13 @@ def main(argv=None) -> int:
     log(f"final validation loss {val:.4f} nats/token (unigram {uni:.4f}) on {len(val_full) * seq:,} tokens")
     training = {
         "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:])),
+        "preset": args.preset, "tokenizer": "copied from " + os.path.relpath(args.tokenizer, REPO) if args.tokenizer else "trained",
         "steps": steps_done, "stopped_early": stopped_early, "batch": args.batch, "lr": args.lr,
         "warmup": args.warmup, "max_minutes": args.max_minutes, "aux_loss_coeff": args.aux_loss, "seed": args.seed,
         "optimizer": "torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.1), grad clip 1.0, "
-                     "linear warm-up, cosine to 0.1 lr over max(step/steps, elapsed/budget)",
+                     "linear warm-up, cosine to 0.1 lr over max(step/steps, elapsed/budget)"
+                     + (", expert bias updated after every step (Megatron's _update_router_expert_bias)"
+                        if config.get("moe_router_enable_expert_bias") else ""),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
         "threads": args.threads, "parameters": nparams,
         "val_loss": round(val, 4), "unigram_ce": round(uni, 4), "val_tokens": len(val_full) * seq,

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="routed experts per MoE layer; required for JSON / JSONL traces (they do "
                              "not record it), and must equal the plan's")
     parser.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
-                        help="EP ranks per node (rank r on node r // G); adds remote_nodes_per_token and "
+                        help="EP ranks per node (rank r on node r // G); adds remote_nodes_per_token, "
+                             "max_nodes_per_token (the bound of group-limited routing) and "
                              "internode_bytes_per_token (per_node and per_pair transports) to every side")
     parser.add_argument("--hidden-size", type=int, default=None, metavar="H",
                         help="model hidden size for the inter-node bytes (default: the plan's, if it "
@@ -77,7 +78,7 @@ def _table(result: dict) -> str:
             f"{'load imb.':>10s}"]
     nodes = result["config"].get("gpus_per_node") is not None
     if nodes:
-        rows[0] += f" {'remote nodes/tok':>17s} {'inter-node B/tok (per node | per pair)':>40s}"
+        rows[0] += f" {'remote nodes/tok':>17s} {'max nodes':>10s} {'inter-node B/tok (per node | per pair)':>40s}"
     for side in ("baseline", "placement_only", "specmoe", "oracle", "specmoe_replicas", "oracle_replicas",
                  "requests"):
         if side not in result:
@@ -87,7 +88,8 @@ def _table(result: dict) -> str:
                f"{r['remote_ranks_per_token']:17.4f} {r['load_imbalance']:10.4f}")
         if nodes:
             b = r["internode_bytes_per_token"]
-            row += f" {r['remote_nodes_per_token']:17.4f} {b['per_node']:19.1f} | {b['per_pair']:18.1f}"
+            row += (f" {r['remote_nodes_per_token']:17.4f} {r['max_nodes_per_token']:10d} "
+                    f"{b['per_node']:19.1f} | {b['per_pair']:18.1f}")
         rows.append(row)
     p = result["prediction"]
     rows.append(f"prediction: precision {p['precision']:.4f} recall {p['recall']:.4f} "

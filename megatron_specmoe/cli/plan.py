@@ -40,6 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how replicas are chosen: load (EPLB), coactivation, both (default load)")
     p.add_argument("--theta", type=float, default=0.1, help="weight of load imbalance in the grouping objective")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--router-groups", type=int, default=1, metavar="G",
+                   help="the model's moe_router_num_groups (group-limited routing); the grouping then keeps "
+                        "each group on its own ranks or nodes (--group-domain). Default 1: no groups")
+    p.add_argument("--group-topk", type=int, default=0, metavar="M",
+                   help="the model's moe_router_group_topk (recorded in the plan; 0: unknown)")
+    p.add_argument("--group-domain", default="rank", choices=("rank", "node", "none"),
+                   help="with --router-groups: where a group's experts may move: among its own ranks "
+                        "(default; also valid for router mode), within its node (keeps the node bound; "
+                        "dispatcher mode only), or anywhere (breaks the bound; dispatcher mode only)")
+    p.add_argument("--ranks-per-node", type=int, default=8, metavar="R",
+                   help="EP ranks per node, for --group-domain node (default 8)")
     p.add_argument("--dedup", action="store_true",
                    help="drop tokens whose whole route repeats an earlier token's before fitting")
     p.add_argument("--num-experts", type=int, default=None, metavar="E",
@@ -89,13 +100,35 @@ def check_flags(args: argparse.Namespace):
             check_kind(kind)
         except ValueError as exc:
             raise SpecMoEUsageError(f"--members {args.members}: {exc}", "list kinds like layer,history") from None
+    groups = check_router_groups(args)
     try:
-        options = GroupingOptions(method=args.placement, theta=args.theta, seed=args.seed)
+        options = GroupingOptions(method=args.placement, theta=args.theta, seed=args.seed,
+                                  router_groups=groups if groups.active else None)
     except ValueError as exc:
         raise SpecMoEUsageError(f"--placement {args.placement} / --theta {args.theta}: {exc}",
                                 "see `specmoe plan --help` for the methods; --theta lies in [0, 1]") from None
     check_output_dir("--out", args.out, marker="plan.json")
     return options
+
+
+def check_router_groups(args: argparse.Namespace):
+    """The --router-groups / --group-topk / --group-domain / --ranks-per-node flags as a
+    ``RouterGroups`` (checked against --ep and --num-experts when given)."""
+    from megatron_specmoe.artifacts.errors import SpecMoEUsageError
+    from megatron_specmoe.schedule.router_groups import RouterGroups
+
+    try:
+        groups = RouterGroups(num_groups=args.router_groups, group_topk=args.group_topk,
+                              domain=args.group_domain, ranks_per_node=args.ranks_per_node)
+        if groups.active and args.num_experts is not None:
+            groups.domain_ranks(args.num_experts, args.ep)
+    except ValueError as exc:
+        raise SpecMoEUsageError(f"--router-groups {args.router_groups}: {exc}",
+                                "give the model's moe_router_num_groups / moe_router_group_topk") from None
+    if groups.active and args.redundant_experts:
+        raise SpecMoEUsageError("--redundant-experts with --router-groups: replicas of router groups are not "
+                                "planned yet", "drop --redundant-experts for a group-limited model")
+    return groups
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,6 +151,16 @@ def run(args: argparse.Namespace) -> int:
          f"{trace.num_experts} experts from {len(args.traces)} file(s) ({time.perf_counter() - t0:.1f}s)")
     if trace.num_tokens == 0:
         raise SpecMoEUsageError(f"--traces {' '.join(args.traces)}: no tokens", "give traces with routes")
+    groups = options.router_groups
+    if groups is not None:
+        try:
+            d = groups.domain_ranks(trace.num_experts, args.ep)
+        except ValueError as exc:
+            raise SpecMoEUsageError(f"--router-groups {args.router_groups}: {exc}",
+                                    "give the model's moe_router_num_groups and an EP size it fits") from None
+        _log(f"router groups: {groups.num_groups} of {trace.num_experts // groups.num_groups} experts, "
+             f"domain {groups.domain!r}: experts move only inside blocks of {d} rank(s)"
+             + (" (one rank per domain: the placement stays contiguous)" if d == 1 else ""))
     if args.dedup:
         before = trace.num_tokens
         trace, _ = dedup_routes(trace)
@@ -182,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         predictor_state=states, arrays=arrays,
         notes={"traces": [str(p) for p in args.traces], "dedup": bool(args.dedup),
                "placement_method": args.placement, "theta": args.theta, "members": members,
+               "router_groups": groups.to_json() if groups is not None else None,
                **replica_notes},
     )
     saved = save_plan(plan, args.out)

@@ -2,6 +2,7 @@
 
     specmoe demo                          profile -> plan -> serve -> report (4 ranks, TP=4, EP=4)
     specmoe demo --ranks 8 --tp 4 --ep 8  another layout
+    specmoe demo --model deepseek-style   the shipped DeepSeek-style model (MLA, shared expert, router groups)
     specmoe demo --checkpoint DIR --calib-text a.txt --eval-text b.txt    your model and text
     specmoe demo --synthetic              a random-weight model, alltoall vs specmoe dispatcher only
 
@@ -26,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=int, default=4, help="local processes (default 4)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: --ranks, at most 4)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: --ranks)")
+    p.add_argument("--model", choices=("gpt-moe", "deepseek-style"), default=None,
+                   help="which shipped model: gpt-moe (default; 32 experts top-4, standard attention) or "
+                        "deepseek-style (multi-latent attention, one shared expert, 64 experts top-6, "
+                        "4 router groups top-2, expert-bias router)")
     p.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="model folder with model.json, weights and tokenizer.json (default: the shipped model)")
     p.add_argument("--calib-text", nargs="+", metavar="FILE", help="calibration text files (default: stdlib split)")
@@ -187,6 +192,13 @@ def run(args) -> int:
     start = time.perf_counter()
     from megatron_specmoe.artifacts.errors import SpecMoEDataError, SpecMoEUsageError
 
+    if args.model is not None and args.checkpoint is not None:
+        raise SpecMoEUsageError("--model and --checkpoint both given", "give --model (a shipped model) or "
+                                "--checkpoint DIR, not both")
+    if args.model is not None:
+        from megatron_specmoe.megatron.checkpoint import demo_model_dir
+
+        args.checkpoint = demo_model_dir(args.model)
     try:
         card = read_card(args.checkpoint)
     except SpecMoEDataError:

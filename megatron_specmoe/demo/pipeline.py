@@ -151,8 +151,10 @@ def _plan(trace, card, settings: PipelineSettings) -> dict:
         combined = Combined.of([table, HistoryMLP().fit(trace)])
         states["combined"] = combined.to_state()
         memory = combined.memory_bytes()
+    groups = _router_groups(card)
     placements = group_experts(trace, ep_size=settings.ep,
-                               options=GroupingOptions(method=settings.placement, seed=settings.seed))
+                               options=GroupingOptions(method=settings.placement, seed=settings.seed,
+                                                       router_groups=groups))
     contiguous = ExpertPlacement.contiguous(trace.num_experts, settings.ep)
     colocated = [
         (grouping_cost(trace.experts[:, l], contiguous, theta=0.1).co_located_share,
@@ -162,7 +164,8 @@ def _plan(trace, card, settings: PipelineSettings) -> dict:
     plan = make_plan(num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk,
                      ep_size=settings.ep, hidden_size=card.shape.hidden, vocab_size=card.shape.vocab,
                      placements=placements, predictor_state=states,
-                     notes={"source": "specmoe demo", "placement_method": settings.placement})
+                     notes={"source": "specmoe demo", "placement_method": settings.placement,
+                            "router_groups": groups.to_json() if groups is not None else None})
     save_plan(plan, settings.plan_dir)
     return {
         "predictor": "combined" if settings.predictor == "history" else "token",
@@ -173,14 +176,26 @@ def _plan(trace, card, settings: PipelineSettings) -> dict:
     }
 
 
+def _router_groups(card):
+    """The model's group-limited routing (``schedule.router_groups``; groups stay on their own
+    ranks, so the plan also keeps the node bound), or None."""
+    from megatron_specmoe.schedule.router_groups import RouterGroups
+
+    groups = int(card.config.get("moe_router_num_groups") or 1)
+    if groups <= 1:
+        return None
+    return RouterGroups(num_groups=groups, group_topk=int(card.config.get("moe_router_group_topk") or 0))
+
+
 def _serve_models(card, settings: PipelineSettings, plan):
     """alltoall reference and the s-TS model, both with sequence parallelism, trained weights."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from megatron_specmoe.megatron.apply_plan import apply_placements
-    from megatron_specmoe.megatron.build import make_config
+    from megatron_specmoe.megatron.build import make_config, spec_options
     from megatron_specmoe.megatron.checkpoint import load_state, read_weights
+    from megatron_specmoe.megatron.local_mla import with_local_mla
     from megatron_specmoe.megatron.shuffle_layer import ShuffleCarrier, ShuffleOptions
     from megatron_specmoe.megatron.shuffle_specs import (
         feed_token_ids,
@@ -204,10 +219,12 @@ def _serve_models(card, settings: PipelineSettings, plan):
     for name in ("alltoall", "allgather", "specmoe"):
         config = make_config(shape, dispatcher=name, tp=settings.tp, ep=settings.ep,
                              **{**dict(card.config), "sequence_parallel": True})
+        opts = spec_options(config)  # multi-latent attention, RMSNorm (DeepSeek-style model)
         if name != "specmoe":
-            spec = with_tokenwise_norms(get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False))
+            spec = with_tokenwise_norms(with_local_mla(
+                get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False, **opts)))
         else:
-            spec = get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier, sequence_parallel_norms=True)
+            spec = get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier, sequence_parallel_norms=True, **opts)
         models[name] = GPTModel(config=config, transformer_layer_spec=get_gpt_block_shuffle_spec(config, spec),
                                 vocab_size=shape.vocab, max_sequence_length=shape.seq, **gpt_kwargs).eval()
     weights = read_weights(card)

@@ -34,8 +34,9 @@ Request placement (DP attention, TP = 1): given every token's request home (``re
 placement with tokens where their request was placed (no token shuffle).
 
 Node measures (``measure/nodes.py``): with ``gpus_per_node`` G, every side also counts remote nodes
-and remote-node pairs per token (EP rank r on node r // G), and with a ``WireFormat`` the inter-node
-bytes per token of the per-node de-duplicating and the per-pair transports.
+and remote-node pairs per token (EP rank r on node r // G), the most nodes any token's experts span
+(``max_nodes_per_token``, the bound of group-limited routing), and with a ``WireFormat`` the
+inter-node bytes per token of the per-node de-duplicating and the per-pair transports.
 
 Prediction metrics (per token, summed over tokens and layers, then divided): the predicted set is
 the top-k experts by score (``predict.base.top_experts``), the true set the token's distinct
@@ -172,6 +173,7 @@ class SideResult:
         if self.nodes is not None:
             out["remote_nodes_per_token"] = self.nodes.remote_nodes_per_token
             out["remote_node_pairs_per_token"] = self.nodes.remote_node_pairs_per_token
+            out["max_nodes_per_token"] = self.nodes.max_nodes
             out["internode_bytes_per_token"] = (
                 None if self.wire is None else self.nodes.internode_bytes_per_token(self.wire))
             out["per_layer"]["remote_nodes_per_token"] = [

@@ -9,6 +9,9 @@ Definitions
     home node               the node of the token's home rank.
     remote node pairs       (token, expert) pairs whose expert's rank is on another node.
     remote nodes per token  distinct other nodes a token must reach.
+    max nodes per token     the most nodes hosting any one token's experts (home node or not): the
+                            bound group-limited routing sets (``moe_router_group_topk`` groups, one
+                            node each in DeepSeek-V3; ``schedule/router_groups.py``).
 
 Inter-node bytes of one MoE layer (dispatch + combine), for two transports (``Transport``):
     "per_pair"   every remote-node pair carries its own row, as Megatron's alltoall (and NCCL's
@@ -60,6 +63,7 @@ class NodeMeasures:
         remote_node_pairs: pairs whose expert lives on another node than the token's home.
         remote_nodes: sum over tokens of the distinct other nodes the token reaches.
         gpus_per_node: G.   num_nodes: N.
+        max_nodes: the most nodes hosting any one token's experts (0 when empty).
     """
 
     tokens: int
@@ -68,6 +72,7 @@ class NodeMeasures:
     remote_nodes: int
     gpus_per_node: int
     num_nodes: int
+    max_nodes: int = 0
 
     @property
     def remote_nodes_per_token(self) -> float:
@@ -111,6 +116,7 @@ class NodeMeasures:
             remote_nodes=self.remote_nodes + other.remote_nodes,
             gpus_per_node=self.gpus_per_node,
             num_nodes=self.num_nodes,
+            max_nodes=max(self.max_nodes, other.max_nodes),
         )
 
     @classmethod
@@ -125,6 +131,7 @@ class NodeMeasures:
             "nodes": self.num_nodes,
             "remote_nodes_per_token": self.remote_nodes_per_token,
             "remote_node_pairs_per_token": self.remote_node_pairs_per_token,
+            "max_nodes_per_token": self.max_nodes,
             "internode_bytes_per_token": None if wire is None else self.internode_bytes_per_token(wire),
         }
 
@@ -159,8 +166,10 @@ def measure_nodes(hits: torch.Tensor, home_rank: torch.Tensor, gpus_per_node: in
     home = (home_rank.long() // gpus_per_node).view(-1, 1)
     at_home = per_node.gather(1, home).view(-1)
     total = per_node.sum(dim=1)
-    reached = (per_node > 0).sum(dim=1) - (at_home > 0).long()
-    stats = torch.stack([total.sum(), (total - at_home).sum(), reached.sum()]).cpu().tolist()
+    spanned = (per_node > 0).sum(dim=1)  # nodes hosting the token's experts
+    reached = spanned - (at_home > 0).long()
+    top = spanned.max() if tokens else spanned.new_zeros(())
+    stats = torch.stack([total.sum(), (total - at_home).sum(), reached.sum(), top]).cpu().tolist()
     return NodeMeasures(
         tokens=int(tokens),
         pairs=int(stats[0]),
@@ -168,4 +177,5 @@ def measure_nodes(hits: torch.Tensor, home_rank: torch.Tensor, gpus_per_node: in
         remote_nodes=int(stats[2]),
         gpus_per_node=int(gpus_per_node),
         num_nodes=num_ranks // gpus_per_node,
+        max_nodes=int(stats[3]),
     )

@@ -13,8 +13,13 @@ Two modes (``ApplyMode``):
                   the router is left as it is (the dispatcher maps its columns).
 
 Both need expert tensor parallel size 1 (each rank holds whole experts). Group-limited routing
-(``moe_router_num_groups``) ties experts to groups of contiguous ids; "router" mode would change
-which experts share a group, so it is refused there.
+(``moe_router_num_groups``) picks groups of contiguous router rows: "router" mode applies only
+placements whose every block of E/G physical slots holds one whole logical group (groups may trade
+blocks; ``schedule.router_groups.check_router_permutation`` refuses the others, naming the
+slots), which plans made with ``--router-groups`` in the "rank" domain are. "dispatcher" mode
+keeps the function for any placement (the router keeps its logical ids), but a placement that
+moves experts off their group's node breaks the node bound (``max_nodes_per_token`` in
+``specmoe evaluate`` measures it).
 
 Replicas (``apply_replicas``): a layer built with E + R physical slots (``megatron/replicas.py``)
 gets the plan's ``ReplicatedPlacement``: every slot is filled with its logical expert by
@@ -38,6 +43,7 @@ from megatron_specmoe.megatron.experts import local_expert_state
 from megatron_specmoe.megatron.model_tools import moe_sites
 from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.schedule.replicas import ReplicatedPlacement
+from megatron_specmoe.schedule.router_groups import check_router_permutation
 
 __all__ = ["ApplyMode", "ApplyReport", "apply_placements", "apply_replicas", "base_slots"]
 
@@ -71,11 +77,10 @@ def _check(sites, placements, mode) -> None:
                 f"MoE layer {site.layer_number}: expert_tensor_parallel_size={d.tp_size}; placements move "
                 "whole experts and need expert_tensor_parallel_size=1"
             )
-        if mode == "router" and getattr(cfg, "moe_router_num_groups", None):
-            raise ValueError(
-                f"MoE layer {site.layer_number}: moe_router_num_groups={cfg.moe_router_num_groups} ties "
-                "experts to groups of contiguous ids; use mode='dispatcher' (the router keeps its order)"
-            )
+        if mode == "router" and (getattr(cfg, "moe_router_num_groups", None) or 1) > 1:
+            # Router rows g*E/G.. form group g: each such block must hold one whole logical group.
+            check_router_permutation(placement, int(cfg.moe_router_num_groups),
+                                     where=f"MoE layer {site.layer_number}")
         if mode == "dispatcher" and not hasattr(d, "set_placement"):
             raise ValueError(
                 f"MoE layer {site.layer_number} uses {type(d).__name__}; mode='dispatcher' needs "

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-__all__ = ["MoEShape", "make_config", "build_from_spec", "layer_spec", "build_moe_layer", "build_gpt_model"]
+__all__ = ["MoEShape", "make_config", "build_from_spec", "layer_spec", "spec_options", "build_moe_layer", "build_gpt_model"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +34,11 @@ class MoEShape:
 
 
 def make_config(shape: MoEShape, *, dispatcher: str, tp: int = 1, ep: int = 1, etp: int = 1, **overrides: Any):
-    """A ``TransformerConfig`` for fp32 CPU/GPU runs of ``shape`` with the given dispatcher."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    """A ``TransformerConfig`` for fp32 CPU/GPU runs of ``shape`` with the given dispatcher
+    (an ``MLATransformerConfig`` when ``overrides`` say ``multi_latent_attention=True``: then
+    ``q_lora_rank``, ``kv_lora_rank``, ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``
+    and ``rope_type`` come from ``overrides`` or Megatron's defaults)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     kwargs = dict(
         num_layers=shape.layers,
@@ -63,7 +66,22 @@ def make_config(shape: MoEShape, *, dispatcher: str, tp: int = 1, ep: int = 1, e
     if shape.shared_ffn:
         kwargs["moe_shared_expert_intermediate_size"] = shape.shared_ffn
     kwargs.update(overrides)
+    if kwargs.get("multi_latent_attention"):
+        return MLATransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
+
+
+def spec_options(config) -> dict:
+    """The layer-spec options a config needs (``multi_latent_attention``, ``qk_layernorm``,
+    ``normalization``), for Megatron's spec builders; {} for a standard-attention LayerNorm config."""
+    out = {}
+    if getattr(config, "multi_latent_attention", False):
+        out["multi_latent_attention"] = True
+    if getattr(config, "qk_layernorm", False):
+        out["qk_layernorm"] = True
+    if config is not None and getattr(config, "normalization", "LayerNorm") != "LayerNorm":
+        out["normalization"] = config.normalization
+    return out
 
 
 def build_from_spec(spec: Any, **kwargs: Any):
@@ -78,9 +96,13 @@ def build_from_spec(spec: Any, **kwargs: Any):
 Via = Literal["spec", "hook"]
 
 
-def layer_spec(shape: MoEShape, specmoe: bool, via: Via = "spec"):
+def layer_spec(shape: MoEShape, specmoe: bool, via: Via = "spec", config=None):
     """Megatron's local layer spec; with ``specmoe`` either the specmoe spec (``via="spec"``) or
-    the stock spec after ``megatron_specmoe.install()`` (``via="hook"``)."""
+    the stock spec after ``megatron_specmoe.install()`` (``via="hook"``). ``config`` (optional)
+    selects multi-latent attention and RMSNorm where it asks for them (``spec_options``)."""
+    from megatron_specmoe.megatron.local_mla import with_local_mla
+
+    options = spec_options(config)
     if via not in get_args(Via):
         raise ValueError(f"via={via!r}: choose one of {get_args(Via)}")
     if specmoe and via == "hook":
@@ -90,16 +112,16 @@ def layer_spec(shape: MoEShape, specmoe: bool, via: Via = "spec"):
     elif specmoe:
         from megatron_specmoe.megatron.specs import get_gpt_layer_specmoe_spec
 
-        return get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False)
+        return with_local_mla(get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False, **options))
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)
+    return with_local_mla(get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False, **options))
 
 
 def build_moe_layer(config, shape: MoEShape, *, specmoe: bool, via: Via = "spec", layer_number: int = 1):
     """A lone ``MoELayer`` (SequentialMLP experts) from Megatron's local spec; with ``specmoe``
     through the specmoe spec or the install hook (``via``)."""
-    spec = layer_spec(shape, specmoe, via).submodules.mlp
+    spec = layer_spec(shape, specmoe, via, config).submodules.mlp
     layer = build_from_spec(spec, config=config)
     layer.set_layer_number(layer_number)
     return layer
@@ -111,7 +133,7 @@ def build_gpt_model(config, shape: MoEShape, *, specmoe: bool, via: Via = "spec"
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(shape, specmoe, via),
+        transformer_layer_spec=layer_spec(shape, specmoe, via, config),
         vocab_size=shape.vocab,
         max_sequence_length=shape.seq,
         position_embedding_type="rope",

@@ -119,9 +119,15 @@ _GPT_DEFAULTS = {
 }
 
 
-def demo_model_dir() -> str:
-    """The package's shipped demo model (``megatron_specmoe/data``)."""
-    return str(Path(__file__).resolve().parent.parent / "data")
+DEMO_MODELS = {"gpt-moe": (), "deepseek-style": ("deepseek-style",)}
+
+
+def demo_model_dir(name: str = "gpt-moe") -> str:
+    """A shipped demo model's folder: "gpt-moe" (``megatron_specmoe/data``) or "deepseek-style"
+    (``megatron_specmoe/data/deepseek-style``)."""
+    if name not in DEMO_MODELS:
+        raise ValueError(f"demo_model_dir: unknown model {name!r}; the package ships {sorted(DEMO_MODELS)}")
+    return str(Path(__file__).resolve().parent.parent.joinpath("data", *DEMO_MODELS[name]))
 
 
 def sha256_file(path: PathLike) -> str:
@@ -273,7 +279,7 @@ def build_model(
     gpt = dict(card.gpt)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(card.shape, specmoe=specmoe, via=via),
+        transformer_layer_spec=layer_spec(card.shape, specmoe=specmoe, via=via, config=config),
         vocab_size=card.shape.vocab,
         max_sequence_length=card.shape.seq,
         parallel_output=parallel_output,

@@ -19,6 +19,8 @@ CUDA is available: GPU runs always use Megatron unmodified.
 |                                                            |   semantics (named CPU RNG states) |
 | activation recompute saves / restores the CUDA RNG state   | no CUDA RNG state on the CPU: an   |
 |   (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``)      |   empty state, restoring is a no-op |
+| ``isinstance(x, TELinear)`` in MLA's constructor, where    | a placeholder class no linear is   |
+|   ``TELinear`` is no class without TE (0.16.1)             |   an instance of                   |
 
 Usage::
 
@@ -52,6 +54,11 @@ log = logging.getLogger(__name__)
 def needed() -> bool:
     """True on a machine without CUDA (the only place these patches are applied)."""
     return not torch.cuda.is_available()
+
+
+class _NoTELinear:
+    """Stands in for TE's ``TELinear`` where megatron-core 0.16.1 tests ``isinstance`` against it
+    without TE: no module is an instance of it."""
 
 
 class _NoStream:
@@ -196,6 +203,11 @@ def _patches() -> list[Patch]:
         Patch(owner=mrandom, name="_set_cuda_rng_state", replacement=_cpu_set_cuda_rng_state,
               why="activation recompute restores the CUDA RNG state"),
     ]
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if not isinstance(mla.__dict__.get("TELinear", type), type) or "TELinear" in patched_names(mla):
+        patches.append(Patch(owner=mla, name="TELinear", replacement=_NoTELinear,
+                             why="isinstance(..., TELinear) where TELinear is no class without TE (0.16.1)"))
     if "te_general_gemm" not in moe_utils.__dict__ or "te_general_gemm" in patched_names(moe_utils):
         patches.append(
             Patch(owner=moe_utils, name="te_general_gemm", replacement=None,

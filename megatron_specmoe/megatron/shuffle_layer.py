@@ -27,7 +27,8 @@ the first layer's input is Megatron's contiguous shard, i.e. the contiguous plan
      with "pregate", this rank's gate on its own rows (each rank gates 1/P of the tokens); with
      "history", the previous layer's real routes.
   2. attention with linears that do not communicate (``NoComm*ParallelLinear``): qkv gets the
-     gathered input, the output projection returns its partial sum.
+     gathered input, the output projection returns its partial sum (multi-latent attention:
+     Megatron's MLA without sequence parallelism inside, ``megatron/shuffle_deepseek.py``).
   3. predict each token's EP rank from data every TP rank holds identically (one ``RankScorer``
      per layer, ``predict/rank_scorers.py``: "pregate" = this layer's router on the normalised
      layer input; "route" = a fitted predictor on token ids; "history" = on the carried routes)
@@ -37,7 +38,9 @@ the first layer's input is Megatron's contiguous shard, i.e. the contiguous plan
      permute by the plan, reduce-scatter (``comm.shuffle.shuffled_reduce_scatter``): TP rank r
      receives the tokens predicted for its experts, already with attention + residual + bias.
   5. pre-MLP layernorm and the MoE layer on the real rows of the shard (the specmoe dispatcher
-     finds most (token, expert) pairs local), plus the residual. Output: [C, 1, H] in the new
+     finds most (token, expert) pairs local), plus the residual. Shared experts at TP > 1 run
+     once per token in their sequence-parallel form on the whole shard and join the routed output
+     before the residual, as in Megatron's MoELayer (``megatron/shuffle_deepseek.py``). Output: [C, 1, H] in the new
      shuffled order; the plan goes to the carrier for the next layer.
 Sequence parallel off (inference): every rank holds [S, B, H] in true order; 1 is the layernorm
 alone; 2-5 as above (the shuffled reduce-scatter replaces the output projection's all-reduce, and
@@ -70,6 +73,7 @@ from megatron_specmoe.comm.shuffle import (
     shuffled_reduce_scatter,
     split_route_columns,
 )
+from megatron_specmoe.megatron.shuffle_deepseek import shard_shared_experts
 from megatron_specmoe.megatron.shuffle_linears import NoCommColumnParallelLinear, NoCommRowParallelLinear
 from megatron_specmoe.megatron.shuffle_refusals import layer_refusals, moe_layer_numbers
 from megatron_specmoe.megatron.shuffle_state import RouteHistory, ShuffleCarrier, ShuffleOptions, ShuffleState
@@ -144,6 +148,8 @@ class ShuffleTransformerLayer(TransformerLayer):
         super().__init__(config, submodules, *args, **kwargs)
         self.carrier = carrier
         self._check_modules()
+        # Shared experts at TP > 1 run here, on the whole shard (megatron.shuffle_deepseek).
+        self._runs_shared_experts = shard_shared_experts(self.mlp, self.tp_group.size())
         self._ep_base: Optional[int] = None
         self._moe_index: Optional[int] = None
         self._rank_of_cache: Optional[tuple] = None  # (placement, int64 [E])
@@ -164,13 +170,13 @@ class ShuffleTransformerLayer(TransformerLayer):
         from megatron_specmoe.megatron.dispatcher import SpecMoETokenDispatcher
 
         attn = self.self_attention
-        if not all(
-            getattr(type(getattr(attn, name, None)), "specmoe_no_comm", False) for name in ("linear_qkv", "linear_proj")
-        ):
+        names = ("linear_proj",) if getattr(attn, "specmoe_shuffle_attention", False) else ("linear_qkv", "linear_proj")
+        if not all(getattr(type(getattr(attn, name, None)), "specmoe_no_comm", False) for name in names):
             raise ValueError(
                 "ShuffleTransformerLayer: self_attention must use non-communicating linears "
                 "(NoCommColumnParallelLinear / NoCommRowParallelLinear, or their TE versions in "
-                "megatron.te_shuffle) as linear_qkv / linear_proj; build the layer from get_gpt_layer_shuffle_spec"
+                "megatron.te_shuffle) as linear_qkv / linear_proj (multi-latent attention: "
+                "megatron.shuffle_deepseek.ShuffleMLASelfAttention); build the layer from get_gpt_layer_shuffle_spec"
             )
         if not isinstance(self.cross_attention, IdentityOp):
             raise ValueError("ShuffleTransformerLayer: cross attention is not supported; use a decoder-only spec")
@@ -442,7 +448,8 @@ class ShuffleTransformerLayer(TransformerLayer):
                                        fold_rows=residual_rows, fold=fold, counter=self.carrier.counter)
 
     def moe(self, shard: torch.Tensor, plan: ShufflePlan) -> tuple[torch.Tensor, int]:
-        """Stage 5: pre-MLP norm and the MoE layer on the shard's real rows, plus the residual.
+        """Stage 5: pre-MLP norm and the MoE layer on the shard's real rows, plus the residual
+        (shared experts at TP > 1: on every row of the shard, added to the routed output).
         Returns (float [C, 1, H] with zero pad rows, real rows). A rank with no real token (T < P,
         e.g. a decode step) still takes part in the EP collectives: it routes its one zero pad
         row, whose output is dropped (it shows in the accounting)."""
@@ -450,7 +457,15 @@ class ShuffleTransformerLayer(TransformerLayer):
         real = real_capacities(plan.num_tokens, self.tp_group.size())[_group_rank(self.tp_group)]
         rows = max(real, 1)
         x = shard[:rows].view(rows, 1, h)
-        mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
+        if self._runs_shared_experts:
+            # Shared experts on all C rows (their TP all-gather / reduce-scatter need equal shards,
+            # megatron.shuffle_deepseek), routed experts on the real rows; joined as MoELayer does.
+            normed = self.pre_mlp_layernorm(shard.view(shard.shape[0], 1, h))
+            shared = self.mlp.shared_experts(normed)[:rows]
+            mlp_out, mlp_bias = self.mlp(normed[:rows])
+            mlp_out = mlp_out + shared
+        else:
+            mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
         out = x + mlp_out if mlp_bias is None else x + mlp_out + mlp_bias
         if real < plan.capacity:
             out = torch.cat([out[:real], out.new_zeros(plan.capacity - real, 1, h)], dim=0)

@@ -100,17 +100,11 @@ SHUFFLE_REFUSALS: tuple[Refusal, ...] = (
                 f"{_int(a, 'pipeline_model_parallel_size')}: the shuffled token order does not cross pipeline "
                 "stages. Drop --sequence-parallel for pipelined inference, or use "
                 "--pipeline-model-parallel-size 1")),
-    Refusal(field="moe_shared_expert_intermediate_size", flag="--moe-shared-expert-intermediate-size",
-            unwanted=lambda s: bool(getattr(s, "moe_shared_expert_intermediate_size", None))
-            and _int(s, "tensor_model_parallel_size") > 1,
-            requirement=("shared experts with TP > 1 are not supported (their TP linears expect every rank "
-                         "to hold the same tokens); set moe_shared_expert_intermediate_size=None or TP=1"),
-            why="the shared expert's TP linears expect every TP rank to hold the same tokens",
-            sentence=lambda a: (
-                f"--specmoe-shuffle with --moe-shared-expert-intermediate-size and "
-                f"--tensor-model-parallel-size {_int(a, 'tensor_model_parallel_size')}: the shared expert's "
-                "TP linears expect every TP rank to hold the same tokens, which shuffling changes. Serve "
-                "this model with --tensor-model-parallel-size 1 (DP attention: request placement)")),
+    Refusal(field="moe_shared_expert_overlap", flag="--moe-shared-expert-overlap",
+            unwanted=lambda s: bool(getattr(s, "moe_shared_expert_overlap", False)),
+            requirement=("moe_shared_expert_overlap must be False (the shuffle layer runs the shared experts "
+                         "itself, on its shard of tokens)"),
+            why="the shuffle layer runs the shared experts itself, on its shard of tokens"),
     Refusal(field="tp_comm_overlap", flag="--tp-comm-overlap",
             unwanted=lambda s: bool(getattr(s, "tp_comm_overlap", False)),
             requirement="tp_comm_overlap must be False (the shuffle owns attention's TP collectives)",
@@ -134,11 +128,6 @@ SHUFFLE_REFUSALS: tuple[Refusal, ...] = (
     Refusal(field="experimental_attention_variant", flag="--experimental-attention-variant",
             unwanted=lambda s: getattr(s, "experimental_attention_variant", None) is not None,
             requirement="", why="those blocks are built without gpt_layer_specs' decoder block spec",
-            scope="launcher"),
-    Refusal(field="multi_latent_attention", flag="--multi-latent-attention",
-            unwanted=lambda s: bool(getattr(s, "multi_latent_attention", False)),
-            requirement="",
-            why="the shuffle layer supports standard self-attention (linear_qkv/linear_proj) only",
             scope="launcher"),
     Refusal(field="mtp_num_layers", flag="--mtp-num-layers",
             unwanted=lambda s: getattr(s, "mtp_num_layers", None) is not None,

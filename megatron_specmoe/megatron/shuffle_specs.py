@@ -30,6 +30,8 @@ from typing import Any, Optional
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_specmoe.megatron.shuffle_deepseek import is_mla_spec, mla_shuffle_attention
+
 from megatron_specmoe.megatron.shuffle_layer import (
     NoCommColumnParallelLinear,
     NoCommRowParallelLinear,
@@ -144,8 +146,8 @@ def shuffle_layer_spec_from(
     the new carrier (and norms), so converting twice is harmless.
 
     Raises:
-        ValueError: a dense layer, multi-latent attention, or attention linears of another kind
-            (named).
+        ValueError: a dense layer, or attention linears of another kind (named; multi-latent
+            attention with Megatron's local linears is supported, ``megatron.shuffle_deepseek``).
     """
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -165,12 +167,18 @@ def shuffle_layer_spec_from(
         )
     attention = getattr(spec.submodules.self_attention, "submodules", None)
     qkv, proj = getattr(attention, "linear_qkv", None), getattr(attention, "linear_proj", None)
-    if qkv is None or proj is None:
+    if is_mla_spec(spec.submodules.self_attention):
+        # Multi-latent attention (megatron.shuffle_deepseek): Megatron's MLA without sequence
+        # parallelism inside, its output projection returning the partial sum.
+        changes = {"self_attention": mla_shuffle_attention(spec.submodules.self_attention)}
+        if sequence_parallel_norms:
+            changes.update(input_layernorm=TokenwiseNorm, pre_mlp_layernorm=TokenwiseNorm)
+    elif qkv is None or proj is None:
         raise ValueError(
-            "shuffle_layer_spec_from: the attention has no linear_qkv/linear_proj (multi-latent "
-            "attention?); the shuffle layer supports standard self-attention only"
+            "shuffle_layer_spec_from: the attention has no linear_qkv/linear_proj and is not "
+            "multi-latent attention; the shuffle layer supports standard self-attention and MLA"
         )
-    if _is_te_linear(qkv) and _is_te_linear(proj):
+    elif _is_te_linear(qkv) and _is_te_linear(proj):
         from megatron_specmoe.megatron.te_shuffle import te_shuffle_changes  # needs TE; raises otherwise
 
         changes: dict[str, Any] = te_shuffle_changes(spec.submodules)

@@ -30,9 +30,9 @@ What ``validate_specmoe_args`` writes back into the args namespace, so that the 
 (``megatron_lm/shuffle_hook.py``) and the runtime (``megatron_lm/runtime.py``) read one decision:
 ``specmoe_shuffle`` / ``specmoe_request_placement`` (the method) and ``specmoe_predictor`` (its
 default filled in). Token shuffling needs Megatron's local linears (``--transformer-impl local``;
-it runs under both Megatron inference contexts, static and dynamic), and none of ``--spec`` / MTP / multi-latent attention / context
-parallelism / CUDA graphs / recomputation / ``--specmoe-record-routes`` / shared experts /
-pipeline stages with sequence parallelism (``checks.check_shuffle``). Request placement needs a
+it runs under both Megatron inference contexts, static and dynamic), and none of ``--spec`` / MTP / context
+parallelism / CUDA graphs / recomputation / ``--specmoe-record-routes`` / shared experts overlapped
+with the dispatcher / pipeline stages with sequence parallelism (``checks.check_shuffle``). Request placement needs a
 plan with a token table and megatron-core 0.19's DP coordinator (``checks.check_request_placement``).
 The shuffle layer is forward-only (it raises in training mode); a training script cannot be told
 apart from an inference script here, so that is left to the layer.

@@ -12,7 +12,7 @@ Glossary
                     (``megatron_lm/dp_coordinator.py``).
         A layout with neither (EP = 1, ETP > 1, TP not inside EP) is refused, or falls back to
         alltoall with ``--specmoe-fallback-alltoall``; a layout whose method cannot run with the
-        other settings (multi-latent attention with TP > 1, TE linears, ...) is refused with the
+        other settings (TE linears, ...) is refused with the
         setting and the change that makes it work. ``--specmoe-shuffle`` and
         ``--specmoe-request-placement`` only assert the method (an error when the layout selects
         the other one).

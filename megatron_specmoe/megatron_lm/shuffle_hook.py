@@ -183,6 +183,7 @@ def shuffle_block_spec(block: Any, *, config: Any, carrier: Any) -> Any:
     """
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    from megatron_specmoe.megatron.local_mla import with_local_mla
     from megatron_specmoe.megatron.shuffle_specs import (
         TokenwiseNorm,
         is_moe_layer_spec,
@@ -197,6 +198,9 @@ def shuffle_block_spec(block: Any, *, config: Any, carrier: Any) -> Any:
         raise ValueError(problem)
     layer_specs = []
     for spec in block.layer_specs:
+        # Multi-latent attention with local linears: the core attention that can run it, dense
+        # layers included (megatron.local_mla; Megatron's local one cannot).
+        spec = with_local_mla(spec)
         if is_moe_layer_spec(spec):
             spec = shuffle_layer_spec_from(spec, carrier=carrier)
         layer_specs.append(_tokenwise(spec) if sp else spec)

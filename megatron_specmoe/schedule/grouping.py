@@ -29,6 +29,13 @@ Methods (``GroupingMethod``):
     search       local search with restarts on the exact objective, started from the graph,
                  eplb, contiguous and random placements. The strongest heuristic here.
     milp         the exact 0-1 program (``grouping_milp``); small instances only.
+
+Router groups (``GroupingOptions.router_groups``, ``schedule.router_groups``): with group-limited
+routing each expert may only move inside its group's rank domain (its own ranks, or its node).
+Every method then builds its starts per domain (contiguous, random and EPLB packing inside each
+domain, hottest-first inside each domain) and its swaps only pair experts of one domain, so every
+placement it returns keeps the groups where the domain says (checked before returning). ``milp``
+refuses router groups.
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ from typing import Callable, Literal, Optional, get_args
 import numpy as np
 
 from megatron_specmoe.schedule import grouping_search as gs
-from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.artifacts.traces import RoutingTrace
+from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.schedule.router_groups import RouterGroups, check_domains
 
 __all__ = [
     "GroupingMethod",
@@ -70,6 +78,8 @@ class GroupingOptions:
         exact_starts: ``search`` refines this many of its best distinct starts on the exact
             objective (the costly step).
         milp_time_limit_s: time limit of one exact solve.
+        router_groups: the model's group-limited routing and where groups may live
+            (``schedule.router_groups.RouterGroups``); None: no groups (any placement).
     """
 
     method: GroupingMethod = "search"
@@ -79,8 +89,15 @@ class GroupingOptions:
     iterations: int = 6
     exact_starts: int = 2
     milp_time_limit_s: float = 60.0
+    router_groups: Optional[RouterGroups] = None
 
     def __post_init__(self) -> None:
+        if self.router_groups is not None and not isinstance(self.router_groups, RouterGroups):
+            raise ValueError(f"GroupingOptions.router_groups must be a RouterGroups or None, got "
+                             f"{type(self.router_groups).__name__}")
+        if self.method == "milp" and self.constrained:
+            raise ValueError("GroupingOptions: method 'milp' cannot keep router groups in their domains; "
+                             "use 'search' (or router groups in domain 'none')")
         if self.method not in get_args(GroupingMethod):
             raise ValueError(
                 f"GroupingOptions.method={self.method!r} is unknown; choose one of "
@@ -93,6 +110,12 @@ class GroupingOptions:
                 f"GroupingOptions: restarts={self.restarts} must be >= 0, "
                 f"iterations={self.iterations} >= 1 and exact_starts={self.exact_starts} >= 1"
             )
+
+    @property
+    def constrained(self) -> bool:
+        """Whether router groups confine experts to rank domains."""
+        g = self.router_groups
+        return g is not None and g.active and g.domain != "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +210,45 @@ class _LayerProblem:
     home_rank: Optional[np.ndarray]  # int64 [T] or None
     options: GroupingOptions
     rng: np.random.Generator
+    expert_domain: Optional[np.ndarray] = None  # int64 [E] (router groups), or None
+    domain_ranks: int = 0  # D, ranks per domain (router groups)
+
+    def domains(self) -> list[tuple[np.ndarray, int]]:
+        """(experts int64 [E_d], first rank) of each domain; one domain of all when unconstrained."""
+        if self.expert_domain is None:
+            return [(np.arange(self.num_experts), 0)]
+        return [(np.nonzero(self.expert_domain == d)[0], d * self.domain_ranks)
+                for d in range(self.ep_size // self.domain_ranks)]
+
+    def domain_ep(self) -> int:
+        return self.ep_size if self.expert_domain is None else self.domain_ranks
+
+    def allowed(self) -> Optional[np.ndarray]:
+        """bool [E, E]: swaps inside one domain (None: all)."""
+        if self.expert_domain is None:
+            return None
+        return self.expert_domain[:, None] == self.expert_domain[None, :]
+
+    def search(self, state: "gs._SwapState") -> np.ndarray:
+        """Local search from ``state`` with swaps restricted to domains; rank_of int64 [E]."""
+        state.allowed = self.allowed()
+        return gs.local_search(state).rank.copy()
+
+    def eplb(self) -> np.ndarray:
+        """EPLB packing inside each domain."""
+        out = np.empty(self.num_experts, dtype=np.int64)
+        for experts, first in self.domains():
+            out[experts] = first + gs.eplb_packing(self.routes.loads[experts], self.domain_ep())
+        return out
+
+    def hottest(self, counts: np.ndarray) -> np.ndarray:
+        """Hottest-first placement inside each domain (counts int64 [E, P])."""
+        out = np.empty(self.num_experts, dtype=np.int64)
+        D = self.domain_ep()
+        for experts, first in self.domains():
+            out[experts] = first + gs.hottest_first(counts[experts][:, first:first + D],
+                                                    self.routes.loads[experts], self.options.theta)
+        return out
 
     def home_counts(self, home: np.ndarray) -> np.ndarray:
         """int64 [E, P]: tokens homed on r that use e."""
@@ -218,7 +280,10 @@ class _LayerProblem:
         return np.arange(self.num_experts) // (self.num_experts // self.ep_size)
 
     def random(self) -> np.ndarray:
-        return self.contiguous()[self.rng.permutation(self.num_experts)]
+        out = self.contiguous()
+        for experts, _ in self.domains():
+            out[experts] = out[experts][self.rng.permutation(experts.size)]
+        return out
 
 
 def _contiguous(pb: _LayerProblem) -> np.ndarray:
@@ -230,17 +295,13 @@ def _random(pb: _LayerProblem) -> np.ndarray:
 
 
 def _eplb(pb: _LayerProblem) -> np.ndarray:
-    return gs.eplb_packing(pb.routes.loads, pb.ep_size)
+    return pb.eplb()
 
 
 def _graph_starts(pb: _LayerProblem) -> list[np.ndarray]:
-    starts = [gs.eplb_packing(pb.routes.loads, pb.ep_size), pb.contiguous()]
+    starts = [pb.eplb(), pb.contiguous()]
     starts += [pb.random() for _ in range(pb.options.restarts)]
-    out = []
-    for s in starts:
-        st = gs.local_search(gs.PairwiseState(pb.routes, s, pb.ep_size, pb.options.theta))
-        out.append(st.rank.copy())
-    return out
+    return [pb.search(gs.PairwiseState(pb.routes, s, pb.ep_size, pb.options.theta)) for s in starts]
 
 
 def _best(pb: _LayerProblem, candidates: list[np.ndarray]) -> np.ndarray:
@@ -272,8 +333,8 @@ def _search(pb: _LayerProblem) -> np.ndarray:
     if pb.home_rank is None:
         starts = _graph_starts(pb)
     else:
-        starts = [gs.eplb_packing(pb.routes.loads, pb.ep_size), pb.contiguous()]
-        starts.append(gs.hottest_first(pb.home_counts(pb.home_rank), pb.routes.loads, pb.options.theta))
+        starts = [pb.eplb(), pb.contiguous()]
+        starts.append(pb.hottest(pb.home_counts(pb.home_rank)))
         starts += [pb.random() for _ in range(pb.options.restarts)]
     # Step 2: exact-objective swaps from the ``exact_starts`` best distinct starts; keep the best.
     seen: set[tuple] = set()
@@ -284,7 +345,7 @@ def _search(pb: _LayerProblem) -> np.ndarray:
             seen.add(key)
             distinct.append(s)
     distinct.sort(key=pb.objective)
-    found = [gs.local_search(pb.exact_state(s)).rank.copy() for s in distinct[: pb.options.exact_starts]]
+    found = [pb.search(pb.exact_state(s)) for s in distinct[: pb.options.exact_starts]]
     return _best(pb, found)
 
 
@@ -303,7 +364,7 @@ def _alternating(pb: _LayerProblem) -> np.ndarray:
     if pb.home_rank is not None:
         first_homes = [pb.home_rank]
     else:
-        seeds = [pb.contiguous(), gs.eplb_packing(pb.routes.loads, pb.ep_size)]
+        seeds = [pb.contiguous(), pb.eplb()]
         seeds += [pb.random() for _ in range(pb.options.restarts)]
         first_homes = [shuffle(s) for s in seeds]
     best, best_score = None, np.inf
@@ -311,9 +372,8 @@ def _alternating(pb: _LayerProblem) -> np.ndarray:
         for _ in range(pb.options.iterations):
             # Step 2: hottest-first placement by score, then pairwise swaps (homes fixed).
             counts = pb.home_counts(home)
-            start = gs.hottest_first(counts, pb.routes.loads, theta)
-            state = gs.FixedHomeState(counts, pb.routes.loads, start, theta)
-            rank_of = gs.local_search(state).rank.copy()
+            start = pb.hottest(counts)
+            rank_of = pb.search(gs.FixedHomeState(counts, pb.routes.loads, start, theta))
             # Step 3: keep the best placement under the real objective.
             score = pb.objective(rank_of)
             if score < best_score - 1e-12:
@@ -384,8 +444,20 @@ def group_layer(
         home_rank=_check_home(home_rank, ex.shape[0], ep_size, where),
         options=options,
         rng=np.random.default_rng([options.seed, layer]),
+        **_domains(options, num_experts, ep_size),
     )
-    return placement_from_ranks(_METHODS[options.method](pb), ep_size)
+    placement = placement_from_ranks(_METHODS[options.method](pb), ep_size)
+    if options.constrained:
+        check_domains(placement, options.router_groups, where=where)
+    return placement
+
+
+def _domains(options: GroupingOptions, num_experts: int, ep_size: int) -> dict:
+    if not options.constrained:
+        return {}
+    groups = options.router_groups
+    return {"expert_domain": groups.expert_domain(num_experts, ep_size),
+            "domain_ranks": groups.domain_ranks(num_experts, ep_size)}
 
 
 def group_experts(

@@ -133,6 +133,8 @@ class _SwapState:
         self.pairs = max(int(self.loads.sum()), 1)
         self.rank_loads = np.bincount(self.rank, weights=self.loads, minlength=num_ranks).astype(np.int64)
         self.local = 0  # set by subclasses
+        # Optional bool [E, E]: swaps allowed (router groups confine experts to rank domains).
+        self.allowed: np.ndarray | None = None
 
     def gains(self) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -147,7 +149,7 @@ class _SwapState:
 
     def swap_costs(self) -> np.ndarray:
         """float64 [E, E]: change of the objective if experts a and b swap ranks; +inf where
-        they share a rank (no swap)."""
+        they share a rank, or where ``allowed`` (bool [E, E], optional) forbids the swap."""
         r = self.rank
         num_ranks = self.num_ranks
         cost = -(1.0 - self.theta) * self.gains() / self.pairs
@@ -161,6 +163,8 @@ class _SwapState:
             new_max = np.maximum(np.maximum(other[r[:, None], r[None, :]], new_a), new_b)
             cost = cost + self.theta * (new_max - R.max()) * num_ranks / self.pairs
         cost = np.where(r[:, None] == r[None, :], np.inf, cost)
+        if self.allowed is not None:
+            cost = np.where(self.allowed, cost, np.inf)
         return cost
 
     def apply_swap(self, a: int, b: int) -> None:

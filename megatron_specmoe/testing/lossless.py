@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -52,6 +52,10 @@ class LosslessCase:
         replica_load: the planned load per rank (route table: which remote copy a pair uses).
         wrong_replica: after applying, overwrite rank 0's first replica slot with another expert's
             weights (the harness's own negative check: the outputs must then differ).
+        config: extra ``TransformerConfig`` fields as (name, value) pairs, for both models (e.g.
+            DeepSeek-style routing: moe_router_num_groups, moe_router_group_topk, a sigmoid score
+            with moe_router_enable_expert_bias; multi_latent_attention for the GPT case). With an
+            expert bias the routers get the same random nonzero bias, so that it takes part.
     """
 
     shape: MoEShape = field(default_factory=MoEShape)
@@ -70,6 +74,7 @@ class LosslessCase:
     replica_extra: Optional[tuple[tuple[int, ...], ...]] = None
     replica_load: Optional[tuple[float, ...]] = None
     wrong_replica: bool = False
+    config: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,8 +136,11 @@ def arrange_layers(layers, placements, *, seed: int, layer_index: int, silent_ex
         router[e, 0] = -1e4
     bank = make_expert_bank(first, num_experts, seed + 100 * layer_index)
     ep_rank = parallel_state.get_expert_model_parallel_rank()
+    bias = torch.randn(num_experts, generator=gen) * 0.3  # the expert bias, where the router has one
     for layer, placement in zip(layers, placements):
         layer.router.weight.copy_(router)
+        if getattr(layer.router, "expert_bias", None) is not None:
+            layer.router.expert_bias.copy_(bias)
         load_bank(layer, bank, placement, ep_rank)
 
 
@@ -220,16 +228,19 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
     _setup(case)
     try:
         shape = case.shape
-        ref = build_moe_layer(make_config(shape, dispatcher="alltoall", tp=case.tp, ep=case.ep), shape, specmoe=False)
+        extra = dict(case.config)
+        ref = build_moe_layer(make_config(shape, dispatcher="alltoall", tp=case.tp, ep=case.ep, **extra), shape,
+                              specmoe=False)
         slots_ok = None
         if case.replica_extra is not None:
-            if shape.shared_ffn or case.silent_experts:
-                raise ValueError("LosslessCase.replica_extra: no shared experts or silent experts with replicas")
+            if shape.shared_ffn or case.silent_experts or extra:
+                raise ValueError("LosslessCase.replica_extra: no shared experts, silent experts or extra config "
+                                 "with replicas")
             arrange_layers([ref], [ExpertPlacement.contiguous(shape.experts, case.ep)], seed=case.seed,
                            layer_index=0)
             spec, slots_ok = _build_replicated(case, ref)
         else:
-            spec = build_moe_layer(make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep), shape,
+            spec = build_moe_layer(make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep, **extra), shape,
                                    specmoe=True, via=case.via)
             spec.token_dispatcher.set_placement(_placement(case))
             _arrange(ref, spec, case, 0)
@@ -278,7 +289,7 @@ def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResu
         # in inference mode without it (allowed for MoE in eval mode): every TP rank then
         # routes its own full copy of the tokens.
         cfgs = [
-            make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=False)
+            make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, **{**dict(case.config), "sequence_parallel": False})
             for d in ("alltoall", "specmoe")
         ]
         ref = build_gpt_model(cfgs[0], shape, specmoe=False).eval()

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from megatron_specmoe.comm.shuffle import CollectiveCounter
 from megatron_specmoe.megatron import cpu_support
 from megatron_specmoe.megatron import parallel
-from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_config
+from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_config, spec_options
+from megatron_specmoe.megatron.local_mla import with_local_mla
 from megatron_specmoe.testing.collectives import RawCollectiveCounter, count_collectives
 from megatron_specmoe.testing.lossless import arrange_layers
 from megatron_specmoe.measure.measures import RouteMeasures
@@ -51,7 +52,10 @@ class ShuffleCase:
     B of the whole sequence); seed; decode_steps (GPT case: extra one-token steps with a KV cache
     after the prefill); route_stand_in (predictor "route": "modulo", ``TokenModuloPredictor``, or
     "one_rank", ``OneRankPredictor``: every token predicted to TP rank 0's experts); mutant (a
-    ``testing.mutants`` name applied on every rank for this case, None: the library as it is)."""
+    ``testing.mutants`` name applied on every rank for this case, None: the library as it is);
+    config: extra ``TransformerConfig`` fields as (name, value) pairs for every model
+    (DeepSeek-style: multi_latent_attention and its sizes, normalization, router groups and expert
+    bias; shared experts come from ``shape.shared_ffn``)."""
 
     shape: MoEShape = field(default_factory=lambda: MoEShape(layers=2))
     tp: int = 4
@@ -65,6 +69,7 @@ class ShuffleCase:
     decode_steps: int = 0
     route_stand_in: str = "modulo"
     mutant: Optional[str] = None
+    config: tuple = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,17 +318,19 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
     _setup(case)
     try:
         shape = case.shape
-        cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=sequence_parallel)
+        cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep,
+                              **{**dict(case.config), "sequence_parallel": sequence_parallel})
                for d in ("alltoall", "specmoe")}
         carrier = ShuffleCarrier(
             options=_options(case),
             counter=CollectiveCounter(),
         )
+        opts = spec_options(cfg["specmoe"])
         layer_specs = {
-            "ref": get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False),
-            "base": get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False),
+            "ref": with_local_mla(get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False, **opts)),
+            "base": with_local_mla(get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False, **opts)),
             "shuffle": get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier,
-                                                  sequence_parallel_norms=sequence_parallel),
+                                                  sequence_parallel_norms=sequence_parallel, **opts),
         }
         models = {}
         for name, spec in layer_specs.items():
@@ -446,8 +453,10 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
         shape = case.shape
         if case.seq % case.tp:
             raise ValueError(f"ShuffleCase.seq={case.seq} must be a multiple of tp={case.tp} with sequence parallelism")
-        cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep, sequence_parallel=case.tp > 1)
+        cfg = {d: make_config(shape, dispatcher=d, tp=case.tp, ep=case.ep,
+                              **{**dict(case.config), "sequence_parallel": case.tp > 1})
                for d in ("alltoall", "specmoe")}
+        opts = spec_options(cfg["specmoe"])
         carrier = ShuffleCarrier(
             options=_options(case),
             counter=CollectiveCounter(),
@@ -462,9 +471,10 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
                 spec.submodules, input_layernorm=TokenwiseNorm, pre_mlp_layernorm=TokenwiseNorm))
 
         specs = {
-            "ref": norms(get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)),
-            "base": norms(get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False)),
-            "shuffle": get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier, sequence_parallel_norms=True),
+            "ref": norms(with_local_mla(get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False,
+                                                                 **opts))),
+            "base": norms(with_local_mla(get_gpt_layer_specmoe_spec(shape.experts, use_transformer_engine=False, **opts))),
+            "shuffle": get_gpt_layer_shuffle_spec(shape.experts, carrier=carrier, sequence_parallel_norms=True, **opts),
         }
         stacks = {}
         for name, spec in specs.items():
@@ -521,7 +531,7 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
 
 def shuffle_refusals(rank: int, world_size: int, case: ShuffleCase) -> tuple[str, ...]:
     """Settings the shuffle layer refuses, on a live process group: the error messages of (1) a
-    model with shared experts at TP > 1 (at build time), (2) a forward with an EP size that is
+    model with shared experts overlapped with the dispatcher (at build time), (2) a forward with an EP size that is
     not a multiple of the TP size (``case.ep``, at the first forward) and (3) a sequence-parallel
     GPT whose output layer was not told to restore true order (``true_order_output``)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -534,6 +544,8 @@ def shuffle_refusals(rank: int, world_size: int, case: ShuffleCase) -> tuple[str
         shared = MoEShape(layers=1, shared_ffn=24)
         for shape, sp in ((shared, False), (case.shape, False), (case.shape, True)):
             config = make_config(shape, dispatcher="specmoe", tp=case.tp, ep=case.ep, sequence_parallel=sp)
+            if shape.shared_ffn:  # set after construction: Megatron's own check refuses it for 'specmoe'
+                config.moe_shared_expert_overlap = True
             spec = get_gpt_layer_shuffle_spec(shape.experts, sequence_parallel_norms=sp)
             if sp:
                 spec = get_gpt_block_shuffle_spec(config, spec)
