@@ -162,7 +162,9 @@ def _report(result_runs, max_diff, tokens, args, extra: dict, same_tokens: bool 
     summaries = [run_summary(r.name, r.reports, r.forward_s, tokens, r.a2a_s,
                              bytes_on_wire=r.bytes_on_wire) for r in result_runs]
     print()
-    print(format_table(summaries, max_diff))
+    dynamic = args.engine == "dynamic"
+    print(format_table(summaries, max_diff, timed="engine step" if dynamic else "forward",
+                       compared="generated tokens' log-probs" if dynamic else "logits"))
     command = "specmoe demo " + " ".join(sys.argv[2:])
     out = {"command": command, **extra, "lossless_max_abs_diff": max_diff,
            "dispatchers": {s["dispatcher"]: s for s in summaries}}
@@ -177,7 +179,7 @@ def _report(result_runs, max_diff, tokens, args, extra: dict, same_tokens: bool 
     print(f"\nwrote {json_path} and {fig_path}; command: {command}")
     # fp32: s-TS adds the residual inside the reduce-scatter, which changes the summation order.
     tol = 1e-4
-    what = "generated tokens' log-probs" if args.engine == "dynamic" else "logits"
+    what = "generated tokens' log-probs" if dynamic else "logits"
     if max_diff > tol or not same_tokens:
         print(f"LOSSLESS CHECK FAILED: max |{what} diff| = {max_diff:.3e} (tolerance {tol})"
               + ("" if same_tokens else "; the generated tokens differ"), file=sys.stderr)

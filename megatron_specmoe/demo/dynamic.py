@@ -1,5 +1,7 @@
-"""``specmoe demo --engine dynamic``: the demo's evaluation text as a request stream through
-Megatron-Core 0.19's ``DynamicInferenceEngine`` (continuous batching), alltoall vs specmoe.
+"""``specmoe demo --engine dynamic``: the evaluation text as requests through Megatron's dynamic engine.
+
+The request stream goes through Megatron-Core 0.19's ``DynamicInferenceEngine`` (continuous
+batching), once with alltoall and once with specmoe.
 
 Notation: P ranks (TP = EP = P, DP = 1), R requests, T tokens of one engine step (a flat batch
 mixing prefill chunks and decode tokens of every active request, as the engine pads it), L MoE
