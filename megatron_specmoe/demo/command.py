@@ -278,7 +278,8 @@ def _run_dynamic(args, card, calib, evalu, settings, start) -> int:
     from megatron_specmoe.demo.dynamic import DynamicSettings, dynamic_worker, request_stream
     from megatron_specmoe.testing.spawn import run_local
 
-    prompts, new_tokens, arrive = request_stream(evalu, requests=len(evalu), min_prompt=max(2, args.seq // 16),
+    prompts, new_tokens, arrive = request_stream(evalu, requests=len(evalu),
+                                                 min_prompt=min(max(2, args.seq // 16), args.seq - args.new_tokens),
                                                  max_new=args.new_tokens, per_step=args.arrivals)
     dynamic = DynamicSettings(pipeline=settings, prompts=prompts, new_tokens=new_tokens, arrive_step=arrive)
     lengths = [len(p) for p in prompts]
