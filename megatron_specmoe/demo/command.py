@@ -5,6 +5,8 @@
     specmoe demo --model deepseek-style   the shipped DeepSeek-style model (MLA, shared expert, router groups)
     specmoe demo --checkpoint DIR --calib-text a.txt --eval-text b.txt    your model and text
     specmoe demo --synthetic              a random-weight model, alltoall vs specmoe dispatcher only
+    specmoe demo --engine dynamic         the evaluation text as a request stream through Megatron-Core
+                                          0.19's DynamicInferenceEngine (TP = EP = --ranks, DP 1)
 
 Text defaults to the Python standard library of the running interpreter (the shipped model was
 trained on it; calibration and evaluation are files it was not trained on). Windows of ``--seq``
@@ -24,6 +26,10 @@ HELP = "profile, plan and serve the shipped MoE model on local gloo ranks: allto
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("static", "dynamic"), default="static",
+                   help="static (default): fixed windows through the model's forward; dynamic: the evaluation "
+                        "text as a stream of requests of different lengths arriving over time, served by "
+                        "Megatron-Core 0.19's DynamicInferenceEngine (continuous batching)")
     p.add_argument("--ranks", type=int, default=4, help="local processes (default 4)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: --ranks, at most 4)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: --ranks)")
@@ -36,7 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-text", nargs="+", metavar="FILE", help="calibration text files (default: stdlib split)")
     p.add_argument("--eval-text", nargs="+", metavar="FILE", help="evaluation text files (default: stdlib split)")
     p.add_argument("--calib-windows", type=int, default=96, help="calibration windows (default 96)")
-    p.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="evaluation windows (default 32); --engine dynamic: requests, one prompt cut from each")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="--engine dynamic: most tokens a request generates; counts cycle over 2..N (default 32)")
+    p.add_argument("--arrivals", type=int, default=None,
+                   help="--engine dynamic: requests that arrive before each engine step (default 2)")
     p.add_argument("--seq", type=int, default=128, help="tokens per window (default 128, at most the model's)")
     p.add_argument("--batch", type=int, default=4, help="windows per forward per DP group (default 4)")
     p.add_argument("--predictor", choices=("route", "history", "pregate"), default="route",
@@ -61,8 +72,20 @@ def _layout(args):
     from megatron_specmoe.artifacts.errors import SpecMoEUsageError
     from megatron_specmoe.artifacts.files import check_output_dir, check_output_file
 
+    dynamic = args.engine == "dynamic"
+    if not dynamic:
+        for flag in ("new_tokens", "arrivals"):
+            if getattr(args, flag) is not None:
+                raise SpecMoEUsageError(f"--{flag.replace('_', '-')} is a setting of the dynamic engine's request "
+                                        "stream", f"add --engine dynamic or leave --{flag.replace('_', '-')} out")
+    elif args.synthetic:
+        raise SpecMoEUsageError("--synthetic serves random tokens with the static engine only",
+                                "leave out --synthetic or --engine dynamic")
+    if dynamic:
+        args.new_tokens = 32 if args.new_tokens is None else args.new_tokens
+        args.arrivals = 2 if args.arrivals is None else args.arrivals
     counts = ["ranks", "calib_windows", "eval_windows", "seq", "batch", "batches", "experts", "topk",
-              "layers", "hidden"]
+              "layers", "hidden", "new_tokens", "arrivals"]
     for name in counts + ["tp", "ep"]:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -81,13 +104,18 @@ def _layout(args):
         problems.append(f"--ep {ep} must divide --experts {args.experts} (equal experts per rank)")
     if args.synthetic and args.topk > args.experts:
         problems.append(f"--topk {args.topk} exceeds --experts {args.experts}")
+    if dynamic and not problems and not tp == ep == args.ranks:
+        problems.append(f"--engine dynamic runs one engine (DP = 1): --tp {tp} and --ep {ep} must equal --ranks "
+                        f"{args.ranks}")
+    if dynamic and not problems and tp < 2:
+        problems.append("--engine dynamic compares the shuffle, which needs TP > 1 inside EP: --tp 1")
     if problems:
         raise SpecMoEUsageError("; ".join(problems), "change --ranks / --tp / --ep as said")
     # Each DP group runs whole batches of --batch windows; fewer windows than one batch per group
     # would leave a group (and the profile) empty.
     need = args.batch * (args.ranks // tp)
     for flag, value in (("--calib-windows", args.calib_windows), ("--eval-windows", args.eval_windows)):
-        if not args.synthetic and value < need:
+        if not args.synthetic and value < need and not (dynamic and flag == "--eval-windows"):
             raise SpecMoEUsageError(f"{flag} {value} is fewer than one batch per DP group (--batch {args.batch} x "
                                     f"{args.ranks // tp} DP groups = {need})", f"raise {flag} to {need} or lower --batch")
     check_output_dir("--out-dir", args.out_dir)
@@ -133,13 +161,15 @@ def _windows(card, files, split: str, seq: int, count: int):
     return np.stack([stream[s : s + seq] for s in starts])
 
 
-def _report(result_runs, max_diff, tokens, args, extra: dict) -> int:
+def _report(result_runs, max_diff, tokens, args, extra: dict, same_tokens: bool = True) -> int:
     from megatron_specmoe.demo.report import format_table, plot_layer_lar, run_summary
 
     summaries = [run_summary(r.name, r.reports, r.forward_s, tokens, r.a2a_s,
                              bytes_on_wire=r.bytes_on_wire) for r in result_runs]
     print()
-    print(format_table(summaries, max_diff))
+    dynamic = args.engine == "dynamic"
+    print(format_table(summaries, max_diff, timed="engine step" if dynamic else "forward",
+                       compared="generated tokens' log-probs" if dynamic else "logits"))
     command = "specmoe demo " + " ".join(sys.argv[2:])
     out = {"command": command, **extra, "lossless_max_abs_diff": max_diff,
            "dispatchers": {s["dispatcher"]: s for s in summaries}}
@@ -154,8 +184,10 @@ def _report(result_runs, max_diff, tokens, args, extra: dict) -> int:
     print(f"\nwrote {json_path} and {fig_path}; command: {command}")
     # fp32: s-TS adds the residual inside the reduce-scatter, which changes the summation order.
     tol = 1e-4
-    if max_diff > tol:
-        print(f"LOSSLESS CHECK FAILED: max |logits diff| = {max_diff:.3e} > {tol}", file=sys.stderr)
+    what = "generated tokens' log-probs" if dynamic else "logits"
+    if max_diff > tol or not same_tokens:
+        print(f"LOSSLESS CHECK FAILED: max |{what} diff| = {max_diff:.3e} (tolerance {tol})"
+              + ("" if same_tokens else "; the generated tokens differ"), file=sys.stderr)
         return 1
     return 0
 
@@ -179,7 +211,12 @@ def _run_synthetic(args, tp, ep) -> int:
 
 
 def run(args) -> int:
+    if args.engine == "dynamic":
+        from megatron_specmoe.demo.dynamic import check_engine
+
+        check_engine()
     tp, ep = _layout(args)
+    os.makedirs(args.out_dir, exist_ok=True)  # checked writable by _layout; the plan goes inside
     # The ranks import megatron before any code of ours runs in them; keep its import-time
     # warnings (no TransformerEngine, no apex: both expected here) out of the demo's output.
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
@@ -225,11 +262,16 @@ def run(args) -> int:
           f"top-{card.shape.topk}, hidden {card.shape.hidden}", file=sys.stderr)
     calib = _windows(card, args.calib_text, "calibration", args.seq, args.calib_windows)
     evalu = _windows(card, args.eval_text, "evaluation", args.seq, args.eval_windows)
+    if args.engine == "dynamic" and args.new_tokens > args.seq - 2:
+        raise SpecMoEUsageError(f"--new-tokens {args.new_tokens} leaves no prompt in --seq {args.seq} tokens",
+                                f"use --new-tokens {args.seq - 2} or less")
     settings = PipelineSettings(
         model_dir=args.checkpoint, calib=calib, evalu=evalu, tp=tp, ep=ep, batch=args.batch,
         predictor=args.predictor, placement=args.placement,
         plan_dir=os.path.abspath(os.path.join(args.out_dir, "plan")), seed=args.seed,
     )
+    if args.engine == "dynamic":
+        return _run_dynamic(args, card, calib, evalu, settings, start)
     print(f"[specmoe demo] {args.ranks} gloo ranks, TP={tp}, EP={ep}, sequence parallel; "
           f"{len(calib)} calibration and {len(evalu)} evaluation windows of {args.seq} tokens", file=sys.stderr)
     result = run_local(pipeline_worker, args.ranks, settings)[0]
@@ -242,3 +284,36 @@ def run(args) -> int:
              "profile": {"tokens": result.profile_tokens, "seconds": result.profile_seconds},
              "plan": {**result.plan_summary, "seconds": result.plan_seconds, "dir": settings.plan_dir}}
     return _report(result.serve.runs, result.serve.max_abs_diff, result.serve.tokens, args, extra)
+
+
+def _run_dynamic(args, card, calib, evalu, settings, start) -> int:
+    from megatron_specmoe.demo.dynamic import DynamicSettings, dynamic_worker, request_stream
+    from megatron_specmoe.testing.spawn import run_local
+
+    prompts, new_tokens, arrive = request_stream(evalu, requests=len(evalu),
+                                                 min_prompt=min(max(2, args.seq // 16), args.seq - args.new_tokens),
+                                                 max_new=args.new_tokens, per_step=args.arrivals)
+    dynamic = DynamicSettings(pipeline=settings, prompts=prompts, new_tokens=new_tokens, arrive_step=arrive)
+    lengths = [len(p) for p in prompts]
+    print(f"[specmoe demo] {args.ranks} gloo ranks, TP=EP={settings.tp}, sequence parallel, Megatron's "
+          f"DynamicInferenceEngine; {len(calib)} calibration windows of {args.seq} tokens; {len(prompts)} requests "
+          f"(prompts {min(lengths)}-{max(lengths)} tokens, {min(new_tokens)}-{max(new_tokens)} new tokens, "
+          f"{args.arrivals} arriving per step)", file=sys.stderr)
+    result = run_local(dynamic_worker, args.ranks, dynamic)[0]
+    print(f"[specmoe demo] profile {result.profile_seconds:.1f}s ({result.profile_tokens} tokens), "
+          f"plan {result.plan_seconds:.1f}s, {result.steps} engine steps, total {time.perf_counter() - start:.1f}s",
+          file=sys.stderr)
+    extra = {"mode": "dynamic",
+             "settings": {"ranks": args.ranks, "tp": settings.tp, "ep": settings.ep, "seq": args.seq,
+                          "batch": args.batch, "calib_windows": len(calib), "eval_windows": len(evalu),
+                          "predictor": args.predictor, "placement": args.placement, "checkpoint": card.directory,
+                          "engine": "dynamic", "new_tokens": args.new_tokens, "arrivals": args.arrivals},
+             "requests": {"count": result.requests, "prompt_tokens": lengths, "new_tokens": list(new_tokens),
+                          "arrive_step": list(arrive), "generated_tokens": result.generated,
+                          "engine_steps": result.steps},
+             "lossless_same_tokens": result.same_tokens,
+             "lossless_compares": "log-probs of the generated tokens, every request",
+             "profile": {"tokens": result.profile_tokens, "seconds": result.profile_seconds},
+             "plan": {**result.plan_summary, "seconds": result.plan_seconds, "dir": settings.plan_dir}}
+    return _report(result.serve.runs, result.serve.max_abs_diff, result.serve.tokens, args, extra,
+                   same_tokens=result.same_tokens)

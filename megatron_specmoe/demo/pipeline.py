@@ -187,8 +187,9 @@ def _router_groups(card):
     return RouterGroups(num_groups=groups, group_topk=int(card.config.get("moe_router_group_topk") or 0))
 
 
-def _serve_models(card, settings: PipelineSettings, plan):
-    """alltoall reference and the s-TS model, both with sequence parallelism, trained weights."""
+def _serve_models(card, settings: PipelineSettings, plan, names=("alltoall", "allgather", "specmoe"), **overrides):
+    """alltoall reference (and allgather) and the s-TS model, all with sequence parallelism, trained
+    weights; ``overrides`` go into every model's config (the dynamic demo's inference dispatcher)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -216,9 +217,9 @@ def _serve_models(card, settings: PipelineSettings, plan):
                   "share_embeddings_and_output_weights": bool(gpt["share_embeddings_and_output_weights"]),
                   "parallel_output": False}
     models = {}
-    for name in ("alltoall", "allgather", "specmoe"):
+    for name in names:
         config = make_config(shape, dispatcher=name, tp=settings.tp, ep=settings.ep,
-                             **{**dict(card.config), "sequence_parallel": True})
+                             **{**dict(card.config), "sequence_parallel": True, **overrides})
         opts = spec_options(config)  # multi-latent attention, RMSNorm (DeepSeek-style model)
         if name != "specmoe":
             spec = with_tokenwise_norms(with_local_mla(
@@ -234,7 +235,7 @@ def _serve_models(card, settings: PipelineSettings, plan):
     feed_token_ids(models["specmoe"], carrier)
     # The plan's grouping, applied for real: experts move between EP ranks, the router stays.
     apply_placements(models["specmoe"], plan.placements, mode="dispatcher")
-    return models
+    return models, carrier
 
 
 def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -> Optional[DemoResult]:
@@ -245,7 +246,7 @@ def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -
     from megatron_specmoe.megatron.dispatcher import DispatchRecorder
     from megatron_specmoe.megatron.model_tools import attach_recorder
 
-    models = _serve_models(card, settings, plan)
+    models, _ = _serve_models(card, settings, plan)
     allgather_bytes = CollectiveBytes(models["allgather"])
     recorder = DispatchRecorder()
     attach_recorder(models["specmoe"], recorder)

@@ -58,8 +58,11 @@ def run_summary(
     }
 
 
-def format_table(summaries: Sequence[dict], max_abs_diff: float, baseline: str = "alltoall") -> str:
-    """A fixed-width table; times as a ratio to ``baseline`` measured in the same run."""
+def format_table(summaries: Sequence[dict], max_abs_diff: float, baseline: str = "alltoall",
+                 timed: str = "forward", compared: str = "logits") -> str:
+    """A fixed-width table; times as a ratio to ``baseline`` measured in the same run. ``timed``
+    names what ``forward_s`` timed ("forward"; the dynamic demo: "engine step"), ``compared`` what
+    the lossless column compares."""
     base = next((s for s in summaries if s["dispatcher"] == baseline), summaries[0])
     timed_a2a = all(s.get("a2a_s_median") for s in summaries)
     head = (
@@ -85,7 +88,7 @@ def format_table(summaries: Sequence[dict], max_abs_diff: float, baseline: str =
         )
     lines.append(
         "per MoE layer and token; LAR = local activation rate; imbalance = max/mean pairs per rank "
-        "(worst layer); fwd time = median forward, ratio to " + base["dispatcher"]
+        f"(worst layer); lossless = max |{compared} diff|; fwd time = median {timed}, ratio to " + base["dispatcher"]
         + ("; a2a time = median time in the EP all-to-all phases (dispatch + combine), same ratio"
            if timed_a2a else "")
     )
