@@ -15,7 +15,8 @@ method reaches nearly the same local activation rate (within 0.004 with the hist
 the Mixtral traces at EP 4 and 8, ``tools/bench_plan.py``; up to 0.025 below with tied scores such
 as pregate's counts, where refine's exchange sweeps untie better) with a number of steps that depends on nothing but the ``iterations``
 argument: 7 kernel launches on the Triton path for any T and P (``fast_assign_triton``), 64
-aten kernels on the plain torch path (the reference, used where triton is absent). No host
+aten kernels on the plain torch path (the reference, used on a device where triton is
+absent; the CPU runs its numpy twin, ``fast_assign_numpy``). No host
 synchronisation, no data-dependent shape: CUDA-graph capturable.
 
 Method ("prices": price iterations, then one greedy round).
