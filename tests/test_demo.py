@@ -12,9 +12,9 @@ def test_demo_pipeline_on_the_shipped_model(tmp_path, capsys):
     token table and grouping makes more activations local than alltoall, and allgather's bytes are
     its collectives' payloads."""
     code = main(["demo", "--calib-windows", "16", "--eval-windows", "8", "--seq", "64", "--batch", "2",
-                 "--out-dir", str(tmp_path)])
+                 "--out-dir", str(tmp_path / "new")])  # a folder that does not exist yet
     assert code == 0
-    doc = json.loads((tmp_path / "report.json").read_text())
+    doc = json.loads((tmp_path / "new" / "report.json").read_text())
     assert doc["mode"] == "pipeline" and doc["settings"]["tp"] == 4 and doc["settings"]["ep"] == 4
     assert doc["lossless_max_abs_diff"] <= 1e-4
     a2a, spec = doc["dispatchers"]["alltoall"], doc["dispatchers"]["specmoe"]
@@ -33,8 +33,8 @@ def test_demo_pipeline_on_the_shipped_model(tmp_path, capsys):
     assert ag["bytes_on_wire"] == 3552 * 8 * 64 * 4
     assert (ag["remote_pairs"], ag["local_activation_rate"]) == (a2a["remote_pairs"], a2a["local_activation_rate"])
     assert len(ag["a2a_s"]) == 8 // 2
-    assert (tmp_path / "plan" / "plan.json").is_file()
-    assert (tmp_path / "lar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "new" / "plan" / "plan.json").is_file()
+    assert (tmp_path / "new" / "lar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_on_the_deepseek_style_model(tmp_path, capsys):

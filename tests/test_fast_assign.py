@@ -80,6 +80,51 @@ def test_scores_on_the_meta_device_need_no_data():
     assert fast.order.device.type == "meta" and fast.order.shape == (1000,) and fast.capacity == 125
 
 
+def _cpu_cases():
+    """(name, float32 [T, P]) scores: continuous, heavily tied (pregate-like counts), padded
+    (T not a multiple of P), non-power-of-two P, negative and large scores, one rank, one token."""
+    rng = np.random.default_rng(7)
+    cases = [(f"dirichlet-{t}x{p}", _dirichlet(t, p, seed=3)) for t, p in
+             [(512, 4), (513, 4), (4096, 8), (100, 3), (37, 5), (130, 64), (1000, 7), (7, 8), (1, 4)]]
+    for t, p in [(512, 4), (509, 8), (96, 6)]:
+        counts = rng.integers(0, 5, size=(t, p)).astype(np.float32)  # ties everywhere
+        cases.append((f"counts-{t}x{p}", torch.from_numpy(counts)))
+    cases.append(("wide-range", torch.from_numpy((rng.standard_normal((300, 4)) * 1e6).astype(np.float32))))
+    cases.append(("negative-zero", torch.tensor([[-0.0, 0.0], [0.0, -0.0], [0.5, -0.0]])))
+    cases.append(("equal", torch.zeros(45, 4)))
+    cases.append(("one-rank", torch.rand(9, 1)))
+    return cases
+
+
+@pytest.mark.parametrize("name,scores", _cpu_cases(), ids=[n for n, _ in _cpu_cases()])
+@pytest.mark.parametrize("iterations,damp", [(2, 0.5), (0, 0.5), (5, 0.3), (1, 1.0)])
+def test_numpy_twin_gives_the_torch_reference_plan_bit_for_bit(name, scores, iterations, damp):
+    want = prices_plan(scores, iterations=iterations, damp=damp, backend="torch")
+    got = prices_plan(scores, iterations=iterations, damp=damp, backend="numpy")
+    for field in ("home_ext", "order", "inverse"):
+        a, b = getattr(want, field), getattr(got, field)
+        assert b.dtype == torch.int64 and b.device.type == "cpu", field
+        assert torch.equal(a, b), (name, field)
+    assert got.capacity == want.capacity
+
+
+def test_auto_runs_the_numpy_twin_on_the_cpu_and_assign_keeps_the_reference_plan(monkeypatch):
+    import megatron_specmoe.schedule.fast_assign as fast_assign
+
+    if fast_assign.triton_usable(torch.device("cpu")):
+        pytest.skip("TRITON_INTERPRET=1: auto runs the Triton kernels here")
+    calls = []
+    monkeypatch.setattr(fast_assign, "_prices_plan_torch", lambda *a: calls.append(a) or None)
+    scores = _dirichlet(512, 4)
+    plan = assign(scores, "prices", validate=False)  # the shuffle layer's call
+    assert not calls  # the torch reference did not run
+    monkeypatch.undo()
+    want = prices_plan(scores, backend="torch")
+    assert torch.equal(plan.home_rank, want.home_ext[:512]) and torch.equal(plan.order, want.order)
+    with pytest.raises(ValueError, match="backend='numpy' needs a CPU tensor"):
+        prices_plan(torch.empty(8, 2, device="meta"), backend="numpy")
+
+
 def test_bad_arguments_are_refused_by_name():
     with pytest.raises(ValueError, match="backend='cuda'"):
         prices_plan(torch.zeros(4, 2), backend="cuda")

@@ -265,6 +265,8 @@ def run(args) -> int:
     if args.engine == "dynamic" and args.new_tokens > args.seq - 2:
         raise SpecMoEUsageError(f"--new-tokens {args.new_tokens} leaves no prompt in --seq {args.seq} tokens",
                                 f"use --new-tokens {args.seq - 2} or less")
+    # The plan folder goes inside --out-dir, which may not exist yet (its parent was checked).
+    os.makedirs(args.out_dir, exist_ok=True)
     settings = PipelineSettings(
         model_dir=args.checkpoint, calib=calib, evalu=evalu, tp=tp, ep=ep, batch=args.batch,
         predictor=args.predictor, placement=args.placement,

@@ -15,7 +15,8 @@ method reaches nearly the same local activation rate (within 0.004 with the hist
 the Mixtral traces at EP 4 and 8, ``tools/bench_plan.py``; up to 0.025 below with tied scores such
 as pregate's counts, where refine's exchange sweeps untie better) with a number of steps that depends on nothing but the ``iterations``
 argument: 7 kernel launches on the Triton path for any T and P (``fast_assign_triton``), 64
-aten kernels on the plain torch path (the reference, used where triton is absent). No host
+aten kernels on the plain torch path (the reference, used on a device where triton is
+absent; the CPU runs its numpy twin, ``fast_assign_numpy``). No host
 synchronisation, no data-dependent shape: CUDA-graph capturable.
 
 Method ("prices": price iterations, then one greedy round).
@@ -40,8 +41,10 @@ given device (first-maximum argmax, stable sorts, exact selections), so every TP
 same permutation from the same scores.
 
 Backends (``Backend``): "torch" (any device; the reference), "triton" (``fast_assign_triton``:
-a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``), "auto" (triton where it can run, else
-torch). Both give identical plans (tests compare them in the interpreter).
+a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``), "numpy" (``fast_assign_numpy``: a CPU
+tensor; the same steps without torch's per-op dispatch, several times faster at run-time sizes),
+"auto" (triton where it can run, else numpy on the CPU, else torch). All give identical plans
+(tests compare them, triton in the interpreter).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import torch
 
 __all__ = ["Backend", "FastPlan", "prices_plan", "triton_usable", "PRICE_ITERATIONS", "PRICE_DAMP"]
 
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "triton", "numpy"]
 
 PRICE_ITERATIONS = 2
 PRICE_DAMP = 0.5
@@ -87,10 +90,10 @@ class FastPlan:
 def triton_usable(device: torch.device) -> bool:
     """True when the Triton kernels can run on ``device``: triton importable and a CUDA device, or
     any device with ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests on the CPU)."""
-    # find_spec, not import: importing triton fixes its interpreter switch for the process.
-    if importlib.util.find_spec("triton") is None:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    # find_spec, not import: importing triton fixes its interpreter switch for the process.
+    return importlib.util.find_spec("triton") is not None
 
 
 def prices_plan(
@@ -106,7 +109,8 @@ def prices_plan(
         scores: float32 [T, P] rank scores on any device, finite, |s| < 2^40; T >= 1, P >= 1.
         iterations: price updates (>= 0); 2 reaches ``refine``'s rate on the Mixtral traces.
         damp: step size of a price update, in (0, 1].
-        backend: "auto", "torch" or "triton" (refused where triton cannot run).
+        backend: "auto", "torch", "triton" (refused where triton cannot run) or "numpy" (refused
+            for a tensor that is not on the CPU).
 
     Returns:
         FastPlan on the device of ``scores``.
@@ -131,6 +135,15 @@ def prices_plan(
 
         home_ext, order, inverse = prices_plan_triton(scores.float().contiguous(), iterations, damp, BIG, TIE_BREAK)
         return FastPlan(home_ext=home_ext, order=order, inverse=inverse, capacity=-(-t // p))
+    if backend == "numpy" or (backend == "auto" and scores.device.type == "cpu"):
+        if scores.device.type != "cpu":
+            raise ValueError(f"prices_plan: backend='numpy' needs a CPU tensor, got {scores.device}; "
+                             "use backend='auto' or 'torch'")
+        from megatron_specmoe.schedule.fast_assign_numpy import prices_plan_numpy
+
+        home_ext, order, inverse = prices_plan_numpy(scores.detach().float().numpy(), iterations, damp, BIG, TIE_BREAK)
+        return FastPlan(home_ext=torch.from_numpy(home_ext), order=torch.from_numpy(order),
+                        inverse=torch.from_numpy(inverse), capacity=-(-t // p))
     return _prices_plan_torch(scores.float(), iterations, damp)
 
 
