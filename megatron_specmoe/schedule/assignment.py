@@ -43,12 +43,10 @@ method returns the contiguous shards.
     refine      greedy (2 rounds), then pairwise exchange sweeps (2): for each pair of ranks (a, b)
                 swap the tokens on a that gain most by moving to b with those on b that gain most
                 by moving to a, while the swap raises the objective. The pairs of a sweep follow a
-                round-robin tournament, so each step works on P/2 disjoint pairs at once. The
-                runtime method: within 0.5% of the optimum on the Mixtral traces, fixed shapes, no
-                host synchronisation or host copy on a GPU with ``validate=False`` (CUDA-graph
-                friendly). Torch, any device: about 330 aten ops per call at P=8 (some 290 kernel
-                launches on a GPU, views aside), so at runtime compute it on a side stream while
-                attention runs: its inputs (the route history) are known before attention starts.
+                round-robin tournament, so each step works on P/2 disjoint pairs at once. Within
+                0.5% of the optimum on the Mixtral traces, fixed shapes; 271 launches at P = 8 on the
+                torch path (``tools/bench_plan.py``): the reference the run-time ``prices`` is tested
+                against.
     refine_spread  refine, then a spreading pass for shuffle domains smaller than the EP group (TP =
                 one node, EP over several nodes): a token's predicted *off-domain* pairs (``off_domain``,
                 e.g. 1 - the sum of its in-domain rank scores) leave through the node's NICs whatever
@@ -61,30 +59,21 @@ method returns the contiguous shards.
                 (L_a - L_b) / 2 before its last swap and below L_a - L_b after it, so max(L_a, L_b)
                 falls and the maximum over ranks never rises. A token is eligible if moving it to the
                 partner lowers its score by at most ``spread_tol`` (so each swap costs the objective
-                at most 2 * spread_tol; with 0 the objective never falls). Torch, any device, fixed
-                shapes, no host synchronisation.
+                at most 2 * spread_tol; with 0 the objective never falls). Torch, fixed shapes.
     prices      the run-time method (``schedule.fast_assign``): 2 price updates (each rank's price
                 moves half way to the C-th largest margin of the rows for it), then one greedy round
-                on the reduced scores; within 0.004 of refine's local activation rate on the Mixtral
-                traces (tied scores: up to 0.025 below), in 7 kernel launches on the Triton path
-                whatever T and P (64 on the torch path), no host synchronisation, fixed shapes.
+                on the reduced scores; within 0.004 of refine's LAR on the Mixtral traces (tied: up to
+                0.025 below), 7 launches on the Triton path (64 torch), no host sync, fixed shapes.
     optimal     exact: a min-cost flow (successive shortest paths over the P-node graph of ranks,
                 with one lazy heap per ordered rank pair). Start from every token on its best rank
                 (optimal without capacities), then move one token at a time along the cheapest
                 path from an overfull to an underfull rank. Cost O(X * (P^3 + P log T)) for X
-                overflowing tokens, a few ms for T=512, P=8 on one CPU core (numbers in
-                tools/bench_assignment.py). Host code (numpy + heapq); for planning and
-                evaluation, not for the forward pass.
+                overflowing tokens, a few ms for T=512, P=8 on one CPU core
+                (tools/bench_assignment.py). Host code: for planning and evaluation only.
 
-CPU fast path. On the CPU torch's per-op overhead and its stable float sort dominate, so for float32
-scores ``greedy`` and refine's sweeps run as numpy twins (``schedule/assignment_numpy.py``) with
-the same results as the torch code (tests compare them; the torch code stays the reference and the
-GPU path): sorts use distinct int64 keys that have the stable sort's order (the float's bits made
-monotone, above the token index or the position), and a sweep step first sorts only each rank's
-max(64, C/4) best movers (``np.partition``), redoing the step with all C when some pair would swap
-them all. ``plan_from_home`` sorts the home ranks with numpy's stable radix sort there. T = 8192,
-P = 8, one CPU thread: refine about 1.4 ms per call with pregate-like or Dirichlet(0.3) rank scores
-(torch only: 4.6 and 9.1 ms); ``tools/bench_assignment.py``, ``tools/bench_shuffle.py --part plan``.
+CPU fast path: for float32 scores on the CPU ``greedy`` and refine's sweeps run as numpy twins
+(``schedule/assignment_numpy.py``, same results; the torch code stays the reference and the GPU
+path); ``plan_from_home`` sorts with numpy's stable radix sort there.
 """
 
 from __future__ import annotations
