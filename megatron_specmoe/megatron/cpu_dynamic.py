@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_specmoe.megatron.patching import Patch, apply_patches, original, revert_patches
+from megatron_specmoe.megatron.patching import Patch, apply_without_cuda, original, revert_without_cuda
 
 __all__ = ["enable", "disable", "paged_varlen_attention", "paged_kvcache_attention"]
 
@@ -229,17 +229,9 @@ def _patches() -> list[Patch]:
 
 def enable() -> bool:
     """Apply the patches (idempotent). Returns False, doing nothing, where CUDA is available."""
-    if torch.cuda.is_available():
-        log.info("megatron_specmoe.cpu_dynamic: CUDA is available; Megatron runs unpatched")
-        return False
-    applied = apply_patches(_patches())
-    if applied:
-        log.info("megatron_specmoe.cpu_dynamic: %d CPU patches applied", len(applied))
-    return True
+    return apply_without_cuda(_patches, log)
 
 
 def disable() -> None:
     """Restore every original ``enable()`` replaced (idempotent)."""
-    if torch.cuda.is_available():
-        return
-    revert_patches(_patches())
+    revert_without_cuda(_patches)

@@ -40,10 +40,10 @@ import torch
 
 from megatron_specmoe.megatron.patching import (
     Patch,
-    apply_patches,
+    apply_without_cuda,
     original,
     patched_names,
-    revert_patches,
+    revert_without_cuda,
 )
 
 __all__ = ["enable", "disable", "is_enabled", "needed"]
@@ -218,20 +218,12 @@ def _patches() -> list[Patch]:
 
 def enable() -> bool:
     """Apply the CPU patches (idempotent). Returns False, doing nothing, when CUDA is available."""
-    if not needed():
-        log.info("megatron_specmoe.cpu_support: CUDA is available; Megatron runs unpatched")
-        return False
-    applied = apply_patches(_patches())
-    if applied:
-        log.info("megatron_specmoe.cpu_support: %d CPU patches applied", len(applied))
-    return True
+    return apply_without_cuda(_patches, log)
 
 
 def disable() -> None:
     """Restore every original that ``enable()`` replaced (idempotent)."""
-    if not needed():
-        return
-    revert_patches(_patches())
+    revert_without_cuda(_patches)
 
 
 def is_enabled() -> bool:

@@ -12,9 +12,10 @@ attribute did not exist), so that:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+import logging
+from typing import Any, Callable, Iterable
 
-__all__ = ["Patch", "apply_patches", "revert_patches", "patched_names", "original"]
+__all__ = ["Patch", "apply_patches", "revert_patches", "patched_names", "original", "apply_without_cuda", "revert_without_cuda"]
 
 _ORIGINALS = "__specmoe_originals__"
 _MISSING = object()
@@ -91,3 +92,25 @@ def original(owner: Any, name: str) -> Any:
     if saved is _MISSING:
         raise AttributeError(f"{owner!r} had no attribute {name!r} before it was patched")
     return saved
+
+
+def apply_without_cuda(patches: Callable[[], list[Patch]], log: logging.Logger) -> bool:
+    """Apply ``patches()`` (idempotent) on a machine without CUDA, the only place the CPU stand-ins
+    belong. Returns False, applying nothing, where CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        log.info("%s: CUDA is available; Megatron runs unpatched", log.name)
+        return False
+    applied = apply_patches(patches())
+    if applied:
+        log.info("%s: %d CPU patches applied", log.name, len(applied))
+    return True
+
+
+def revert_without_cuda(patches: Callable[[], list[Patch]]) -> None:
+    """Restore what ``apply_without_cuda(patches)`` replaced (idempotent; nothing where CUDA is)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        revert_patches(patches())
