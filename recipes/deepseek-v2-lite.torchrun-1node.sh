@@ -27,6 +27,50 @@ export NCCL_P2P_LEVEL="${NCCL_P2P_LEVEL:-NVL}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
+# The model, its parallel layout and precision: the Megatron-LM flags that calibrate
+# and serve share.
+MEGATRON_ARGS=(
+    --num-layers 27
+    --hidden-size 2048
+    --ffn-hidden-size 10944
+    --num-attention-heads 16
+    --multi-latent-attention
+    --kv-lora-rank 512
+    --qk-head-dim 128
+    --qk-pos-emb-head-dim 64
+    --v-head-dim 128
+    --qk-layernorm
+    --position-embedding-type yarn
+    --rotary-base 10000
+    --rotary-scaling-factor 40
+    --mscale 0.707
+    --mscale-all-dim 0.707
+    --yarn-original-max-position-embeddings 4096
+    --seq-length 4096
+    --max-position-embeddings 163840
+    --num-experts 64
+    --moe-router-topk 6
+    --moe-ffn-hidden-size 1408
+    --moe-shared-expert-intermediate-size 2816
+    --moe-layer-freq '([0]+[1]*26)'
+    --normalization RMSNorm
+    --swiglu
+    --untie-embeddings-and-output-weights
+    --disable-bias-linear
+    --norm-epsilon 1e-6
+    --tokenizer-type HuggingFaceTokenizer
+    --tokenizer-model deepseek-ai/DeepSeek-V2-Lite
+    --tensor-model-parallel-size 1
+    --expert-model-parallel-size 8
+    --expert-tensor-parallel-size 1
+    --pipeline-model-parallel-size 1
+    --bf16
+    --moe-grouped-gemm
+    --moe-router-dtype fp32
+    --micro-batch-size 1
+    --inference-max-seq-length 4096
+)
+
 case "$STEP" in
   calibrate)
     : "${MEGATRON_LM:?set MEGATRON_LM (see the top of this file)}"
@@ -38,45 +82,7 @@ case "$STEP" in
         --nnodes=1 \
         --standalone \
         -m megatron_specmoe.launch "${MEGATRON_LM}/examples/inference/offline_inference.py" \
-        --num-layers 27 \
-        --hidden-size 2048 \
-        --ffn-hidden-size 10944 \
-        --num-attention-heads 16 \
-        --multi-latent-attention \
-        --kv-lora-rank 512 \
-        --qk-head-dim 128 \
-        --qk-pos-emb-head-dim 64 \
-        --v-head-dim 128 \
-        --qk-layernorm \
-        --position-embedding-type yarn \
-        --rotary-base 10000 \
-        --rotary-scaling-factor 40 \
-        --mscale 0.707 \
-        --mscale-all-dim 0.707 \
-        --yarn-original-max-position-embeddings 4096 \
-        --seq-length 4096 \
-        --max-position-embeddings 163840 \
-        --num-experts 64 \
-        --moe-router-topk 6 \
-        --moe-ffn-hidden-size 1408 \
-        --moe-shared-expert-intermediate-size 2816 \
-        --moe-layer-freq '([0]+[1]*26)' \
-        --normalization RMSNorm \
-        --swiglu \
-        --untie-embeddings-and-output-weights \
-        --disable-bias-linear \
-        --norm-epsilon 1e-6 \
-        --tokenizer-type HuggingFaceTokenizer \
-        --tokenizer-model deepseek-ai/DeepSeek-V2-Lite \
-        --tensor-model-parallel-size 1 \
-        --expert-model-parallel-size 8 \
-        --expert-tensor-parallel-size 1 \
-        --pipeline-model-parallel-size 1 \
-        --bf16 \
-        --moe-grouped-gemm \
-        --moe-router-dtype fp32 \
-        --micro-batch-size 1 \
-        --inference-max-seq-length 4096 \
+        "${MEGATRON_ARGS[@]}" \
         --load "${CHECKPOINT}" \
         --moe-token-dispatcher-type alltoall \
         --specmoe-record-routes "${SPECMOE_WORK}/routes" \
@@ -100,45 +106,7 @@ case "$STEP" in
         --nnodes=1 \
         --standalone \
         -m megatron_specmoe.launch "${MEGATRON_LM}/examples/inference/launch_inference_server.py" \
-        --num-layers 27 \
-        --hidden-size 2048 \
-        --ffn-hidden-size 10944 \
-        --num-attention-heads 16 \
-        --multi-latent-attention \
-        --kv-lora-rank 512 \
-        --qk-head-dim 128 \
-        --qk-pos-emb-head-dim 64 \
-        --v-head-dim 128 \
-        --qk-layernorm \
-        --position-embedding-type yarn \
-        --rotary-base 10000 \
-        --rotary-scaling-factor 40 \
-        --mscale 0.707 \
-        --mscale-all-dim 0.707 \
-        --yarn-original-max-position-embeddings 4096 \
-        --seq-length 4096 \
-        --max-position-embeddings 163840 \
-        --num-experts 64 \
-        --moe-router-topk 6 \
-        --moe-ffn-hidden-size 1408 \
-        --moe-shared-expert-intermediate-size 2816 \
-        --moe-layer-freq '([0]+[1]*26)' \
-        --normalization RMSNorm \
-        --swiglu \
-        --untie-embeddings-and-output-weights \
-        --disable-bias-linear \
-        --norm-epsilon 1e-6 \
-        --tokenizer-type HuggingFaceTokenizer \
-        --tokenizer-model deepseek-ai/DeepSeek-V2-Lite \
-        --tensor-model-parallel-size 1 \
-        --expert-model-parallel-size 8 \
-        --expert-tensor-parallel-size 1 \
-        --pipeline-model-parallel-size 1 \
-        --bf16 \
-        --moe-grouped-gemm \
-        --moe-router-dtype fp32 \
-        --micro-batch-size 1 \
-        --inference-max-seq-length 4096 \
+        "${MEGATRON_ARGS[@]}" \
         --load "${CHECKPOINT}" \
         --moe-token-dispatcher-type specmoe \
         --specmoe-plan "${SPECMOE_WORK}/plan" \

@@ -27,6 +27,39 @@ export NCCL_P2P_LEVEL="${NCCL_P2P_LEVEL:-NVL}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
+# The model, its parallel layout and precision: the Megatron-LM flags that calibrate
+# and serve share.
+MEGATRON_ARGS=(
+    --num-layers 32
+    --hidden-size 4096
+    --ffn-hidden-size 14336
+    --num-attention-heads 32
+    --group-query-attention
+    --num-query-groups 8
+    --position-embedding-type rope
+    --rotary-base 1000000
+    --seq-length 4096
+    --max-position-embeddings 32768
+    --num-experts 8
+    --moe-router-topk 2
+    --normalization RMSNorm
+    --swiglu
+    --untie-embeddings-and-output-weights
+    --disable-bias-linear
+    --norm-epsilon 1e-5
+    --tokenizer-type HuggingFaceTokenizer
+    --tokenizer-model mistralai/Mixtral-8x7B-v0.1
+    --tensor-model-parallel-size 1
+    --expert-model-parallel-size 8
+    --expert-tensor-parallel-size 1
+    --pipeline-model-parallel-size 1
+    --bf16
+    --moe-grouped-gemm
+    --moe-router-dtype fp32
+    --micro-batch-size 1
+    --inference-max-seq-length 4096
+)
+
 case "$STEP" in
   calibrate)
     : "${MEGATRON_LM:?set MEGATRON_LM (see the top of this file)}"
@@ -38,34 +71,7 @@ case "$STEP" in
         --nnodes=1 \
         --standalone \
         -m megatron_specmoe.launch "${MEGATRON_LM}/examples/inference/offline_inference.py" \
-        --num-layers 32 \
-        --hidden-size 4096 \
-        --ffn-hidden-size 14336 \
-        --num-attention-heads 32 \
-        --group-query-attention \
-        --num-query-groups 8 \
-        --position-embedding-type rope \
-        --rotary-base 1000000 \
-        --seq-length 4096 \
-        --max-position-embeddings 32768 \
-        --num-experts 8 \
-        --moe-router-topk 2 \
-        --normalization RMSNorm \
-        --swiglu \
-        --untie-embeddings-and-output-weights \
-        --disable-bias-linear \
-        --norm-epsilon 1e-5 \
-        --tokenizer-type HuggingFaceTokenizer \
-        --tokenizer-model mistralai/Mixtral-8x7B-v0.1 \
-        --tensor-model-parallel-size 1 \
-        --expert-model-parallel-size 8 \
-        --expert-tensor-parallel-size 1 \
-        --pipeline-model-parallel-size 1 \
-        --bf16 \
-        --moe-grouped-gemm \
-        --moe-router-dtype fp32 \
-        --micro-batch-size 1 \
-        --inference-max-seq-length 4096 \
+        "${MEGATRON_ARGS[@]}" \
         --load "${CHECKPOINT}" \
         --moe-token-dispatcher-type alltoall \
         --specmoe-record-routes "${SPECMOE_WORK}/routes" \
@@ -89,34 +95,7 @@ case "$STEP" in
         --nnodes=1 \
         --standalone \
         -m megatron_specmoe.launch "${MEGATRON_LM}/examples/inference/launch_inference_server.py" \
-        --num-layers 32 \
-        --hidden-size 4096 \
-        --ffn-hidden-size 14336 \
-        --num-attention-heads 32 \
-        --group-query-attention \
-        --num-query-groups 8 \
-        --position-embedding-type rope \
-        --rotary-base 1000000 \
-        --seq-length 4096 \
-        --max-position-embeddings 32768 \
-        --num-experts 8 \
-        --moe-router-topk 2 \
-        --normalization RMSNorm \
-        --swiglu \
-        --untie-embeddings-and-output-weights \
-        --disable-bias-linear \
-        --norm-epsilon 1e-5 \
-        --tokenizer-type HuggingFaceTokenizer \
-        --tokenizer-model mistralai/Mixtral-8x7B-v0.1 \
-        --tensor-model-parallel-size 1 \
-        --expert-model-parallel-size 8 \
-        --expert-tensor-parallel-size 1 \
-        --pipeline-model-parallel-size 1 \
-        --bf16 \
-        --moe-grouped-gemm \
-        --moe-router-dtype fp32 \
-        --micro-batch-size 1 \
-        --inference-max-seq-length 4096 \
+        "${MEGATRON_ARGS[@]}" \
         --load "${CHECKPOINT}" \
         --moe-token-dispatcher-type specmoe \
         --specmoe-plan "${SPECMOE_WORK}/plan" \

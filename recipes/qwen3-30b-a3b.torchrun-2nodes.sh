@@ -39,6 +39,42 @@ export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker}"
 # GPUDirect RDMA between the NIC and GPU memory when they share a PCIe switch.
 export NCCL_NET_GDR_LEVEL="${NCCL_NET_GDR_LEVEL:-PHB}"
 
+# The model, its parallel layout and precision: the Megatron-LM flags that calibrate
+# and serve share.
+MEGATRON_ARGS=(
+    --num-layers 48
+    --hidden-size 2048
+    --ffn-hidden-size 6144
+    --num-attention-heads 32
+    --group-query-attention
+    --num-query-groups 4
+    --kv-channels 128
+    --qk-layernorm
+    --position-embedding-type rope
+    --rotary-base 1000000
+    --seq-length 4096
+    --max-position-embeddings 40960
+    --num-experts 128
+    --moe-router-topk 8
+    --moe-ffn-hidden-size 768
+    --normalization RMSNorm
+    --swiglu
+    --untie-embeddings-and-output-weights
+    --disable-bias-linear
+    --norm-epsilon 1e-6
+    --tokenizer-type HuggingFaceTokenizer
+    --tokenizer-model Qwen/Qwen3-30B-A3B
+    --tensor-model-parallel-size 1
+    --expert-model-parallel-size 16
+    --expert-tensor-parallel-size 1
+    --pipeline-model-parallel-size 1
+    --bf16
+    --moe-grouped-gemm
+    --moe-router-dtype fp32
+    --micro-batch-size 1
+    --inference-max-seq-length 4096
+)
+
 case "$STEP" in
   calibrate)
     : "${MEGATRON_LM:?set MEGATRON_LM (see the top of this file)}"
@@ -53,37 +89,7 @@ case "$STEP" in
         --rdzv-backend=c10d \
         "--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT}" \
         -m megatron_specmoe.launch "${MEGATRON_LM}/examples/inference/offline_inference.py" \
-        --num-layers 48 \
-        --hidden-size 2048 \
-        --ffn-hidden-size 6144 \
-        --num-attention-heads 32 \
-        --group-query-attention \
-        --num-query-groups 4 \
-        --kv-channels 128 \
-        --qk-layernorm \
-        --position-embedding-type rope \
-        --rotary-base 1000000 \
-        --seq-length 4096 \
-        --max-position-embeddings 40960 \
-        --num-experts 128 \
-        --moe-router-topk 8 \
-        --moe-ffn-hidden-size 768 \
-        --normalization RMSNorm \
-        --swiglu \
-        --untie-embeddings-and-output-weights \
-        --disable-bias-linear \
-        --norm-epsilon 1e-6 \
-        --tokenizer-type HuggingFaceTokenizer \
-        --tokenizer-model Qwen/Qwen3-30B-A3B \
-        --tensor-model-parallel-size 1 \
-        --expert-model-parallel-size 16 \
-        --expert-tensor-parallel-size 1 \
-        --pipeline-model-parallel-size 1 \
-        --bf16 \
-        --moe-grouped-gemm \
-        --moe-router-dtype fp32 \
-        --micro-batch-size 1 \
-        --inference-max-seq-length 4096 \
+        "${MEGATRON_ARGS[@]}" \
         --load "${CHECKPOINT}" \
         --moe-token-dispatcher-type alltoall \
         --specmoe-record-routes "${SPECMOE_WORK}/routes" \
@@ -110,37 +116,7 @@ case "$STEP" in
         --rdzv-backend=c10d \
         "--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT}" \
         -m megatron_specmoe.launch "${MEGATRON_LM}/examples/inference/launch_inference_server.py" \
-        --num-layers 48 \
-        --hidden-size 2048 \
-        --ffn-hidden-size 6144 \
-        --num-attention-heads 32 \
-        --group-query-attention \
-        --num-query-groups 4 \
-        --kv-channels 128 \
-        --qk-layernorm \
-        --position-embedding-type rope \
-        --rotary-base 1000000 \
-        --seq-length 4096 \
-        --max-position-embeddings 40960 \
-        --num-experts 128 \
-        --moe-router-topk 8 \
-        --moe-ffn-hidden-size 768 \
-        --normalization RMSNorm \
-        --swiglu \
-        --untie-embeddings-and-output-weights \
-        --disable-bias-linear \
-        --norm-epsilon 1e-6 \
-        --tokenizer-type HuggingFaceTokenizer \
-        --tokenizer-model Qwen/Qwen3-30B-A3B \
-        --tensor-model-parallel-size 1 \
-        --expert-model-parallel-size 16 \
-        --expert-tensor-parallel-size 1 \
-        --pipeline-model-parallel-size 1 \
-        --bf16 \
-        --moe-grouped-gemm \
-        --moe-router-dtype fp32 \
-        --micro-batch-size 1 \
-        --inference-max-seq-length 4096 \
+        "${MEGATRON_ARGS[@]}" \
         --load "${CHECKPOINT}" \
         --moe-token-dispatcher-type specmoe \
         --specmoe-plan "${SPECMOE_WORK}/plan" \

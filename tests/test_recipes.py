@@ -175,6 +175,16 @@ def test_committed_files_are_what_the_generator_writes():
     assert stale == [], "regenerate: specmoe recipes --committed --write recipes/"
 
 
+@pytest.mark.parametrize("recipe", ALL)
+def test_files_state_the_shared_flags_once(recipe):
+    """calibrate and serve share the model's flags: the file holds them once, in MEGATRON_ARGS,
+    and both steps expand that array (their argv is checked whole by the run tests below)."""
+    text = recipe.script_text()
+    assert text.count("--num-layers ") == 1 and text.count("--expert-model-parallel-size ") == 1
+    assert text.count('"${MEGATRON_ARGS[@]}"') == 2
+    assert "--load" not in text.split("MEGATRON_ARGS=(")[1].split(")")[0]  # variables stay per step
+
+
 def shellcheck_binary():
     found = shutil.which("shellcheck") or shutil.which("shellcheck",
                                                        path=str(Path(sys.executable).parent))

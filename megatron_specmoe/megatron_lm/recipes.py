@@ -65,6 +65,8 @@ __all__ = [
     "committed_recipes",
     "write_recipes",
     "render_argv",
+    "render_array",
+    "SHARED_ARRAY",
 ]
 
 Step = Literal["calibrate", "plan", "serve"]
@@ -133,6 +135,9 @@ class Command:
         script_args: flags the script (or ``specmoe plan``) adds itself.
         script: the Megatron-LM script, or None for ``plan``.
         creates: folders the step writes into (made before it runs).
+        shared: how many leading ``megatron_args`` are the recipe's shared Megatron flags (the
+            model, its layout, precision: the same for calibrate and serve); a file
+            states them once, in the bash array ``MEGATRON_ARGS``.
     """
 
     step: Step
@@ -142,6 +147,7 @@ class Command:
     script_args: tuple[str, ...]
     script: Optional[ScriptRef]
     creates: tuple[str, ...] = ()
+    shared: int = 0
 
     def argv(self) -> tuple[str, ...]:
         return (*self.launcher, *self.program, *self.megatron_args, *self.script_args)
@@ -156,20 +162,43 @@ class Command:
                 return token[len(flag) + 1:]
         return None
 
-    def render(self, indent: str = "") -> str:
+    def render(self, indent: str = "", *, shared_array: bool = False) -> str:
         """The command as shell text: the program on one line, then one flag (with its value)
-        per line; a bare word (torchrun after srun's flags) starts a line too."""
+        per line; a bare word (torchrun after srun's flags) starts a line too. With
+        ``shared_array`` the shared Megatron flags are ``"${MEGATRON_ARGS[@]}"`` (see
+        :func:`render_array`)."""
         # Launcher tokens are "--flag=value" or program names: one per line.
-        lines: list[list[str]] = [[token] for token in self.launcher]
+        lines = [render_argv([token]) for token in self.launcher]
         if self.program:
-            lines.append(list(self.program))
-        for token in (*self.megatron_args, *self.script_args):
-            if token.startswith("--") or not lines:
-                lines.append([token])
-            else:
-                lines[-1].append(token)
-        text = [" ".join(render_argv(line)) for line in lines]
-        return (" \\\n" + indent + "    ").join(text)
+            lines.append(render_argv(self.program))
+        rest = (*self.megatron_args, *self.script_args)
+        if shared_array and self.shared:
+            lines.append(['"${%s[@]}"' % SHARED_ARRAY])
+            rest = rest[self.shared:]
+        lines += _flag_lines(rest)
+        return (" \\\n" + indent + "    ").join(" ".join(line) for line in lines)
+
+
+# The bash array a recipe file keeps its shared Megatron flags in.
+SHARED_ARRAY = "MEGATRON_ARGS"
+
+
+def _flag_lines(argv) -> list[list[str]]:
+    """Quoted tokens, one flag with its values per line (a value never starts a line: the
+    first token always does)."""
+    lines: list[list[str]] = []
+    for token in argv:
+        if token.startswith("--") or not lines:
+            lines.append([token])
+        else:
+            lines[-1].append(token)
+    return [render_argv(line) for line in lines]
+
+
+def render_array(name: str, argv, indent: str = "") -> list[str]:
+    """``name=( ... )``: a bash array of ``argv``, one flag (with its values) per line."""
+    return ([f"{indent}{name}=("] + [f"{indent}    {' '.join(line)}" for line in _flag_lines(argv)]
+            + [f"{indent})"])
 
 
 def render_argv(argv) -> list[str]:
@@ -295,10 +324,11 @@ class Recipe:
         return ("srun", "--nodes=1", "--ntasks=1") if self.launcher == "slurm" else ()
 
     def _megatron_common(self) -> tuple[str, ...]:
+        """The flags calibrate and serve share: constants only (no shell variable, so the array
+        is defined before any step checks its variables)."""
         return (*self.model.model_flags(), *layout_flags(self.layout),
                 "--bf16", "--moe-grouped-gemm", "--moe-router-dtype", "fp32",
-                "--micro-batch-size", "1", "--inference-max-seq-length", str(self.model.seq_length),
-                "--load", self.paths.checkpoint)
+                "--micro-batch-size", "1", "--inference-max-seq-length", str(self.model.seq_length))
 
     def _program(self, script: ScriptRef) -> tuple[str, ...]:
         return ("-m", "megatron_specmoe.launch", f"{self.paths.megatron}/{script.path}")
@@ -310,8 +340,10 @@ class Recipe:
                   else ("--moe-routing-trace-path", p.routes))
         calibrate = Command(
             step="calibrate", launcher=self._gpu_launcher(), program=self._program(CALIBRATION_SCRIPT),
-            megatron_args=(*self._megatron_common(), "--moe-token-dispatcher-type", "alltoall",
+            megatron_args=(*self._megatron_common(), "--load", p.checkpoint,
+                           "--moe-token-dispatcher-type", "alltoall",
                            *record),
+            shared=len(self._megatron_common()),
             script_args=("--prompt-file", p.prompts,
                          "--num-tokens-to-generate", str(self.calibration_tokens)),
             script=CALIBRATION_SCRIPT, creates=(p.routes,),
@@ -324,7 +356,9 @@ class Recipe:
         )
         serve = Command(
             step="serve", launcher=self._gpu_launcher(), program=self._program(SERVE_SCRIPT),
-            megatron_args=(*self._megatron_common(), "--moe-token-dispatcher-type", "specmoe",
+            shared=len(self._megatron_common()),
+            megatron_args=(*self._megatron_common(), "--load", p.checkpoint,
+                           "--moe-token-dispatcher-type", "specmoe",
                            "--specmoe-plan", p.plan, "--specmoe-predictor", self.predictor,
                            "--specmoe-request-placement",
                            "--specmoe-stats", p.stats),
@@ -418,21 +452,28 @@ class Recipe:
             need += ("MASTER_ADDR",)
         return [f': "${{{name}:?set {name} (see the top of this file)}}"' for name in need]
 
-    def step_lines(self, step: str, indent: str = "") -> list[str]:
-        """The shell lines of one step: required variables, folders, the command."""
+    def step_lines(self, step: str, indent: str = "", *, shared_array: bool = False) -> list[str]:
+        """The shell lines of one step: required variables, folders, the command (its shared
+        Megatron flags as ``"${MEGATRON_ARGS[@]}"`` with ``shared_array``)."""
         cmd = self.commands()[step]
         lines = self._require(step)
         if cmd.creates:
             lines.append("mkdir -p " + " ".join(render_argv(cmd.creates)))
-        lines.append(cmd.render(indent))
+        lines.append(cmd.render(indent, shared_array=shared_array))
         return [indent + line for line in lines]
+
+    def shared_lines(self) -> list[str]:
+        """The bash array of the Megatron flags calibrate and serve share (stated once)."""
+        return ["# The model, its parallel layout and precision: the Megatron-LM flags that calibrate",
+                "# and serve share.",
+                *render_array(SHARED_ARRAY, self._megatron_common())]
 
     def script_text(self) -> str:
         lines = ["#!/usr/bin/env bash", *self._header(), "set -euo pipefail", "",
-                 *self._environment(), "", 'case "$STEP" in']
+                 *self._environment(), "", *self.shared_lines(), "", 'case "$STEP" in']
         for step in STEPS:
             lines.append(f"  {step})")
-            lines += self.step_lines(step, indent="    ")
+            lines += self.step_lines(step, indent="    ", shared_array=True)
             lines.append("    ;;")
         lines += [
             "  *)",
