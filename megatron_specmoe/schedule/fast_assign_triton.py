@@ -50,16 +50,24 @@ def _scores_block(s_ptr, rows, cols, T, P, C, PAD0, BIG, TIE):
 
 
 @triton.jit
-def _margins_kernel(s_ptr, lam_prev_ptr, q_prev_ptr, lam_ptr, e_ptr, T, T_PAD, P, PAD0, damp, BIG, TIE,
-                    UPDATE: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BT + tl.arange(0, BT)
-    cols = tl.arange(0, BP)
+def _prices(lam_prev_ptr, q_prev_ptr, cols, P, damp, UPDATE: tl.constexpr, BP: tl.constexpr):
+    """float32 [BP]: this iteration's prices, lam_prev + damp * q_prev (0 at the first): the one
+    price update both kernels make."""
     if UPDATE:
         lam = tl.load(lam_prev_ptr + cols, mask=cols < P, other=0.0) + damp * tl.load(
             q_prev_ptr + cols, mask=cols < P, other=0.0)
     else:
         lam = tl.zeros([BP], dtype=tl.float32)
+    return lam
+
+
+@triton.jit
+def _margins_kernel(s_ptr, lam_prev_ptr, q_prev_ptr, lam_ptr, e_ptr, T, T_PAD, P, PAD0, damp, BIG, TIE,
+                    UPDATE: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    cols = tl.arange(0, BP)
+    lam = _prices(lam_prev_ptr, q_prev_ptr, cols, P, damp, UPDATE, BP)
     if pid == 0:
         tl.store(lam_ptr + cols, lam, mask=cols < P)
     red = _scores_block(s_ptr, rows, cols, T, P, T_PAD // P, PAD0, BIG, TIE) - lam[None, :]
@@ -77,11 +85,7 @@ def _asks_kernel(s_ptr, lam_prev_ptr, q_prev_ptr, key_ptr, T, T_PAD, P, PAD0, da
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     cols = tl.arange(0, BP)
-    if UPDATE:
-        lam = tl.load(lam_prev_ptr + cols, mask=cols < P, other=0.0) + damp * tl.load(
-            q_prev_ptr + cols, mask=cols < P, other=0.0)
-    else:
-        lam = tl.zeros([BP], dtype=tl.float32)
+    lam = _prices(lam_prev_ptr, q_prev_ptr, cols, P, damp, UPDATE, BP)
     red = _scores_block(s_ptr, rows, cols, T, P, T_PAD // P, PAD0, BIG, TIE) - lam[None, :]
     v0 = tl.max(red, axis=1)
     ask = tl.min(tl.where(red == v0[:, None], cols[None, :], BP), axis=1).to(tl.int64)
