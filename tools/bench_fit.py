@@ -1,10 +1,12 @@
-"""Fit time of the route predictors against tokens, the accuracy cost of the history MLP's caps,
-and the issue-15 budget case (1M tokens x 60 layers x 256 experts).
+"""Fit time of the route predictors against tokens, the accuracy cost of the history MLP's and
+the layer table's caps, and the issue-15 budget case (1M tokens x 60 layers x 256 experts).
 
 Usage:
     python tools/bench_fit.py --part scaling     # CPU s vs tokens, plot docs/figures/fit_time.png
-    python tools/bench_fit.py --part accuracy    # held-out top-1 with and without the caps
+    python tools/bench_fit.py --part accuracy    # history MLP: held-out top-1 with and without caps
+    python tools/bench_fit.py --part layer       # layer table: the same, capped vs uncapped search
     nice -n 10 python tools/bench_fit.py --part big   # the budget case, once
+                                                      # (--big-layers N: time N layers, extrapolate)
 
 Data. ``scaling`` and ``big`` use synthetic routes (``artifacts/synthetic.py``: E = 256, top-8,
 planted topics; no real trace of a 256-expert model is available here). ``accuracy`` uses the real
@@ -40,6 +42,7 @@ from megatron_specmoe.predict.base import RouteContext, top_experts  # noqa: E40
 from megatron_specmoe.predict.registry import make  # noqa: E402
 
 MIXTRAL = "/work/shared/traces/mixtral-mtbench"
+LAYER_NO_CAPS = {"max_search_tokens": None, "max_val_tokens": None, "max_fit_tokens": None}
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "fit_time.png"
 
 
@@ -70,7 +73,8 @@ def part_scaling(args) -> None:
     configs = {
         "history (caps: default)": ("history", {}),
         "history (no caps)": ("history", {"max_fit_tokens": None, "max_val_tokens": None}),
-        "layer table": ("layer", {}),
+        "layer table (caps: default)": ("layer", {}),
+        "layer table (no caps)": ("layer", LAYER_NO_CAPS),
         "token table": ("token", {}),
     }
     results: dict[str, list[float]] = {}
@@ -78,7 +82,7 @@ def part_scaling(args) -> None:
     for name, (kind, opts) in configs.items():
         row = []
         for tokens in sizes:
-            if name == "history (no caps)" and tokens > args.no_cap_max:
+            if name.endswith("(no caps)") and tokens > args.no_cap_max:
                 row.append(float("nan"))
                 continue
             trace = synthetic_trace(SyntheticSpec(tokens=tokens, layers=L, num_experts=E, topk=k, seed=1))
@@ -95,7 +99,8 @@ def part_scaling(args) -> None:
         results[name] = row
         print(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.1f}" for v in row) + " |")
     print()
-    print(f"CPU seconds for {L} layers. 'no caps' is the fit before issue 15 (every token, every epoch); "
+    print(f"CPU seconds for {L} layers. 'no caps' is the fit before issue 15 (history: every token, every "
+          "epoch; layer table: the search's tables and the final tables on every token); "
           f"skipped above T={args.no_cap_max}. '-': skipped or refused:")
     for line in failures:
         print(f"- refused: {line}")
@@ -159,28 +164,94 @@ def part_accuracy(args) -> None:
     print("Cells: held-out top-1, and fit CPU seconds in brackets.")
 
 
+def _layer_cell(opts: dict, fit: RoutingTrace, held: RoutingTrace) -> tuple[str, float]:
+    model = make("layer", **opts)
+    _, cpu, _ = timed(lambda: model.fit(fit))
+    acc = top1(model, held)
+    ch = model.chosen
+    return f"{acc:.4f} ({cpu:.1f} s; n={ch['n']} mc={ch['min_count']} a={ch['alpha']})", acc
+
+
+def part_layer(args) -> None:
+    """Held-out top-1 of the layer table with the default caps, smaller caps and none, same run."""
+    small = {"max_search_tokens": args.layer_small_cap, "max_val_tokens": max(1024, args.layer_small_cap // 4),
+             "max_fit_tokens": args.layer_small_cap}
+    configs = {"no caps": LAYER_NO_CAPS, "default caps": {}, f"caps {args.layer_small_cap}": small}
+    print("## Layer table: held-out top-1 by caps (layers >= 1)")
+    print()
+    print("| data | fitting tokens | " + " | ".join(configs) + " | default / none |")
+    print("| --- | --- | " + " | ".join("---" for _ in configs) + " | --- |")
+    data = []
+    files = sorted(glob.glob(f"{MIXTRAL}/*.json"))
+    if files:
+        from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
+
+        traces = [read_traces(f) for f in files]
+        for split, path in zip(leave_one_out_splits(traces, dedup=True, drop_seen_in_fit=True), files):
+            data.append((f"Mixtral, held out {Path(path).stem}", split.fit, split.eval))
+    else:
+        print(f"(Mixtral traces not found under {MIXTRAL}: skipped)")
+    for tokens in [int(x) for x in args.layer_tokens.split(",")]:
+        trace = synthetic_trace(SyntheticSpec(tokens=tokens, layers=args.layers, num_experts=256, topk=8, seed=2))
+        cut = tokens - tokens // 8
+        data.append((f"synthetic E=256 top-8, L={args.layers}", trace.select(np.arange(cut)),
+                     trace.select(np.arange(cut, tokens))))
+    for label, fit, held in data:
+        cells, accs = [], {}
+        for name, opts in configs.items():
+            cell, acc = _layer_cell(opts, fit, held)
+            cells.append(cell)
+            accs[name] = acc
+            print(f"[bench_fit] layer {label} {name}: {cell}", file=sys.stderr, flush=True)
+        ratio = accs["default caps"] / accs["no caps"] if accs["no caps"] else float("nan")
+        print(f"| {label} | {fit.num_tokens} | " + " | ".join(cells) + f" | {ratio:.4f}x |", flush=True)
+    print()
+    print("Cells: held-out top-1 (the last 1/8 of a synthetic trace; the held-out workload of a Mixtral fold), "
+          "fit CPU seconds and the chosen n / min_count / alpha. The caps bind only above their sizes "
+          "(default: search 65536 + 16384 held-out tokens, final tables 131072).")
+
+
 def part_big(args) -> None:
     T, L, E, k = args.big_tokens, 60, 256, 8
     trace, cpu, wall = timed(lambda: synthetic_trace(SyntheticSpec(tokens=T, layers=L, num_experts=E, topk=k, seed=3)))
     print(f"## Budget case: synthetic T={T}, L={L}, E={E}, top-{k} (generated in {wall:.0f} s)")
     print()
-    model = make("history")
-    estimate, cpu_e, _ = timed(lambda: model.estimate_fit_seconds(trace))
-    print(f"history estimate before fitting: at most {estimate:.0f} s (probe took {cpu_e:.1f} CPU s)")
-    _, cpu, wall = timed(lambda: model.fit(trace))
-    epochs = [r["epoch"] for r in model.fit_log]
-    print(f"history fit: {cpu:.0f} CPU s, {wall:.0f} s wall; best epochs min/median/max "
-          f"{min(epochs)}/{int(np.median(epochs))}/{max(epochs)}; held-out top-1 (fit log, mean) "
-          f"{np.mean([r['val_top1'] for r in model.fit_log]):.4f}")
+    if not args.skip_history:
+        model = make("history")
+        estimate, cpu_e, _ = timed(lambda: model.estimate_fit_seconds(trace))
+        print(f"history estimate before fitting: at most {estimate:.0f} s (probe took {cpu_e:.1f} CPU s)")
+        _, cpu, wall = timed(lambda: model.fit(trace))
+        epochs = [r["epoch"] for r in model.fit_log]
+        print(f"history fit: {cpu:.0f} CPU s, {wall:.0f} s wall; best epochs min/median/max "
+              f"{min(epochs)}/{int(np.median(epochs))}/{max(epochs)}; held-out top-1 (fit log, mean) "
+              f"{np.mean([r['val_top1'] for r in model.fit_log]):.4f}")
+    layers = L if args.big_layers is None else args.big_layers
+    part = trace if layers == L else RoutingTrace(experts=trace.experts[:, :layers], num_experts=E,
+                                                    token_ids=trace.token_ids, request_ids=trace.request_ids,
+                                                    source=f"{trace.source} (first {layers} layers)")
+    scale = (L - 1) / (layers - 1)
     for kind in args.big_tables.split(",") if args.big_tables else []:
         table = make(kind)
-        _, cpu, wall = timed(lambda: table.fit(trace))
-        print(f"{kind} table fit: {cpu:.0f} CPU s, {wall:.0f} s wall")
+        est = None
+        if hasattr(table, "estimate_fit_seconds"):
+            est, cpu_e, _ = timed(lambda: table.estimate_fit_seconds(part))
+        _, cpu, wall = timed(lambda: table.fit(part))
+        line = f"{kind} table fit on {layers} of {L} layers: {cpu:.0f} CPU s, {wall:.0f} s wall"
+        if est is not None:
+            line += f" (estimate before fitting {est:.0f} s wall, probe {cpu_e:.1f} CPU s)"
+        if layers != L:
+            line += (f"; extrapolated to {L} layers (x{scale:.2f}, per predicted layer, linear): "
+                     f"{cpu * scale:.0f} CPU s")
+        if hasattr(table, "memory_bytes"):
+            mem = table.memory_bytes()
+            line += f"; tables {mem / 1e6:.0f} MB" + (f" (x{scale:.2f} = {mem * scale / 1e9:.1f} GB at {L} layers)"
+                                                     if layers != L else "")
+        print(line, flush=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("scaling", "accuracy", "big"), required=True)
+    ap.add_argument("--part", choices=("scaling", "accuracy", "layer", "big"), required=True)
     ap.add_argument("--tokens", default="8192,32768,131072,524288", help="scaling: token counts")
     ap.add_argument("--layers", type=int, default=6, help="scaling/accuracy: MoE layers of the synthetic traces")
     ap.add_argument("--no-cap-max", type=int, default=131072, help="scaling: largest T fitted without caps")
@@ -188,10 +259,17 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic-tokens", type=int, default=147456, help="accuracy: synthetic tokens")
     ap.add_argument("--big-tokens", type=int, default=1_000_000)
     ap.add_argument("--big-tables", default="", help="big: table predictors to time too (comma list)")
+    ap.add_argument("--big-layers", type=int, default=None,
+                    help="big: fit the tables on the first N of the 60 layers and extrapolate (N >= 2)")
+    ap.add_argument("--skip-history", action="store_true", help="big: time the tables only")
+    ap.add_argument("--layer-tokens", default="65536,262144", help="layer: synthetic token counts")
+    ap.add_argument("--layer-small-cap", type=int, default=16384, help="layer: the small caps' size")
     args = ap.parse_args(argv)
     print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
     print()
-    {"scaling": part_scaling, "accuracy": part_accuracy, "big": part_big}[args.part](args)
+    if args.big_layers is not None and not 2 <= args.big_layers <= 60:
+        ap.error(f"--big-layers {args.big_layers}: must be in 2..60")
+    {"scaling": part_scaling, "accuracy": part_accuracy, "layer": part_layer, "big": part_big}[args.part](args)
     return 0
 
 

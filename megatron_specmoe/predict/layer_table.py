@@ -29,12 +29,25 @@ context without history) scores the prior. n, ``min_count`` and ``alpha`` left a
 chosen on the fitting data only: tables are fitted on its first part and scored (top-1 hit rate,
 then log-likelihood of the true experts) on the last ``val_fraction`` (``_common.validation_split``),
 then refitted on all of it with the chosen values. The paper uses n = 2.
+
+Fit time (issue 15's budget: 1M tokens x 60 layers x 256 experts in 10 minutes on 2 cores). The
+search is capped the way the history MLP's fit is: ``max_search_tokens`` fitting and
+``max_val_tokens`` held-out tokens at most (seeded uniform samples of the two parts, kept in trace
+order), each held-out context is looked up once per (layer, order) and reused by every candidate,
+and the orders are tried shortest first, stopping at the first n whose best top-1 (4 digits) does
+not beat n - 1's (early stop). ``max_fit_tokens`` caps the tokens the final tables count (a seeded
+sample; the frequency prior still sees every token). Contexts rarer than the chosen ``min_count``
+are not stored (a lookup of one falls through, as it would have). Beyond the caps fit time no longer
+grows with T. ``estimate_fit_seconds`` times the search and the final fit on a sample before
+fitting; ``tools/bench_fit.py --part layer`` measures the accuracy cost of the caps.
+Memory: counts are dense, uint32 [U, E] per (layer, order), U <= the counted tokens.
 """
 
 from __future__ import annotations
 
 import itertools
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -50,7 +63,7 @@ from megatron_specmoe.predict.common import (
 from megatron_specmoe.predict.base import RouteContext
 from megatron_specmoe.artifacts.traces import RoutingTrace
 
-__all__ = ["LayerTable", "DEFAULT_GRID", "hash_keys"]
+__all__ = ["LayerTable", "DEFAULT_GRID", "MAX_SEARCH_TOKENS", "MAX_VAL_TOKENS", "MAX_FIT_TOKENS", "hash_keys"]
 
 # Candidate values tried when a hyper-parameter is left as None.
 DEFAULT_GRID: dict[str, tuple] = {
@@ -58,6 +71,10 @@ DEFAULT_GRID: dict[str, tuple] = {
     "min_count": (1, 2, 4, 8),
     "alpha": (0.25, 1.0, 4.0),
 }
+# Default caps (module docstring, "Fit time"); None in the constructor means no cap.
+MAX_SEARCH_TOKENS = 65536
+MAX_VAL_TOKENS = 16384
+MAX_FIT_TOKENS = 131072
 
 _BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))  # uint64 [64], 1 << i
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -148,16 +165,19 @@ class _Table:
         keys: uint64 [U, j*W], the context words, distinct rows (what a lookup matches).
         counts: uint32 [U, E], experts chosen after the context.
         tokens: uint32 [U], tokens that had the context (N_j).
-        mix_a: float32 [U+1, E] and mix_b: float32 [U+1], set by ``compile``: a found context
-            gives p_j = mix_a[row] + mix_b[row] * p_{j-1}; the extra last row (a = 0, b = 1) is
-            what a miss or a rare context (< min_count tokens) gets, so p_j = p_{j-1}.
+        denom: float64 [U+1], use: bool [U+1] and mix_b: float32 [U+1], set by ``compile``: a
+            found context gives p_j = counts[row] / denom[row] + mix_b[row] * p_{j-1} (the first
+            term in float32, computed for the looked-up rows only, so compiling costs O(U), not
+            O(U * E)); the extra last row (use False, b = 1) is what a miss or a rare context
+            (< min_count tokens) gets, so p_j = p_{j-1}.
     """
 
     def __init__(self, hashes: np.ndarray, keys: np.ndarray, counts: np.ndarray, tokens: np.ndarray):
         self.hashes, self.keys, self.counts, self.tokens = hashes, keys, counts, tokens
         self.slots: Optional[np.ndarray] = None  # open-addressing index, built by _index()
         self.shift, self.probes = np.uint64(63), 0
-        self.mix_a: Optional[np.ndarray] = None
+        self.denom: Optional[np.ndarray] = None
+        self.use: Optional[np.ndarray] = None
         self.mix_b: Optional[np.ndarray] = None
 
     @classmethod
@@ -178,19 +198,27 @@ class _Table:
         return cls(hashes[first], keys[first], counts.astype(np.uint32), tokens.astype(np.uint32))
 
     def compile(self, *, topk: int, min_count: int, alpha: float) -> "_Table":
-        """Precompute ``mix_a`` / ``mix_b`` for fixed smoothing; returns ``self``."""
-        units, num_experts = self.counts.shape
+        """Precompute ``denom`` / ``use`` / ``mix_b`` for fixed smoothing; returns ``self``."""
+        units = self.tokens.shape[0]
         denom = self.tokens.astype(np.float64) * topk + alpha * topk
         denom = np.maximum(denom, 1e-30)
         use = self.tokens >= min_count
-        mix_a = np.zeros((units + 1, num_experts), dtype=np.float32)
+        self.use = np.append(use, False)
+        self.denom = np.append(np.where(use, denom, 1.0), 1.0)
         mix_b = np.ones(units + 1, dtype=np.float32)
-        mix_a[:units][use] = (self.counts[use] / denom[use, None]).astype(np.float32)
         mix_b[:units][use] = (alpha * topk / denom[use]).astype(np.float32)
-        self.mix_a, self.mix_b = mix_a, mix_b
+        self.mix_b = mix_b
         if self.slots is None and self.hashes.size:
             self._index()
         return self
+
+    def pruned(self, min_count: int) -> "_Table":
+        """The table without the contexts seen in fewer than ``min_count`` tokens (never used:
+        a lookup of one falls through, exactly as the pass-through row does)."""
+        keep = self.tokens >= min_count
+        if keep.all():
+            return self
+        return _Table(self.hashes[keep], self.keys[keep], self.counts[keep], self.tokens[keep])
 
     def _index(self) -> None:
         """Build the open-addressing index: ``slots`` int32 [S] (S = a power of two >= 2U, so at
@@ -250,11 +278,15 @@ class _Table:
 
     def apply(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """float32 [T, E]: one back-off step, p_j from p_{j-1} = ``scores``, for ``rows`` [T]."""
-        return self.mix_a[rows] + self.mix_b[rows][:, None] * scores
+        ok = self.use[rows]
+        first = np.zeros((rows.shape[0], self.counts.shape[1]), dtype=np.float32)
+        found = rows[ok]
+        first[ok] = (self.counts[found] / self.denom[found, None]).astype(np.float32)
+        return first + self.mix_b[rows][:, None] * scores
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.mix_a is None else self.mix_a.nbytes + self.mix_b.nbytes
+        extra = 0 if self.mix_b is None else self.denom.nbytes + self.use.nbytes + self.mix_b.nbytes
         extra += 0 if self.slots is None else self.slots.nbytes
         return self.hashes.nbytes + self.keys.nbytes + self.counts.nbytes + self.tokens.nbytes + extra
 
@@ -268,6 +300,11 @@ class LayerTable(FittedTables):
         alpha: smoothing strength in pseudo-tokens, >= 0; ``None``: chosen likewise.
         val_fraction: share of the fitting tokens (the last ones) held out for the choice.
         grid: candidate values, defaults ``DEFAULT_GRID``.
+        max_search_tokens: fitting tokens the search's tables count, at most (a seeded sample;
+            None: all).
+        max_val_tokens: held-out tokens the search scores on, at most (None: all).
+        max_fit_tokens: tokens the final tables count, at most (None: all).
+        seed: seed of the samples.
     """
 
     kind = "layer"
@@ -280,6 +317,10 @@ class LayerTable(FittedTables):
         alpha: Optional[float] = None,
         val_fraction: float = 0.2,
         grid: Optional[dict[str, Sequence]] = None,
+        max_search_tokens: Optional[int] = MAX_SEARCH_TOKENS,
+        max_val_tokens: Optional[int] = MAX_VAL_TOKENS,
+        max_fit_tokens: Optional[int] = MAX_FIT_TOKENS,
+        seed: int = 0,
     ):
         if n is not None and n < 1:
             raise ValueError(f"LayerTable: n (layers of context) must be >= 1, got {n}")
@@ -289,11 +330,24 @@ class LayerTable(FittedTables):
             raise ValueError(f"LayerTable: alpha must be >= 0, got {alpha}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"LayerTable: val_fraction must be in (0, 1), got {val_fraction}")
+        for name, value in (("max_search_tokens", max_search_tokens), ("max_val_tokens", max_val_tokens),
+                            ("max_fit_tokens", max_fit_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"LayerTable: {name} must be a positive int or None (no cap), got {value!r}")
         self.n, self.min_count, self.alpha = n, min_count, alpha
         self.val_fraction = val_fraction
         self.grid = dict(DEFAULT_GRID, **(grid or {}))
+        self.max_search_tokens, self.max_val_tokens, self.max_fit_tokens = max_search_tokens, max_val_tokens, max_fit_tokens
+        self.seed = int(seed)
         self.selection: list[dict[str, float]] = []  # the grid scores of the last choice
         self._fitted: Optional[dict[str, Any]] = None
+
+    def _sample(self, idx: np.ndarray, cap: Optional[int], salt: int) -> np.ndarray:
+        """``idx`` itself, or ``cap`` of its entries drawn uniformly (seeded, kept in trace order)."""
+        if cap is None or idx.shape[0] <= cap:
+            return idx
+        rng = np.random.default_rng([self.seed, salt])
+        return np.sort(rng.choice(idx, size=cap, replace=False))
 
     # ---- fitting ----------------------------------------------------------------------------
     @staticmethod
@@ -332,44 +386,73 @@ class LayerTable(FittedTables):
         return scores.astype(np.float32, copy=False)
 
     def _choose(self, trace: RoutingTrace, prior_all: np.ndarray) -> tuple[int, int, float]:
+        """The (n, min_count, alpha) of the best held-out top-1, then log-likelihood (module
+        docstring: capped samples, one lookup per held-out context, orders shortest first with an
+        early stop). ``self.selection`` lists every candidate scored."""
         fit_idx, val_idx = validation_split(trace, self.val_fraction)
+        fit_idx = self._sample(fit_idx, self.max_search_tokens, 1)
+        val_idx = self._sample(val_idx, self.max_val_tokens, 2)
         fit_ex, val_ex = trace.experts[fit_idx], trace.experts[val_idx]
-        ns = (self.n,) if self.n is not None else tuple(self.grid["n"])
+        ns = (self.n,) if self.n is not None else tuple(sorted(self.grid["n"]))
         mcs = (self.min_count,) if self.min_count is not None else tuple(self.grid["min_count"])
         alphas = (self.alpha,) if self.alpha is not None else tuple(self.grid["alpha"])
-        prior = frequency_prior(fit_ex, trace.num_experts)
-        tables = self._build(fit_ex, trace.num_experts, max(ns))
+        num_experts, layers = trace.num_experts, trace.num_layers
+        prior = frequency_prior(fit_ex, num_experts)
+        tables = self._build(fit_ex, num_experts, max(ns))
+        # Held-out lookups depend on neither min_count nor alpha: once per (layer, order).
+        rows: list[list[np.ndarray]] = [[]]
+        for layer in range(1, layers):
+            orders = min(max(ns), layer)
+            words = set_words(val_ex[:, layer - orders : layer], num_experts)
+            hashes = context_hashes(words, orders)
+            rows.append([tables[layer][j - 1].lookup(hashes[j - 1], context_words(words, j))
+                         for j in range(1, orders + 1)])
+        truths = [None] + [val_ex[:, layer].astype(np.int64) for layer in range(1, layers)]
         self.selection = []
         best_key, best = None, None
-        for n, mc, alpha in itertools.product(ns, mcs, alphas):
-            hits, loglik = [], []
-            for layer in range(1, trace.num_layers):
-                for table in tables[layer]:
-                    table.compile(topk=trace.topk, min_count=mc, alpha=alpha)
-                sc = self._scores(tables[layer], prior[layer], val_ex[:, :layer], n)
-                truth = val_ex[:, layer].astype(np.int64)
-                hits.append((truth == sc.argmax(axis=1)[:, None]).any(axis=1).mean())
-                loglik.append(np.log(np.take_along_axis(sc, truth, axis=1) + 1e-12).mean())
-            row = {"n": n, "min_count": mc, "alpha": alpha, "top1": float(np.mean(hits)),
-                   "loglik": float(np.mean(loglik))}
-            self.selection.append(row)
-            key = (round(row["top1"], 4), row["loglik"])
-            if best_key is None or key > best_key:
-                best_key, best = key, (n, mc, alpha)
+        previous_top1 = None
+        for n in ns:
+            best_top1_n = None
+            for mc, alpha in itertools.product(mcs, alphas):
+                hits, loglik = [], []
+                for layer in range(1, layers):
+                    sc = np.broadcast_to(prior[layer], (val_ex.shape[0], num_experts))
+                    for j in range(1, min(n, layer) + 1):
+                        table = tables[layer][j - 1].compile(topk=trace.topk, min_count=mc, alpha=alpha)
+                        sc = table.apply(rows[layer][j - 1], sc)
+                    sc = np.asarray(sc, dtype=np.float32)
+                    truth = truths[layer]
+                    hits.append((truth == sc.argmax(axis=1)[:, None]).any(axis=1).mean())
+                    loglik.append(np.log(np.take_along_axis(sc, truth, axis=1) + 1e-12).mean())
+                row = {"n": n, "min_count": mc, "alpha": alpha, "top1": float(np.mean(hits)),
+                       "loglik": float(np.mean(loglik))}
+                self.selection.append(row)
+                key = (round(row["top1"], 4), row["loglik"])
+                best_top1_n = key[0] if best_top1_n is None else max(best_top1_n, key[0])
+                if best_key is None or key > best_key:
+                    best_key, best = key, (n, mc, alpha)
+            if previous_top1 is not None and best_top1_n <= previous_top1:
+                break  # early stop: a longer context did not help, a still longer one is not tried
+            previous_top1 = best_top1_n
         print(
             f"[layer] chose n={best[0]} min_count={best[1]} alpha={best[2]} on {len(val_idx)} "
-            f"held-out fitting tokens (top-1 {best_key[0]:.4f})",
+            f"held-out fitting tokens, tables from {len(fit_idx)} (top-1 {best_key[0]:.4f}; "
+            f"{len(self.selection)} candidates scored)",
             file=sys.stderr,
         )
         return best
 
     def fit(self, trace: RoutingTrace) -> "LayerTable":
-        """Choose the free hyper-parameters on a split of ``trace``, then fit on all of it."""
+        """Choose the free hyper-parameters on a split of ``trace``, then fit on all of it (on a
+        seeded sample of ``max_fit_tokens`` tokens beyond that cap)."""
         prior = frequency_prior(trace.experts, trace.num_experts)
         if None in (self.n, self.min_count, self.alpha):
             n, min_count, alpha = self._choose(trace, prior)
         else:
             n, min_count, alpha = self.n, self.min_count, self.alpha
+        counted = trace.experts[self._sample(np.arange(trace.num_tokens), self.max_fit_tokens, 3)]
+        tables = [[t.pruned(int(min_count)) for t in layer]
+                  for layer in self._build(counted, trace.num_experts, int(n))]
         self._fitted = {
             "num_experts": trace.num_experts,
             "num_layers": trace.num_layers,
@@ -378,11 +461,40 @@ class LayerTable(FittedTables):
             "min_count": int(min_count),
             "alpha": float(alpha),
             "prior": prior,
-            "tables": self._compile(
-                self._build(trace.experts, trace.num_experts, int(n)), trace.topk, min_count, alpha
-            ),
+            "tables": self._compile(tables, trace.topk, min_count, alpha),
         }
         return self
+
+    def estimate_fit_seconds(self, trace: RoutingTrace, *, sample_tokens: int = 8192) -> float:
+        """Seconds ``fit(trace)`` should take, measured before fitting: the search and the final
+        tables are timed apart on the first ``sample_tokens`` tokens and each is scaled, linearly,
+        to the tokens it will count under the caps. An estimate, not a bound (the number of
+        distinct contexts, not only T, sets the cost)."""
+        total = trace.num_tokens
+        size = min(total, sample_tokens)
+        sample = trace.select(np.arange(size))
+        probe = LayerTable(n=self.n, min_count=self.min_count, alpha=self.alpha, val_fraction=self.val_fraction,
+                           grid=self.grid, max_search_tokens=None, max_val_tokens=None, max_fit_tokens=None)
+        search_s = 0.0
+        chosen = (self.n, self.min_count, self.alpha)
+        if None in chosen:
+            start = time.perf_counter()
+            chosen = probe._choose(sample, frequency_prior(sample.experts, sample.num_experts))
+            search_s = time.perf_counter() - start
+        start = time.perf_counter()
+        LayerTable(n=int(chosen[0]), min_count=int(chosen[1]), alpha=float(chosen[2]),
+                   max_fit_tokens=None).fit(sample)
+        fit_s = time.perf_counter() - start
+
+        def capped(tokens: float, cap: Optional[int]) -> float:
+            return tokens if cap is None else min(tokens, cap)
+
+        fit_part = total * (1.0 - self.val_fraction)
+        sample_fit = size * (1.0 - self.val_fraction)
+        search_scale = (capped(fit_part, self.max_search_tokens) + capped(total - fit_part, self.max_val_tokens)) / size
+        if sample_fit <= 0:
+            search_scale = 0.0
+        return float(search_s * search_scale + fit_s * capped(total, self.max_fit_tokens) / size)
 
     @staticmethod
     def _compile(tables: list[list[_Table]], topk: int, min_count: int, alpha: float) -> list[list[_Table]]:
@@ -422,7 +534,8 @@ class LayerTable(FittedTables):
             for j, table in enumerate(tables, start=1):
                 for name in ("hashes", "keys", "counts", "tokens"):
                     arrays[f"l{layer}.o{j}.{name}"] = getattr(table, name)
-        config = {"kind": self.kind, "val_fraction": self.val_fraction}
+        config = {"kind": self.kind, "val_fraction": self.val_fraction, "max_search_tokens": self.max_search_tokens,
+                  "max_val_tokens": self.max_val_tokens, "max_fit_tokens": self.max_fit_tokens, "seed": self.seed}
         for name in ("num_experts", "num_layers", "topk", "n", "min_count", "alpha"):
             config[name] = st[name]
         return {"config": config, "arrays": arrays}
@@ -431,7 +544,12 @@ class LayerTable(FittedTables):
     def from_state(cls, state: dict[str, Any]) -> "LayerTable":
         check_state(state, kind=cls.kind, arrays=("prior",))
         cfg, arr = state["config"], state["arrays"]
-        out = cls(n=cfg["n"], min_count=cfg["min_count"], alpha=cfg["alpha"], val_fraction=cfg["val_fraction"])
+        caps = {name: cfg.get(name, default) for name, default in (
+            ("max_search_tokens", MAX_SEARCH_TOKENS), ("max_val_tokens", MAX_VAL_TOKENS),
+            ("max_fit_tokens", MAX_FIT_TOKENS))}
+        caps = {name: None if v is None else int(v) for name, v in caps.items()}
+        out = cls(n=cfg["n"], min_count=cfg["min_count"], alpha=cfg["alpha"], val_fraction=cfg["val_fraction"],
+                  seed=int(cfg.get("seed", 0)), **caps)
         tables: list[list[_Table]] = []
         for layer in range(int(cfg["num_layers"])):
             orders = min(int(cfg["n"]), layer)

@@ -59,8 +59,10 @@ def estimate_fit_seconds(kind: str, trace: RoutingTrace, *, sample_tokens: int =
     """Seconds ``fit_predictor(kind, trace, **options)`` should take, measured before it starts.
 
     history: ``HistoryMLP.estimate_fit_seconds`` (a few timed steps; an upper bound at most
-    ``epochs`` epochs). token, layer: one fit on the first ``sample_tokens`` tokens, scaled by
-    T / sample (their fits are linear in T). combined: the sum over its members.
+    ``epochs`` epochs). layer: ``LayerTable.estimate_fit_seconds`` (search and final tables timed
+    on ``sample_tokens`` tokens, each scaled to its capped tokens). token: one fit on the first
+    ``sample_tokens`` tokens, scaled by T / sample (its fit is linear in T). combined: the sum over
+    its members.
     """
     import time
 
@@ -75,6 +77,8 @@ def estimate_fit_seconds(kind: str, trace: RoutingTrace, *, sample_tokens: int =
     predictor = make(kind, **options)
     if kind == "history":
         return predictor.estimate_fit_seconds(trace)
+    if kind == "layer":
+        return predictor.estimate_fit_seconds(trace, sample_tokens=sample_tokens)
     n = min(trace.num_tokens, sample_tokens)
     sample = trace.select(np.arange(n))
     start = time.perf_counter()
