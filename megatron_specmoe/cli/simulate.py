@@ -9,6 +9,17 @@ combine, plus specmoe's exposed plan time), specmoe's speed-up over ``alltoall``
 activation rates. ``--json`` writes every number (``rows[i][name]`` holds ``dispatch_time_s`` and
 ``combine_time_s`` of each model), ``--plot`` a PNG of time vs EP.
 
+Replicas. With a ``--plan`` made with ``--redundant-experts R``, the row of the plan's EP size also
+holds ``replicas``: every ``specmoe_*`` model on the replica routes (s-TS by ranks holding any copy,
+each pair to the copy on its home rank, else to the least planned-load copy: the plan's route
+table), with its local activation rate, remote pairs, bytes, times and ratios to the same model
+without replicas. Other EP sizes say why they have none.
+
+Request placement (``--request-placement METHOD``, DP attention, ``--tp 1`` only): whole requests
+placed on DP ranks instead of s-TS; each row's ``request_placement`` compares the method with
+round_robin and Megatron's least_loaded on the plan's placement (local activation rate, remote
+pairs, remote nodes per token, inter-node bytes per token), ``sim/compare.py`` says how.
+
 Predictors for s-TS (``--predictor``)
     oracle   the true routes (perfect prediction): an upper bound, needs no fitting.
     plan     the predictor stored in ``--plan`` (kind ``--plan-kind``, default its first).
@@ -91,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-experts", type=int, default=None, metavar="E",
                         help="routed experts per MoE layer; required for JSON / JSONL traces without --plan "
                              "(they do not record it)")
+    parser.add_argument("--request-placement", default=None, metavar="METHOD",
+                        help="DP attention (needs --tp 1): place whole requests on DP ranks instead of s-TS, "
+                             "by round_robin, least_loaded (Megatron's), affinity or group_mask; the rows "
+                             "then compare the three side by side (needs traces with request ids)")
     parser.add_argument("--json", metavar="OUT", default=None, help="write all numbers as JSON")
     parser.add_argument("--plot", metavar="OUT.png", default=None, help="write a PNG of time vs EP")
 
@@ -181,7 +196,7 @@ def _predictor_scores(args, trace, plan):
 def simulate_rows(
     trace, scores, *, eps: Sequence[int], tp_arg: str, cluster, hidden: int, dispatch_dtype: str = "bf16",
     combine_dtype: str = "bf16", tokens_per_rank: int, plan_placements=None, method: str = "refine",
-    dispatchers=None, charge=None,
+    dispatchers=None, charge=None, replicas=None, request_method=None,
 ) -> list[dict]:
     """One ``Comparison.table_row()`` per EP size, all on the same tokens."""
     from megatron_specmoe.sim.compare import compare_dispatchers
@@ -193,7 +208,8 @@ def simulate_rows(
         cmp = compare_dispatchers(
             trace, scores, ep=ep, tp=tp, cluster=cluster, hidden_size=hidden, dispatch_dtype=dispatch_dtype,
             combine_dtype=combine_dtype, tokens_per_rank=tokens_per_rank, plan_placements=plan_placements,
-            method=method, dispatchers=dispatchers, charge=charge,
+            method=method, dispatchers=dispatchers, charge=charge, replicas=replicas,
+            request_ids=None if request_method is None else trace.request_ids, request_method=request_method,
         )
         rows.append(cmp.table_row())
         print(f"simulate: EP={ep} TP={tp} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -230,6 +246,15 @@ def _checked(args) -> None:
                                 "add --fit-traces FILE... (other workloads than --traces)")
     if args.predictor == "plan" and not args.plan:
         raise SpecMoEUsageError("--predictor plan needs a plan", "add --plan DIR")
+    if args.request_placement is not None:
+        from typing import get_args
+
+        from megatron_specmoe.schedule.request_placement import TraceRequestMethod
+
+        methods = list(get_args(TraceRequestMethod))
+        if args.request_placement not in methods:
+            raise SpecMoEUsageError(f"--request-placement {args.request_placement!r} is not a method",
+                                    f"choose one of {methods}")
     for flag, out in (("--json", args.json), ("--plot", args.plot)):
         if out is not None:
             check_output_file(flag, out)
@@ -240,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from megatron_specmoe.artifacts.trace_io import dedup_routes, read_traces
-    from megatron_specmoe.cli.simulate_report import format_table, plot_rows
+    from megatron_specmoe.cli.simulate_report import format_extras, format_table, plot_rows
     from megatron_specmoe.sim.cluster import cluster_preset
     from megatron_specmoe.sim.plan_cost import DEFAULT_PLAN_KERNELS, PlanCharge
     from megatron_specmoe.sim.wire import WireDtypes
@@ -273,6 +298,12 @@ def run(args: argparse.Namespace) -> int:
     cluster = cluster_preset(args.cluster)
     if args.nic_routing is not None and args.nic_routing != cluster.inter_node_routing:
         cluster = dataclasses.replace(cluster, inter_node_routing=args.nic_routing)
+    if args.request_placement is not None:
+        wide = [(ep, tp) for ep in eps if (tp := resolve_tp(args.tp, ep, cluster.gpus_per_node)) != 1]
+        if wide:
+            raise SpecMoEUsageError(
+                f"--request-placement models DP attention (TP = 1, a token never leaves its rank), but --tp "
+                f"{args.tp} gives TP = {wide[0][1]} at EP {wide[0][0]}", "pass --tp 1")
     plan, num_experts = None, args.num_experts
     if args.plan:
         from megatron_specmoe.artifacts.plan_folder import load_plan
@@ -304,12 +335,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"simulate: using the first {used} of {trace.num_tokens} tokens (a multiple of the "
           f"largest step, {step})", file=sys.stderr)
     trace = trace.select(np.arange(used))
+    replicas = None
+    if plan is not None:
+        from megatron_specmoe.schedule.replicas import replicas_from_arrays
+
+        replicas = replicas_from_arrays(plan.placements, plan.arrays, plan.header.notes.get("replica_policy", "load"))
+    if args.request_placement is not None:
+        if trace.request_ids is None:
+            raise SpecMoEDataError(f"--request-placement needs traces with request ids; {' '.join(args.traces)} "
+                                   "carry none", "give traces with request ids (Megatron JSONL, specmoe npz)")
+        if replicas is not None:
+            raise SpecMoEUsageError(f"--request-placement and the replicas of plan {args.plan} are not simulated "
+                                    "together", "use a plan made without --redundant-experts, or drop --request-placement")
+    if replicas is not None and plan.header.ep_size not in eps:
+        print(f"simulate: the plan's {replicas[0].redundant} replicas are per rank of EP {plan.header.ep_size}, "
+              f"which --ep {args.ep} does not include: no row simulates them", file=sys.stderr)
     scores, predictor_desc = _predictor_scores(args, trace, plan)
     rows = simulate_rows(
         trace, scores, eps=eps, tp_arg=args.tp, cluster=cluster, hidden=args.hidden,
         dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype, tokens_per_rank=args.tokens_per_rank,
         plan_placements=None if plan is None else plan.placements, method=args.assignment,
-        dispatchers=names, charge=charge,
+        dispatchers=names, charge=charge, replicas=replicas, request_method=args.request_placement,
     )
     print(f"cluster {cluster.name} (NCCL all-to-all NIC routing {cluster.inter_node_routing}): {cluster.source}")
     print(f"predictor: {predictor_desc}; tokens: {used}; hidden {args.hidden}, dispatch {dispatch_dtype}, "
@@ -318,11 +364,16 @@ def run(args: argparse.Namespace) -> int:
           f"{'overlapped with' if charge.overlap else 'not overlapped with'} {charge.phase} attention "
           f"(context {charge.context}); times per MoE layer per step = dispatch + combine + exposed plan")
     print(format_table(rows))
+    extras = format_extras(rows)
+    if extras:
+        print(extras)
     if args.json:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps({"cluster": cluster.to_json(), "predictor": predictor_desc, "tokens": used,
                                        "hidden": args.hidden, "dispatch_dtype": dispatch_dtype,
                                        "combine_dtype": combine_dtype, "tokens_per_rank": args.tokens_per_rank,
+                                       "request_placement": args.request_placement,
+                                       "redundant_experts": 0 if replicas is None else replicas[0].redundant,
                                        "plan": dataclasses.asdict(charge), "rows": rows}, indent=1))
     if args.plot:
         plot_rows({f"{args.tokens_per_rank} tokens/GPU": rows}, args.plot,

@@ -7,7 +7,7 @@ Notation
 
 from __future__ import annotations
 
-__all__ = ["SHORT", "COLOURS", "format_table", "plot_rows"]
+__all__ = ["SHORT", "COLOURS", "format_table", "format_extras", "plot_rows"]
 
 # Column headers (dispatcher name -> short label).
 SHORT = {
@@ -59,6 +59,45 @@ def format_table(rows: list[dict]) -> str:
     skipped = {n: why for r in rows for n, why in r.get("skipped", {}).items()}
     for n, why in skipped.items():
         lines.append(f"\n'-' {n}: {why}")
+    return "\n".join(lines)
+
+
+def _nodes_text(entry: dict) -> str:
+    nodes, b = entry.get("remote_nodes_per_token"), entry.get("internode_bytes_per_token")
+    if nodes is None or b is None:
+        return "node measures n/a"
+    return f"remote nodes/token {nodes:.3f}, inter-node B/token {b['per_node']:.0f} per-node / {b['per_pair']:.0f} per-pair"
+
+
+def format_extras(rows: list[dict]) -> str:
+    """Lines for the replica routes and the request placement of each row ('' when neither)."""
+    lines = []
+    for r in rows:
+        rep = r.get("replicas")
+        if rep is not None:
+            if "skipped" in rep:
+                lines.append(f"EP {r['ep']} replicas: {rep['skipped']}")
+            for name, entry in rep.items():
+                if not isinstance(entry, dict) or name not in r:
+                    continue
+                base = r[name]
+                lines.append(
+                    f"EP {r['ep']} {SHORT[name]} with {rep['redundant_experts']} replicas ({rep['policy']}): "
+                    f"LAR {base['local_activation_rate']:.3f} -> {entry['local_activation_rate']:.3f}, remote "
+                    f"pairs/token {base['remote_pairs_per_token']:.3f} -> {entry['remote_pairs_per_token']:.3f}, "
+                    f"{base['total_time_s'] * 1e6:.1f} -> {entry['total_time_s'] * 1e6:.1f} us "
+                    f"({entry['vs_without_replicas']['total_time_s']:.3f}x)")
+        req = r.get("request_placement")
+        if req is not None:
+            for name, entry in req["by_method"].items():
+                lines.append(f"EP {r['ep']} requests {name}: LAR {entry['local_activation_rate']:.3f}, remote "
+                             f"pairs/token {entry['remote_pairs_per_token']:.3f}, {_nodes_text(entry)}")
+            for base in ("round_robin", "least_loaded"):
+                ratio = req[f"vs_{base}"]
+                if base != req["method"] and ratio.get("remote_nodes_per_token") is not None:
+                    lines.append(f"EP {r['ep']} requests {req['method']} / {base}: remote nodes "
+                                 f"{ratio['remote_nodes_per_token']:.3f}x, inter-node bytes "
+                                 f"{ratio['internode_bytes_per_token']['per_pair']:.3f}x per-pair")
     return "\n".join(lines)
 
 

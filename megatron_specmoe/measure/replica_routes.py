@@ -18,7 +18,7 @@ import torch
 
 from megatron_specmoe.measure.measures import rank_hits
 
-__all__ = ["replica_hits", "replica_rank_scores", "routed_rank_hits"]
+__all__ = ["replica_hits", "replica_rank_scores", "routed_ranks", "routed_rank_hits"]
 
 
 def replica_hits(experts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,19 @@ def replica_rank_scores(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (np.asarray(scores, dtype=np.float32) @ np.asarray(mask, dtype=np.float32)).astype(np.float32)
 
 
+def routed_ranks(experts: torch.Tensor, home_rank: torch.Tensor, table: torch.Tensor,
+                 slots_per_rank: int) -> torch.Tensor:
+    """int64 [T, k]: the rank each pair is routed to under the route table (the simulator's and
+    the measures' one routing rule; ``ReplicatedPlacement.route_table`` decides).
+
+    Args:
+        experts: int64 [T, k] logical experts.   home_rank: int64 [T].
+        table: int64 [E, P] (``route_table``).   slots_per_rank: s.
+    """
+    slot = table[experts.long(), home_rank.long().view(-1, 1)]  # [T, k]
+    return slot // slots_per_rank
+
+
 def routed_rank_hits(experts: torch.Tensor, home_rank: torch.Tensor, table: torch.Tensor, slots_per_rank: int,
                      num_ranks: int) -> torch.Tensor:
     """int64 [T, P]: pairs of token t routed to rank q under the route table.
@@ -47,5 +60,4 @@ def routed_rank_hits(experts: torch.Tensor, home_rank: torch.Tensor, table: torc
         experts: int64 [T, k] logical experts.   home_rank: int64 [T].
         table: int64 [E, P] (``route_table``).   slots_per_rank: s.   num_ranks: P.
     """
-    slot = table[experts.long(), home_rank.long().view(-1, 1)]  # [T, k]
-    return rank_hits(slot // slots_per_rank, num_ranks)
+    return rank_hits(routed_ranks(experts, home_rank, table, slots_per_rank), num_ranks)

@@ -48,7 +48,7 @@ from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.predict.base import RouteContext, rank_scores
 
 __all__ = ["RequestMethod", "RequestPlacement", "request_affinity", "place_requests", "online_rank",
-           "TraceRequestMethod", "trace_request_homes"]
+           "TraceRequestMethod", "trace_request_homes", "trace_request_homes_from_scores"]
 
 RequestMethod = Literal["round_robin", "group_mask", "balanced"]
 # How ``trace_request_homes`` places a trace's requests (see its docstring).
@@ -184,6 +184,41 @@ def online_rank(affinity: np.ndarray, pending: np.ndarray, *, max_requests: int,
     return int(np.argmax(weight * share + (1.0 - weight) * free))  # first maximum: the lower rank
 
 
+def _request_bounds(request_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) int64 [R] of the requests of a trace (each request's tokens consecutive)."""
+    rid = np.asarray(request_ids)
+    if rid.ndim != 1 or rid.shape[0] == 0:
+        raise ValueError("request placement needs request ids int [T] (traces with request ids)")
+    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
+    if np.unique(rid[starts]).shape[0] != starts.shape[0]:
+        raise ValueError("request placement needs each request's tokens to be consecutive in the trace")
+    return starts, np.r_[starts[1:], rid.shape[0]]
+
+
+def _place_trace_requests(affinity: Optional[np.ndarray], lengths: np.ndarray, num_ranks: int, method: str,
+                          slots: int, weight: float) -> np.ndarray:
+    """int64 [R]: each request's rank (``trace_request_homes``' methods); affinity float [R, P]."""
+    n = lengths.shape[0]
+    if method == "round_robin":
+        return np.arange(n, dtype=np.int64) % num_ranks
+    if method == "group_mask":
+        return place_requests(affinity, lengths, method="group_mask").rank
+    w = 0.0 if method == "least_loaded" else weight
+    rank = np.empty(n, dtype=np.int64)
+    pending = np.zeros(num_ranks, dtype=np.int64)
+    for i in range(n):
+        if i % (slots * num_ranks) == 0:
+            pending[:] = 0
+        rank[i] = online_rank(affinity[i], pending, max_requests=slots, weight=w)
+        pending[rank[i]] += 1
+    return rank
+
+
+def _check_method(method: str) -> None:
+    if method not in get_args(TraceRequestMethod):
+        raise ValueError(f"request placement method {method!r}; choose one of {list(get_args(TraceRequestMethod))}")
+
+
 def trace_request_homes(
     request_ids: np.ndarray,
     token_ids: Optional[np.ndarray],
@@ -213,34 +248,47 @@ def trace_request_homes(
         predictor: answers ``RouteContext(layer, token_ids)`` (e.g. the token table).
         placements: one ExpertPlacement per MoE layer (P from them).
     """
-    if method not in get_args(TraceRequestMethod):
-        raise ValueError(f"request placement method {method!r}; choose one of {list(get_args(TraceRequestMethod))}")
-    rid = np.asarray(request_ids)
-    if rid.ndim != 1 or rid.shape[0] == 0:
-        raise ValueError("request placement needs request ids int [T] (traces with request ids)")
-    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
-    if np.unique(rid[starts]).shape[0] != starts.shape[0]:
-        raise ValueError("request placement needs each request's tokens to be consecutive in the trace")
-    ends = np.r_[starts[1:], rid.shape[0]]
+    _check_method(method)
+    starts, ends = _request_bounds(request_ids)
     p = placements[0].ep_size
-    n = starts.shape[0]
-    if method == "round_robin":
-        rank = np.arange(n, dtype=np.int64) % p
-    else:
+    aff = None
+    if method not in ("round_robin", "least_loaded"):
         if token_ids is None:
             raise ValueError(f"request placement {method!r} predicts from token ids, and the trace has none; "
                              "use round_robin")
         prompts = [np.asarray(token_ids[s : s + max(1, int((e - s) * prompt_share))]) for s, e in zip(starts, ends)]
         aff = request_affinity(predictor, prompts, placements)
-        if method == "group_mask":
-            rank = place_requests(aff, ends - starts, method="group_mask").rank
-        else:
-            w = 0.0 if method == "least_loaded" else weight
-            rank = np.empty(n, dtype=np.int64)
-            pending = np.zeros(p, dtype=np.int64)
-            for i in range(n):
-                if i % (slots * p) == 0:
-                    pending[:] = 0
-                rank[i] = online_rank(aff[i], pending, max_requests=slots, weight=w)
-                pending[rank[i]] += 1
+    elif method == "least_loaded":
+        aff = np.zeros((starts.shape[0], p), dtype=np.float32)  # weight 0: affinity is not read
+    rank = _place_trace_requests(aff, ends - starts, p, method, slots, weight)
+    return np.repeat(rank, ends - starts)
+
+
+def trace_request_homes_from_scores(
+    request_ids: np.ndarray,
+    token_rank_scores: np.ndarray,
+    *,
+    method: str,
+    prompt_share: float = 0.5,
+    slots: int = 4,
+    weight: float = 0.5,
+) -> np.ndarray:
+    """int64 [T]: ``trace_request_homes`` with the affinity summed from given per-token rank
+    scores (a request's affinity: the sum of its first ``prompt_share`` tokens' rows), for callers
+    that already hold scores (the simulator: its ``--predictor``'s scores summed over layers).
+
+    Args:
+        request_ids: int [T]; a request's tokens are consecutive.
+        token_rank_scores: float [T, P], each token's predicted pairs on each rank, all layers.
+    """
+    _check_method(method)
+    starts, ends = _request_bounds(request_ids)
+    scores = np.asarray(token_rank_scores, dtype=np.float32)
+    if scores.ndim != 2 or scores.shape[0] != np.asarray(request_ids).shape[0]:
+        raise ValueError(f"trace_request_homes_from_scores: token_rank_scores must be [T, P] with "
+                         f"T={np.asarray(request_ids).shape[0]}, got {scores.shape}")
+    prompt_ends = starts + np.maximum(1, ((ends - starts) * prompt_share).astype(np.int64))
+    cum = np.concatenate([np.zeros((1, scores.shape[1]), np.float64), np.cumsum(scores, axis=0, dtype=np.float64)])
+    aff = (cum[prompt_ends] - cum[starts]).astype(np.float32)
+    rank = _place_trace_requests(aff, ends - starts, scores.shape[1], method, slots, weight)
     return np.repeat(rank, ends - starts)

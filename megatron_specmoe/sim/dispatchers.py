@@ -122,6 +122,7 @@ class SimResult:
         combine: ``PhaseTime`` of combine, arrays [S, L].
         wire_bytes: float64 [S, L], bytes all ranks put on the wire (NVLink + NIC, both phases).
         local_activation_rate: share of pairs served on the token's home rank.
+        remote_pairs_per_token: pairs served off the home rank, per token per MoE layer.
         nodes: ``NodeMeasures`` of the routes this model carries (``RouteCounts.nodes``), or None.
         wire: the row formats (for the node measures' inter-node bytes), or None.
     """
@@ -131,6 +132,7 @@ class SimResult:
     dispatch: PhaseTime
     combine: PhaseTime
     local_activation_rate: float
+    remote_pairs_per_token: float = 0.0
     nodes: Optional[NodeMeasures] = None
     wire: Optional[WireDtypes] = None
 
@@ -165,6 +167,7 @@ class SimResult:
             "combine_time_s": float(self.combine.time_s.mean()),
             "layer_time_s": float(self.layer_time_s.mean()),
             "local_activation_rate": self.local_activation_rate,
+            "remote_pairs_per_token": self.remote_pairs_per_token,
             "nvlink_bytes_per_layer": float((self.dispatch.nvlink_bytes + self.combine.nvlink_bytes).mean()),
             "inter_node_bytes_per_layer": float((self.dispatch.nic_bytes + self.combine.nic_bytes).mean()),
             **self.node_summary(),
@@ -317,5 +320,6 @@ def simulate_dispatcher(
     else:
         dispatch, combine = _allgather(counts, wire, cluster, top_k, nvls=model.transport == "nvls_allgather")
     return SimResult(dispatcher=name, cluster=cluster, dispatch=dispatch, combine=combine,
-                     local_activation_rate=counts.local_activation_rate(), nodes=counts.nodes, wire=wire)
+                     local_activation_rate=counts.local_activation_rate(),
+                     remote_pairs_per_token=counts.remote_pairs_per_token(), nodes=counts.nodes, wire=wire)
 

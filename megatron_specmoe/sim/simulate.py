@@ -22,6 +22,12 @@ What this module computes
     ``route_counts``: pairs, copies and node copies of every step and layer of a trace, the input
     of every dispatcher model in ``dispatchers.py`` (times: ``links.py``; latency model:
     ``cluster.py``).
+
+Replicas (``schedule/replicas.py``). Given one ``ReplicatedPlacement`` per layer, ``route_counts``
+sends each pair where the dispatcher does: to the copy on the token's home rank if there is one,
+else to the copy on the least planned-load rank (the plan's route table, applied by
+``measure.replica_routes.routed_ranks``; no second copy of the rule here). Every count, byte and
+time downstream then follows the replica routes.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import torch
 from megatron_specmoe.artifacts.traces import RoutingTrace
 from megatron_specmoe.measure.measures import WireFormat, rank_hits, traffic_matrix
 from megatron_specmoe.measure.nodes import NodeMeasures, measure_nodes
+from megatron_specmoe.measure.replica_routes import routed_ranks
 from megatron_specmoe.schedule.layout import ParallelLayout
 from megatron_specmoe.schedule.placement import ExpertPlacement
+from megatron_specmoe.schedule.replicas import ReplicatedPlacement
 from megatron_specmoe.sim.wire import WireDtypes
 
 __all__ = [
@@ -221,6 +229,12 @@ class RouteCounts:
         total = int(self.pairs.sum())
         return int(np.trace(self.pairs, axis1=-2, axis2=-1).sum()) / total if total else 0.0
 
+    def remote_pairs_per_token(self) -> float:
+        """Pairs served off the token's home rank, per token per MoE layer."""
+        tokens = int(self.tokens.sum())
+        remote = int(self.pairs.sum()) - int(np.trace(self.pairs, axis1=-2, axis2=-1).sum())
+        return remote / tokens if tokens else 0.0
+
 
 def _batch_counts(ranks: np.ndarray, home: np.ndarray, num_ranks: int, gpn: int):
     """(pairs [P, P], copies [P, P], node copies [P, N], tokens [P], NodeMeasures or None) of one batch."""
@@ -253,6 +267,7 @@ def route_counts(
     num_ranks: int,
     gpus_per_node: int,
     tokens_per_step: int,
+    replicas: Optional[Sequence[ReplicatedPlacement]] = None,
 ) -> RouteCounts:
     """Counts of every step and layer of ``trace``.
 
@@ -263,6 +278,8 @@ def route_counts(
         num_ranks: P.
         gpus_per_node: G.
         tokens_per_step: tokens per step; must divide T (trim the trace with ``trace.select``).
+        replicas: None, or one ``ReplicatedPlacement`` per layer whose base is that layer's
+            placement: pairs then go where the route table sends them (module docstring).
     """
     num_tokens, num_layers, _ = trace.experts.shape
     if len(placements) != num_layers:
@@ -277,6 +294,14 @@ def route_counts(
         )
     if home_ranks.size and (home_ranks.min() < 0 or home_ranks.max() >= num_ranks):
         raise ValueError(f"route_counts: home ranks must be in 0..{num_ranks - 1}")
+    if replicas is not None:
+        if len(replicas) != num_layers:
+            raise ValueError(f"route_counts: need one replicated placement per MoE layer ({num_layers}), "
+                             f"got {len(replicas)}")
+        for layer, (rp, pl) in enumerate(zip(replicas, placements)):
+            if rp.base != pl:
+                raise ValueError(f"route_counts: replicas[{layer}] is built on another base placement than "
+                                 f"placements[{layer}]")
     if tokens_per_step < 1 or num_tokens % tokens_per_step:
         raise ValueError(
             f"tokens_per_step={tokens_per_step} must be >= 1 and divide the trace's T={num_tokens} "
@@ -292,7 +317,13 @@ def route_counts(
     nodes = (None if measured is None
              else NodeMeasures.empty(gpus_per_node=measured, num_nodes=num_ranks // measured))
     for layer in range(num_layers):
-        ranks = expert_ranks(trace.experts[:, layer], placements[layer])
+        if replicas is None:
+            ranks = expert_ranks(trace.experts[:, layer], placements[layer])
+        else:
+            ranks = routed_ranks(torch.as_tensor(trace.experts[:, layer].astype(np.int64)),
+                                 torch.as_tensor(home_ranks[:, layer].astype(np.int64)),
+                                 torch.as_tensor(replicas[layer].route_table()),
+                                 replicas[layer].slots_per_rank).numpy()
         for step in range(steps):
             sl = slice(step * tokens_per_step, (step + 1) * tokens_per_step)
             out = _batch_counts(ranks[sl], home_ranks[sl, layer], num_ranks, gpus_per_node)
