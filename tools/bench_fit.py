@@ -136,7 +136,7 @@ def part_accuracy(args) -> None:
     if files:
         from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
 
-        traces = [read_traces(f) for f in files]
+        traces = [read_traces(f, num_experts=8) for f in files]  # Mixtral-8x7B: E = 8
         for split, path in zip(leave_one_out_splits(traces, dedup=True, drop_seen_in_fit=True), files):
             fit, held = split.fit, split.eval
             row = []
@@ -186,7 +186,7 @@ def part_layer(args) -> None:
     if files:
         from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
 
-        traces = [read_traces(f) for f in files]
+        traces = [read_traces(f, num_experts=8) for f in files]  # Mixtral-8x7B: E = 8
         for split, path in zip(leave_one_out_splits(traces, dedup=True, drop_seen_in_fit=True), files):
             data.append((f"Mixtral, held out {Path(path).stem}", split.fit, split.eval))
     else:

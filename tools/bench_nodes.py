@@ -158,7 +158,7 @@ def mixtral_part(args) -> None:
     if not files:
         print(f"(Mixtral traces not found under {MIXTRAL}: skipped)")
         return
-    splits = leave_one_out_splits([read_traces(f) for f in files], dedup=True, drop_seen_in_fit=True)
+    splits = leave_one_out_splits([read_traces(f, num_experts=8) for f in files], dedup=True, drop_seen_in_fit=True)
     print("## Mixtral-8x7B MT-Bench (E=8, top-2), EP 8, shuffle homes, mean over 4 leave-one-workload-out folds")
     print()
     print("| GPUs/node | placement | remote nodes/tok | vs rank | inter-node B/tok per-node | vs rank |")

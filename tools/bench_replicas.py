@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if not files:
         print(f"no traces under {args.traces}")
         return 1
-    traces = [read_traces(f) for f in files]
+    traces = [read_traces(f, num_experts=8) for f in files]
     splits = leave_one_out_splits(traces, dedup=True, drop_seen_in_fit=True)
     redundant = [int(x) for x in args.redundant.split(",")]
     policies = args.policies.split(",")
