@@ -191,7 +191,7 @@ def part_layer(args) -> None:
             data.append((f"Mixtral, held out {Path(path).stem}", split.fit, split.eval))
     else:
         print(f"(Mixtral traces not found under {MIXTRAL}: skipped)")
-    for tokens in [int(x) for x in args.layer_tokens.split(",")]:
+    for tokens in [int(x) for x in args.layer_tokens.split(",") if x.strip()]:
         trace = synthetic_trace(SyntheticSpec(tokens=tokens, layers=args.layers, num_experts=256, topk=8, seed=2))
         cut = tokens - tokens // 8
         data.append((f"synthetic E=256 top-8, L={args.layers}", trace.select(np.arange(cut)),
