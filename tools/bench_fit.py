@@ -176,7 +176,9 @@ def part_layer(args) -> None:
     """Held-out top-1 of the layer table with the default caps, smaller caps and none, same run."""
     small = {"max_search_tokens": args.layer_small_cap, "max_val_tokens": max(1024, args.layer_small_cap // 4),
              "max_fit_tokens": args.layer_small_cap}
-    configs = {"no caps": LAYER_NO_CAPS, "default caps": {}, f"caps {args.layer_small_cap}": small}
+    search_only = dict(small, max_fit_tokens=None)
+    configs = {"no caps": LAYER_NO_CAPS, "default caps": {}, f"caps {args.layer_small_cap}": small,
+               f"search caps {args.layer_small_cap} only": search_only}
     print("## Layer table: held-out top-1 by caps (layers >= 1)")
     print()
     print("| data | fitting tokens | " + " | ".join(configs) + " | default / none |")
@@ -208,7 +210,8 @@ def part_layer(args) -> None:
     print()
     print("Cells: held-out top-1 (the last 1/8 of a synthetic trace; the held-out workload of a Mixtral fold), "
           "fit CPU seconds and the chosen n / min_count / alpha. The caps bind only above their sizes "
-          "(default: search 65536 + 16384 held-out tokens, final tables 131072).")
+          "(default: search 65536 + 16384 held-out tokens, final tables 131072); 'caps N' caps the search "
+          "at N fitting + N/4 held-out tokens and the final tables at N, 'search caps N only' the search alone.")
 
 
 def part_big(args) -> None:
