@@ -117,3 +117,21 @@ def test_estimate_fit_seconds_is_positive_and_the_registry_uses_it(monkeypatch):
     assert np.isfinite(est) and est > 0
     monkeypatch.setattr(LayerTable, "estimate_fit_seconds", lambda self, trace, sample_tokens=8192: 123.0)
     assert registry.estimate_fit_seconds("layer", trace) == 123.0
+
+
+def test_counts_take_the_narrowest_dtype_and_round_trip():
+    trace = _structured(tokens=600)
+    table = LayerTable(n=1, min_count=1, alpha=1.0).fit(trace)
+    t = table._fitted["tables"][1][0]
+    assert t.counts.dtype == np.uint8 and int(t.counts.max()) <= 255
+    back = LayerTable.from_state(table.to_state())
+    assert back._fitted["tables"][1][0].counts.dtype == np.uint8
+    ctx = RouteContext(layer=2, history=trace.experts[:, :2])
+    np.testing.assert_array_equal(back.expert_scores(ctx), table.expert_scores(ctx))
+    # One context chosen 300 times needs uint16.
+    ex = np.zeros((300, 2, 1), dtype=np.int32)
+    wide = LayerTable(n=1, min_count=1, alpha=1.0).fit(RoutingTrace(experts=ex, num_experts=4))
+    assert wide._fitted["tables"][1][0].counts.dtype == np.uint16
+    assert LT._narrow(np.array([70000])).dtype == np.uint32
+    with pytest.raises(ValueError, match="counts must be non-negative integers"):
+        LT._narrow(np.array([-1]))

@@ -40,7 +40,9 @@ sample; the frequency prior still sees every token). Contexts rarer than the cho
 are not stored (a lookup of one falls through, as it would have). Beyond the caps fit time no longer
 grows with T. ``estimate_fit_seconds`` times the search and the final fit on a sample before
 fitting; ``tools/bench_fit.py --part layer`` measures the accuracy cost of the caps.
-Memory: counts are dense, uint32 [U, E] per (layer, order), U <= the counted tokens.
+Memory: counts are dense, [U, E] per (layer, order), U <= the counted tokens, in the narrowest
+unsigned dtype that holds the largest count (uint8 when no context has chosen an expert more than
+255 times, as on routes where most contexts are distinct; else uint16 or uint32).
 """
 
 from __future__ import annotations
@@ -109,6 +111,17 @@ def set_words(experts: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
+def _narrow(counts: np.ndarray) -> np.ndarray:
+    """``counts`` (non-negative integers) in the narrowest of uint8 / uint16 / uint32 that holds them."""
+    if counts.size and (not np.issubdtype(counts.dtype, np.integer) or counts.min() < 0):
+        raise ValueError("layer predictor state: counts must be non-negative integers; re-save it with to_state()")
+    top = int(counts.max()) if counts.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return counts.astype(dtype, copy=False)
+    raise ValueError(f"layer predictor: a count of {top} exceeds uint32")
+
+
 def _fmix(z: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser on uint64 [T] (wrapping arithmetic): a bijection in which every
     input bit affects every output bit."""
@@ -163,7 +176,8 @@ class _Table:
     Attributes:
         hashes: uint64 [U], ``hash_keys(keys)``; two rows may share a hash.
         keys: uint64 [U, j*W], the context words, distinct rows (what a lookup matches).
-        counts: uint32 [U, E], experts chosen after the context.
+        counts: uint8 / uint16 / uint32 [U, E] (the narrowest that holds them, ``_narrow``),
+            experts chosen after the context.
         tokens: uint32 [U], tokens that had the context (N_j).
         denom: float64 [U+1], use: bool [U+1] and mix_b: float32 [U+1], set by ``compile``: a
             found context gives p_j = counts[row] / denom[row] + mix_b[row] * p_{j-1} (the first
@@ -195,7 +209,7 @@ class _Table:
         flat = np.repeat(inverse, topk) * num_experts + targets.reshape(-1).astype(np.int64)
         counts = np.bincount(flat, minlength=units * num_experts).reshape(units, num_experts)
         tokens = np.bincount(inverse, minlength=units)
-        return cls(hashes[first], keys[first], counts.astype(np.uint32), tokens.astype(np.uint32))
+        return cls(hashes[first], keys[first], _narrow(counts), tokens.astype(np.uint32))
 
     def compile(self, *, topk: int, min_count: int, alpha: float) -> "_Table":
         """Precompute ``denom`` / ``use`` / ``mix_b`` for fixed smoothing; returns ``self``."""
@@ -567,7 +581,7 @@ class LayerTable(FittedTables):
                         # the stored copy cannot mislead a lookup.
                         hash_keys(np.asarray(arr[f"l{layer}.o{j}.keys"], dtype=np.uint64)),
                         np.asarray(arr[f"l{layer}.o{j}.keys"], dtype=np.uint64),
-                        np.asarray(arr[f"l{layer}.o{j}.counts"], dtype=np.uint32),
+                        _narrow(np.asarray(arr[f"l{layer}.o{j}.counts"])),
                         np.asarray(arr[f"l{layer}.o{j}.tokens"], dtype=np.uint32),
                     )
                     for j in range(1, orders + 1)
