@@ -99,8 +99,8 @@ def part_scaling(args) -> None:
         results[name] = row
         print(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.1f}" for v in row) + " |")
     print()
-    print(f"CPU seconds for {L} layers. 'no caps' is the fit before issue 15 (history: every token, every "
-          "epoch; layer table: the search's tables and the final tables on every token); "
+    print(f"CPU seconds for {L} layers. 'no caps': history = the fit before issue 15 (every token, every "
+          "epoch); layer table = today's search and tables with the caps off (every token); "
           f"skipped above T={args.no_cap_max}. '-': skipped or refused:")
     for line in failures:
         print(f"- refused: {line}")
