@@ -27,8 +27,25 @@ Every token on this rank is at home here, so the table row is fixed per rank: on
 ``index_copy`` per tensor (no host sync, deterministic; static shapes, so capturable by
 construction, though not yet run under a CUDA graph).
 
+Padded decode (drop-and-pad). Megatron's CUDA-graph decode (core 0.19's
+``moe_pad_experts_for_cuda_graph_inference``) switches every dispatcher to drop-and-pad at run time
+(``megatron.core.inference.utils.set_decode_expert_padding``: ``drop_and_pad = True`` and a
+capacity factor of E / k): every physical slot then receives exactly ``capacity`` rows from every
+rank, the all-to-all splits are equal and nothing is read on the host (no ``cuda_sync_point``), so
+dispatch + combine are capturable. This dispatcher keeps that mode with its own column mapping:
+``preprocess`` sizes the capacity on the router's *logical* experts (with replicas the layer has
+E + R physical columns, the router E; Megatron's own formula on E + R would give each slot fewer
+rows than a logical expert may select, and drop them) and never above T, the most rows one rank
+can send one expert (each token picks an expert once; Megatron's permute fails above T). With the
+decode capacity factor E / k the capacity is exactly T: nothing is dropped, and every slot without
+real pairs (the replicas this rank does not route to) is filled with zero-probability rows, as
+Megatron pads. The recorder, in that mode, counts the routing map it permutes; the wire carries
+``capacity`` rows per slot whatever the map says (``DispatchRecord`` is about real pairs).
+
 Six-phase contract. ``dispatch_preprocess`` permutes columns and records (no communication);
-the other five phases are Megatron's, unchanged.
+``preprocess`` is Megatron's except for the drop-and-pad capacity above; the other phases are
+Megatron's, unchanged. Under CUDA-graph capture the recorder is refused (a record is Python work
+that a replay would not repeat).
 
 Accounting. When ``recorder`` is set, ``dispatch_preprocess`` appends a ``DispatchRecord`` (pairs
 and bytes this rank sends to each rank, route measures) per forward, counted on the routing map
@@ -42,6 +59,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_specmoe.measure.accounting import DispatchRecord
@@ -179,6 +197,38 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         return (routing_map.new_zeros(shape).index_copy(1, slots, routing_map),
                 probs.new_zeros(shape).index_copy(1, slots, probs))
 
+    # ---- drop-and-pad (padded decode) ------------------------------------------------------------
+    def padded_capacity(self, num_tokens: int) -> int:
+        """Rows every physical slot receives from this rank in drop-and-pad mode (module docstring,
+        Padded decode): Megatron's ``get_capacity`` on the router's logical experts, at most
+        ``num_tokens``. Host arithmetic on shapes only."""
+        logical = self.num_experts if self.replicas is None else self.replicas.num_experts
+        capacity = get_capacity(num_tokens=num_tokens * self.config.moe_router_topk, num_experts=logical,
+                                capacity_factor=self.moe_expert_capacity_factor)
+        return min(int(capacity), int(num_tokens))
+
+    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """Megatron's preprocess; in drop-and-pad mode with ``padded_capacity`` (static sizes,
+        built on the host from shapes: no device data is read).
+
+        Args:
+            routing_map: bool [T, E] in physical order.
+
+        Returns:
+            int64 [n] tokens per local expert (on the host in drop-and-pad mode, as Megatron's).
+        """
+        if not self.drop_and_pad:
+            return super().preprocess(routing_map)
+        self.capacity = self.padded_capacity(routing_map.size(0))
+        self.num_out_tokens = self.capacity * self.num_experts
+        # [n]: every local slot gets capacity rows from each of the tp * ep ranks.
+        per_local = torch.full((self.num_local_experts,), self.capacity * self.tp_size * self.ep_size,
+                               dtype=torch.long)
+        # [tp * ep * n]: rows each rank sends each local slot.
+        self.num_global_tokens_per_local_expert = torch.full(
+            (self.num_experts * self.tp_size,), self.capacity, dtype=torch.long, device=self.permute_idx_device)
+        return per_local
+
     # ---- phase 1 ---------------------------------------------------------------------------------
     def dispatch_preprocess(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
@@ -201,6 +251,12 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
                 self._columns = self._columns.to(routing_map.device)
             routing_map = routing_map.index_select(1, self._columns)
             probs = probs.index_select(1, self._columns)
+        if self.recorder is not None and routing_map.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                "SpecMoETokenDispatcher: a DispatchRecorder is attached while a CUDA graph is being "
+                "captured; its records are Python work that graph replays would not repeat. Detach it "
+                "(dispatcher.recorder = None) before capture, or measure without CUDA graphs"
+            )
         out = super().dispatch_preprocess(hidden_states, routing_map, probs)
         if self.recorder is not None:
             # After Megatron's preprocess: with moe_router_padding_for_quantization it pads the

@@ -65,6 +65,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_specmoe.comm.shuffle import (
@@ -75,7 +76,7 @@ from megatron_specmoe.comm.shuffle import (
 )
 from megatron_specmoe.megatron.shuffle_deepseek import shard_shared_experts
 from megatron_specmoe.megatron.shuffle_linears import NoCommColumnParallelLinear, NoCommRowParallelLinear
-from megatron_specmoe.megatron.shuffle_refusals import layer_refusals, moe_layer_numbers
+from megatron_specmoe.megatron.shuffle_refusals import graph_predictor_problem, layer_refusals, moe_layer_numbers
 from megatron_specmoe.megatron.shuffle_state import RouteHistory, ShuffleCarrier, ShuffleOptions, ShuffleState
 from megatron_specmoe.predict.pregate import top_experts
 from megatron_specmoe.predict.rank_scorers import ScoreInputs, make_rank_scorer
@@ -145,6 +146,9 @@ class ShuffleTransformerLayer(TransformerLayer):
                 "makes one per model)"
             )
         _check_config(config)
+        problem = graph_predictor_problem(config, carrier.options.predictor)
+        if problem:
+            raise ValueError("ShuffleTransformerLayer: " + problem)
         super().__init__(config, submodules, *args, **kwargs)
         self.carrier = carrier
         self._check_modules()
@@ -405,6 +409,9 @@ class ShuffleTransformerLayer(TransformerLayer):
         """Stage 3: the balanced plan over the T tokens and the P TP ranks (identical on every TP
         rank: the scores are, and the assignment is deterministic)."""
         plan = assign(self.rank_scores(x), self.carrier.options.method, validate=False)
+        if self.carrier.options.keep_plans and plan.order.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("ShuffleTransformerLayer: ShuffleOptions.keep_plans=True under CUDA-graph capture "
+                             "(a replay would not append its plan); turn keep_plans off for graphed decode")
         if self.carrier.options.keep_plans:
             self.carrier.plans.append((self.layer_number, plan))
         return plan
@@ -452,10 +459,12 @@ class ShuffleTransformerLayer(TransformerLayer):
         (shared experts at TP > 1: on every row of the shard, added to the routed output).
         Returns (float [C, 1, H] with zero pad rows, real rows). A rank with no real token (T < P,
         e.g. a decode step) still takes part in the EP collectives: it routes its one zero pad
-        row, whose output is dropped (it shows in the accounting)."""
+        row, whose output is dropped (it shows in the accounting). In Megatron's padded decode
+        (the dispatcher's ``drop_and_pad``) every rank routes all C rows, so that every EP rank
+        sends the same static capacity (``_padded_rows``)."""
         h = shard.shape[-1]
         real = real_capacities(plan.num_tokens, self.tp_group.size())[_group_rank(self.tp_group)]
-        rows = max(real, 1)
+        rows = self._padded_rows(plan.capacity) if self.mlp.token_dispatcher.drop_and_pad else max(real, 1)
         x = shard[:rows].view(rows, 1, h)
         if self._runs_shared_experts:
             # Shared experts on all C rows (their TP all-gather / reduce-scatter need equal shards,
@@ -471,6 +480,24 @@ class ShuffleTransformerLayer(TransformerLayer):
             out = torch.cat([out[:real], out.new_zeros(plan.capacity - real, 1, h)], dim=0)
         self.carrier.calls += 1
         return out, real
+
+    def _padded_rows(self, capacity: int) -> int:
+        """Rows the MoE layer routes in drop-and-pad mode: all C rows of the shard (equal on every
+        rank, so the all-to-all's equal splits line up), refused where the dispatcher's capacity
+        would drop a pair: the shuffle moves tokens between ranks, so a drop would fall on other
+        tokens than Megatron's. Host arithmetic on shapes only."""
+        dispatcher = self.mlp.token_dispatcher
+        factor = getattr(dispatcher, "moe_expert_capacity_factor", None)
+        if factor is None or dispatcher.padded_capacity(capacity) < capacity or get_capacity(
+                num_tokens=capacity * self.config.moe_router_topk, num_experts=self.mlp.router.weight.shape[0],
+                capacity_factor=factor) < capacity:
+            raise ValueError(
+                f"ShuffleTransformerLayer: the dispatcher pads to capacity (drop_and_pad) with "
+                f"moe_expert_capacity_factor={factor!r}, which drops tokens at {capacity} rows per rank; the "
+                "shuffle is lossless only when nothing is dropped: use num_moe_experts / moe_router_topk, "
+                "the factor Megatron's padded decode sets (--moe-pad-experts-for-cuda-graph-inference)"
+            )
+        return capacity
 
     def hand_on(self, out: torch.Tensor, real: int, plan: ShufflePlan, x: LayerInput) -> torch.Tensor:
         """Stage 6: what the next layer receives. Sequence parallel on: this shard, with the plan

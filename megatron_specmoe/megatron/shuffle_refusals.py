@@ -18,16 +18,62 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
-__all__ = ["moe_layer_pattern", "moe_layer_numbers", "shuffle_dense_layer_problem", "Refusal", "SHUFFLE_REFUSALS", "layer_refusals", "launcher_refusals", "launcher_sentences"]
+__all__ = ["moe_layer_pattern", "moe_layer_numbers", "shuffle_dense_layer_problem", "Refusal", "SHUFFLE_REFUSALS",
+           "layer_refusals", "launcher_refusals", "launcher_sentences", "graphs_on", "graph_predictor_problem"]
 
-# What still blocks a CUDA graph of a shuffle layer. The plan does not: "prices" on the Triton path
-# is 7 launches with no host synchronisation and static shapes (tools/gpu_check.py captures and
-# replays it). Megatron's dropless all-to-all dispatcher, which the specmoe dispatcher extends,
-# copies the per-rank token counts to the host every forward to size its all-to-all
-# (``cuda_sync_point``); only its drop-and-pad mode avoids that, and dropping tokens would break
-# losslessness.
-_GRAPH_WHY = ("the specmoe dispatcher (Megatron's dropless all-to-all) reads the per-rank token counts on "
-              "the host every forward to size its all-to-all; the shuffle plan itself is graph-safe")
+# CUDA graphs (inference decode). The plan is graph-safe ("prices" on the Triton path: 7 launches,
+# no host synchronisation, static shapes). Megatron's dropless all-to-all dispatcher, which the
+# specmoe dispatcher extends, copies the per-rank token counts to the host every forward
+# (``cuda_sync_point``); its drop-and-pad mode does not, and core 0.19's
+# ``moe_pad_experts_for_cuda_graph_inference`` switches every dispatcher to it for graphed decode
+# steps at a capacity that drops nothing (the specmoe dispatcher keeps its physical-slot mapping
+# there, megatron/dispatcher.py). So graphs are accepted with that flag, and refused where the flag
+# is off (dropless), where the config cannot carry it (core 0.16 keeps it on
+# InferenceWrapperConfig, out of the layer's sight), for TransformerEngine / full-iteration graphs
+# (training-only in Megatron), with sequence parallelism, and with the predictors whose inputs reach
+# the layer as Python state per forward (``graph_predictor_problem``).
+_PAD_FIELD = "moe_pad_experts_for_cuda_graph_inference"
+_PAD_FLAG = "--moe-pad-experts-for-cuda-graph-inference"
+_DROPLESS_WHY = ("the dropless dispatcher reads the per-rank token counts on the host every forward to size "
+                 "its all-to-all, which graph capture refuses; Megatron's padded decode does not")
+
+
+def graphs_on(s: Any) -> bool:
+    """Whether ``s`` (config or args) asks for CUDA graphs: ``cuda_graph_impl`` other than 'none',
+    or the deprecated ``enable_cuda_graph`` / ``external_cuda_graph``."""
+    return (getattr(s, "cuda_graph_impl", "none") not in ("none", None) or bool(getattr(s, "enable_cuda_graph", False))
+            or bool(getattr(s, "external_cuda_graph", False)))
+
+
+def _impl(s: Any) -> str:
+    if bool(getattr(s, "external_cuda_graph", False)):
+        return "transformer_engine"
+    impl = getattr(s, "cuda_graph_impl", "none") or "none"
+    return "local" if impl == "none" and bool(getattr(s, "enable_cuda_graph", False)) else impl
+
+
+# Predictors whose inputs reach the layer through the carrier, set in Python by each forward
+# (token ids by a hook on the embedding, routes by the previous MoE layer, a seeded CPU generator
+# per call): a replayed graph would reuse the capture's. "pregate" reads only the layer's input.
+_GRAPH_PREDICTOR_WHY = {
+    "route": "its token ids reach the layer through the carrier, set by a hook on the embedding each forward",
+    "history": "the earlier layers' routes reach the layer through the carrier, set by each forward",
+    "random": "it draws from a CPU generator seeded per call",
+    "adversarial": "it is an ablation predictor, not run-time code",
+    "contiguous": "it is an ablation predictor, not run-time code",
+}
+
+
+def graph_predictor_problem(settings: Any, predictor: str, *, name: Optional[str] = None) -> Optional[str]:
+    """Why the shuffle layer cannot run the run-time ``predictor`` under the CUDA graphs ``settings``
+    asks for, or None (no graphs, or "pregate"). ``name``: how the message calls the setting
+    (default ``ShuffleOptions.predictor='<predictor>'``)."""
+    if not graphs_on(settings) or predictor not in _GRAPH_PREDICTOR_WHY:
+        return None
+    name = f"ShuffleOptions.predictor={predictor!r}" if name is None else name
+    return (f"{name} with CUDA graphs: {_GRAPH_PREDICTOR_WHY[predictor]}, which a replayed graph "
+            "would not refresh; use the 'pregate' predictor (it reads only the layer's input) or run without "
+            "CUDA graphs")
 
 Scope = Literal["layer", "launcher", "both"]
 
@@ -80,8 +126,10 @@ SHUFFLE_REFUSALS: tuple[Refusal, ...] = (
             why="the shuffle layer owns attention's TP collectives"),
     Refusal(field="moe_pad_expert_input_to_capacity", flag="--moe-pad-expert-input-to-capacity",
             unwanted=lambda s: bool(getattr(s, "moe_pad_expert_input_to_capacity", False)),
-            requirement=("moe_pad_expert_input_to_capacity must be False (the specmoe dispatcher does not "
-                         "pad every expert's input to capacity; token dropping without padding works)"),
+            requirement=("moe_pad_expert_input_to_capacity must be False at build time (padding every "
+                         "forward, prefill included, sends the padding over the all-to-all; token dropping "
+                         "without padding works). For CUDA-graph decode Megatron switches padding on at run "
+                         f"time, which the shuffle layer runs: set {_PAD_FIELD}=True instead"),
             why="the specmoe dispatcher does not pad expert inputs to capacity",
             scope="layer"),
     Refusal(field="moe_token_dispatcher_type", flag="--moe-token-dispatcher-type",
@@ -110,13 +158,35 @@ SHUFFLE_REFUSALS: tuple[Refusal, ...] = (
             requirement="tp_comm_overlap must be False (the shuffle owns attention's TP collectives)",
             why="the shuffle layer owns attention's TP collectives"),
     Refusal(field="cuda_graph_impl", flag="--cuda-graph-impl",
-            unwanted=lambda s: getattr(s, "cuda_graph_impl", "none") not in ("none", None),
-            requirement="cuda_graph_impl must be 'none'",
-            why=_GRAPH_WHY),
-    Refusal(field="enable_cuda_graph", flag="--enable-cuda-graph",
-            unwanted=lambda s: bool(getattr(s, "enable_cuda_graph", False)),
-            requirement="enable_cuda_graph must be False",
-            why=_GRAPH_WHY),
+            unwanted=lambda s: _impl(s) not in ("none", "local"),
+            requirement=("cuda_graph_impl must be 'none' or 'local' (Megatron's inference CUDA graphs; "
+                         "'transformer_engine' and 'full_iteration' graphs are for training)"),
+            why="Megatron captures inference decode graphs with --cuda-graph-impl local only"),
+    Refusal(field=_PAD_FIELD, flag=_PAD_FLAG,
+            unwanted=lambda s: graphs_on(s) and _impl(s) == "local" and not hasattr(s, _PAD_FIELD),
+            requirement=(f"CUDA graphs (cuda_graph_impl='local' / enable_cuda_graph) need megatron-core >= 0.19: "
+                         f"this TransformerConfig has no {_PAD_FIELD} (core 0.16 keeps it on "
+                         "InferenceWrapperConfig, out of the layer's sight), so the layer cannot tell padded "
+                         f"decode from dropless ({_DROPLESS_WHY}); upgrade megatron-core, or set "
+                         "cuda_graph_impl='none'"),
+            why="", scope="layer"),
+    Refusal(field=_PAD_FIELD, flag=_PAD_FLAG,
+            unwanted=lambda s: graphs_on(s) and _impl(s) == "local" and hasattr(s, _PAD_FIELD)
+            and not bool(getattr(s, _PAD_FIELD)),
+            requirement=(f"{_PAD_FIELD} must be True with CUDA graphs (cuda_graph_impl='local' / "
+                         f"enable_cuda_graph): {_DROPLESS_WHY}; set {_PAD_FLAG}, or cuda_graph_impl='none'"),
+            why=_DROPLESS_WHY,
+            sentence=lambda a: (f"--specmoe-shuffle with --cuda-graph-impl local needs {_PAD_FLAG}: "
+                                f"{_DROPLESS_WHY}. Add {_PAD_FLAG}, or drop --cuda-graph-impl")),
+    Refusal(field="sequence_parallel", flag="--sequence-parallel",
+            unwanted=lambda s: graphs_on(s) and bool(getattr(s, "sequence_parallel", False)),
+            requirement=("sequence_parallel must be False with CUDA graphs: each shuffle layer then hands its "
+                         "token order to the next through the carrier (Python state set by each forward), which "
+                         "a replayed graph would not refresh; decode without sequence parallelism"),
+            why="the shuffled token order passes between layers as Python state",
+            sentence=lambda a: ("--specmoe-shuffle with --sequence-parallel and CUDA graphs: each shuffle layer "
+                                "hands its token order to the next as Python state, which a replayed graph would "
+                                "not refresh. Drop --sequence-parallel, or drop --cuda-graph-impl")),
     Refusal(field="spec", flag="--spec", unwanted=lambda s: getattr(s, "spec", None) is not None,
             requirement="",
             why=("Megatron-LM then takes the layer spec from that module and never asks gpt_layer_specs, "

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
 from megatron_specmoe.artifacts.errors import SpecMoEArgumentError
-from megatron_specmoe.megatron.shuffle_refusals import launcher_refusals, launcher_sentences
+from megatron_specmoe.megatron.shuffle_refusals import graph_predictor_problem, launcher_refusals, launcher_sentences
 from megatron_specmoe.megatron.shuffle_refusals import moe_layer_pattern as _moe_layer_pattern
 from megatron_specmoe.megatron.shuffle_refusals import shuffle_dense_layer_problem
 from megatron_specmoe.predict.vocabulary import PLAN_KINDS, RuntimePredictor
@@ -253,6 +253,10 @@ def check_shuffle(args: argparse.Namespace, predictor: str) -> str:
         raise SpecMoEArgumentError(te_refusal(
             f"token shuffling {why} with --transformer-impl {impl} (Megatron-LM's default is "
             "transformer_engine)"))
+    graph_problem = graph_predictor_problem(
+        args, shuffle_predictor, name=f"--specmoe-predictor {predictor} (the shuffle's '{shuffle_predictor}' predictor)")
+    if graph_problem:
+        raise SpecMoEArgumentError(f"token shuffling {why}: {graph_problem}")
     sentences = launcher_sentences(args)  # megatron/shuffle_refusals.py: the one refusal table
     if sentences:
         raise SpecMoEArgumentError(f"token shuffling {why}: {sentences[0]}")

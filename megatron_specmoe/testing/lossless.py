@@ -52,6 +52,12 @@ class LosslessCase:
         replica_load: the planned load per rank (route table: which remote copy a pair uses).
         wrong_replica: after applying, overwrite rank 0's first replica slot with another expert's
             weights (the harness's own negative check: the outputs must then differ).
+        padded_decode: both layers run in Megatron's padded decode (``testing.padded_decode``:
+            drop-and-pad at capacity factor E / k, switched on after the build as Megatron's
+            inference does); ``LosslessResult.dropped_pairs`` counts what its capacity left out.
+        guard_host_reads: the specmoe layer makes one more forward with its dispatcher's phases
+            guarded against host reads (``LosslessResult.host_reads``; the dropless dispatcher
+            fails it, which is the guard's own negative check).
         config: extra ``TransformerConfig`` fields as (name, value) pairs, for both models (e.g.
             DeepSeek-style routing: moe_router_num_groups, moe_router_group_topk, a sigmoid score
             with moe_router_enable_expert_bias; multi_latent_attention for the GPT case). With an
@@ -74,6 +80,8 @@ class LosslessCase:
     replica_extra: Optional[tuple[tuple[int, ...], ...]] = None
     replica_load: Optional[tuple[float, ...]] = None
     wrong_replica: bool = False
+    padded_decode: bool = False
+    guard_host_reads: bool = False
     config: tuple[tuple[str, Any], ...] = ()
 
 
@@ -86,7 +94,10 @@ class LosslessResult:
     placement), to check the accounting against; routes: per MoE layer, int64 [T, k] the logical
     experts the router chose for this rank's tokens (MoE-layer case), to replay in the simulator;
     slots_hold_their_experts (replica cases): every local slot's weights have the fingerprint of the
-    bank's expert that the replica plan puts there (the weights encode the logical id)."""
+    bank's expert that the replica plan puts there (the weights encode the logical id);
+    host_reads (guard_host_reads cases): "" when the guarded forward read nothing on the host, else the
+    guard's message; dropped_pairs (padded_decode cases): routed (token, expert) pairs of this rank
+    that the dispatcher's capacity left out (0: lossless)."""
 
     rank: int
     max_out_diff: float
@@ -96,6 +107,8 @@ class LosslessResult:
     alltoall_input_splits: tuple[tuple[int, ...], ...] = ()
     routes: tuple = ()
     slots_hold_their_experts: Optional[bool] = None
+    host_reads: Optional[str] = None
+    dropped_pairs: Optional[int] = None
 
 
 def _setup(case: LosslessCase) -> None:
@@ -246,6 +259,14 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
             _arrange(ref, spec, case, 0)
         ref.to(case.device)
         spec.to(case.device)
+        if case.padded_decode:
+            if case.ragged:
+                raise ValueError("LosslessCase.padded_decode: equal tokens per rank (drop-and-pad sends equal "
+                                 "splits), so not ragged")
+            from megatron_specmoe.testing.padded_decode import set_padded_decode
+
+            set_padded_decode(ref, True)
+            set_padded_decode(spec, True)
         recorder = DispatchRecorder(gpus_per_node=case.gpus_per_node)
         spec.token_dispatcher.recorder = recorder
 
@@ -263,6 +284,8 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
             out.backward(upstream)
             outs.append(out.detach())
             grads.append(inp.grad.detach())
+        host_reads = _guarded_forward(spec, x) if case.guard_host_reads else None
+        dropped = _dropped_pairs(spec.token_dispatcher) if case.padded_decode else None
         return LosslessResult(
             rank=rank,
             max_out_diff=float((outs[0] - outs[1]).abs().max()),
@@ -270,8 +293,10 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
             tokens=seq * case.batch,
             reports=_reports(recorder),
             alltoall_input_splits=(_splits(ref.token_dispatcher, case.ep),),
-            routes=(_logical_routes(spec.token_dispatcher, shape.topk),),
+            routes=() if case.padded_decode else (_logical_routes(spec.token_dispatcher, shape.topk),),
             slots_hold_their_experts=slots_ok,
+            host_reads=host_reads,
+            dropped_pairs=dropped,
         )
     finally:
         parallel.destroy()
@@ -330,6 +355,30 @@ def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResu
         )
     finally:
         parallel.destroy()
+
+
+@torch.no_grad()
+def _guarded_forward(layer, x: torch.Tensor) -> str:
+    """One forward of ``layer`` with its dispatcher's phases guarded (``testing.padded_decode``):
+    "" or the guard's message."""
+    from megatron_specmoe.measure.launches import HostSyncError
+    from megatron_specmoe.testing.padded_decode import guarded_phases
+
+    try:
+        with guarded_phases([layer.token_dispatcher]):
+            layer(x)
+    except HostSyncError as err:
+        return str(err)
+    return ""
+
+
+def _dropped_pairs(dispatcher) -> int:
+    """Pairs of the dispatcher's last physical routing map [T, E] that its drop-and-pad permute did
+    not keep (it keeps ``capacity`` rows per slot, the map's own first)."""
+    kept = dispatcher.reversed_local_input_permutation_mapping.view(dispatcher.num_experts, -1)
+    wanted = dispatcher.routing_map.T
+    taken = torch.zeros_like(wanted).scatter_(1, kept, True)
+    return int((wanted & ~taken).sum())
 
 
 def run_cases(rank: int, world_size: int, cases) -> list[LosslessResult]:

@@ -31,6 +31,7 @@ from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_conf
 from megatron_specmoe.megatron.local_mla import with_local_mla
 from megatron_specmoe.testing.collectives import RawCollectiveCounter, count_collectives
 from megatron_specmoe.testing.lossless import arrange_layers
+from megatron_specmoe.testing.padded_decode import decode_padding, dispatchers_of, guarded_phases, set_padded_decode
 from megatron_specmoe.measure.measures import RouteMeasures
 from megatron_specmoe.schedule.placement import ExpertPlacement
 
@@ -55,7 +56,10 @@ class ShuffleCase:
     ``testing.mutants`` name applied on every rank for this case, None: the library as it is);
     config: extra ``TransformerConfig`` fields as (name, value) pairs for every model
     (DeepSeek-style: multi_latent_attention and its sizes, normalization, router groups and expert
-    bias; shared experts come from ``shape.shared_ffn``)."""
+    bias; shared experts come from ``shape.shared_ffn``); padded_decode (GPT case with
+    decode_steps): after the prefill every model switches to Megatron's padded decode
+    (``testing.padded_decode.set_padded_decode``, as its CUDA-graph decode does) and the shuffle
+    model's dispatchers run their phases guarded against host reads (``ShuffleResult.host_reads``)."""
 
     shape: MoEShape = field(default_factory=lambda: MoEShape(layers=2))
     tp: int = 4
@@ -70,6 +74,7 @@ class ShuffleCase:
     route_stand_in: str = "modulo"
     mutant: Optional[str] = None
     config: tuple = ()
+    padded_decode: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +104,8 @@ class ShuffleResult:
     gathered over TP: all of the prefill's on core 0.19, the last token's on 0.16);
     history_ok (predictor "history", GPT cases): after the prefill, the route history the shuffle
     layers carried equals the routes Megatron's own routers chose, token for token (None: not
-    checked)."""
+    checked); host_reads, decode_padding (padded_decode cases): "" once the decode steps ran with
+    the dispatcher phases guarded (a host read raises); ``padded_decode.decode_padding`` at the end."""
 
     rank: int
     max_out_diff: float
@@ -111,6 +117,8 @@ class ShuffleResult:
     plan_rows: tuple = ()
     history_ok: Optional[bool] = None
     logit_rows: tuple[int, ...] = ()
+    host_reads: Optional[str] = None
+    decode_padding: tuple = ()
 
 
 @contextlib.contextmanager
@@ -315,6 +323,8 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
 
     if sequence_parallel and case.decode_steps:
         raise ValueError("ShuffleCase.decode_steps: decode is checked with sequence parallelism off")
+    if case.padded_decode and not case.decode_steps:
+        raise ValueError("ShuffleCase.padded_decode needs decode_steps > 0 (padding is switched on for decode)")
     _setup(case)
     try:
         shape = case.shape
@@ -385,14 +395,23 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             step_tokens = torch.randint(0, shape.vocab, (case.batch, 1), generator=gen)
             steps.append((step_tokens, torch.full((case.batch, 1), pos), full[..., pos : pos + 1, : pos + 1]))
         logit_rows = []
+        host_reads = None
         with torch.no_grad():
             for step_index, (step_tokens, step_positions, step_mask) in enumerate(steps):
+                if case.padded_decode and step_index == 1:
+                    for model in models.values():
+                        set_padded_decode(model, True)
                 outs = {}
                 for name, model in models.items():
                     with count_collectives(raw[name]):
                         extra = {} if contexts[name] is None else {
                             "inference_context": contexts[name], "runtime_gather_output": True}
-                        outs[name] = model(step_tokens, step_positions, step_mask, **extra)
+                        if case.padded_decode and step_index >= 1 and name == "shuffle":
+                            with guarded_phases(dispatchers_of(model)):  # raises at a host read
+                                outs[name] = model(step_tokens, step_positions, step_mask, **extra)
+                            host_reads = ""
+                        else:
+                            outs[name] = model(step_tokens, step_positions, step_mask, **extra)
                     if contexts[name] is not None:
                         contexts[name].sequence_len_offset += step_tokens.shape[1]
                 logit_rows.append(outs["ref"].numel() // shape.vocab)
@@ -407,7 +426,8 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             shuffle=_sum_measures(recorders["shuffle"].records),
             tp_calls=_tp_calls(raw, tp_group),
             plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans), history_ok=history_ok,
-            logit_rows=tuple(logit_rows),
+            logit_rows=tuple(logit_rows), host_reads=host_reads,
+            decode_padding=decode_padding(models) if case.padded_decode else (),
         )
     finally:
         parallel.destroy()
