@@ -62,3 +62,23 @@ def test_shuffle_worker_runs_on_gloo_with_every_predictor():
     for case, res in zip(cases, results):
         assert res["max_abs_diff"] <= 1e-5, (case, res)
         assert res["linear_proj"] == "NoCommRowParallelLinear" and res["plans"] == 2, res
+
+
+def test_decode_graph_worker_runs_on_gloo_in_padded_decode():
+    """The GPU check's padded-decode graph step (3c) on 2 CPU ranks (TP = EP = 2): the shuffle
+    layer's decode-shaped step in Megatron's padded decode equals Megatron's layer in the same mode;
+    the CUDA-graph capture itself is skipped and says so (no GPU claimed)."""
+    from megatron_specmoe.testing.spawn import run_local
+
+    sys.path.insert(0, str(TOOL.parent))  # spawned ranks import the worker as module gpu_check
+    try:
+        import gpu_check as tool
+
+        results = run_local(tool._decode_graph_worker, 2, "cpu", 3, 1)
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    for res in results:
+        assert res["eager_max_abs_diff"] <= 1e-5, res
+        assert res["graph_max_abs_diff"] == "skipped: no CUDA graphs on the CPU"
+        # Drop-and-pad on, capacity = the C = 2 rows each rank routes (T = 3 tokens on 2 ranks).
+        assert res["padding"] == [True, 2], res

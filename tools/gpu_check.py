@@ -16,6 +16,11 @@ one runs. Steps:
 3b. the run-time plan (route table -> "prices" -> permutation) captured in a CUDA graph and
    replayed (equal to eager), and timed against an attention stand-in alone and overlapped on a
    side stream (``plan_graph``; its code also runs on the CPU in tests/test_gpu_check.py);
+3c. the shuffle layer's decode-shaped step (one token per sequence, no KV cache) in Megatron's padded
+   decode (drop-and-pad at capacity factor E / k, as ``moe_pad_experts_for_cuda_graph_inference``
+   switches it on) captured in a CUDA graph and replayed on fresh inputs == eager, and eager ==
+   Megatron's layer with alltoall in the same mode (``shuffle_decode_graph``; its worker runs on
+   the CPU with gloo in tests/test_gpu_check.py, without the capture);
 4. with TransformerEngine: the TE spec's MoE layer (TEGroupedMLP) with specmoe equals alltoall;
 5. s-TS on NCCL with local linears: a GPT model whose MoE layers are ``ShuffleTransformerLayer``
    against Megatron's local spec with alltoall, same weights, TP = EP = min(GPUs, 4), sequence
@@ -249,6 +254,98 @@ def plan_graph(device: str = "cuda", token_counts=(64, 512, 4096, 16384), *, ran
     return rows
 
 
+def _decode_graph_worker(rank, world, device="cuda", batch=4, replays=3):
+    """The shuffle layer's decode-shaped step (S = 1 new token for each of ``batch`` sequences,
+    no KV cache) in Megatron's padded decode, against Megatron's layer with alltoall in the same
+    mode (same weights, TP = EP = world, sequence parallel off, predictor pregate, fp32); on CUDA
+    the step captured in a CUDA graph and replayed on fresh inputs copied into the captured one.
+
+    Returns ``eager_max_abs_diff`` (shuffle vs Megatron, eager), ``graph_max_abs_diff`` (each
+    replay vs the eager shuffle step on the same input; on the CPU "skipped: no CUDA graphs on
+    the CPU"), and the dispatcher's (drop_and_pad, capacity)."""
+    import torch
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_specmoe.megatron import cpu_support, parallel
+    from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_config
+    from megatron_specmoe.megatron.shuffle_layer import ShuffleCarrier, ShuffleOptions
+    from megatron_specmoe.megatron.shuffle_specs import get_gpt_layer_shuffle_spec
+    from megatron_specmoe.schedule.placement import ExpertPlacement
+    from megatron_specmoe.testing.lossless import arrange_layers
+    from megatron_specmoe.testing.padded_decode import set_padded_decode
+
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    else:
+        cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout(tp=world, ep=world))
+    try:
+        shape = MoEShape(hidden=64, ffn=128, experts=8, topk=2, heads=4, layers=1, vocab=64, seq=16)
+        carrier = ShuffleCarrier(options=ShuffleOptions(predictor="pregate"))
+        layers = {}
+        for name, dispatcher in (("ref", "alltoall"), ("shuffle", "specmoe")):
+            cfg = make_config(shape, dispatcher=dispatcher, tp=world, ep=world, sequence_parallel=False)
+            spec = (get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False) if name == "ref"
+                    else get_gpt_layer_shuffle_spec(8, carrier=carrier))
+            torch.manual_seed(3)
+            layers[name] = build_from_spec(spec, config=cfg, layer_number=1).eval()
+        ref, shuffle = layers["ref"], layers["shuffle"]
+        shuffle.load_state_dict(ref.state_dict(), strict=True)
+        contiguous = ExpertPlacement.contiguous(8, world)
+        arrange_layers([ref.mlp, shuffle.mlp], [contiguous, contiguous], seed=3, layer_index=0)
+        ref.to(device)
+        shuffle.to(device)
+        for layer in (ref, shuffle):
+            set_padded_decode(layer, True)
+        gen = torch.Generator().manual_seed(5)  # the same inputs on every rank (TP ranks hold all tokens)
+        inputs = [torch.randn(1, batch, shape.hidden, generator=gen).to(device) for _ in range(replays + 1)]
+
+        def step(layer, x):
+            return layer(hidden_states=x, attention_mask=None)[0]
+
+        with torch.no_grad():
+            eager = [step(shuffle, x) for x in inputs]
+            diff = max(float((step(ref, x) - e).abs().max()) for x, e in zip(inputs, eager))
+            graph_diff = "skipped: no CUDA graphs on the CPU"
+            if device == "cuda":
+                static = inputs[0].clone()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+                    for _ in range(3):
+                        step(shuffle, static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    captured = step(shuffle, static)
+                graph_diff = 0.0
+                for x, e in zip(inputs[1:], eager[1:]):
+                    static.copy_(x)
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    graph_diff = max(graph_diff, float((captured - e).abs().max()))
+        d = shuffle.mlp.token_dispatcher
+        return {"world": world, "tokens": batch, "eager_max_abs_diff": diff, "graph_max_abs_diff": graph_diff,
+                "padding": [bool(d.drop_and_pad), d.capacity]}
+    finally:
+        parallel.destroy()
+
+
+def shuffle_decode_graph() -> dict:
+    """3c. The shuffle layer's decode-shaped step in padded decode, captured in a CUDA graph and
+    replayed == eager, and eager == Megatron's layer (``_decode_graph_worker``), TP = EP =
+    min(GPUs, 4); with one GPU TP = 1 (the plan, the padded dispatcher and the capture run)."""
+    import torch
+
+    from megatron_specmoe.testing.spawn import run_local
+
+    world = min(torch.cuda.device_count(), 4)
+    res = run_local(_decode_graph_worker, world, backend="nccl")[0]
+    if res["eager_max_abs_diff"] > 1e-5 or res["graph_max_abs_diff"] > 1e-6:
+        raise AssertionError(f"padded decode step: shuffle vs Megatron or replay vs eager differ: {res}")
+    return res
+
+
 def _te_worker(rank, world):
     import torch
 
@@ -433,7 +530,7 @@ def main() -> int:
         return 2
     results = {"command": " ".join([sys.executable] + sys.argv)}
     for name, fn in (("environment", environment), ("lossless", lossless), ("timings", timings),
-                     ("plan_graph", plan_graph),
+                     ("plan_graph", plan_graph), ("shuffle_decode_graph", shuffle_decode_graph),
                      ("transformer_engine", transformer_engine), ("shuffle_nccl", shuffle_nccl),
                      ("te_shuffle", te_shuffle)):
         _step(results, name, fn)
