@@ -172,8 +172,10 @@ def _cases():
         LosslessCase(**padded, replica_extra=REPLICAS),
         LosslessCase(guard_host_reads=True, seq=2, batch=2),  # dropless: the guard must fire
     ]
-    shuffle = ShuffleCase(decode_steps=2, padded_decode=True, seq=5, batch=1)
-    return [("layer", c) for c in layer], [("gpt", shuffle)]
+    shuffle = [ShuffleCase(decode_steps=2, padded_decode=True, seq=5, batch=1),
+               # history: the routes it carries come from the router's probabilities in padded mode.
+               ShuffleCase(decode_steps=1, padded_decode=True, seq=5, batch=1, predictor="history")]
+    return [("layer", c) for c in layer], [("gpt", c) for c in shuffle]
 
 
 def _both(rank, world, layer_cases, shuffle_cases):
@@ -202,11 +204,13 @@ def test_padded_specmoe_dispatcher_equals_padded_alltoall_and_reads_nothing_on_t
 
 
 def test_shuffle_decode_in_padded_mode_equals_the_unshuffled_model(results):
-    for _, (r,) in results:
-        assert r.max_out_diff <= TOL and r.plans_agree
-        assert r.host_reads == ""
-        # Every model's dispatchers are in drop-and-pad mode for the decode steps, with capacity T:
-        # the reference routes its 1 decode token per rank, the shuffle its C = 1 row per rank.
-        padding = dict(r.decode_padding)
-        for name in ("ref", "base", "shuffle"):
-            assert padding[name] == ((True, 1), (True, 1)), (name, padding)
+    for _, shuffle in results:
+        for r in shuffle:
+            assert r.max_out_diff <= TOL and r.plans_agree
+            assert r.host_reads == ""
+            # Every model's dispatchers are in drop-and-pad mode for the decode steps, with capacity
+            # T: the reference routes its 1 decode token per rank, the shuffle its C = 1 row per rank.
+            padding = dict(r.decode_padding)
+            for name in ("ref", "base", "shuffle"):
+                assert padding[name] == ((True, 1), (True, 1)), (name, padding)
+        assert shuffle[1].history_ok  # the prefill's carried routes are Megatron's

@@ -255,6 +255,11 @@ class ShuffleTransformerLayer(TransformerLayer):
     def _keep_routes(self, _router, _args, output) -> None:
         from megatron_specmoe.megatron.route_recorder import _topk_from_output
 
+        if self.mlp.token_dispatcher.drop_and_pad:
+            # Padded decode: the router's map marks every expert (capacity = T); the chosen ones are
+            # those with a nonzero probability.
+            probs = output[0]
+            output = (probs, probs > 0)
         self._last_routes = _topk_from_output(output, self.config.moe_router_topk)[0]
 
     def _incoming_routes(self, hidden_states: torch.Tensor) -> Optional[RouteHistory]:

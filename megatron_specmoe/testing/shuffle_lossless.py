@@ -56,10 +56,9 @@ class ShuffleCase:
     ``testing.mutants`` name applied on every rank for this case, None: the library as it is);
     config: extra ``TransformerConfig`` fields as (name, value) pairs for every model
     (DeepSeek-style: multi_latent_attention and its sizes, normalization, router groups and expert
-    bias; shared experts come from ``shape.shared_ffn``); padded_decode (GPT case with
-    decode_steps): after the prefill every model switches to Megatron's padded decode
-    (``testing.padded_decode.set_padded_decode``, as its CUDA-graph decode does) and the shuffle
-    model's dispatchers run their phases guarded against host reads (``ShuffleResult.host_reads``)."""
+    bias; shared experts come from ``shape.shared_ffn``); padded_decode (GPT, decode_steps): after
+    the prefill every model runs Megatron's padded decode (``testing.padded_decode``), the shuffle
+    model's dispatcher phases guarded against host reads."""
 
     shape: MoEShape = field(default_factory=lambda: MoEShape(layers=2))
     tp: int = 4
@@ -436,6 +435,8 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
 def _keep_router_routes(store: dict, index: int, topk: int, _router, _args, output) -> None:
     from megatron_specmoe.megatron.route_recorder import _topk_from_output
 
+    if output[1].dtype == torch.bool and bool((output[1].sum(dim=1) > topk).any()):  # padded: all marked
+        output = (output[0], output[0] > 0)
     store[index] = _topk_from_output(output, topk)[0]
 
 
