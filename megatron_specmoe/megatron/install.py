@@ -76,7 +76,9 @@ def build_specmoe_dispatcher(layer: MoELayer, init, config, args, kwargs) -> Non
             f"moe_token_dispatcher_type='specmoe' does not support {', '.join(unsupported)}=True "
             "(padding every expert to its capacity sends the padding over the all-to-all, which "
             "defeats keeping tokens local; token dropping without padding, "
-            "moe_expert_capacity_factor alone, is supported); turn it off or use 'alltoall'"
+            "moe_expert_capacity_factor alone, is supported); turn it off or use 'alltoall'. For CUDA-graph "
+            "decode Megatron switches padding on at run time (moe_pad_experts_for_cuda_graph_inference, "
+            "core 0.19), which the specmoe dispatcher runs"
         )
     with _reads_as_alltoall(config):
         init(layer, config, *args, **kwargs)

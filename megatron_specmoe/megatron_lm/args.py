@@ -123,7 +123,8 @@ _UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
         "moe_pad_expert_input_to_capacity",
         "--moe-pad-expert-input-to-capacity",
         "padding every expert to capacity sends the padding over the all-to-all, which "
-        "defeats keeping tokens local",
+        "defeats keeping tokens local; for CUDA-graph decode use --moe-pad-experts-for-cuda-graph-inference, "
+        "which pads only the graphed decode steps",
     ),
 )
 
