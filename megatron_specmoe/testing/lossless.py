@@ -265,8 +265,11 @@ def moe_layer_lossless(rank: int, world_size: int, case: LosslessCase) -> Lossle
                                  "splits), so not ragged")
             from megatron_specmoe.testing.padded_decode import set_padded_decode
 
-            set_padded_decode(ref, True)
-            set_padded_decode(spec, True)
+            # Megatron's decode factor E / k on the logical experts (with replicas the specmoe
+            # layer's config says E + R; its dispatcher must still drop nothing).
+            factor = shape.experts / shape.topk
+            set_padded_decode(ref, True, capacity_factor=factor)
+            set_padded_decode(spec, True, capacity_factor=factor)
         recorder = DispatchRecorder(gpus_per_node=case.gpus_per_node)
         spec.token_dispatcher.recorder = recorder
 
