@@ -271,6 +271,10 @@ def _apply_replicas(container, sites, replicas, *, after_load: bool):
     from megatron_specmoe.megatron.apply_plan import apply_replicas, base_slots
     from megatron_specmoe.megatron.replicas import is_twin, replicate_layers
 
+    wrong = [s.layer_number for s in sites if not hasattr(s.dispatcher, "set_replicas")]
+    if wrong:  # before any layer is swapped
+        raise ValueError(f"MoE layer(s) {wrong} use {type(sites[0].dispatcher).__name__}; a plan with redundant "
+                         "experts needs --moe-token-dispatcher-type specmoe")
     current = []
     for site, rep in zip(sites, replicas):
         held = getattr(site.dispatcher, "replicas", None)
