@@ -140,13 +140,14 @@ def _worker(rank, world, plan_dir):
             plain = twins[0].__dict__["_specmoe_plain"]
             out["shared"] = (twins[0].router is plain.router
                              and twins[0].experts.local_experts[1] is plain.experts.local_experts[1])
-            # Training mode is refused by the twins.
-            spec.train()
+            # Training mode is refused by the twins (before the layer runs: no collective starts).
+            twins[0].train()
             try:
-                spec(tokens, pos, mask)
+                twins[0](torch.zeros(S, B, shape.hidden))
                 out["train_refused"] = ""
             except RuntimeError as exc:
                 out["train_refused"] = str(exc)
+            twins[0].eval()
             runtime.close()
         finally:
             RH.uninstall_runtime_hook(targets)
