@@ -317,8 +317,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                          "TP = PP = ETP = 1 model, at any EP (gathering TP/PP shards is not implemented)")
     state = {k: v.detach().clone() for k, v in _tensors(model).items() if not _EXPERT_KEY.match(k)}
     experts = gather_logical_experts(model)
+    prefixes = set(slot_maps(model))
     left = sorted(k for k in _tensors(model) if _EXPERT_KEY.match(k)
-                  and _EXPERT_KEY.match(k)["prefix"] not in slot_maps(model))
+                  and _EXPERT_KEY.match(k)["prefix"] not in prefixes)
     if left:
         raise ValueError(f"full_state_dict: expert key {left[0]!r} belongs to no MoE layer found in the model")
     state.update(experts)
