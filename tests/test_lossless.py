@@ -146,6 +146,10 @@ def test_lossless_four_ranks():
         ("gpt", LosslessCase(ep=4, seq=8, shape=MoEShape(layers=2), placement=PERMUTED, via="hook",
                              gpus_per_node=2)),
         ("gpt", LosslessCase(tp=2, ep=2, seq=8, shape=MoEShape(layers=2), placement=PERMUTED)),
+        # The launcher's replica path on a whole GPT model: twins swapped in, slots filled.
+        ("gpt", LosslessCase(ep=4, seq=8, shape=MoEShape(layers=2), placement=PERMUTED, replica_extra=REPLICAS)),
+        ("gpt", LosslessCase(ep=4, seq=8, shape=MoEShape(layers=2), placement=PERMUTED, replica_extra=REPLICAS,
+                             wrong_replica=True)),
     ]
     _check(run_local(run_cases, 4, cases), cases)
 

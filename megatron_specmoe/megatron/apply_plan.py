@@ -53,11 +53,13 @@ ApplyMode = Literal["router", "dispatcher"]
 @dataclass(frozen=True, kw_only=True)
 class ApplyReport:
     """Attributes: layers (MoE layers changed), transfers (expert sends + receives + local copies
-    on this rank), peak_extra_bytes (largest receive buffer of one layer on this rank)."""
+    on this rank), peak_extra_bytes (largest receive buffer of one layer on this rank), redundant
+    (replica slots per layer, R; 0 for ``apply_placements``)."""
 
     layers: int
     transfers: int
     peak_extra_bytes: int
+    redundant: int = 0
 
 
 def _check(sites, placements, mode) -> None:
@@ -198,4 +200,5 @@ def apply_replicas(
         transfers += moved
         per_expert = sum(t.numel() * t.element_size() for t in local(0))
         peak = max(peak, min(moved, s) * per_expert)
-    return ApplyReport(layers=len(sites), transfers=transfers, peak_extra_bytes=peak)
+    return ApplyReport(layers=len(sites), transfers=transfers, peak_extra_bytes=peak,
+                       redundant=replicas[0].redundant if replicas else 0)

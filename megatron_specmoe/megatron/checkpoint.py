@@ -16,9 +16,18 @@ On disk (a directory; the shipped demo model is ``megatron_specmoe/data/``):
                     no pickled code.
     tokenizer.json  a ``tokenizers`` tokenizer (optional for loading weights).
 
+Experts are stored by *logical* id, each once (``megatron/expert_slots.py``): saving a model whose
+specmoe dispatchers route by a placement or serve redundant experts (E + R slots,
+``megatron/replicas.py``) gathers every logical expert from its base copy over the EP group and
+writes it under ``local_experts.{e}``; replica slots are copies and are not written. The file is
+then exactly what the same model without a plan would save.
+
 Loading (``load_model``) builds a ``GPTModel`` on the *current* Megatron parallel state and fills
 each parameter from the full tensor:
-    1. expert parameters: local expert i of EP rank r is global expert ``r * n + i``;
+    1. expert parameters: local expert i of EP rank r gets the logical expert that the layer's slot
+       map puts in slot ``r * s + i`` (``expert_slots.slot_maps``: the dispatcher's replicas or
+       placement, else contiguous ``r * n + i``), so a model that already holds a plan (the same
+       one, another one, or none) is filled in place and computes the saved function;
     2. a parameter Megatron marks ``tensor_model_parallel`` takes chunk ``rank`` of ``size`` along
        its ``partition_dim`` (rank/size: TP, or ETP for experts). Megatron's fused QKV weight is
        laid out per query group, so a plain chunk along dim 0 is each rank's heads;
@@ -33,16 +42,16 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
 from megatron_specmoe.artifacts.errors import SpecMoEDataError
 from megatron_specmoe.artifacts.files import check_input_file
 from megatron_specmoe.megatron.build import MoEShape, layer_spec, make_config
+from megatron_specmoe.megatron.expert_slots import EXPERT_KEY, gather_logical_experts, slot_maps
 
 __all__ = [
     "CARD_FORMAT",
@@ -64,7 +73,7 @@ CARD_FORMAT = "specmoe-gpt-moe"
 CARD_VERSION = 1
 CARD_FILE = "model.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts\.local_experts\.)(?P<index>\d+)(?P<rest>\..*)$")
+_EXPERT_KEY = EXPERT_KEY
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -296,16 +305,25 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict; only for a model built at TP = EP = ETP = 1."""
+    """The whole model's state dict, experts by logical id (module docstring). A model sharded over
+    EP (TP = ETP = PP = 1) is gathered: a collective over the EP group, call on every rank."""
     from megatron.core import parallel_state
 
     sizes = (parallel_state.get_tensor_model_parallel_world_size(),
-             parallel_state.get_expert_model_parallel_world_size(),
+             parallel_state.get_pipeline_model_parallel_world_size(),
              parallel_state.get_expert_tensor_parallel_world_size())
     if sizes != (1, 1, 1):
-        raise ValueError(f"full_state_dict: the model is sharded (TP, EP, ETP) = {sizes}; save from "
-                         "a TP = EP = ETP = 1 model (gathering shards is not implemented)")
-    return {k: v.detach().clone() for k, v in _tensors(model).items()}
+        raise ValueError(f"full_state_dict: the model is sharded (TP, PP, ETP) = {sizes}; save from a "
+                         "TP = PP = ETP = 1 model, at any EP (gathering TP/PP shards is not implemented)")
+    state = {k: v.detach().clone() for k, v in _tensors(model).items() if not _EXPERT_KEY.match(k)}
+    experts = gather_logical_experts(model)
+    prefixes = set(slot_maps(model))
+    left = sorted(k for k in _tensors(model) if _EXPERT_KEY.match(k)
+                  and _EXPERT_KEY.match(k)["prefix"] not in prefixes)
+    if left:
+        raise ValueError(f"full_state_dict: expert key {left[0]!r} belongs to no MoE layer found in the model")
+    state.update(experts)
+    return state
 
 
 def save_checkpoint(
@@ -314,15 +332,29 @@ def save_checkpoint(
     *,
     dtype: str = "float16",
 ) -> ModelCard:
-    """Write ``model``'s full state dict (as ``dtype``) and the card into ``card.directory``.
+    """Write ``model``'s full state dict (as ``dtype``; experts by logical id, each once) and the
+    card into ``card.directory``. Under torch.distributed call on every rank (a collective);
+    global rank 0 writes.
 
     Returns the card as written (weights file, dtype and sha256 filled in; the tokenizer's
     sha256 too when ``card.tokenizer_file`` exists)."""
     if dtype not in _DTYPES:
         raise ValueError(f"save_checkpoint: dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
-    os.makedirs(card.directory, exist_ok=True)
     state = {k: (v.to(_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
              for k, v in full_state_dict(model).items()}
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 writes; every rank then reads the card it wrote
+        return read_card(card.directory)
+    try:
+        return _write(state, card, dtype)
+    finally:
+        if distributed:
+            torch.distributed.barrier()
+
+
+def _write(state: Mapping[str, torch.Tensor], card: ModelCard, dtype: str) -> ModelCard:
+    os.makedirs(card.directory, exist_ok=True)
     weights_file = card.weights_file or "model.pt"
     path = os.path.join(card.directory, weights_file)
     tmp = path + ".tmp"
@@ -341,12 +373,14 @@ def save_checkpoint(
     return out
 
 
-def _full_key(local_key: str, ep_rank: int, num_local: int) -> str:
-    """Step 1: the full-model key of a local parameter (expert indices made global)."""
+def _full_key(local_key: str, ep_rank: int, num_local: int, maps: Mapping[str, Any]) -> str:
+    """Step 1: the full-model key of a local parameter (expert indices made logical)."""
     m = _EXPERT_KEY.match(local_key)
     if m is None:
         return local_key
-    return f"{m['prefix']}{ep_rank * num_local + int(m['index'])}{m['rest']}"
+    slots = maps.get(m["prefix"])
+    index = slots.logical(ep_rank, int(m["index"])) if slots is not None else ep_rank * num_local + int(m["index"])
+    return f"{m['prefix']}{index}{m['rest']}"
 
 
 @torch.no_grad()
@@ -365,9 +399,10 @@ def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, sou
     params = dict(model.named_parameters())
     local = _tensors(model)
     num_local = _num_local_experts(model)
+    maps = slot_maps(model)
     expected_full: set[str] = set()
     for key, target in local.items():
-        full_key = _full_key(key, ep_rank, num_local)
+        full_key = _full_key(key, ep_rank, num_local, maps)
         expected_full.add(full_key)
         if full_key not in state:
             raise ValueError(f"{source}: key {full_key!r} is missing; the checkpoint does not fit this "
@@ -426,6 +461,7 @@ def load_model(
     tp: Optional[int] = None,
     ep: Optional[int] = None,
     verify: bool = True,
+    replicas: Optional[Sequence[Any]] = None,
     **build_kwargs: Any,
 ):
     """Build the card's model on the current parallel state and load its weights, in eval mode.
@@ -436,6 +472,10 @@ def load_model(
         tp, ep: expected TP/EP sizes; None: take them from the initialised parallel state. If given
             they must match it.
         verify: check the weights' sha256 against the card.
+        replicas: one ``schedule.replicas.ReplicatedPlacement`` per MoE layer (a plan's, e.g.
+            ``replicas_from_arrays``), or None. Every MoE layer is then built with E + R slots
+            (``replicas.replicate_layers``; needs dispatcher="specmoe") and each slot is loaded
+            with its logical expert directly: no weights move between ranks.
         build_kwargs: ``build_model`` options (etp, specmoe, via, parallel_output) and
             ``TransformerConfig`` overrides.
     Returns:
@@ -458,8 +498,24 @@ def load_model(
         raise ValueError(f"load_model: {card.shape.experts} experts (model.json shape.experts) cannot "
                          f"be split over ep={actual_ep}")
     model = build_model(card, dispatcher=dispatcher, tp=actual_tp, ep=actual_ep, **build_kwargs)
+    if replicas is not None:
+        _use_replicas(model, replicas, dispatcher)
     load_state(model, read_weights(card, verify=verify), source=card.weights_path)
     return model.eval()
+
+
+def _use_replicas(model: torch.nn.Module, replicas: Sequence[Any], dispatcher: str) -> None:
+    """E + R-slot twins routed by ``replicas`` (the slots are filled by ``load_state``)."""
+    from megatron_specmoe.megatron.model_tools import moe_sites
+    from megatron_specmoe.megatron.replicas import replicate_layers
+
+    if dispatcher != "specmoe":
+        raise ValueError(f"load_model: replicas need dispatcher='specmoe', got {dispatcher!r}")
+    if len(replicas) != len(moe_sites(model)):
+        raise ValueError(f"load_model: {len(replicas)} replica layers for {len(moe_sites(model))} MoE layers; "
+                         "pass the plan made for this model")
+    for twin, rep in zip(replicate_layers(model, replicas[0].redundant), replicas):
+        twin.token_dispatcher.set_replicas(rep)
 
 
 def load_demo_model(*, dispatcher: str = "alltoall", tp: Optional[int] = None,

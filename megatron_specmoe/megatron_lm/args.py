@@ -34,6 +34,8 @@ it runs under both Megatron inference contexts, static and dynamic), and none of
 parallelism / CUDA graphs / recomputation / ``--specmoe-record-routes`` / shared experts overlapped
 with the dispatcher / pipeline stages with sequence parallelism (``checks.check_shuffle``). Request placement needs a
 plan with a token table and megatron-core 0.19's DP coordinator (``checks.check_request_placement``).
+A plan with redundant experts is served by DP attention only, without ``--moe-grouped-gemm``
+(``checks.check_replicas``); the runtime builds the E + R-slot layers.
 The shuffle layer is forward-only (it raises in training mode); a training script cannot be told
 apart from an inference script here, so that is left to the layer.
 """
@@ -82,6 +84,7 @@ from megatron_specmoe.megatron_lm.checks import (
     PredictorName,
     RuntimePredictor,
     SpecMoEArgumentError,
+    check_replicas,
     check_request_placement,
     check_shuffle,
     layout_method,
@@ -393,6 +396,7 @@ def validate_specmoe_args(args: argparse.Namespace) -> SpecMoEArgsCheck:
     # 5. The plan (made for this model and layout) and the predictor.
     plan_dir = Path(plan) if plan else None
     plan_obj = read_plan(args, plan_dir) if plan_dir is not None else None
+    check_replicas(args, method, plan_obj, plan_dir)
     predictor = resolve_predictor(args, method, plan_obj, plan_dir)
 
     # 6. The method's own checks; then the decision goes back into args.

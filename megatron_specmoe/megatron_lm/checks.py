@@ -64,6 +64,7 @@ __all__ = [
     "resolve_predictor",
     "check_shuffle",
     "check_request_placement",
+    "check_replicas",
 ]
 
 DISPATCHER = "specmoe"
@@ -185,6 +186,27 @@ def read_plan(args: argparse.Namespace, plan_dir: Path):
     except ValueError as exc:
         raise SpecMoEArgumentError(f"--specmoe-plan {plan_dir}: {exc}") from exc
     return plan
+
+
+def check_replicas(args: argparse.Namespace, method: str, plan: Any, plan_dir: Optional[Path]) -> int:
+    """A plan with redundant experts (``specmoe plan --redundant-experts R``): the launcher builds
+    every MoE layer with E + R slots (``megatron_lm/runtime.py``). Refuses what those layers cannot
+    serve; returns R (0 without replicas)."""
+    extra = plan.arrays.get("replicas/extra") if plan is not None else None
+    if extra is None:
+        return 0
+    redundant = int(extra.shape[1] * extra.shape[2])
+    flag = f"--specmoe-plan {plan_dir} (made with --redundant-experts {redundant})"
+    if method == "shuffle":
+        raise SpecMoEArgumentError(
+            f"{flag}: token shuffling (TP > 1) does not serve redundant experts yet; serve the replicas "
+            "with --tensor-model-parallel-size 1 (DP attention), or re-plan without --redundant-experts")
+    if getattr(args, "moe_grouped_gemm", False):
+        raise SpecMoEArgumentError(
+            f"{flag}: --moe-grouped-gemm keeps all local experts in one grouped module, so replica slots "
+            "cannot be added to it; drop --moe-grouped-gemm (SequentialMLP experts), or re-plan without "
+            "--redundant-experts")
+    return redundant
 
 
 def _kinds(plan: Any) -> tuple[str, ...]:

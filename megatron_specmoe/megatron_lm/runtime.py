@@ -19,6 +19,15 @@ What each flag does here (``megatron_lm/args.py`` parses and checks them before 
     After a checkpoint load the experts are in Megatron's contiguous order again, so the plan is
     applied from there; called without a load, the move starts from the placement the dispatchers
     hold now (applying the same plan twice moves nothing).
+    A plan with redundant experts (``specmoe plan --redundant-experts R``): every MoE layer is
+    swapped for its E + R-slot twin (``megatron/replicas.replicate_layers``: the plain layer's
+    router, shared experts and base experts, plus r new replica experts per rank), then
+    ``apply_plan.apply_replicas`` moves the base experts and copies the replicas in, and the
+    dispatchers route by the plan's route table. Before Megatron-LM's ``load_checkpoint`` runs, the
+    hook swaps the plain layers back (``prepare_specmoe_load``), so the checkpoint loads into the
+    model it was saved from; afterwards the twins come back and are filled again. Refused (by
+    ``megatron_lm/checks.check_replicas``, before any GPU work): token shuffling (TP > 1) and
+    ``--moe-grouped-gemm``; twins raise in training mode.
 ``--specmoe-record-routes DIR``  (any dispatcher)
     A ``RouteRecorder`` on every router plus a pre-hook on the first chunk that keeps the
     ``input_ids`` of each forward. Written with ``trace_io.write_trace`` as
@@ -83,6 +92,7 @@ __all__ = [
     "unwrap_chunks",
     "moe_layer_numbers",
     "apply_specmoe_plan",
+    "prepare_specmoe_load",
     "setup_specmoe_runtime",
     "stats_path_for_rank",
 ]
@@ -206,13 +216,14 @@ def apply_specmoe_plan(model: Any, plan_dir: Path, *, after_load: bool,
     """
     from megatron_specmoe.megatron.apply_plan import apply_placements
     from megatron_specmoe.megatron.model_tools import moe_sites
+    from megatron_specmoe.megatron.replicas import logical_config
     from megatron_specmoe.artifacts.plan_folder import load_plan
 
     container = _container(unwrap_chunks(model))
     sites = moe_sites(container)
     if not sites:
         raise ValueError(f"--specmoe-plan {plan_dir}: the model has no MoE layers on this rank")
-    config = sites[0].layer.config
+    config = logical_config(sites[0].layer)
     numbers = moe_layer_numbers(config)
     try:
         plan = load_plan(plan_dir)
@@ -233,12 +244,57 @@ def apply_specmoe_plan(model: Any, plan_dir: Path, *, after_load: bool,
                          f"layers by num_layers/moe_layer_freq (MoE layers {numbers}); the model "
                          "and its config disagree")
     placements = [plan.placements[index[s.layer_number]] for s in sites]
+    replicas = _plan_replicas(plan, plan_dir)
+    if replicas is not None:
+        return _apply_replicas(container, sites, [replicas[index[s.layer_number]] for s in sites],
+                               after_load=after_load)
     current = None
     if not after_load:
         current = [getattr(s.dispatcher, "placement", None) for s in sites]
         if any(p is None for p in current):
             current = None  # not specmoe dispatchers: apply_placements names the problem
     return apply_placements(container, placements, mode="dispatcher", current=current)
+
+
+def _plan_replicas(plan, plan_dir: Path):
+    """The plan's ``ReplicatedPlacement`` per MoE layer, or None without replicas."""
+    from megatron_specmoe.schedule.replicas import replicas_from_arrays
+
+    try:
+        return replicas_from_arrays(plan.placements, plan.arrays, plan.header.notes.get("replica_policy", "load"))
+    except ValueError as exc:
+        raise ValueError(f"--specmoe-plan {plan_dir}: {exc}") from exc
+
+
+def _apply_replicas(container, sites, replicas, *, after_load: bool):
+    """Twins for the plain layers, then every slot filled (module docstring, --specmoe-plan)."""
+    from megatron_specmoe.megatron.apply_plan import apply_replicas, base_slots
+    from megatron_specmoe.megatron.replicas import is_twin, replicate_layers
+
+    wrong = [s.layer_number for s in sites if not hasattr(s.dispatcher, "set_replicas")]
+    if wrong:  # before any layer is swapped
+        raise ValueError(f"MoE layer(s) {wrong} use {type(sites[0].dispatcher).__name__}; a plan with redundant "
+                         "experts needs --moe-token-dispatcher-type specmoe")
+    current = []
+    for site, rep in zip(sites, replicas):
+        held = getattr(site.dispatcher, "replicas", None)
+        if is_twin(site.layer) and not after_load and held is not None:
+            current.append(held.physical_to_logical)  # already served: applying again moves nothing
+        else:  # base slots as loaded (contiguous), replica slots not yet filled
+            current.append(base_slots(rep.num_experts, rep.ep_size, rep.slots_per_rank))
+    replicate_layers(container, replicas[0].redundant)
+    return apply_replicas(container, replicas, current=current)
+
+
+def prepare_specmoe_load(model: Any) -> int:
+    """Before a checkpoint load: swap replicated layers back to the plain layers the checkpoint
+    was saved from (``replicas.plain_layers``); the hook re-applies the plan afterwards. Returns
+    the number of layers swapped (0 for a model without replicas)."""
+    from megatron_specmoe.megatron.replicas import plain_layers
+
+    if model is None or (isinstance(model, (list, tuple)) and not model):
+        return 0
+    return plain_layers(_container(unwrap_chunks(model)))
 
 
 # --------------------------------------------------------------------------- stats
@@ -494,6 +550,9 @@ def setup_specmoe_runtime(model: Any, args: Any = None, *, after_load: bool = Fa
         if runtime.rank == 0:
             print(f"specmoe: plan {settings.plan} applied to {report.layers} MoE layer(s) "
                   f"({report.transfers} expert transfers on rank 0)", file=sys.stderr)
+            if getattr(report, "redundant", 0):
+                print(f"specmoe: {report.redundant} redundant experts per MoE layer (replica slots filled "
+                      "from the plan; the checkpoint keeps each expert once)", file=sys.stderr)
     if new:
         try:
             if settings.record_routes is not None:
@@ -513,6 +572,9 @@ def setup_specmoe_runtime(model: Any, args: Any = None, *, after_load: bool = Fa
                 if runtime.rank == 0:
                     print(f"specmoe: requests placed by expert affinity (plan {settings.plan}, weight "
                           f"{settings.request_weight})", file=sys.stderr)
+                    if runtime.last_apply is not None and runtime.last_apply.redundant:
+                        print("specmoe: request affinity counts each expert on its base rank only (its "
+                              "replicas serve pairs, but do not steer requests)", file=sys.stderr)
         except BaseException:
             runtime._closed = True
             for h in runtime._handles:

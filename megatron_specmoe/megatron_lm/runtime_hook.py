@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence, get_args
 
-from megatron_specmoe.megatron_lm.runtime import setup_specmoe_runtime
+from megatron_specmoe.megatron_lm.runtime import prepare_specmoe_load, setup_specmoe_runtime
 
 __all__ = [
     "HookTarget",
@@ -54,13 +54,17 @@ class HookTarget:
 
 def wrap_model_function(original: Callable, *, model_from: ModelFrom,
                         get_args: Optional[Callable[[], Any]] = None) -> Callable:
-    """``original`` followed by ``setup_specmoe_runtime(model, get_args(), after_load=True)``."""
+    """``original`` followed by ``setup_specmoe_runtime(model, get_args(), after_load=True)``. For a
+    loader (``model_from="first_arg"``) the model's replicated MoE layers are first swapped back to
+    the plain layers the checkpoint holds (``runtime.prepare_specmoe_load``)."""
     def wrapped(*pargs, **kwargs):
+        if model_from == "first_arg":
+            prepare_specmoe_load(_model_argument(pargs, kwargs))
         out = original(*pargs, **kwargs)
         if model_from == "result":
             model = out
         else:
-            model = pargs[0] if pargs else kwargs.get("ddp_model", kwargs.get("model"))
+            model = _model_argument(pargs, kwargs)
         setup_specmoe_runtime(model, get_args() if get_args is not None else None, after_load=True)
         return out
 
@@ -69,6 +73,10 @@ def wrap_model_function(original: Callable, *, model_from: ModelFrom,
     wrapped.__doc__ = getattr(original, "__doc__", None)
     wrapped.__specmoe_runtime_hook__ = True
     return wrapped
+
+
+def _model_argument(pargs, kwargs):
+    return pargs[0] if pargs else kwargs.get("ddp_model", kwargs.get("model"))
 
 
 def default_hook_targets() -> list[HookTarget]:

@@ -44,11 +44,14 @@ class LosslessCase:
         via: how specmoe is selected: "spec" (the specmoe layer spec) or "hook" (install()).
         device: "cpu" (gloo) or "cuda" (NCCL; rank r uses GPU r mod the visible count).
         gpus_per_node: given to the specmoe dispatcher's recorder (node measures), or None.
-        replica_extra: redundant experts (MoE-layer case): rank q's replica slots hold experts
+        replica_extra: redundant experts: rank q's replica slots hold experts
             ``replica_extra[q]`` on top of ``placement``. The specmoe layer is built with E + R slots
             and an E-expert router (``megatron/replicas.py``), its base slots loaded contiguously and
             its replica slots with NaN, then ``apply_replicas`` moves and copies the experts in
-            (``comm.weight_move``); the reference is alltoall on E experts without replicas.
+            (``comm.weight_move``); the reference is alltoall on E experts without replicas. GPT
+            case: the specmoe model is built plain and loaded contiguously (as from a checkpoint),
+            then ``replicas.replicate_layers`` swaps every MoE layer for its E + R-slot twin (the
+            launcher's path) and ``apply_replicas`` fills the slots; every layer has this plan.
         replica_load: the planned load per rank (route table: which remote copy a pair uses).
         wrong_replica: after applying, overwrite rank 0's first replica slot with another expert's
             weights (the harness's own negative check: the outputs must then differ).
@@ -323,9 +326,16 @@ def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResu
         ref = build_gpt_model(cfgs[0], shape, specmoe=False).eval()
         spec = build_gpt_model(cfgs[1], shape, specmoe=True, via=case.via).eval()
         spec.load_state_dict(ref.state_dict(), strict=True)
-        set_placements(spec, [_placement(case)] * shape.layers)
-        for i, (a, b) in enumerate(zip(moe_sites(ref), moe_sites(spec))):
-            _arrange(a.layer, b.layer, case, i)
+        slots_ok = None
+        if case.replica_extra is not None:
+            for i, (a, b) in enumerate(zip(moe_sites(ref), moe_sites(spec))):
+                contiguous = ExpertPlacement.contiguous(shape.experts, case.ep)
+                arrange_layers([a.layer, b.layer], [contiguous, contiguous], seed=case.seed, layer_index=i)
+            slots_ok = _replicate_gpt(case, spec)
+        else:
+            set_placements(spec, [_placement(case)] * shape.layers)
+            for i, (a, b) in enumerate(zip(moe_sites(ref), moe_sites(spec))):
+                _arrange(a.layer, b.layer, case, i)
         ref.to(case.device)
         spec.to(case.device)
         recorder = DispatchRecorder(gpus_per_node=case.gpus_per_node)
@@ -355,6 +365,8 @@ def gpt_lossless(rank: int, world_size: int, case: LosslessCase) -> LosslessResu
             tokens=case.seq * case.batch,
             reports=_reports(recorder),
             alltoall_input_splits=tuple(_splits(s.dispatcher, case.ep) for s in moe_sites(ref)),
+            routes=tuple(_logical_routes(s.dispatcher, shape.topk) for s in moe_sites(spec)),
+            slots_hold_their_experts=slots_ok,
         )
     finally:
         parallel.destroy()
@@ -382,6 +394,37 @@ def _dropped_pairs(dispatcher) -> int:
     wanted = dispatcher.routing_map.T
     taken = torch.zeros_like(wanted).scatter_(1, kept, True)
     return int((wanted & ~taken).sum())
+
+
+def _replicate_gpt(case: LosslessCase, spec) -> bool:
+    """The launcher's path on a loaded GPT model: twins, then ``apply_replicas``; returns whether
+    every slot of every layer holds its expert's fingerprint."""
+    from megatron.core import parallel_state
+
+    from megatron_specmoe.comm.weight_move import fingerprint
+    from megatron_specmoe.megatron.apply_plan import apply_replicas
+    from megatron_specmoe.megatron.experts import local_expert_state
+    from megatron_specmoe.megatron.model_tools import moe_sites
+    from megatron_specmoe.megatron.replicas import replicate_layers
+
+    rep = replica_placement(case)
+    twins = replicate_layers(spec, rep.redundant)
+    apply_replicas(spec, [rep] * len(twins))
+    if case.wrong_replica and parallel_state.get_expert_model_parallel_rank() == 0:
+        from megatron_specmoe.megatron.experts import load_local_expert_state
+
+        wrong = next(e for e in range(case.shape.experts) if e != rep.extra[0][0])
+        layer = twins[0]
+        bank = make_expert_bank(layer, case.shape.experts, case.seed)
+        load_local_expert_state(layer, rep.slots_per_rank - len(rep.extra[0]), bank[wrong])
+    rank, s, ok = parallel_state.get_expert_model_parallel_rank(), rep.slots_per_rank, True
+    for index, site in enumerate(moe_sites(spec)):
+        bank = make_expert_bank(site.layer, case.shape.experts, case.seed + 100 * index)
+        for i in range(s):
+            got = fingerprint([v for _, v in sorted(local_expert_state(site.layer, i).items())])
+            want = fingerprint([v for _, v in sorted(bank[rep.physical_to_logical[rank * s + i]].items())])
+            ok &= bool(torch.allclose(got, want))
+    return ok
 
 
 def run_cases(rank: int, world_size: int, cases) -> list[LosslessResult]:
