@@ -19,8 +19,10 @@ import time, and ``enable()`` does nothing where CUDA is available). Use it with
 | ``torch.cuda.nvtx.range_push/pop`` (also imported by name in the text generation controller) | no-ops |
 | attention asserts flash-attn >= 2.7.3 and calls ``flash_attn_varlen_func`` (prefill / mixed steps) and ``flash_attn_with_kvcache`` (decode-only steps) on the paged cache | ``paged_varlen_attention`` / ``paged_kvcache_attention``: the same causal attention over each request's blocks, in fp32 torch; the version check answers True |
 | the Triton KV-cache append kernel asserts CUDA tensors             | ``triton_append_key_value_cache = None``: the context's own torch path |
+| MLA's absorbed decode-only step calls FlashMLA (``flash_mla_with_kvcache``, ``get_mla_metadata``; None without the package) on the latent cache | ``paged_latent_attention``: each request's queries attend causally to its cached latents (values: their first ``head_dim_v`` entries), fp32 torch; the metadata call returns nothing (no tiles to schedule) |
 
-Not covered: MLA latent caches (``flash_mla``), FlashInfer RoPE / sampling, CUDA graphs, Mamba
+MLA under the dynamic engine also needs ``mla_dynamic.enable()`` (its local-spec fixes, on any
+device). Not covered: FlashInfer RoPE / sampling, CUDA graphs, Mamba
 states, unified memory (``unified_memory_level > 0``). Checked in ``tests/test_cpu_dynamic.py``:
 the engine's greedy tokens for requests of different lengths equal a full forward per token, and
 the references equal dense causal attention on a shuffled block table.
@@ -37,7 +39,7 @@ import torch
 
 from megatron_specmoe.megatron.patching import Patch, apply_without_cuda, original, revert_without_cuda
 
-__all__ = ["enable", "disable", "paged_varlen_attention", "paged_kvcache_attention"]
+__all__ = ["enable", "disable", "paged_varlen_attention", "paged_kvcache_attention", "paged_latent_attention"]
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +147,13 @@ def paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
                            return_attn_probs=False, **unused):
     """``flash_attn_varlen_func`` as Megatron's dynamic attention calls it. q [T, H, D] (request b's
     queries are rows cu_q[b]:cu_q[b+1]); k, v [N, Bk, Hkv, D] with ``block_table`` int32 [B, blocks]
-    (or [Tk, Hkv, D] by cu_k without it). Returns [T, H, D]; rows past cu_q[-1] (padding) are 0."""
+    (or [Tk, Hkv, D] by cu_k without it); v's head size Dv may differ from D (MLA). Returns
+    [T, H, Dv]; rows past cu_q[-1] (padding) are 0."""
     if not causal or return_attn_probs:
         raise NotImplementedError("cpu_dynamic: only causal attention without probabilities has a CPU reference")
     _window(window_size)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    out = torch.zeros_like(q)
+    out = q.new_zeros(*q.shape[:2], v.shape[-1])  # MLA: value heads may be narrower than query heads
     for b in range(cu_seqlens_q.numel() - 1):
         start, stop = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
         k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
@@ -180,6 +183,29 @@ def paged_kvcache_attention(q, k_cache, v_cache, cache_seqlens=None, *, softmax_
         out[b] = _causal(q[b], _blocks(k_cache, block_table[b], length), _blocks(v_cache, block_table[b], length),
                          scale)
     return out
+
+
+def paged_latent_attention(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata=None,
+                           num_splits=None, softmax_scale=None, causal=False, **unused):
+    """``flash_mla_with_kvcache`` as Megatron's absorbed MLA decode calls it: q [B, S, H, c + hr]
+    (absorbed queries), k_cache [N, Bk, 1, c + hr] (latents and rotated positional keys; the first
+    ``head_dim_v`` = c entries are the values), block_table int32 [B, blocks], cache_seqlens int32
+    [B]. Returns ([B, S, H, head_dim_v], None): FlashMLA's output and, in place of its log-sum-exp,
+    None (Megatron reads it only for attention sinks, which this reference refuses)."""
+    if not causal:
+        raise NotImplementedError("cpu_dynamic: only causal latent attention has a CPU reference")
+    if unused.get("softmax_offset") is not None:
+        raise NotImplementedError("cpu_dynamic: attention sinks have no CPU reference")
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out = q.new_zeros(*q.shape[:3], head_dim_v)
+    for b in range(q.shape[0]):
+        cached = _blocks(k_cache, block_table[b], int(cache_seqlens[b]))  # [L, 1, c + hr]
+        out[b] = _causal(q[b], cached, cached[..., :head_dim_v], scale)
+    return out, None
+
+
+def _mla_metadata(*args: Any, **kwargs: Any) -> tuple[None, None]:
+    return None, None
 
 
 def _fa_min_version(*args: Any, **kwargs: Any) -> bool:
@@ -223,6 +249,10 @@ def _patches() -> list[Patch]:
               why="dynamic batching asserts flash-attn >= 2.7.3 (the references stand in for it)"),
         Patch(owner=dynamic_context, name="triton_append_key_value_cache", replacement=None,
               why="the Triton KV append kernel asserts CUDA tensors; the context has a torch path"),
+        Patch(owner=attention, name="flash_mla_with_kvcache", replacement=paged_latent_attention,
+              why="MLA's absorbed decode-only step calls FlashMLA on the latent cache"),
+        Patch(owner=attention, name="get_mla_metadata", replacement=_mla_metadata,
+              why="FlashMLA's tile scheduler metadata (no tiles on the CPU)"),
     ]
     return patches
 

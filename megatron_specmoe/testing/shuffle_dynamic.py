@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-__all__ = ["DynamicCase", "PROMPTS", "NEW_TOKENS", "ARRIVE_AT", "dynamic_shuffle_lossless"]
+__all__ = ["DynamicCase", "PROMPTS", "NEW_TOKENS", "ARRIVE_AT", "dynamic_shuffle_lossless", "serve_stream"]
 
 PROMPTS = ([1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [11, 12, 13, 14, 15], [40])
 NEW_TOKENS = (5, 2, 4, 3)
@@ -44,9 +44,10 @@ class _Tokenizer:
         return " ".join(map(str, tokens))
 
 
-def _serve(model, config) -> dict:
-    """Run the request stream through a DynamicInferenceEngine; request id -> (tokens, log-probs,
-    the step it finished at)."""
+def serve_stream(model, config, block_size_tokens: int = 16) -> dict:
+    """Run the request stream through a DynamicInferenceEngine with KV-cache blocks of
+    ``block_size_tokens`` (64 for MLA's latent cache); request id -> (tokens, log-probs, the step
+    it finished at)."""
     from megatron.core.inference.config import InferenceConfig
     from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
     from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
@@ -56,8 +57,8 @@ def _serve(model, config) -> dict:
         TextGenerationController,
     )
 
-    inference = InferenceConfig(block_size_tokens=16, buffer_size_gb=0.01, max_requests=4, max_tokens=64,
-                                max_sequence_length=64, num_cuda_graphs=None)
+    inference = InferenceConfig(block_size_tokens=block_size_tokens, buffer_size_gb=0.01, max_requests=4,
+                                max_tokens=64, max_sequence_length=64, num_cuda_graphs=None)
     context = DynamicInferenceContext(config, inference)
     controller = TextGenerationController(inference_wrapped_model=GPTInferenceWrapper(model, context),
                                           tokenizer=_Tokenizer())
@@ -136,7 +137,8 @@ def dynamic_shuffle_lossless(rank: int, world_size: int, case: DynamicCase) -> d
         true_order_output(shuffled, carrier)
     if route is not None:
         feed_token_ids(shuffled, carrier)
-    out = {"alltoall": _serve(reference, configs["alltoall"]), "shuffle": _serve(shuffled, configs["specmoe"])}
+    out = {"alltoall": serve_stream(reference, configs["alltoall"]),
+           "shuffle": serve_stream(shuffled, configs["specmoe"])}
     out["plans"] = len(carrier.plans)
     out["moved"] = int(sum(int((plan.home_rank != torch.arange(plan.num_tokens) // plan.capacity).sum())
                            for _, plan in carrier.plans))
