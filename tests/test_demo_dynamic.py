@@ -58,3 +58,17 @@ def test_dynamic_demo_flags_refused_where_they_cannot_work(capsys):
         assert "--engine dynamic runs one engine (DP = 1)" in capsys.readouterr().err
         assert main(["demo", "--engine", "dynamic", "--synthetic"]) == 2
         assert "--synthetic serves random tokens with the static engine only" in capsys.readouterr().err
+
+
+def test_dynamic_demo_refuses_the_mla_model(capsys):
+    # 0.19: MLA's latent cache (the only MLA path of the dynamic engine) fails with sequence
+    # parallelism at TP > 1, so the demo cannot run alltoall like the shuffle; 0.16: no dynamic demo.
+    code = main(["demo", "--model", "deepseek-style", "--engine", "dynamic"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    if CORE_19:
+        assert code == 2
+        assert re.search(r"--engine dynamic with a multi-latent-attention model \(deepseek-style\): .*latent KV "
+                         r"cache.*sequence parallelism at TP > 1.* -- use --engine static \(the default\)", err), err
+    else:
+        assert code == 1 and "--engine dynamic needs megatron-core 0.19 or newer" in err

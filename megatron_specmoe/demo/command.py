@@ -249,6 +249,13 @@ def run(args) -> int:
         raise SpecMoEDataError(f"{card.weights_path}: sha256 does not match model.json field "
                                "'weights_sha256'; the weights are corrupt or belong to another card",
                                "re-save the checkpoint with save_checkpoint")
+    if args.engine == "dynamic" and dict(card.config).get("multi_latent_attention"):
+        raise SpecMoEUsageError(
+            f"--engine dynamic with a multi-latent-attention model ({os.path.basename(card.directory)}): Megatron-Core's "
+            "dynamic engine runs MLA only with its latent KV cache, which (in 0.19.2) fails with sequence "
+            "parallelism at TP > 1, so the demo's alltoall reference could not run the way the shuffle does "
+            "and its table would compare unlike runs",
+            "use --engine static (the default) with this model")
     if card.shape.experts % ep:
         raise SpecMoEUsageError(f"--ep {ep} does not divide the model's {card.shape.experts} experts",
                                 "choose an --ep that divides it")
