@@ -199,6 +199,23 @@ def test_plan_and_evaluate_commands_with_router_groups(tmp_path, capsys):
     assert main(["plan", "--traces", str(path), "--ep", "8", "--out", str(tmp_path / "p2"),
                  "--predictor", "token", "--router-groups", "3"]) == 2
     assert "num_groups=3 does not divide num_experts=16" in capsys.readouterr().err
-    assert main(["plan", "--traces", str(path), "--ep", "8", "--out", str(tmp_path / "p3"),
-                 "--predictor", "token", "--router-groups", "4", "--redundant-experts", "8"]) == 2
-    assert "replicas of router groups are not planned yet" in capsys.readouterr().err
+    # Replicas with router groups: every copy stays on its group's 2 ranks (one node of 2).
+    assert main(["plan", "--traces", str(path), "--ep", "8", "--out", str(tmp_path / "p3"), "--predictor",
+                 "token", "--router-groups", "4", "--group-topk", "1", "--redundant-experts", "8",
+                 "--hidden-size", "16"]) == 0
+    assert "each copy inside its router group's 'rank' domain" in capsys.readouterr().err
+    from megatron_specmoe.schedule.replicas import replicas_from_arrays
+    from megatron_specmoe.schedule.router_groups import check_replica_domains
+
+    plan = load_plan(tmp_path / "p3")
+    for rep in replicas_from_arrays(plan.placements, plan.arrays, "load"):
+        check_replica_domains(rep, RouterGroups(num_groups=4))
+    assert main(["evaluate", "--plan", str(tmp_path / "p3"), "--traces", str(path), "--json",
+                 "--gpus-per-node", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for side in ("specmoe", "oracle", "specmoe_replicas", "oracle_replicas"):
+        assert out[side]["max_nodes_per_token"] == 1, side
+    # A domain of one rank (G = P) leaves no room for a copy: refused, naming the fix.
+    assert main(["plan", "--traces", str(path), "--ep", "4", "--out", str(tmp_path / "p4"), "--predictor",
+                 "token", "--router-groups", "4", "--redundant-experts", "4"]) == 2
+    assert "may hold copies of only 0 expert(s)" in capsys.readouterr().err

@@ -125,9 +125,6 @@ def check_router_groups(args: argparse.Namespace):
     except ValueError as exc:
         raise SpecMoEUsageError(f"--router-groups {args.router_groups}: {exc}",
                                 "give the model's moe_router_num_groups / moe_router_group_topk") from None
-    if groups.active and args.redundant_experts:
-        raise SpecMoEUsageError("--redundant-experts with --router-groups: replicas of router groups are not "
-                                "planned yet", "drop --redundant-experts for a group-limited model")
     return groups
 
 
@@ -210,15 +207,24 @@ def run(args: argparse.Namespace) -> int:
     if args.redundant_experts:
         from megatron_specmoe.schedule.replicas import replicas_to_arrays, replicate_layers
 
+        # With router groups a copy stays in its group's domain (the node bound holds with replicas).
+        allowed = groups.replica_ranks(trace.num_experts, args.ep) if groups is not None else None
         try:
             replicas = replicate_layers(placements, trace.experts, redundant=args.redundant_experts,
-                                        policy=args.replica_policy)
+                                        policy=args.replica_policy, allowed=allowed)
         except ValueError as exc:
-            raise SpecMoEUsageError(str(exc), "choose fewer redundant experts") from None
+            raise SpecMoEUsageError(str(exc), "choose fewer redundant experts"
+                                    + (" or a wider --group-domain" if groups is not None else "")) from None
+        if groups is not None:
+            from megatron_specmoe.schedule.router_groups import check_replica_domains
+
+            for layer, rep in enumerate(replicas):
+                check_replica_domains(rep, groups, where=f"layer {layer} replicas")
         arrays = replicas_to_arrays(replicas)
         replica_notes = {"redundant_experts": args.redundant_experts, "replica_policy": args.replica_policy}
         _log(f"replicas: {args.redundant_experts} slots per layer by {args.replica_policy!r} "
-             f"({args.redundant_experts // args.ep} per rank)")
+             f"({args.redundant_experts // args.ep} per rank)"
+             + (f", each copy inside its router group's {groups.domain!r} domain" if groups is not None else ""))
     plan = make_plan(
         num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk, ep_size=args.ep,
         hidden_size=args.hidden_size, vocab_size=args.vocab_size, placements=placements,

@@ -18,7 +18,14 @@ and is deterministic; "least loaded" means by the plan's calibration load, not t
 ``planned_load[q]`` = sum over rank q's slots of load(e) / copies(e): each expert's calibration
 pairs shared evenly among its copies.
 
-Policies (``ReplicaPolicy``), greedy, ties to the lower expert / rank:
+Where copies may go (``allowed``, bool [E, P], default everywhere): a copy of e only on a rank q
+with allowed[e, q]. With group-limited routing (``schedule/router_groups.py``) ``RouterGroups.
+replica_ranks`` allows exactly the ranks of e's group's domain (its own ranks, or its node; every
+rank for domain "none"), so every copy of e, and so every rank the route table can send a pair of
+e to, lies in the domain the base placement keeps e in: a token that uses M groups still reaches at
+most M domains (``measure/nodes.py``'s ``max_nodes_per_token`` keeps the base placement's bound).
+
+Policies (``ReplicaPolicy``), greedy over the allowed (expert, rank) pairs, ties to the lower expert / rank:
     "load"          EPLB: R times, copy the expert with the highest load per copy onto the rank with
                     the least planned load among ranks with a free slot and without that expert.
     "coactivation"  R times, copy the (expert e, rank q) with the most calibration tokens homed on q
@@ -147,18 +154,18 @@ def _planned_load(mask: np.ndarray, loads: np.ndarray) -> np.ndarray:
     return (mask * share[:, None]).sum(axis=0)
 
 
-def _by_load(mask: np.ndarray, free: np.ndarray, loads: np.ndarray) -> Optional[tuple[int, int]]:
+def _by_load(mask: np.ndarray, free: np.ndarray, loads: np.ndarray, allowed: np.ndarray) -> Optional[tuple[int, int]]:
     per_copy = loads / mask.sum(axis=1)
     rank_load = _planned_load(mask, loads)
     for e in np.lexsort((np.arange(loads.shape[0]), -per_copy)):
-        ok = np.nonzero((free > 0) & ~mask[e])[0]
+        ok = np.nonzero((free > 0) & ~mask[e] & allowed[e])[0]
         if ok.size:
             return int(e), int(ok[np.lexsort((ok, rank_load[ok]))[0]])
     return None
 
 
-def _by_coactivation(mask: np.ndarray, free: np.ndarray, gain: np.ndarray) -> Optional[tuple[int, int]]:
-    g = np.where(~mask.T & (free[:, None] > 0), gain, -1)  # [P, E]
+def _by_coactivation(mask: np.ndarray, free: np.ndarray, gain: np.ndarray, allowed: np.ndarray) -> Optional[tuple[int, int]]:
+    g = np.where(~mask.T & allowed.T & (free[:, None] > 0), gain, -1)  # [P, E]
     if g.max() < 0:
         return None
     q, e = np.unravel_index(int(np.argmax(g)), g.shape)  # first maximum: lower rank, then expert
@@ -166,7 +173,8 @@ def _by_coactivation(mask: np.ndarray, free: np.ndarray, gain: np.ndarray) -> Op
 
 
 def replicate(
-    base: ExpertPlacement, experts_Tk: np.ndarray, *, redundant: int, policy: ReplicaPolicy = "load"
+    base: ExpertPlacement, experts_Tk: np.ndarray, *, redundant: int, policy: ReplicaPolicy = "load",
+    allowed: Optional[np.ndarray] = None,
 ) -> ReplicatedPlacement:
     """Add ``redundant`` replica slots (R, a multiple of P) to ``base`` from one layer's routes.
 
@@ -175,6 +183,7 @@ def replicate(
         experts_Tk: int [T, k], the calibration routes of this layer (logical experts).
         redundant: R >= 0, a multiple of P.
         policy: one of ``ReplicaPolicy``.
+        allowed: bool [E, P], where a copy of each expert may go (module docstring); None: anywhere.
     """
     p, e = base.ep_size, base.num_experts
     if policy not in REPLICA_POLICIES:
@@ -187,10 +196,21 @@ def replicate(
     if redundant // p > e - base.experts_per_rank:
         raise ValueError(f"--redundant-experts {redundant}: a rank can hold at most {e - base.experts_per_rank} "
                          "replicas (one copy of each expert it lacks)")
-    ex = np.asarray(experts_Tk).astype(np.int64)
-    loads = np.bincount(ex.ravel(), minlength=e).astype(np.float64)
     mask = np.zeros((e, p), dtype=bool)
     mask[np.arange(e), base.rank_of_logical()] = True
+    allowed = np.ones((e, p), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    if allowed.shape != (e, p):
+        raise ValueError(f"replicate: allowed must be bool [E, P]=({e}, {p}), got shape {allowed.shape}")
+    room = (allowed & ~mask).sum(axis=0)  # [P]: experts each rank may still take a copy of
+    if redundant and room.min() < redundant // p:
+        q = int(np.argmin(room))
+        raise ValueError(
+            f"--redundant-experts {redundant}: rank {q} may hold copies of only {int(room[q])} expert(s) it "
+            f"lacks ({redundant // p} replica slots per rank asked); with router groups a copy stays in its "
+            "group's domain (a domain of one rank allows none): choose fewer redundant experts, or a wider "
+            "--group-domain (node, none)")
+    ex = np.asarray(experts_Tk).astype(np.int64)
+    loads = np.bincount(ex.ravel(), minlength=e).astype(np.float64)
     free = np.full(p, redundant // p, dtype=np.int64)
     # gain[q, e]: calibration tokens homed on q (co-location under the base placement) using e.
     rank_of = base.rank_of_logical()
@@ -202,9 +222,11 @@ def replicate(
     extra: list[list[int]] = [[] for _ in range(p)]
     for i in range(redundant):
         use_load = policy == "load" or (policy == "both" and i < redundant // 2)
-        pick = _by_load(mask, free, loads) if use_load else _by_coactivation(mask, free, gain)
+        pick = _by_load(mask, free, loads, allowed) if use_load else _by_coactivation(mask, free, gain, allowed)
         if pick is None:  # every free slot's rank already holds every expert it could take
-            pick = _by_load(mask, free, loads)
+            pick = _by_load(mask, free, loads, allowed)
+        if pick is None:  # unreachable after the room check above; kept as a named failure
+            raise ValueError(f"replicate: no allowed rank has a free slot for copy {i + 1} of {redundant}")
         expert, rank = pick
         mask[expert, rank] = True
         free[rank] -= 1
@@ -214,10 +236,12 @@ def replicate(
 
 
 def replicate_layers(
-    placements: Sequence[ExpertPlacement], experts_TLk: np.ndarray, *, redundant: int, policy: ReplicaPolicy
+    placements: Sequence[ExpertPlacement], experts_TLk: np.ndarray, *, redundant: int, policy: ReplicaPolicy,
+    allowed: Optional[np.ndarray] = None,
 ) -> list[ReplicatedPlacement]:
-    """``replicate`` for every layer: ``experts_TLk`` int [T, L, k]."""
-    return [replicate(pl, experts_TLk[:, layer], redundant=redundant, policy=policy)
+    """``replicate`` for every layer: ``experts_TLk`` int [T, L, k]; ``allowed`` bool [E, P] (every
+    layer alike) or None."""
+    return [replicate(pl, experts_TLk[:, layer], redundant=redundant, policy=policy, allowed=allowed)
             for layer, pl in enumerate(placements)]
 
 

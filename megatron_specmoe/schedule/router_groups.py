@@ -28,6 +28,11 @@ Domains. ``RouterGroups.domain`` says where each group may live when the plan is
 Domain d hosts the experts d*D*n .. (d+1)*D*n - 1 (the groups Megatron's contiguous layout puts
 there), which must be whole groups: D*n must be a multiple of E/G.
 
+Redundant experts (``schedule/replicas.py``): ``RouterGroups.replica_ranks`` puts every copy of an
+expert in its own group's domain, so the route table (local copy, else the least-loaded copy) only
+ever sends a pair to a rank of that domain and the bound stays the base placement's;
+``check_replica_domains`` refuses replicas that leave it.
+
 The bound's measure is ``max_nodes_per_token`` of ``measure/nodes.py`` (``specmoe evaluate
 --gpus-per-node R``): the most nodes hosting any one token's experts.
 """
@@ -46,6 +51,7 @@ __all__ = [
     "RouterGroups",
     "check_router_permutation",
     "check_domains",
+    "check_replica_domains",
 ]
 
 GroupDomain = Literal["rank", "node", "none"]
@@ -118,6 +124,15 @@ class RouterGroups:
         """int64 [P]: the domain of each EP rank."""
         return np.arange(ep_size, dtype=np.int64) // self.domain_ranks(num_experts, ep_size)
 
+    def replica_ranks(self, num_experts: int, ep_size: int) -> np.ndarray:
+        """bool [E, P]: where a redundant copy of each logical expert may go (``schedule/replicas.py``):
+        the ranks of its own domain, so the route table never leaves it; every rank for domain
+        "none" or without groups."""
+        if not self.active or self.domain == "none":
+            return np.ones((num_experts, ep_size), dtype=bool)
+        want = self.expert_domain(num_experts, ep_size)
+        return want[:, None] == self.rank_domain(num_experts, ep_size)[None, :]
+
     def to_json(self) -> dict:
         return {"num_groups": int(self.num_groups), "group_topk": int(self.group_topk),
                 "domain": self.domain, "ranks_per_node": int(self.ranks_per_node)}
@@ -144,6 +159,20 @@ def check_domains(placement: ExpertPlacement, groups: RouterGroups, *, where: st
         raise ValueError(f"{where}: logical expert {e} (router group {e // (placement.num_experts // groups.num_groups)}) "
                          f"sits in rank domain {int(have[e])}, not {int(want[e])}: the placement does not "
                          f"keep router groups on their own {groups.domain}s")
+
+
+def check_replica_domains(replicated, groups: RouterGroups, *, where: str = "replicas") -> None:
+    """Raise a ValueError when a ``schedule.replicas.ReplicatedPlacement`` (its base or a copy) puts an
+    expert outside its group's domain."""
+    check_domains(replicated.base, groups, where=f"{where} (base placement)")
+    allowed = groups.replica_ranks(replicated.num_experts, replicated.ep_size)
+    bad = np.argwhere(replicated.rank_mask() & ~allowed)
+    if bad.size:
+        e, q = (int(x) for x in bad[0])
+        raise ValueError(f"{where}: a copy of logical expert {e} (router group "
+                         f"{e // (replicated.num_experts // groups.num_groups)}) sits on rank {q}, outside its "
+                         f"group's {groups.domain} domain: the route table could send its pairs there and "
+                         "break the node bound; re-plan with `specmoe plan --router-groups G --redundant-experts R`")
 
 
 def check_router_permutation(placement: ExpertPlacement, num_groups: int, *, where: str = "placement") -> None:
