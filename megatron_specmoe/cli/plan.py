@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "alternating, search (default), milp")
     p.add_argument("--redundant-experts", type=int, default=0, metavar="R",
                    help="extra physical slots (a multiple of --ep) that replicate hot experts "
-                        "(schedule/replicas.py); 0: none (default)")
+                        "(schedule/replicas.py); with --router-groups each copy stays in its group's "
+                        "--group-domain, so the node bound holds; 0: none (default)")
     p.add_argument("--replica-policy", default="load", metavar="POLICY",
                    help="how replicas are chosen: load (EPLB), coactivation, both (default load)")
     p.add_argument("--theta", type=float, default=0.1, help="weight of load imbalance in the grouping objective")
