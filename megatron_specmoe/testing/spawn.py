@@ -8,7 +8,9 @@ Failures are named, never waited out: the parent polls its children while it wai
 so a rank that dies without reporting (killed, ``os._exit``, a crash in native code) is reported
 by rank and exit code within about a second, not after the whole timeout; a timeout names the
 ranks that never reported; and a rank that reported but then exited with a non-zero code (or
-did not exit at all) fails the run too.
+did not exit at all) fails the run too. A child ends with multiprocessing's exit function and
+``os._exit``, skipping the interpreter's finalisation (whose native destructors can stall for
+minutes on a loaded machine).
 
 The free port can be taken by another process between the choice and the rendezvous (machines
 shared by many test runs): when rank 0 cannot listen on it (EADDRINUSE) the whole start is retried
@@ -84,6 +86,22 @@ def _worker(rank: int, job: _Job, queue) -> None:
         queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """End the child the way multiprocessing does, minus the interpreter's own finalisation:
+    multiprocessing's exit function flushes the result queue and runs its finalizers (a finalizer
+    may still end the process with another code), then ``os._exit``. Under load, the native
+    destructors of torch / gloo at interpreter shutdown were seen to take 15-120 s after the
+    result was reported (no Python frame, no thread left), which failed runs on ``_EXIT_S``."""
+    import multiprocessing.util
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    multiprocessing.util._exit_function()
+    os._exit(code)
 
 
 class _PortTaken(Exception):
