@@ -50,12 +50,12 @@ def test_the_table_shows_the_paired_median_and_its_spread():
     text = format_table(summaries, 1e-6)
     assert "0.95x" in text.splitlines()[3]
     assert "fwd time specmoe / alltoall: median 0.950x, quartiles 0.925-1.075x, range 0.900-1.200x over 3 pairs" in text
-    assert "fwd time = median forward, ratio to alltoall (the median of the per-forward ratios" in text
+    assert "fwd time = median forward, ratio to alltoall (the median over forwards of each one's ratio" in text
     # Times that cannot be paired (different counts) keep the ratio of the medians, and say nothing more.
     odd = [_summary("alltoall", [1.0, 2.0]), _summary("specmoe", [3.0])]
     add_paired_ratios(odd)
     text = format_table(odd, 0.0)
-    assert odd[1]["forward_ratio"] is None and "1.50x" in text and "quartiles" not in text and "per-forward" not in text
+    assert odd[1]["forward_ratio"] is None and "1.50x" in text and "quartiles" not in text and "over forwards" not in text
 
 
 def test_the_models_take_turns_in_an_order_that_reverses_every_step():

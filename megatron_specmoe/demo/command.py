@@ -306,7 +306,8 @@ def run(args) -> int:
              "timing": {"warmup_rounds": settings.warmup, "passes": settings.passes,
                         "forwards_per_dispatcher": len(result.serve.runs[0].forward_s),
                         "order": "the models take turns on each batch, the order reversed every step",
-                        "ratio": "median over batches of each batch's forward time ratio to alltoall"}}
+                        "ratio": "median over batches of each batch's forward time ratio to alltoall",
+                        "gc": "objects existing before timing frozen (gc.freeze) while timing"}}
     return _report(result.serve.runs, result.serve.max_abs_diff, result.serve.tokens, args, extra)
 
 

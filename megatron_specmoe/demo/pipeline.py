@@ -16,7 +16,8 @@ B sequences per forward per DP group, L MoE layers, E experts, k top-k.
             EP ranks). Logits are compared, traffic is taken from the routing map each dispatcher
             keeps (after the timed forward, for both), and forward times are the slowest rank's,
             per batch, interleaved: the models take turns on each batch, in an order that reverses
-            every step, after untimed warm-up rounds, over ``passes`` passes of the windows.
+            every step, after untimed warm-up rounds, over ``passes`` passes of the windows, with the
+            garbage collector's existing objects frozen (``gc.freeze``) while timing.
 
 Both models run with sequence parallelism (``TokenwiseNorm`` for Megatron's torch norms, which
 refuse it without TransformerEngine), so each token is routed once in both.
@@ -24,6 +25,7 @@ refuse it without TransformerEngine), so each token is routed once in both.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -282,27 +284,34 @@ def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -
                 models[name](batches[w % len(batches)], positions, mask)
                 timers[name].take()
         allgather_bytes.take()
-        for step in range(steps):
-            first_pass, b = step < len(batches), step % len(batches)
-            tokens = batches[b]
-            outs = {}
-            for name in _timing_order(names, step):
-                outs[name], elapsed = _timed(lambda m=models[name]: m(tokens, positions, mask))
-                times[name].append(elapsed)
-                a2a[name].append(timers[name].take())
-                if name != "allgather" and first_pass:
-                    # Traffic from the routing map each dispatcher keeps, after the timed forward
-                    # for both (bookkeeping is not part of either's forward time).
-                    reports[name].append(gather_reports(
-                        _alltoall_records(models[name], ep_rank, settings.ep, card.shape.hidden), ep_group))
-            bytes_now = allgather_bytes.take()
-            counted += bytes_now if first_pass else 0
-            diff = torch.tensor([max(float((outs["alltoall"] - outs[n]).abs().max()) for n in ("allgather", "specmoe"))],
-                                dtype=torch.float64)
-            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-            max_diff = max(max_diff, float(diff))
-            if rank == 0:
-                _bar(step + 1, steps, "serve  ", start)
+        # The models' objects are long-lived: kept out of the collector's reach while timing, so that
+        # a full collection over them (tens of ms here) does not land inside one model's forward.
+        gc.collect()
+        gc.freeze()
+        try:
+            for step in range(steps):
+                first_pass, b = step < len(batches), step % len(batches)
+                tokens = batches[b]
+                outs = {}
+                for name in _timing_order(names, step):
+                    outs[name], elapsed = _timed(lambda m=models[name]: m(tokens, positions, mask))
+                    times[name].append(elapsed)
+                    a2a[name].append(timers[name].take())
+                    if name != "allgather" and first_pass:
+                        # Traffic from the routing map each dispatcher keeps, after the timed forward
+                        # for both (bookkeeping is not part of either's forward time).
+                        reports[name].append(gather_reports(
+                            _alltoall_records(models[name], ep_rank, settings.ep, card.shape.hidden), ep_group))
+                bytes_now = allgather_bytes.take()
+                counted += bytes_now if first_pass else 0
+                diff = torch.tensor([max(float((outs["alltoall"] - outs[n]).abs().max()) for n in ("allgather", "specmoe"))],
+                                    dtype=torch.float64)
+                dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+                max_diff = max(max_diff, float(diff))
+                if rank == 0:
+                    _bar(step + 1, steps, "serve  ", start)
+        finally:
+            gc.unfreeze()
     if rank != 0:
         return None
     # allgather routes exactly as alltoall (same weights, same router): its pairs, LAR and load are

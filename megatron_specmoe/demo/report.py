@@ -153,8 +153,8 @@ def format_table(summaries: Sequence[dict], max_abs_diff: float, baseline: str =
     lines.append(
         "per MoE layer and token; LAR = local activation rate; imbalance = max/mean pairs per rank "
         f"(worst layer); lossless = max |{compared} diff|; fwd time = median {timed}, ratio to " + base["dispatcher"]
-        + (f" (the median of the per-{timed} ratios, each {timed} paired with "
-           f"{base['dispatcher']}'s on the same input, run back to back)" if paired else "")
+        + (f" (the median over {timed}s of each one's ratio to {base['dispatcher']}'s {timed} on the same "
+           "input, run back to back)" if paired else "")
         + ("; a2a time = median time in the EP all-to-all phases (dispatch + combine), same ratio"
            if timed_a2a else "")
     )
