@@ -144,6 +144,8 @@ FLAGS = [
     c("demo --new-tokens without --engine dynamic", [*D, "--new-tokens", "4"], 2, r"--new-tokens is a setting of the dynamic engine's request stream -- add --engine dynamic"),
     c("demo --arrivals without --engine dynamic", [*D, "--arrivals", "1"], 2, r"--arrivals is a setting of the dynamic engine's request stream -- add --engine dynamic"),
     c("demo --engine bogus", [*D, "--engine", "bogus"], 2, r"argument --engine: invalid choice", argparse=True),
+    c("demo --repeats 0", [*D, "--repeats", "0"], 2, r"--repeats 0: must be >= 1"),
+    c("demo --repeats with --synthetic", [*D, "--synthetic", "--repeats", "2"], 2, r"--repeats sets the timed passes of the static demo .* -- leave out --repeats with --synthetic"),
     c("demo --synthetic --experts 6", [*D, "--synthetic", "--experts", "6"], 2, r"--ep 4 must divide --experts 6"),
     c("demo --synthetic --topk 9", [*D, "--synthetic", "--topk", "9"], 2, r"--topk 9 exceeds --experts 8"),
     c("demo --synthetic --layers 0", [*D, "--synthetic", "--layers", "0"], 2, r"--layers 0: must be >= 1"),

@@ -24,7 +24,14 @@ def test_demo_pipeline_on_the_shipped_model(tmp_path, capsys):
     assert a2a["remote_pairs"] / (1 - a2a["local_activation_rate"]) == pytest.approx(4 * 512 * 4)
     assert spec["local_activation_rate"] > a2a["local_activation_rate"] + 0.1
     assert spec["bytes_on_wire"] < a2a["bytes_on_wire"]
-    assert len(a2a["a2a_s"]) == len(spec["a2a_s"]) == 8 // 2 and all(t > 0 for t in a2a["a2a_s"] + spec["a2a_s"])
+    # Timing: 2 passes (the default) over the 8 // 2 batches, every dispatcher on every batch; the
+    # ratio is the median of the per-batch ratios, with its spread and pair count.
+    assert doc["timing"]["passes"] == 2 and doc["timing"]["forwards_per_dispatcher"] == 2 * (8 // 2)
+    assert len(a2a["a2a_s"]) == len(spec["a2a_s"]) == len(spec["forward_s"]) == 2 * (8 // 2)
+    assert all(t > 0 for t in a2a["a2a_s"] + spec["a2a_s"])
+    ratio = spec["forward_ratio"]
+    assert ratio["pairs"] == 2 * (8 // 2) and ratio["min"] <= ratio["q1"] <= ratio["median"] <= ratio["q3"] <= ratio["max"]
+    assert a2a["forward_ratio"]["median"] == 1.0
     # allgather: alltoall's routes, and every token to the 3 other ranks of the TP x EP group: hidden
     # (128 fp32), probs (32 fp32) and routing map (32 bool) gathered, the output (128 fp32) reduce-
     # scattered: 3 x (512 + 128 + 32) + 3 x 512 = 3552 bytes per token per layer, counted.
@@ -32,7 +39,7 @@ def test_demo_pipeline_on_the_shipped_model(tmp_path, capsys):
     assert ag["bytes_counted_from_collectives"] and not a2a["bytes_counted_from_collectives"]
     assert ag["bytes_on_wire"] == 3552 * 8 * 64 * 4
     assert (ag["remote_pairs"], ag["local_activation_rate"]) == (a2a["remote_pairs"], a2a["local_activation_rate"])
-    assert len(ag["a2a_s"]) == 8 // 2
+    assert len(ag["a2a_s"]) == 2 * (8 // 2)
     assert (tmp_path / "new" / "plan" / "plan.json").is_file()
     assert (tmp_path / "new" / "lar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -98,13 +98,15 @@ class CollectiveCounter:
 
 
 def _check_plan(plan: ShufflePlan, group) -> int:
-    size = dist.get_world_size(group)
+    # The group's own size and rank (C++ reads) rather than dist's Python-side lookups: these run
+    # twice per layer per forward.
+    size = group.size() if group is not None else dist.get_world_size()
     if plan.num_ranks != size:
         raise ValueError(
             f"ShufflePlan.num_ranks={plan.num_ranks} but the TP group has {size} ranks; plan over "
             "the TP size"
         )
-    return dist.get_group_rank(group, dist.get_rank()) if group is not None else dist.get_rank()
+    return group.rank() if group is not None else dist.get_rank()
 
 
 def shuffled_reduce_scatter(

@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--engine dynamic: requests that arrive before each engine step (default 2)")
     p.add_argument("--seq", type=int, default=128, help="tokens per window (default 128, at most the model's)")
     p.add_argument("--batch", type=int, default=4, help="windows per forward per DP group (default 4)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed passes over the evaluation windows (default 2); the models take turns on every "
+                        "batch and the forward time ratio is the median of the per-batch ratios; traffic counts "
+                        "the first pass (static engine, not --synthetic)")
     p.add_argument("--predictor", choices=("route", "history", "pregate"), default="route",
                    help="runtime predictor: the plan's token table (route, default), the table combined with the "
                         "plan's route-history MLP on the routes carried between layers (history), or the "
@@ -73,6 +77,9 @@ def _layout(args):
     from megatron_specmoe.artifacts.files import check_output_dir, check_output_file
 
     dynamic = args.engine == "dynamic"
+    if args.repeats is not None and (dynamic or args.synthetic):
+        raise SpecMoEUsageError("--repeats sets the timed passes of the static demo (profile -> plan -> serve)",
+                                "leave out --repeats with --synthetic or --engine dynamic")
     if not dynamic:
         for flag in ("new_tokens", "arrivals"):
             if getattr(args, flag) is not None:
@@ -85,7 +92,7 @@ def _layout(args):
         args.new_tokens = 32 if args.new_tokens is None else args.new_tokens
         args.arrivals = 2 if args.arrivals is None else args.arrivals
     counts = ["ranks", "calib_windows", "eval_windows", "seq", "batch", "batches", "experts", "topk",
-              "layers", "hidden", "new_tokens", "arrivals"]
+              "layers", "hidden", "new_tokens", "arrivals", "repeats"]
     for name in counts + ["tp", "ep"]:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -162,10 +169,11 @@ def _windows(card, files, split: str, seq: int, count: int):
 
 
 def _report(result_runs, max_diff, tokens, args, extra: dict, same_tokens: bool = True) -> int:
-    from megatron_specmoe.demo.report import format_table, plot_layer_lar, run_summary
+    from megatron_specmoe.demo.report import add_paired_ratios, format_table, plot_layer_lar, run_summary
 
     summaries = [run_summary(r.name, r.reports, r.forward_s, tokens, r.a2a_s,
                              bytes_on_wire=r.bytes_on_wire) for r in result_runs]
+    add_paired_ratios(summaries)
     print()
     dynamic = args.engine == "dynamic"
     print(format_table(summaries, max_diff, timed="engine step" if dynamic else "forward",
@@ -278,11 +286,14 @@ def run(args) -> int:
         model_dir=args.checkpoint, calib=calib, evalu=evalu, tp=tp, ep=ep, batch=args.batch,
         predictor=args.predictor, placement=args.placement,
         plan_dir=os.path.abspath(os.path.join(args.out_dir, "plan")), seed=args.seed,
+        passes=2 if args.repeats is None else args.repeats,
     )
     if args.engine == "dynamic":
         return _run_dynamic(args, card, calib, evalu, settings, start)
     print(f"[specmoe demo] {args.ranks} gloo ranks, TP={tp}, EP={ep}, sequence parallel; "
-          f"{len(calib)} calibration and {len(evalu)} evaluation windows of {args.seq} tokens", file=sys.stderr)
+          f"{len(calib)} calibration and {len(evalu)} evaluation windows of {args.seq} tokens; timing: "
+          f"{settings.warmup} warm-up rounds, then {settings.passes} passes, the models taking turns on each "
+          "batch", file=sys.stderr)
     result = run_local(pipeline_worker, args.ranks, settings)[0]
     print(f"[specmoe demo] profile {result.profile_seconds:.1f}s ({result.profile_tokens} tokens), "
           f"plan {result.plan_seconds:.1f}s, total {time.perf_counter() - start:.1f}s", file=sys.stderr)
@@ -291,7 +302,12 @@ def run(args) -> int:
                           "calib_windows": len(calib), "eval_windows": len(evalu), "predictor": args.predictor,
                           "placement": args.placement, "checkpoint": card.directory},
              "profile": {"tokens": result.profile_tokens, "seconds": result.profile_seconds},
-             "plan": {**result.plan_summary, "seconds": result.plan_seconds, "dir": settings.plan_dir}}
+             "plan": {**result.plan_summary, "seconds": result.plan_seconds, "dir": settings.plan_dir},
+             "timing": {"warmup_rounds": settings.warmup, "passes": settings.passes,
+                        "forwards_per_dispatcher": len(result.serve.runs[0].forward_s),
+                        "order": "the models take turns on each batch, the order reversed every step",
+                        "ratio": "median over batches of each batch's forward time ratio to alltoall",
+                        "gc": "objects existing before timing frozen (gc.freeze) while timing"}}
     return _report(result.serve.runs, result.serve.max_abs_diff, result.serve.tokens, args, extra)
 
 

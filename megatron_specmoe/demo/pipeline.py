@@ -13,8 +13,11 @@ B sequences per forward per DP group, L MoE layers, E experts, k top-k.
             ``alltoall`` and ``allgather`` (Megatron's layers and dispatchers; allgather's bytes are
             its collectives' payloads, counted) and ``specmoe`` (``ShuffleTransformerLayer`` with the
             plan's token table, and the plan's placement applied by moving expert weights between
-            EP ranks). Logits are compared, traffic is taken from the dispatchers' own state, and
-            forward times are the slowest rank's, per batch, interleaved.
+            EP ranks). Logits are compared, traffic is taken from the routing map each dispatcher
+            keeps (after the timed forward, for both), and forward times are the slowest rank's,
+            per batch, interleaved: the models take turns on each batch, in an order that reverses
+            every step, after untimed warm-up rounds, over ``passes`` passes of the windows, with the
+            garbage collector's existing objects frozen (``gc.freeze``) while timing.
 
 Both models run with sequence parallelism (``TokenwiseNorm`` for Megatron's torch norms, which
 refuse it without TransformerEngine), so each token is routed once in both.
@@ -22,6 +25,7 @@ refuse it without TransformerEngine), so each token is routed once in both.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -60,6 +64,8 @@ class PipelineSettings:
     placement: expert grouping method (``schedule.grouping.GroupingMethod``).
     plan_dir: where the plan is written.
     seed: grouping seed.
+    passes: timed passes over the evaluation windows (>= 1); traffic counts the first pass only.
+    warmup: untimed rounds (every model once each) before the timed ones (>= 0).
     """
 
     model_dir: Optional[str]
@@ -72,6 +78,8 @@ class PipelineSettings:
     placement: str
     plan_dir: str
     seed: int = 0
+    passes: int = 2
+    warmup: int = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,18 +246,20 @@ def _serve_models(card, settings: PipelineSettings, plan, names=("alltoall", "al
     return models, carrier
 
 
+def _timing_order(names: tuple[str, ...], step: int) -> tuple[str, ...]:
+    """The order the models run in at timed step ``step``: as given on even steps, reversed on odd
+    ones, so that no model always runs first (cold caches) or right after a given other one."""
+    return names if step % 2 == 0 else tuple(reversed(names))
+
+
 def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -> Optional[DemoResult]:
     from megatron.core import parallel_state
 
     from megatron_specmoe.comm.stats import gather_reports
     from megatron_specmoe.demo.serve import CollectiveBytes
-    from megatron_specmoe.megatron.dispatcher import DispatchRecorder
-    from megatron_specmoe.megatron.model_tools import attach_recorder
 
     models, _ = _serve_models(card, settings, plan)
     allgather_bytes = CollectiveBytes(models["allgather"])
-    recorder = DispatchRecorder()
-    attach_recorder(models["specmoe"], recorder)
     ep_group = parallel_state.get_expert_model_parallel_group()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -267,29 +277,41 @@ def _serve(card, settings: PipelineSettings, plan, rank: int, world_size: int) -
     counted = 0
     timers = {name: PhaseTimer(model) for name, model in models.items()}
     max_diff, start = 0.0, time.perf_counter()
+    steps = settings.passes * len(batches)
     with torch.no_grad():
-        for name in models:  # one untimed forward each: first-call allocations
-            models[name](batches[0], positions, mask)
-            timers[name].take()
-        recorder.clear()
+        for w in range(settings.warmup):  # untimed rounds: first-call allocations, caches, the plans' shapes
+            for name in _timing_order(names, w):
+                models[name](batches[w % len(batches)], positions, mask)
+                timers[name].take()
         allgather_bytes.take()
-        for b, tokens in enumerate(batches):
-            outs = {}
-            for name in names:
-                outs[name], elapsed = _timed(lambda m=models[name]: m(tokens, positions, mask))
-                times[name].append(elapsed)
-                a2a[name].append(timers[name].take())
-            counted += allgather_bytes.take()
-            reports["alltoall"].append(gather_reports(
-                _alltoall_records(models["alltoall"], ep_rank, settings.ep, card.shape.hidden), ep_group))
-            reports["specmoe"].append(gather_reports(recorder.records, ep_group))
-            recorder.clear()
-            diff = torch.tensor([max(float((outs["alltoall"] - outs[n]).abs().max()) for n in ("allgather", "specmoe"))],
-                                dtype=torch.float64)
-            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-            max_diff = max(max_diff, float(diff))
-            if rank == 0:
-                _bar(b + 1, len(batches), "serve  ", start)
+        # The models' objects are long-lived: kept out of the collector's reach while timing, so that
+        # a full collection over them (tens of ms here) does not land inside one model's forward.
+        gc.collect()
+        gc.freeze()
+        try:
+            for step in range(steps):
+                first_pass, b = step < len(batches), step % len(batches)
+                tokens = batches[b]
+                outs = {}
+                for name in _timing_order(names, step):
+                    outs[name], elapsed = _timed(lambda m=models[name]: m(tokens, positions, mask))
+                    times[name].append(elapsed)
+                    a2a[name].append(timers[name].take())
+                    if name != "allgather" and first_pass:
+                        # Traffic from the routing map each dispatcher keeps, after the timed forward
+                        # for both (bookkeeping is not part of either's forward time).
+                        reports[name].append(gather_reports(
+                            _alltoall_records(models[name], ep_rank, settings.ep, card.shape.hidden), ep_group))
+                bytes_now = allgather_bytes.take()
+                counted += bytes_now if first_pass else 0
+                diff = torch.tensor([max(float((outs["alltoall"] - outs[n]).abs().max()) for n in ("allgather", "specmoe"))],
+                                    dtype=torch.float64)
+                dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+                max_diff = max(max_diff, float(diff))
+                if rank == 0:
+                    _bar(step + 1, steps, "serve  ", start)
+        finally:
+            gc.unfreeze()
     if rank != 0:
         return None
     # allgather routes exactly as alltoall (same weights, same router): its pairs, LAR and load are

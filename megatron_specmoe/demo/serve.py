@@ -159,7 +159,9 @@ class DemoResult:
 
 
 def _alltoall_records(model, ep_rank: int, ep_size: int, hidden: int) -> list[DispatchRecord]:
-    """Megatron's alltoall dispatchers keep the last forward's routing map: measure it."""
+    """Megatron's alltoall dispatchers, and the specmoe dispatcher built on them, keep the last
+    forward's routing map (physical expert order, after any padding): measure it. The same record
+    ``DispatchRecorder`` makes inside the forward, made after it."""
     out = []
     for site in moe_sites(model):
         d = site.dispatcher

@@ -98,7 +98,10 @@ __all__ = [
 
 
 def _group_rank(group) -> int:
-    return dist.get_group_rank(group, dist.get_rank())
+    """This process's rank in ``group`` (a ProcessGroup it belongs to): the group's own answer, a
+    C++ attribute read, not ``dist.get_group_rank``'s Python-side table lookups (several per layer
+    per forward)."""
+    return group.rank()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +160,7 @@ class ShuffleTransformerLayer(TransformerLayer):
         self._ep_base: Optional[int] = None
         self._moe_index: Optional[int] = None
         self._rank_of_cache: Optional[tuple] = None  # (placement, int64 [E])
+        self._contiguous_cache: Optional[tuple] = None  # ((T, P, device), the contiguous ShufflePlan)
         self.scorer = make_rank_scorer(carrier.options)
         self._side_stream = None  # the CUDA stream stage 3 runs on (``_plan_on_side_stream``)
         # predictor "history": the router's last top-k ids, kept by a forward hook on the router.
@@ -531,10 +535,16 @@ class ShuffleTransformerLayer(TransformerLayer):
         state = self.carrier.state
         if state is not None and state.tensor is hidden_states:
             return state
-        # Megatron's contiguous sequence-parallel shard [S/P, B, H]: the contiguous plan.
+        # Megatron's contiguous sequence-parallel shard [S/P, B, H]: the contiguous plan, which
+        # depends on (T, P) only: made once per shape, not once per forward.
         seq, batch = hidden_states.shape[0] * tp, hidden_states.shape[1]
-        plan = assign(torch.zeros(seq * batch, tp), "contiguous", validate=False)
-        return ShuffleState(plan=plan, seq=seq, batch=batch, tensor=hidden_states)
+        key = (seq * batch, tp, hidden_states.device)
+        cached = self._contiguous_cache
+        if cached is None or cached[0] != key:
+            plan = assign(torch.zeros(seq * batch, tp, device=hidden_states.device), "contiguous", validate=False)
+            cached = (key, plan)
+            self._contiguous_cache = cached
+        return ShuffleState(plan=cached[1], seq=seq, batch=batch, tensor=hidden_states)
 
 
 def restore_true_order(shard: torch.Tensor, carrier: ShuffleCarrier, group, *, counter=None) -> torch.Tensor:

@@ -17,18 +17,31 @@ Same steps, same numbers: every float is float32 and every float operation is th
 (elementwise add / subtract / multiply / divide are correctly rounded in both); the selections
 (k-th smallest, top-2, first maximum) pick values or first indices, so they agree exactly; sorts
 are stable on the same integer keys.
+
+Cheap per call. What depends only on (T, P) (the tie-break and pad rows of s_ext, the row
+indices) is made once per shape and kept read-only (``_constants``, a bounded memo of a pure
+function: nothing a caller can observe or change); a call then performs some 30 numpy operations.
+"best of the other ranks" comes from a prefix and a suffix running maximum over the P ranks (the
+same value torch's top-2 gives, selected, not computed).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 
 __all__ = ["prices_plan_numpy"]
 
 
-def _extended(scores: np.ndarray, big: float, tie_break: float) -> np.ndarray:
-    """s_ext float32 [T_pad, P]: ``fast_assign._extended`` in numpy."""
-    t, p = scores.shape
+@lru_cache(maxsize=64)
+def _constants(t: int, p: int, big: float, tie_break: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(template float32 [P, T_pad], rows int64 [T_pad], bounds int64 [P + 1]), read-only.
+
+    template: s_ext minus the scores, ranks along rows: ``fast_assign._extended``'s tie-break on the
+    T real columns, the pad rows' +-BIG on the others (s_ext.T = template + scores.T on the real
+    columns, the template itself on the pad columns). rows: 0 .. T_pad - 1. bounds: 0 .. P.
+    """
     c = -(-t // p)
     pads = p * c - t
     full = (p - pads) * c
@@ -37,13 +50,17 @@ def _extended(scores: np.ndarray, big: float, tie_break: float) -> np.ndarray:
     dist = (np.arange(p, dtype=np.int64)[None, :] - shard[:, None] + p) % p
     # The tie-break takes P distinct values: the torch code's float32 steps, done on those P.
     bonus = np.float32(tie_break) * (np.float32(1.0) - np.arange(p, dtype=np.float32) / np.float32(p))
-    out = np.empty((p * c, p), dtype=np.float32)
-    np.add(scores, bonus[dist], out=out[:t])
+    template = np.empty((p, p * c), dtype=np.float32)
+    template[:, :t] = bonus[dist].T
     if pads:
         block = np.full((pads, p), -big, dtype=np.float32)
         block[np.arange(pads), np.arange(p - pads, p)] = big
-        out[t:] = block
-    return out
+        template[:, t:] = block.T
+    rows = np.arange(p * c, dtype=np.int64)
+    bounds = np.arange(p + 1, dtype=np.int64)
+    for a in (template, rows, bounds):
+        a.setflags(write=False)
+    return template, rows, bounds
 
 
 def _falling(x: np.ndarray) -> np.ndarray:
@@ -66,44 +83,47 @@ def prices_plan_numpy(
     Returns:
         (home_ext, order, inverse), int64 [T_pad] each (``fast_assign.FastPlan``'s fields).
     """
-    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    scores = np.asarray(scores, dtype=np.float32)
     t, p = scores.shape
     c = -(-t // p)
     t_pad = p * c
-    rows = np.arange(t_pad, dtype=np.int64)
     if p == 1:
+        rows = np.arange(t_pad, dtype=np.int64)
         return np.zeros(t_pad, dtype=np.int64), rows, rows.copy()
-    # Ranks along rows ([P, T_pad]): the reductions over ranks and the selection over rows then
-    # run along contiguous memory.
-    ext_t = np.ascontiguousarray(_extended(scores, big, tie_break).T)
+    template, rows, bounds = _constants(t, p, float(big), float(tie_break))
+    # s_ext with ranks along rows ([P, T_pad]): the reductions over ranks and the selection over
+    # rows then run along contiguous memory.
+    ext_t = template.copy()
+    np.add(scores.T, template[:, :t], out=ext_t[:, :t])
     lam = np.zeros((p, 1), dtype=np.float32)
     step = np.float32(damp)
-    cols = np.arange(t_pad, dtype=np.int64)
+    kth = t_pad - c
+    other = np.empty_like(ext_t)
     for _ in range(iterations):
         red = ext_t - lam
-        # topk(2)'s values: the best, and the best after removing the first best (ties kept).
-        best = red.max(axis=0)
-        rest = red.copy()
-        rest[red.argmax(axis=0), cols] = -np.inf
-        second = rest.max(axis=0)
-        other = np.where(red == best, second, best)
-        q = np.partition(red - other, t_pad - c, axis=1)[:, t_pad - c : t_pad - c + 1]  # (T_pad - C + 1)-th smallest
-        lam = lam + step * q
+        # The best of the other ranks, other[r] = max over q != r of red[q]: torch's
+        # where(red == top1, top2, top1), from running maxima from both ends.
+        pre = np.maximum.accumulate(red, axis=0)
+        suf = np.maximum.accumulate(red[::-1], axis=0)[::-1]
+        other[0] = suf[1]
+        other[p - 1] = pre[p - 2]
+        np.maximum(pre[: p - 2], suf[2:], out=other[1 : p - 1])
+        margin = np.subtract(red, other, out=red)
+        lam = lam + step * np.partition(margin, kth, axis=1)[:, kth : kth + 1]  # (T_pad - C + 1)-th smallest
     red = ext_t - lam
     ask = red.argmax(axis=0)  # first maximum
-    score = red[ask, cols]
-    key = (ask.astype(np.int64) << 32) + _falling(score)
+    key = (ask << 32) + _falling(red.max(axis=0))
     idx = np.argsort(key, kind="stable")
     s_ask = key[idx] >> 32
-    starts = np.searchsorted(s_ask, np.arange(p + 1, dtype=np.int64))
+    starts = np.searchsorted(s_ask, bounds)
     accept = rows - starts[s_ask] < c
     rejected_nth = np.cumsum(~accept) - 1
-    free = c - np.minimum(starts[1:] - starts[:-1], c)
+    free = c - np.minimum(np.diff(starts), c)
     fill = np.minimum(np.searchsorted(np.cumsum(free), rejected_nth, side="right"), p - 1)
     home_ext = np.empty(t_pad, dtype=np.int64)
     home_ext[idx] = np.where(accept, s_ask, fill)
     small = np.int8 if p <= 127 else np.int16 if p <= 32767 else np.int64
-    order = np.argsort(home_ext.astype(small), kind="stable").astype(np.int64)
+    order = np.argsort(home_ext.astype(small), kind="stable")
     inverse = np.empty(t_pad, dtype=np.int64)
     inverse[order] = rows
     return home_ext, order, inverse
