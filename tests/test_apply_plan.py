@@ -24,7 +24,7 @@ def _worker(rank, world):
     from megatron_specmoe.megatron import parallel
     from megatron_specmoe.megatron.apply_plan import apply_placements
     from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
-    from megatron_specmoe.megatron.experts import load_bank, local_expert_state, make_expert_bank
+    from megatron_specmoe.megatron.experts import load_seeded_banks, local_expert_state
     from megatron_specmoe.megatron.model_tools import moe_sites
 
     cpu_support.enable()
@@ -36,12 +36,9 @@ def _worker(rank, world):
         for d in ("alltoall", "specmoe"):
             models[d] = build_gpt_model(make_config(shape, dispatcher=d, ep=4), shape, specmoe=d == "specmoe").eval()
         models["specmoe"].load_state_dict(models["alltoall"].state_dict())
-        banks = []
-        for i, site in enumerate(moe_sites(models["alltoall"])):
-            bank = make_expert_bank(site.layer, shape.experts, seed=11 + i)
-            banks.append(bank)
-            for m in models.values():
-                load_bank(moe_sites(m)[i].layer, bank, ExpertPlacement.contiguous(8, 4), ep_rank)
+        for m in models.values():
+            banks = load_seeded_banks([s.layer for s in moe_sites(m)], shape.experts,
+                                      ExpertPlacement.contiguous(8, 4), ep_rank, seed=11)
         gen = torch.Generator().manual_seed(3 + parallel_state.get_data_parallel_rank())
         tokens = torch.randint(0, shape.vocab, (2, 8), generator=gen)
         pos = torch.arange(8).unsqueeze(0).expand(2, -1)

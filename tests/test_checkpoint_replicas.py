@@ -33,7 +33,7 @@ def _worker(rank, world, folder):
     from megatron_specmoe.megatron import cpu_support, parallel
     from megatron_specmoe.megatron.apply_plan import apply_replicas
     from megatron_specmoe.megatron.build import MoEShape
-    from megatron_specmoe.megatron.experts import load_bank, make_expert_bank
+    from megatron_specmoe.megatron.experts import load_seeded_banks
     from megatron_specmoe.megatron.model_tools import moe_sites
     from megatron_specmoe.megatron.replicas import replicate_layers
 
@@ -44,9 +44,7 @@ def _worker(rank, world, folder):
         card = C.ModelCard(directory=f"{folder}/replicated", shape=MoEShape(layers=2), config={},
                            gpt=dict(C._GPT_DEFAULTS), weights_file="", weights_dtype="float32", weights_sha256="")
         ref = C.build_model(card, dispatcher="alltoall").eval()
-        for i, site in enumerate(moe_sites(ref)):
-            load_bank(site.layer, make_expert_bank(site.layer, 8, seed=21 + i), ExpertPlacement.contiguous(8, 4),
-                      ep_rank)
+        load_seeded_banks([s.layer for s in moe_sites(ref)], 8, ExpertPlacement.contiguous(8, 4), ep_rank, seed=21)
         gen = torch.Generator().manual_seed(7 + rank)
         tokens = torch.randint(0, card.shape.vocab, (B, S), generator=gen)
         pos = torch.arange(S).unsqueeze(0).expand(B, -1)

@@ -72,7 +72,7 @@ def _worker(rank, world, plan_dir):
 
     from megatron_specmoe.megatron import cpu_support, parallel
     from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
-    from megatron_specmoe.megatron.experts import load_bank, make_expert_bank
+    from megatron_specmoe.megatron.experts import load_seeded_banks
     from megatron_specmoe.megatron.model_tools import moe_sites
     from megatron_specmoe.megatron_lm import runtime as R
     from megatron_specmoe.megatron_lm import runtime_hook as RH
@@ -83,9 +83,8 @@ def _worker(rank, world, plan_dir):
         shape = MoEShape(layers=2)
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         ref = build_gpt_model(make_config(shape, dispatcher="alltoall", ep=4), shape, specmoe=False).eval()
-        banks = [make_expert_bank(site.layer, 8, seed=11 + i) for i, site in enumerate(moe_sites(ref))]
-        for bank, site in zip(banks, moe_sites(ref)):
-            load_bank(site.layer, bank, ExpertPlacement.contiguous(8, 4), ep_rank)
+        banks = load_seeded_banks([s.layer for s in moe_sites(ref)], 8, ExpertPlacement.contiguous(8, 4),
+                                  ep_rank, seed=11)
         checkpoint = {k: v.clone() for k, v in ref.state_dict().items() if isinstance(v, torch.Tensor)}
 
         mod = types.ModuleType("specmoe_test_replica_script")

@@ -54,7 +54,7 @@ def _worker(rank, world, plan_dir, bad_plan_dir, out_dir):
     from megatron_specmoe.megatron_lm import runtime as R
     from megatron_specmoe.megatron_lm import runtime_hook as RH
     from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
-    from megatron_specmoe.megatron.experts import load_bank, local_expert_state, make_expert_bank
+    from megatron_specmoe.megatron.experts import load_seeded_banks, local_expert_state
     from megatron_specmoe.megatron.model_tools import moe_sites
 
     cpu_support.enable()
@@ -64,10 +64,8 @@ def _worker(rank, world, plan_dir, bad_plan_dir, out_dir):
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         ref = build_gpt_model(make_config(shape, dispatcher="alltoall", ep=4), shape, specmoe=False).eval()
         spec = build_gpt_model(make_config(shape, dispatcher="specmoe", ep=4), shape, specmoe=True).eval()
-        banks = [make_expert_bank(site.layer, shape.experts, seed=11 + i)
-                 for i, site in enumerate(moe_sites(ref))]
-        for bank, site in zip(banks, moe_sites(ref)):
-            load_bank(site.layer, bank, ExpertPlacement.contiguous(8, 4), ep_rank)
+        banks = load_seeded_banks([s.layer for s in moe_sites(ref)], shape.experts,
+                                  ExpertPlacement.contiguous(8, 4), ep_rank, seed=11)
         checkpoint = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ref.state_dict().items()}
 
         # The stand-in checkpoint loader, and a "script" module that imported it by name.
@@ -327,7 +325,7 @@ def _tp_worker(rank, world, plan_dir, out_dir):
     from megatron_specmoe.megatron_lm import runtime as R
     from megatron_specmoe.megatron_lm import runtime_hook as RH
     from megatron_specmoe.megatron.build import MoEShape, build_gpt_model, make_config
-    from megatron_specmoe.megatron.experts import load_bank, make_expert_bank
+    from megatron_specmoe.megatron.experts import load_seeded_banks
     from megatron_specmoe.megatron.model_tools import moe_sites
     from megatron_specmoe.artifacts.trace_io import read_trace
 
@@ -338,8 +336,7 @@ def _tp_worker(rank, world, plan_dir, out_dir):
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         ref = build_gpt_model(make_config(shape, dispatcher="alltoall", tp=2, ep=4, sequence_parallel=False), shape, specmoe=False).eval()
         spec = build_gpt_model(make_config(shape, dispatcher="specmoe", tp=2, ep=4, sequence_parallel=False), shape, specmoe=True).eval()
-        for i, site in enumerate(moe_sites(ref)):
-            load_bank(site.layer, make_expert_bank(site.layer, 8, seed=11 + i), ExpertPlacement.contiguous(8, 4), ep_rank)
+        load_seeded_banks([s.layer for s in moe_sites(ref)], 8, ExpertPlacement.contiguous(8, 4), ep_rank, seed=11)
         spec.load_state_dict(ref.state_dict())
         runtime = R.setup_specmoe_runtime([_Wrapper(spec)], _args(specmoe_plan=plan_dir,
                                           specmoe_record_routes=out_dir), after_load=True)

@@ -22,7 +22,7 @@ import torch
 
 from megatron_specmoe.schedule.placement import ExpertPlacement
 
-__all__ = ["local_expert_state", "load_local_expert_state", "make_expert_bank", "load_bank"]
+__all__ = ["local_expert_state", "load_local_expert_state", "make_expert_bank", "load_bank", "load_seeded_banks"]
 
 Bank = Mapping[int, Mapping[str, torch.Tensor]]
 
@@ -98,3 +98,13 @@ def load_bank(layer, bank: Bank, placement: ExpertPlacement, ep_rank: int) -> No
     for i in range(n):
         logical = placement.physical_to_logical[ep_rank * n + i]
         load_local_expert_state(layer, i, bank[logical])
+
+
+def load_seeded_banks(layers, num_experts: int, placement: ExpertPlacement, ep_rank: int, *,
+                      seed: int) -> list[dict[int, dict[str, torch.Tensor]]]:
+    """Give MoE layer ``layers[i]`` the bank ``make_expert_bank(layers[i], num_experts, seed + i)``,
+    its slots filled by ``placement``; return the banks (one per layer, the same on every rank)."""
+    banks = [make_expert_bank(layer, num_experts, seed=seed + i) for i, layer in enumerate(layers)]
+    for bank, layer in zip(banks, layers):
+        load_bank(layer, bank, placement, ep_rank)
+    return banks
