@@ -1,15 +1,13 @@
 """The s-TS lossless check: a model with ``ShuffleTransformerLayer`` computes what Megatron computes.
 
-Each function runs on every rank of an initialised process group (``testing.spawn.run_local`` on the
-CPU). Three models with identical weights (expert weights from a seeded bank, arranged by the
-placement under test) see identical inputs:
+Each function runs on every rank of a process group (``testing.spawn.run_local`` on the CPU). Three
+models with identical weights (seeded expert banks, arranged by the placement) see identical inputs:
     ref       Megatron's layers with the ``alltoall`` dispatcher: the outputs to match.
     base      Megatron's layers with the ``specmoe`` dispatcher and contiguous placement: what
               ``alltoall`` sends, recorded by the dispatcher's own accounting.
     shuffle   ``ShuffleTransformerLayer`` (s-TS) with the specmoe dispatcher, recorded likewise.
-Each returns the largest output difference, both models' summed route measures (this rank's
-records), the TP bytes each moved (counted), and whether every TP rank computed the same plans.
-
+Each returns the largest output difference, both models' summed route measures (this rank's records),
+the TP bytes each moved (counted), and whether every TP rank computed the same plans.
 Notation: S sequence length, B micro-batch, H hidden size, E experts, P TP size.
 """
 
@@ -56,9 +54,9 @@ class ShuffleCase:
     ``testing.mutants`` name applied on every rank for this case, None: the library as it is);
     config: extra ``TransformerConfig`` fields as (name, value) pairs for every model
     (DeepSeek-style: multi_latent_attention and its sizes, normalization, router groups and expert
-    bias; shared experts come from ``shape.shared_ffn``); padded_decode (GPT, decode_steps): after
-    the prefill every model runs Megatron's padded decode (``testing.padded_decode``), the shuffle
-    model's dispatcher phases guarded against host reads."""
+    bias; shared experts come from ``shape.shared_ffn``); padded_decode (GPT, decode_steps): after the
+    prefill every model runs Megatron's padded decode (``testing.padded_decode``), the shuffle model's
+    dispatcher phases guarded against host reads."""
 
     shape: MoEShape = field(default_factory=lambda: MoEShape(layers=2))
     tp: int = 4
@@ -103,8 +101,8 @@ class ShuffleResult:
     gathered over TP: all of the prefill's on core 0.19, the last token's on 0.16);
     history_ok (predictor "history", GPT cases): after the prefill, the route history the shuffle
     layers carried equals the routes Megatron's own routers chose, token for token (None: not
-    checked); host_reads, decode_padding (padded_decode cases): "" once the decode steps ran with
-    the dispatcher phases guarded (a host read raises); ``padded_decode.decode_padding`` at the end."""
+    checked); host_reads, decode_padding (padded_decode cases): "" once the decode steps ran with the
+    dispatcher phases guarded (a host read raises); ``padded_decode.decode_padding`` at the end."""
 
     rank: int
     max_out_diff: float
