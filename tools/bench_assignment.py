@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -201,7 +202,7 @@ def quality(trace_dir: Path, predictors, methods, ep: int, batch: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--traces", type=Path, default=Path("/work/shared/traces/mixtral-mtbench"),
+    ap.add_argument("--traces", type=Path, default=Path(MIXTRAL_TRACES),
                     help="folder with experts_{coding,math,roleplay,writing}_mixtral.json")
     ap.add_argument("--sizes", default="512,4096,8192", help="token counts T to time")
     ap.add_argument("--ranks", default="4,8", help="rank counts P to time")

@@ -33,6 +33,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +42,7 @@ from megatron_specmoe.artifacts.traces import RoutingTrace  # noqa: E402
 from megatron_specmoe.predict.base import RouteContext, top_experts  # noqa: E402
 from megatron_specmoe.predict.registry import make  # noqa: E402
 
-MIXTRAL = "/work/shared/traces/mixtral-mtbench"
+MIXTRAL = MIXTRAL_TRACES
 LAYER_NO_CAPS = {"max_search_tokens": None, "max_val_tokens": None, "max_fit_tokens": None}
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "fit_time.png"
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
 
 def _mixtral(args, methods):
@@ -220,7 +221,7 @@ def _timing(args, methods):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--traces", default=str(Path(__file__).resolve().parents[2] / "shared/traces/mixtral-mtbench"))
+    ap.add_argument("--traces", default=MIXTRAL_TRACES)
     ap.add_argument("--parts", default="ABC", help="which parts to run: any of A, B, C")
     ap.add_argument("--ep", type=int, default=4)
     ap.add_argument("--batch", type=int, default=512)

@@ -49,6 +49,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,7 +63,7 @@ from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts  #
 from megatron_specmoe.schedule.grouping_nodes import NodeGroupingOptions, group_experts_by_nodes  # noqa: E402
 from megatron_specmoe.schedule.request_placement import online_rank, place_requests, request_affinity  # noqa: E402
 
-MIXTRAL = "/work/shared/traces/mixtral-mtbench"
+MIXTRAL = MIXTRAL_TRACES
 WIRE = WireFormat(hidden_size=7168, activation_bytes=2)
 
 

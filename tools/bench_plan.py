@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="64,512,4096,16384")
     ap.add_argument("--ranks", default="4,8,16")
-    ap.add_argument("--traces", type=Path, default=Path("/work/shared/traces/mixtral-mtbench"))
+    ap.add_argument("--traces", type=Path, default=Path(MIXTRAL_TRACES))
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per row")
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     args = ap.parse_args(argv)

@@ -42,6 +42,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,7 +54,7 @@ from megatron_specmoe.predict.token_table import TokenTable  # noqa: E402
 from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces  # noqa: E402
 from megatron_specmoe.artifacts.traces import RoutingTrace  # noqa: E402
 
-DEFAULT_DIR = "/work/shared/traces/mixtral-mtbench"
+DEFAULT_DIR = MIXTRAL_TRACES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

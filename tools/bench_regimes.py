@@ -26,8 +26,9 @@ import json
 import os
 import sys
 import time
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
-DEFAULT_MIXTRAL = "/work/shared/traces/mixtral-mtbench"
+DEFAULT_MIXTRAL = MIXTRAL_TRACES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 REGIMES = (("prefill", 4096), ("decode", 64), ("decode", 256))

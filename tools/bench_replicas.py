@@ -28,6 +28,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,7 +38,7 @@ from megatron_specmoe.predict.registry import make  # noqa: E402
 from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts  # noqa: E402
 from megatron_specmoe.schedule.replicas import replicate_layers  # noqa: E402
 
-MIXTRAL = "/work/shared/traces/mixtral-mtbench"
+MIXTRAL = MIXTRAL_TRACES
 
 
 def main(argv=None) -> int:

@@ -41,6 +41,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,7 +54,7 @@ from megatron_specmoe.sim.cluster import cluster_preset  # noqa: E402
 from megatron_specmoe.sim.compare import compare_dispatchers  # noqa: E402
 from megatron_specmoe.sim.inputs import oracle_expert_scores, predictor_expert_scores  # noqa: E402
 
-MIXTRAL = "/work/shared/traces/mixtral-mtbench"
+MIXTRAL = MIXTRAL_TRACES
 
 
 def part_replicas(args) -> None:

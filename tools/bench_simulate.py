@@ -33,8 +33,9 @@ import json
 import os
 import sys
 import time
+from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
 
-DEFAULT_TRACES = "/work/shared/traces/mixtral-mtbench"
+DEFAULT_TRACES = MIXTRAL_TRACES
 # The grid compares specmoe on Megatron's all-to-all with the baselines it replaces.
 _BENCH_DISPATCHERS = ("alltoall", "deepep_normal", "specmoe_alltoall")
 # Run from a checkout without installing: the package is the folder above tools/.
