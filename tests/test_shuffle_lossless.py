@@ -49,6 +49,12 @@ CASES = [
     ("gpt_sp", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
     ("gpt_sp", ShuffleCase(tp=2, ep=2, predictor="adversarial", batch=3)),
     ("gpt_sp", ShuffleCase(tp=2, ep=4, predictor="route")),
+    # Shared plans (route, sequence parallel, CPU: "auto" shares): a rank that makes no plan (3
+    # layers, P = 4); two plans per rank (3 layers, P = 2) against the same case with every rank
+    # making every plan ("off"): the same plans.
+    ("gpt_sp", ShuffleCase(tp=4, ep=4, predictor="route", placement=PERMUTED, shape=MoEShape(layers=3))),
+    ("gpt_sp", ShuffleCase(tp=2, ep=2, predictor="route", share_plans="on", shape=MoEShape(layers=3))),
+    ("gpt_sp", ShuffleCase(tp=2, ep=2, predictor="route", share_plans="off", shape=MoEShape(layers=3))),
     ("gpt_sp", ShuffleCase(tp=4, ep=4, predictor="history", shape=MoEShape(layers=3))),
     # ... and a stack of layers from Megatron's contiguous shard, back with restore_true_order.
     ("layers", ShuffleCase(tp=4, ep=4, predictor="pregate", placement=PERMUTED)),
@@ -94,9 +100,12 @@ def _expected_tp_calls(case, kind, model, logit_rows=()):
     sequence parallelism; the output layer's) gathers [T_pad, H + ids] where ids = k when the
     rows carry expert ids: "history" (every layer without sequence parallelism; every layer but
     the first with it, the ids of the layer before) and "pregate"/"adversarial" with sequence
-    parallelism (each rank's gate ids, every layer). The embedding and the logits are Megatron's.
+    parallelism (each rank's gate ids, every layer). Shared plans (route with sequence
+    parallelism, share_plans not "off") add P * ceil(layers / P) columns to the first layer's
+    all-gather: each rank's share of the plans' home ranks. The embedding and the logits are Megatron's.
     """
     h, k, layers, v, p = case.shape.hidden, case.shape.topk, case.shape.layers, case.shape.vocab, case.tp
+    shared = p * _ceil(layers, p) if _shares(case, kind) else 0
     calls = Counter()
 
     def add(name, rows, cols):
@@ -124,11 +133,16 @@ def _expected_tp_calls(case, kind, model, logit_rows=()):
             else:
                 gate_ids = case.predictor in ("pregate", "adversarial")
                 history_ids = case.predictor == "history" and layer > 0
-                add("all_gather_into_tensor", t_pad, h + (k if gate_ids or history_ids else 0))
+                add("all_gather_into_tensor", t_pad, h + (k if gate_ids or history_ids else 0) + (shared if layer == 0 else 0))
                 add("reduce_scatter_tensor", t_pad, h)
         if kind == "gpt_sp":
             add("all_gather_into_tensor", t_pad if model == "shuffle" else t, h)
     return calls
+
+
+def _shares(case, kind):
+    """Whether the case's forwards share their plans (``megatron/shared_plans.py``)."""
+    return kind == "gpt_sp" and case.predictor == "route" and case.share_plans != "off" and case.tp > 1
 
 
 def _float_tp_calls(calls):
@@ -188,6 +202,9 @@ def _check_case(kind, case, per_rank, world):
         assert res.max_out_diff <= TOL, (where, res.rank, res.max_out_diff)
         assert res.plans_agree, where
         assert res.plans == case.shape.layers * len(_steps(case)), where
+        # Shared plans: each rank makes its share, layers j = rank mod P; else every plan.
+        mine = len(range(res.rank % case.tp, case.shape.layers, case.tp)) if _shares(case, kind) else case.shape.layers
+        assert res.plans_made == mine * len(_steps(case)), (where, res.rank, res.plans_made)
         # Same collectives and bytes as worked out by hand, for Megatron and for the shuffle, and
         # Megatron's layers with the specmoe dispatcher issue exactly Megatron's.
         measured = {name: _float_tp_calls(calls) for name, calls in res.tp_calls.items()}
@@ -197,7 +214,8 @@ def _check_case(kind, case, per_rank, world):
         assert measured["base"] == measured["ref"], where
         # Same bytes on the wire where there is neither a pad row nor an id column to carry.
         pads = any(t % case.tp for t in _steps(case))
-        carries = case.predictor == "history" or (kind != "gpt" and case.predictor in ("pregate", "adversarial"))
+        carries = case.predictor == "history" or (kind != "gpt" and case.predictor in ("pregate", "adversarial")) \
+            or _shares(case, kind)
         if not pads and not carries:
             assert _ring_sent(measured["shuffle"], case.tp) == _ring_sent(measured["ref"], case.tp), where
         # The carried route history is Megatron's own routes, token for token.
@@ -231,6 +249,16 @@ def four_rank_results():
 
 def test_shuffle_lossless_four_ranks(four_rank_results):
     _check([r[: len(CASES)] for r in four_rank_results], CASES, WORLD)
+
+
+def test_shared_plans_are_the_plans_every_rank_makes(four_rank_results):
+    """share_plans="on" (each rank makes its share, gathered with the first layer's input) and
+    "off" (every rank makes every plan) use the same plans, bit for bit, on every rank."""
+    on, off = (CASES.index(("gpt_sp", ShuffleCase(tp=2, ep=2, predictor="route", share_plans=s,
+                                                  shape=MoEShape(layers=3)))) for s in ("on", "off"))
+    for r in four_rank_results:
+        assert r[on].plan_rows and r[on].plan_rows == r[off].plan_rows
+        assert (r[on].plans_made, r[off].plans_made) == ((2, 3) if r[on].rank % 2 == 0 else (1, 3))
 
 
 @pytest.mark.parametrize("index, pattern", [(0, "TP collectives"), (1, "over capacity")])

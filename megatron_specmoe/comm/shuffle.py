@@ -48,6 +48,7 @@ __all__ = [
     "CollectiveCounter",
     "shuffled_reduce_scatter",
     "deferred_all_gather",
+    "gather_shards",
     "ring_bytes",
     "append_route_columns",
     "split_route_columns",
@@ -178,6 +179,26 @@ def deferred_all_gather(
     Returns:
         float [T, H], row t = token t (pad rows dropped).
     """
+    return gather_shards(shard, plan, group, counter=counter).index_select(0, plan.inverse[: plan.num_tokens])
+
+
+def gather_shards(
+    shard: torch.Tensor,
+    plan: ShufflePlan,
+    group,
+    *,
+    counter: Optional[CollectiveCounter] = None,
+) -> torch.Tensor:
+    """The all-gather of ``deferred_all_gather`` without its reordering: float [T_pad, H], rank
+    r's C rows at rows r*C .. (r+1)*C - 1 (shuffled order, pad rows kept). For callers that read
+    per-rank columns riding along (``megatron/shared_plans.py``) before they reorder.
+
+    Args:
+        shard: float [C, H], this rank's rows in shuffled order.
+        plan: the ShufflePlan the shards follow (identical on every rank).
+        group: the TP process group.
+        counter: optional CollectiveCounter.
+    """
     _check_plan(plan, group)
     c, h = shard.shape
     if c != plan.capacity:
@@ -186,7 +207,7 @@ def deferred_all_gather(
     dist.all_gather_into_tensor(gathered, shard.contiguous(), group=group)
     if counter is not None:
         counter.add("all_gather", gathered.numel() * gathered.element_size(), plan.num_ranks)
-    return gathered.index_select(0, plan.inverse[: plan.num_tokens])
+    return gathered
 
 
 _ID_DTYPES = {4: torch.int32, 2: torch.int16}

@@ -74,6 +74,7 @@ from megatron_specmoe.comm.shuffle import (
     shuffled_reduce_scatter,
     split_route_columns,
 )
+from megatron_specmoe.megatron.shared_plans import gather_sharing_plans, shared_plan, shares_plans
 from megatron_specmoe.megatron.shuffle_deepseek import shard_shared_experts
 from megatron_specmoe.megatron.shuffle_linears import NoCommColumnParallelLinear, NoCommRowParallelLinear
 from megatron_specmoe.megatron.shuffle_refusals import graph_predictor_problem, layer_refusals, moe_layer_numbers
@@ -368,7 +369,9 @@ class ShuffleTransformerLayer(TransformerLayer):
         if ids is None and self._gates_shards:
             ids = top_experts(self.mlp.router.gating(ln.reshape(-1, h)), k)
         gate_experts = None
-        if ids is not None:
+        if ids is None and shares_plans(self, hidden_states, self._is_fresh(hidden_states)):
+            ln_full = gather_sharing_plans(self, ln.reshape(-1, h), prev)
+        elif ids is not None:
             packed = deferred_all_gather(append_route_columns(ln.reshape(-1, h), ids), prev.plan, group,
                                          counter=counter)
             ln_flat, gathered = split_route_columns(packed, k)
@@ -402,22 +405,30 @@ class ShuffleTransformerLayer(TransformerLayer):
         return self.self_attention(ln_full, packed_seq_params=None, **kwargs)
 
     @torch.no_grad()
-    def rank_scores(self, x: LayerInput) -> torch.Tensor:
-        """float32 [T, P]: how well each TP rank suits each token, from this layer's scorer."""
-        ln_flat = x.ln_full.reshape(x.num_tokens, -1)
+    def rank_scores(self, x: Optional[LayerInput], num_tokens: int = 0) -> torch.Tensor:
+        """float32 [T, P]: how well each TP rank suits each token, from this layer's scorer. x None:
+        from token ids alone, ahead of this layer (predictor "route", ``shared_plans``), T = num_tokens."""
+        t = num_tokens if x is None else x.num_tokens
+        ln_flat = None if x is None else x.ln_full.reshape(t, -1)
         return self.scorer(ScoreInputs(
-            num_tokens=x.num_tokens, tp=self.tp_group.size(), ep_base=self._ep_span(),
+            num_tokens=t, tp=self.tp_group.size(), ep_base=self._ep_span(),
             moe_index=self.moe_index if self.carrier.options.predictor in ("route", "history") else -1,
-            layer_number=self.layer_number, call=self.carrier.calls,
-            placement=self.mlp.token_dispatcher.placement, rank_of=self._rank_of(ln_flat.device),
+            layer_number=self.layer_number, call=self.carrier.calls, placement=self.mlp.token_dispatcher.placement,
+            rank_of=self._rank_of(self.carrier.token_ids.device if x is None else ln_flat.device),
             layer_input=ln_flat, gate=self.mlp.router.gating, topk=self.config.moe_router_topk,
-            gate_experts=x.gate_experts, token_ids=self.carrier.token_ids, history=x.history,
+            gate_experts=None if x is None else x.gate_experts, token_ids=self.carrier.token_ids,
+            history=None if x is None else x.history,
         ))
+
+    def assign_plan(self, scores: torch.Tensor) -> ShufflePlan:
+        """The balanced plan for float32 [T, P] ``scores`` (counted in ``carrier.plans_made``)."""
+        self.carrier.plans_made += 1
+        return assign(scores, self.carrier.options.method, validate=False)
 
     def plan(self, x: LayerInput) -> ShufflePlan:
         """Stage 3: the balanced plan over the T tokens and the P TP ranks (identical on every TP
-        rank: the scores are, and the assignment is deterministic)."""
-        plan = assign(self.rank_scores(x), self.carrier.options.method, validate=False)
+        rank: the scores are, and the assignment is deterministic), or this forward's shared plan."""
+        plan = shared_plan(self) or self.assign_plan(self.rank_scores(x))
         if self.carrier.options.keep_plans and plan.order.is_cuda and torch.cuda.is_current_stream_capturing():
             raise ValueError("ShuffleTransformerLayer: ShuffleOptions.keep_plans=True under CUDA-graph capture "
                              "(a replay would not append its plan); turn keep_plans off for graphed decode")
@@ -530,6 +541,10 @@ class ShuffleTransformerLayer(TransformerLayer):
             return result
         full = deferred_all_gather(out.view(plan.capacity, h), plan, group, counter=counter)
         return full.view(x.seq, x.batch, h)
+
+    def _is_fresh(self, hidden_states: torch.Tensor) -> bool:
+        """True when the input is not the shard the previous shuffle layer handed on."""
+        return self.carrier.state is None or self.carrier.state.tensor is not hidden_states
 
     def _previous_state(self, hidden_states: torch.Tensor, tp: int) -> ShuffleState:
         state = self.carrier.state

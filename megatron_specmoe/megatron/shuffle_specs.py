@@ -344,13 +344,17 @@ def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
 def feed_token_ids(model, carrier: ShuffleCarrier):
     """Hand every forward's token ids to the shuffle layers (for ``ShuffleOptions(predictor=
     "route")``): a forward pre-hook on the GPTModel stores ``input_ids`` [B, S] as
-    ``carrier.token_ids`` [S * B] in (s, b) order. Returns the hook handle (``remove()`` undoes)."""
+    ``carrier.token_ids`` [S * B] in (s, b) order, and the model's shuffle layers as
+    ``carrier.route_layers`` (whose plans ``megatron/shared_plans.py`` makes ahead). Returns the
+    hook handle (``remove()`` undoes)."""
+    layers = tuple(m for m in model.modules() if isinstance(m, ShuffleTransformerLayer) and m.carrier is carrier)
 
     def store(_module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise ValueError("feed_token_ids: the model was called without input_ids")
         carrier.token_ids = ids.transpose(0, 1).reshape(-1)
+        carrier.route_layers = layers
         return None
 
     return model.register_forward_pre_hook(store, with_kwargs=True)

@@ -19,7 +19,13 @@ from megatron_specmoe.comm.shuffle import CollectiveCounter
 from megatron_specmoe.predict.vocabulary import ShufflePredictor
 from megatron_specmoe.schedule.assignment import AssignmentMethod, ShufflePlan
 
-__all__ = ["ShuffleOptions", "ShuffleState", "RouteHistory", "ShuffleCarrier"]
+__all__ = ["SharePlans", "ShuffleOptions", "ShuffleState", "RouteHistory", "SharedPlans", "ShuffleCarrier"]
+
+# Who makes a forward's plans (``megatron/shared_plans.py``): "off", every TP rank makes every
+# layer's plan; "on", each TP rank makes 1/P of them and the first shuffle layer's all-gather hands
+# them to all (predictor "route" with sequence parallelism only); "auto", "on" where the plans are
+# made on the CPU (there every rank pays for each plan in CPU time), else "off".
+SharePlans = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +38,8 @@ class ShuffleOptions:
     and compiled per layer into a device table, ``predict.rank_table``),
     route_vocab_size (V of that table; None: the predictor's own vocab_size or fitted id bound),
     overlap_plan (on CUDA, compute each layer's plan on a side stream while its attention runs;
-    False: in order, as on the CPU)."""
+    False: in order, as on the CPU), share_plans (``SharePlans``: whether each TP rank makes only
+    1/P of a forward's plans, ``megatron/shared_plans.py``)."""
 
     predictor: ShufflePredictor = "pregate"
     method: AssignmentMethod = "prices"
@@ -41,8 +48,16 @@ class ShuffleOptions:
     route_predictor: Optional[Any] = None
     route_vocab_size: Optional[int] = None
     overlap_plan: bool = True
+    share_plans: SharePlans = "auto"
 
     def __post_init__(self) -> None:
+        if self.share_plans not in get_args(SharePlans):
+            raise ValueError(f"ShuffleOptions.share_plans={self.share_plans!r}; choose one of {get_args(SharePlans)}")
+        if self.share_plans == "on" and self.predictor != "route":
+            raise ValueError(
+                f"ShuffleOptions.share_plans='on' needs predictor='route' (scores from token ids alone, known "
+                f"before the first layer), got predictor={self.predictor!r}; use share_plans='auto' or 'off'"
+            )
         if self.predictor not in get_args(ShufflePredictor):
             raise ValueError(
                 f"ShuffleOptions.predictor={self.predictor!r}; choose one of {get_args(ShufflePredictor)}"
@@ -102,6 +117,22 @@ class RouteHistory:
     pending: Optional[torch.Tensor] = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class SharedPlans:
+    """The plans of one forward, made 1/P per TP rank and gathered by the first shuffle layer.
+
+    Attributes:
+        token_ids: the ``ShuffleCarrier.token_ids`` tensor of the forward they belong to (its
+            identity marks them as this forward's; a later forward feeds a new tensor).
+        plans: layer_number -> ShufflePlan, every shuffle layer of the model on this rank.
+        made: assignments this rank made for them (ceil(L / P) of the L layers).
+    """
+
+    token_ids: torch.Tensor
+    plans: dict
+    made: int
+
+
 @dataclass(kw_only=True)
 class ShuffleCarrier:
     """Per-model, explicit s-TS state shared by the layers of one model (built by the spec).
@@ -120,6 +151,11 @@ class ShuffleCarrier:
         token_ids: int64 [T] token ids of the current forward in (s, b) order (predictor "route";
             set by ``shuffle_specs.feed_token_ids``).
         routes: the RouteHistory handed from layer to layer (predictor "history").
+        route_layers: the model's ShuffleTransformerLayers in layer order (set by
+            ``shuffle_specs.feed_token_ids``): the layers whose plans the first one shares.
+        shared: the current forward's SharedPlans, or None.
+        plans_made: assignments this rank has made (every plan it computed; with shared plans
+            ceil(L / P) per forward instead of L).
     """
 
     options: ShuffleOptions = field(default_factory=ShuffleOptions)
@@ -130,9 +166,14 @@ class ShuffleCarrier:
     output_consumer: Optional[Literal["output_layer", "restore_true_order"]] = None
     token_ids: Optional[torch.Tensor] = None
     routes: Optional[RouteHistory] = None
+    route_layers: tuple = ()
+    shared: Optional[SharedPlans] = None
+    plans_made: int = 0
 
     def reset(self) -> None:
-        """Forget the residual order, the route history and kept plans (start of a new forward)."""
+        """Forget the residual order, the route history, shared and kept plans (start of a new
+        forward)."""
         self.state = None
         self.routes = None
+        self.shared = None
         self.plans.clear()

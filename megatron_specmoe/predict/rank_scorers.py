@@ -50,7 +50,8 @@ class ScoreInputs:
         call: forwards seen by the model's carrier (seeds "random").
         placement: the dispatcher's ``ExpertPlacement`` (its identity keys the caches).
         rank_of: int64 [E], EP rank of each logical expert, on the run-time device.
-        layer_input: float [T, H], the gathered, normalised layer input.
+        layer_input: float [T, H], the gathered, normalised layer input; None when a route
+            scorer is called ahead of its layer (``megatron/shared_plans.py``: token ids only).
         gate: the router's gating function, float [T, H] -> float32 [T, E] logits.
         topk: k.
         gate_experts: int64 [T, k] or None: each token's top-k by this layer's router, gated by
@@ -67,7 +68,7 @@ class ScoreInputs:
     call: int
     placement: Any
     rank_of: torch.Tensor
-    layer_input: torch.Tensor
+    layer_input: Optional[torch.Tensor]
     gate: Callable[[torch.Tensor], torch.Tensor]
     topk: int
     gate_experts: Optional[torch.Tensor] = None
@@ -139,7 +140,8 @@ class RouteScorer:
                 f"ShuffleTransformerLayer: predictor='route' needs carrier.token_ids of shape ({x.num_tokens},), "
                 f"got {None if ids is None else tuple(ids.shape)}; attach shuffle_specs.feed_token_ids(model, carrier)"
             )
-        return self._table(x, ids.device).lookup(ids).to(x.layer_input.device)
+        scores = self._table(x, ids.device).lookup(ids)
+        return scores if x.layer_input is None else scores.to(x.layer_input.device)
 
     def _table(self, x: ScoreInputs, device: torch.device):
         cached = self._cache

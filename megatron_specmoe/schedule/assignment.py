@@ -184,8 +184,7 @@ def capacity_of(num_tokens: int, num_ranks: int) -> int:
 def real_capacities(num_tokens: int, num_ranks: int) -> list[int]:
     """Real tokens per rank: C on the first ranks, C - 1 on the last T_pad - T ranks (see Padding)."""
     c = capacity_of(num_tokens, num_ranks)
-    pads = num_ranks * c - num_tokens
-    return [c - (1 if r >= num_ranks - pads else 0) for r in range(num_ranks)]
+    return [c - int(r >= num_tokens - (c - 1) * num_ranks) for r in range(num_ranks)]
 
 
 def plan_from_home(home_rank: torch.Tensor, num_ranks: int) -> ShufflePlan:
@@ -196,26 +195,28 @@ def plan_from_home(home_rank: torch.Tensor, num_ranks: int) -> ShufflePlan:
             rank r (not checked here, for speed; ``ShufflePlan.check`` does).
         num_ranks: P.
 
-    Returns:
-        The ShufflePlan, on the device of ``home_rank``.
+    Returns: the ShufflePlan, on the device of ``home_rank``.
     """
     device = home_rank.device
     t = int(home_rank.shape[0])
     c = capacity_of(t, num_ranks)
     t_pad = num_ranks * c
     pads = t_pad - t
-    pad_home = torch.arange(num_ranks - pads, num_ranks, device=device, dtype=torch.int64)
-    full_home = torch.cat([home_rank.long(), pad_home])
     # A stable sort by home rank orders rows by (home rank, row index): real tokens keep their
-    # relative order and each pad row (index >= T) comes last on its rank. The keys are P small
-    # integers, which sort several times faster than T_pad distinct ones; on the CPU numpy's
-    # stable sort of 8- or 16-bit integers (a radix sort) is faster still, with the same result.
+    # relative order, each pad row (index >= T) comes last on its rank. On the CPU numpy's stable
+    # sort of 8- or 16-bit keys (a radix sort), the same result in a handful of numpy calls.
     if device.type == "cpu" and num_ranks < 2**15:
-        small = np.int8 if num_ranks < 2**7 else np.int16
-        order = torch.from_numpy(np.argsort(full_home.numpy().astype(small), kind="stable")).long()
+        full_home = np.empty(t_pad, dtype=np.int8 if num_ranks < 2**7 else np.int16)
+        full_home[:t] = home_rank.numpy()
+        full_home[t:] = np.arange(num_ranks - pads, num_ranks)
+        order_np = np.argsort(full_home, kind="stable")
+        inverse_np = np.empty(t_pad, dtype=np.int64)
+        inverse_np[order_np] = np.arange(t_pad)
+        order, inverse = torch.from_numpy(order_np), torch.from_numpy(inverse_np)
     else:
-        order = torch.sort(full_home, stable=True).indices
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(t_pad, device=device))
+        pad_home = torch.arange(num_ranks - pads, num_ranks, device=device, dtype=torch.int64)
+        order = torch.sort(torch.cat([home_rank.long(), pad_home]), stable=True).indices
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(t_pad, device=device))
     return ShufflePlan(
         home_rank=home_rank.long(), order=order, inverse=inverse, capacity=c, num_tokens=t,
         num_ranks=num_ranks,
@@ -559,8 +560,7 @@ def assign(
             shares of ``rank_scores`` restricted to the domain's ranks.
         spread_tol: ``refine_spread`` only: the most score one token may lose when it moves (>= 0).
 
-    Returns:
-        ShufflePlan with capacity C = ceil(T/P) per rank.
+    Returns: ShufflePlan with capacity C = ceil(T/P) per rank.
     """
     if method not in ASSIGNMENT_METHODS:
         raise ValueError(

@@ -47,16 +47,15 @@ __all__ = [
 @dataclass(frozen=True, kw_only=True)
 class ShuffleCase:
     """One configuration. Attributes: shape; tp, ep (etp is 1); placement (physical_to_logical
-    for every layer, None = contiguous); predictor, method (``ShuffleOptions``); seq, batch (S and
-    B of the whole sequence); seed; decode_steps (GPT case: extra one-token steps with a KV cache
-    after the prefill); route_stand_in (predictor "route": "modulo", ``TokenModuloPredictor``, or
-    "one_rank", ``OneRankPredictor``: every token predicted to TP rank 0's experts); mutant (a
-    ``testing.mutants`` name applied on every rank for this case, None: the library as it is);
-    config: extra ``TransformerConfig`` fields as (name, value) pairs for every model
-    (DeepSeek-style: multi_latent_attention and its sizes, normalization, router groups and expert
-    bias; shared experts come from ``shape.shared_ffn``); padded_decode (GPT, decode_steps): after the
-    prefill every model runs Megatron's padded decode (``testing.padded_decode``), the shuffle model's
-    dispatcher phases guarded against host reads."""
+    for every layer, None = contiguous); predictor, method, share_plans (``ShuffleOptions``); seq,
+    batch (S and B of the whole sequence); seed; decode_steps (GPT case: extra one-token steps with a
+    KV cache after the prefill); route_stand_in (predictor "route": "modulo", ``TokenModuloPredictor``,
+    or "one_rank", ``OneRankPredictor``: every token predicted to TP rank 0's experts); mutant (a
+    ``testing.mutants`` name applied on every rank for this case, None: the library as it is); config:
+    extra ``TransformerConfig`` fields as (name, value) pairs for every model (DeepSeek-style:
+    multi_latent_attention and its sizes, normalization, router groups and expert bias; shared experts
+    come from ``shape.shared_ffn``); padded_decode (GPT, decode_steps): after the prefill every model
+    runs Megatron's padded decode (``testing.padded_decode``), the shuffle model's phases guarded."""
 
     shape: MoEShape = field(default_factory=lambda: MoEShape(layers=2))
     tp: int = 4
@@ -72,6 +71,7 @@ class ShuffleCase:
     mutant: Optional[str] = None
     config: tuple = ()
     padded_decode: bool = False
+    share_plans: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,18 +91,18 @@ class PlanRows:
 
 @dataclass(frozen=True, kw_only=True)
 class ShuffleResult:
-    """Attributes: rank; max_out_diff (max |shuffle - ref| over every output compared);
-    base / shuffle: this rank's summed RouteMeasures (None when it recorded nothing);
-    tp_calls: per model ("ref", "base", "shuffle"), the raw ``torch.distributed`` collectives this
-    rank issued on its TP group during the forwards (``testing.collectives``), in order;
-    plans_agree: every TP rank computed identical plans; plans: layers x forwards planned;
-    plan_rows: every plan this rank used, in order (``PlanRows``); logit_rows (GPT cases): per
-    forward, the rows of logits Megatron's model returned (numel / V; with a KV cache they are
-    gathered over TP: all of the prefill's on core 0.19, the last token's on 0.16);
-    history_ok (predictor "history", GPT cases): after the prefill, the route history the shuffle
-    layers carried equals the routes Megatron's own routers chose, token for token (None: not
-    checked); host_reads, decode_padding (padded_decode cases): "" once the decode steps ran with the
-    dispatcher phases guarded (a host read raises); ``padded_decode.decode_padding`` at the end."""
+    """Attributes: rank; max_out_diff (max |shuffle - ref| over every output compared); base /
+    shuffle: this rank's summed RouteMeasures (None when it recorded nothing); tp_calls: per model
+    ("ref", "base", "shuffle"), the raw ``torch.distributed`` collectives this rank issued on its TP
+    group during the forwards (``testing.collectives``), in order; plans_agree: every TP rank
+    computed identical plans; plans: layers x forwards planned; plan_rows: every plan this rank
+    used, in order (``PlanRows``); logit_rows (GPT cases): per forward, the rows of logits
+    Megatron's model returned (numel / V; with a KV cache they are gathered over TP: all of the
+    prefill's on core 0.19, the last token's on 0.16); history_ok (predictor "history", GPT cases):
+    after the prefill, the route history the shuffle layers carried equals the routes Megatron's own
+    routers chose, token for token (None: not checked); host_reads, decode_padding (padded_decode
+    cases): "" once the decode steps ran with the dispatcher phases guarded (a host read raises);
+    ``padded_decode.decode_padding`` at the end; plans_made: ``ShuffleCarrier.plans_made``."""
 
     rank: int
     max_out_diff: float
@@ -116,6 +116,7 @@ class ShuffleResult:
     logit_rows: tuple[int, ...] = ()
     host_reads: Optional[str] = None
     decode_padding: tuple = ()
+    plans_made: int = 0
 
 
 @contextlib.contextmanager
@@ -237,7 +238,7 @@ def _options(case: ShuffleCase):
             raise ValueError(f"ShuffleCase.route_stand_in={case.route_stand_in!r}; choose one of {sorted(stand_ins)}")
         route = stand_ins[case.route_stand_in](num_experts=case.shape.experts, num_layers=case.shape.layers)
     return ShuffleOptions(predictor=case.predictor, method=case.method, seed=case.seed, keep_plans=True,
-                          route_predictor=route,
+                          route_predictor=route, share_plans=case.share_plans,
                           route_vocab_size=case.shape.vocab if case.predictor == "route" else None)
 
 
@@ -424,8 +425,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             tp_calls=_tp_calls(raw, tp_group),
             plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans), history_ok=history_ok,
             logit_rows=tuple(logit_rows), host_reads=host_reads,
-            decode_padding=decode_padding(models) if case.padded_decode else (),
-        )
+            decode_padding=decode_padding(models) if case.padded_decode else (), plans_made=carrier.plans_made)
     finally:
         parallel.destroy()
 
@@ -542,7 +542,7 @@ def layers_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase) -> Sh
             base=_sum_measures(recorders["base"].records),
             shuffle=_sum_measures(recorders["shuffle"].records),
             tp_calls=_tp_calls(raw, tp_group),
-            plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans),
+            plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans), plans_made=carrier.plans_made,
         )
     finally:
         parallel.destroy()
