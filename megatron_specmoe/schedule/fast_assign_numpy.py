@@ -21,8 +21,8 @@ are stable on the same integer keys.
 Cheap per call. What depends only on (T, P) (the tie-break and pad rows of s_ext, the row
 indices) is made once per shape and kept read-only (``_constants``, a bounded memo of a pure
 function: nothing a caller can observe or change); a call then performs some 30 numpy operations.
-"best of the other ranks" comes from a prefix and a suffix running maximum over the P ranks (the
-same value torch's top-2 gives, selected, not computed).
+"best of the other ranks" is the top-2 of torch's code as selections over the P ranks (the maximum,
+and the maximum of the others, which is the maximum again where two ranks tie for it).
 """
 
 from __future__ import annotations
@@ -98,17 +98,15 @@ def prices_plan_numpy(
     lam = np.zeros((p, 1), dtype=np.float32)
     step = np.float32(damp)
     kth = t_pad - c
-    other = np.empty_like(ext_t)
     for _ in range(iterations):
         red = ext_t - lam
-        # The best of the other ranks, other[r] = max over q != r of red[q]: torch's
-        # where(red == top1, top2, top1), from running maxima from both ends.
-        pre = np.maximum.accumulate(red, axis=0)
-        suf = np.maximum.accumulate(red[::-1], axis=0)[::-1]
-        other[0] = suf[1]
-        other[p - 1] = pre[p - 2]
-        np.maximum(pre[: p - 2], suf[2:], out=other[1 : p - 1])
-        margin = np.subtract(red, other, out=red)
+        # The best of the other ranks, max over q != r of red[q]: torch's where(red == top1, top2,
+        # top1), top2 being top1 again where two ranks tie for it (selections: exact).
+        top1 = red.max(axis=0)
+        is_top = red == top1
+        top2 = np.where(is_top, -np.inf, red).max(axis=0)
+        top2 = np.where(is_top.sum(axis=0) > 1, top1, top2)
+        margin = np.subtract(red, np.where(is_top, top2, top1), out=red)
         lam = lam + step * np.partition(margin, kth, axis=1)[:, kth : kth + 1]  # (T_pad - C + 1)-th smallest
     red = ext_t - lam
     ask = red.argmax(axis=0)  # first maximum
