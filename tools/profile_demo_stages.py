@@ -4,7 +4,9 @@
 
 Runs the serve step of ``specmoe demo`` (4 ranks, TP = EP = 4, sequence parallel, the shipped
 model, its evaluation windows) on the plan a demo run wrote (``OUT_DIR/plan``), the two models
-taking turns on every batch after one warm-up round. Per forward and rank it accumulates, for every
+taking turns on every batch after one warm-up round. ``--free-plans`` (a timing experiment, not a
+serving mode): every shuffle layer reuses the plan of its first forward, so the specmoe forward
+shows what it costs without its plans. Per forward and rank it accumulates, for every
 named stage, the wall time (perf_counter: includes waiting for the other ranks in a collective and
 for a core) and the CPU time of the calling thread (thread_time: the work itself; gloo's own
 threads are not in it):
@@ -62,7 +64,25 @@ def _wrap(obj, attr: str, label: str, sink: dict) -> None:
     setattr(obj, attr, timed)
 
 
-def _worker(rank: int, world: int, plan_dir: str, passes: int):
+def _reuse_first_plans(model) -> None:
+    """``--free-plans``: every shuffle layer of ``model`` makes its plan once and reuses it (any
+    balanced plan is lossless; the forward then shows what it costs without the plan)."""
+    import dataclasses
+
+    for layer in model.decoder.layers:
+        carrier = layer.carrier
+        carrier.options = dataclasses.replace(carrier.options, share_plans="off")
+        made, first = layer.plan, []
+
+        def plan(x, made=made, first=first):
+            if not first:
+                first.append(made(x))
+            return first[0]
+
+        layer.plan = plan
+
+
+def _worker(rank: int, world: int, plan_dir: str, passes: int, free_plans: bool = False):
     import gc
     import logging
     import warnings
@@ -88,6 +108,8 @@ def _worker(rank: int, world: int, plan_dir: str, passes: int):
                                     placement="search", plan_dir=plan_dir)
         names = ("alltoall", "specmoe")
         models, _ = _serve_models(card, settings, load_plan(plan_dir), names=names)
+        if free_plans:
+            _reuse_first_plans(models["specmoe"])
         sinks = {n: defaultdict(lambda: [0.0, 0.0]) for n in names}
         for name, model in models.items():
             sink = sinks[name]
@@ -142,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--plan", default="specmoe-demo/plan", help="plan folder a demo run wrote (default specmoe-demo/plan)")
     p.add_argument("--passes", type=int, default=2, help="timed passes over the 8 evaluation batches (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--free-plans", action="store_true",
+                   help="timing experiment: each shuffle layer reuses its first plan (no plan cost per forward)")
     args = p.parse_args(argv)
     if not (Path(args.plan) / "plan.json").is_file():
         print(f"profile_demo_stages: --plan {args.plan} has no plan.json; run `specmoe demo --out-dir DIR` first "
@@ -155,7 +179,7 @@ def main(argv=None) -> int:
 
     command = "python tools/profile_demo_stages.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(command, flush=True)
-    ranks = run_local(_worker, 4, os.path.abspath(args.plan), args.passes)[0]
+    ranks = run_local(_worker, 4, os.path.abspath(args.plan), args.passes, args.free_plans)[0]
     names = list(ranks[0])
     out = {"command": command, "ranks": ranks}
     if args.json:
@@ -164,6 +188,8 @@ def main(argv=None) -> int:
     for n in names:
         print(f"{n:<9} forward {ranks[0][n]['wall_ms']:.1f} ms (median, slowest rank); process CPU per rank "
               + " ".join(f"{r[n]['process_cpu_ms']:.1f}" for r in ranks) + " ms")
+    print(f"forward specmoe / alltoall: {ranks[0]['specmoe']['wall_ms'] / ranks[0]['alltoall']['wall_ms']:.3f}x"
+          + (" (--free-plans: no plan cost)" if args.free_plans else ""))
     stages = sorted({k for r in ranks for n in names for k in r[n]["stages"]})
     print(f"\n{'stage (ms per forward: median, max over ranks)':<40} " + " ".join(f"{n + ' wall':>13} {n + ' cpu':>12}" for n in names))
     for k in stages:
