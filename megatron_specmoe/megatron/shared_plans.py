@@ -96,10 +96,8 @@ def gather_sharing_plans(layer: Any, ln: torch.Tensor, prev: ShuffleState) -> to
     for other in layers:  # a layer's first call checks its EP span collectively: on every rank, in order
         other._ep_span()
     homes = torch.zeros(m, c * tp, dtype=torch.int64, device=ln.device)  # pad rows: 0, placed by rule
-    made = 0
     for i, j in enumerate(range(rank, len(layers), tp)):
         homes[i, :t] = layers[j].assign_plan(layers[j].rank_scores(None, num_tokens=t)).home_rank
-        made += 1
     # Rank r's row x carries entries x*P .. x*P + P - 1 of each of its m plans' home ranks.
     columns = homes.view(m, c, tp).permute(1, 0, 2).reshape(c, m * tp)
     packed = gather_shards(append_route_columns(ln, columns), prev.plan, group, counter=carrier.counter)
@@ -109,7 +107,7 @@ def gather_sharing_plans(layer: Any, ln: torch.Tensor, prev: ShuffleState) -> to
     for j, other in enumerate(layers):
         home = blocks[j % tp, :, j // tp, :].reshape(-1)[:t]
         plans[other.layer_number] = plan_from_home(home, tp)
-    carrier.shared = SharedPlans(token_ids=carrier.token_ids, plans=plans, made=made)
+    carrier.shared = SharedPlans(token_ids=carrier.token_ids, plans=plans)
     return rows.index_select(0, prev.plan.inverse[:t]).view(prev.seq, prev.batch, h)
 
 

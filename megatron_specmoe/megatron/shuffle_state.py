@@ -124,13 +124,12 @@ class SharedPlans:
     Attributes:
         token_ids: the ``ShuffleCarrier.token_ids`` tensor of the forward they belong to (its
             identity marks them as this forward's; a later forward feeds a new tensor).
-        plans: layer_number -> ShufflePlan, every shuffle layer of the model on this rank.
-        made: assignments this rank made for them (ceil(L / P) of the L layers).
+        plans: layer_number -> ShufflePlan, every shuffle layer of the model on this rank (this
+            rank made ceil(L / P) or fewer of them; ``ShuffleCarrier.plans_made`` counts them).
     """
 
     token_ids: torch.Tensor
     plans: dict
-    made: int
 
 
 @dataclass(kw_only=True)
