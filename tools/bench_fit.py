@@ -26,14 +26,13 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import glob  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
+from bench_data import mixtral_folds  # noqa: E402 - tools/ is on sys.path when run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,7 +41,6 @@ from megatron_specmoe.artifacts.traces import RoutingTrace  # noqa: E402
 from megatron_specmoe.predict.base import RouteContext, top_experts  # noqa: E402
 from megatron_specmoe.predict.registry import make  # noqa: E402
 
-MIXTRAL = MIXTRAL_TRACES
 LAYER_NO_CAPS = {"max_search_tokens": None, "max_val_tokens": None, "max_fit_tokens": None}
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "fit_time.png"
 
@@ -133,24 +131,17 @@ def part_accuracy(args) -> None:
     print()
     print("| data | fitting tokens | " + " | ".join("all" if c is None else f"cap {c}" for c in caps) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in caps) + " |")
-    files = sorted(glob.glob(f"{MIXTRAL}/*.json"))
-    if files:
-        from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
-
-        traces = [read_traces(f, num_experts=8) for f in files]  # Mixtral-8x7B: E = 8
-        for split, path in zip(leave_one_out_splits(traces, dedup=True, drop_seen_in_fit=True), files):
-            fit, held = split.fit, split.eval
-            row = []
-            for cap in caps:
-                if cap is not None and cap >= fit.num_tokens:
-                    row.append("= all (cap above the fitting tokens)")
-                    continue
-                model = make("history", max_fit_tokens=cap, max_val_tokens=None if cap is None else max(1024, cap // 4))
-                _, cpu, _ = timed(lambda: model.fit(fit))
-                row.append(f"{top1(model, held):.4f} ({cpu:.0f} s)")
-            print(f"| Mixtral, held out {Path(path).stem} | {fit.num_tokens} | " + " | ".join(row) + " |", flush=True)
-    else:
-        print(f"(Mixtral traces not found under {MIXTRAL}: skipped)")
+    for path, split in mixtral_folds():
+        fit, held = split.fit, split.eval
+        row = []
+        for cap in caps:
+            if cap is not None and cap >= fit.num_tokens:
+                row.append("= all (cap above the fitting tokens)")
+                continue
+            model = make("history", max_fit_tokens=cap, max_val_tokens=None if cap is None else max(1024, cap // 4))
+            _, cpu, _ = timed(lambda: model.fit(fit))
+            row.append(f"{top1(model, held):.4f} ({cpu:.0f} s)")
+        print(f"| Mixtral, held out {Path(path).stem} | {fit.num_tokens} | " + " | ".join(row) + " |", flush=True)
     T = args.synthetic_tokens
     trace = synthetic_trace(SyntheticSpec(tokens=T, layers=args.layers, num_experts=256, topk=8, seed=2))
     cut = T - T // 8
@@ -185,15 +176,8 @@ def part_layer(args) -> None:
     print("| data | fitting tokens | " + " | ".join(configs) + " | default / none |")
     print("| --- | --- | " + " | ".join("---" for _ in configs) + " | --- |")
     data = []
-    files = sorted(glob.glob(f"{MIXTRAL}/*.json"))
-    if files:
-        from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
-
-        traces = [read_traces(f, num_experts=8) for f in files]  # Mixtral-8x7B: E = 8
-        for split, path in zip(leave_one_out_splits(traces, dedup=True, drop_seen_in_fit=True), files):
-            data.append((f"Mixtral, held out {Path(path).stem}", split.fit, split.eval))
-    else:
-        print(f"(Mixtral traces not found under {MIXTRAL}: skipped)")
+    for path, split in mixtral_folds():
+        data.append((f"Mixtral, held out {Path(path).stem}", split.fit, split.eval))
     for tokens in [int(x) for x in args.layer_tokens.split(",") if x.strip()]:
         trace = synthetic_trace(SyntheticSpec(tokens=tokens, layers=args.layers, num_experts=256, topk=8, seed=2))
         cut = tokens - tokens // 8

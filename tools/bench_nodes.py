@@ -41,7 +41,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import glob  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -49,7 +48,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
+from bench_data import mixtral_folds  # noqa: E402 - tools/ is on sys.path when run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,7 +62,6 @@ from megatron_specmoe.schedule.grouping import GroupingOptions, group_experts  #
 from megatron_specmoe.schedule.grouping_nodes import NodeGroupingOptions, group_experts_by_nodes  # noqa: E402
 from megatron_specmoe.schedule.request_placement import online_rank, place_requests, request_affinity  # noqa: E402
 
-MIXTRAL = MIXTRAL_TRACES
 WIRE = WireFormat(hidden_size=7168, activation_bytes=2)
 
 
@@ -153,13 +151,10 @@ def synthetic_part(args) -> None:
 
 
 def mixtral_part(args) -> None:
-    from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
-
-    files = sorted(glob.glob(f"{MIXTRAL}/*.json"))
-    if not files:
-        print(f"(Mixtral traces not found under {MIXTRAL}: skipped)")
+    folds = mixtral_folds()
+    if not folds:
         return
-    splits = leave_one_out_splits([read_traces(f, num_experts=8) for f in files], dedup=True, drop_seen_in_fit=True)
+    splits = [split for _, split in folds]
     print("## Mixtral-8x7B MT-Bench (E=8, top-2), EP 8, shuffle homes, mean over 4 leave-one-workload-out folds")
     print()
     print("| GPUs/node | placement | remote nodes/tok | vs rank | inter-node B/tok per-node | vs rank |")

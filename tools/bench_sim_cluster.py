@@ -33,7 +33,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import glob  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -41,7 +40,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_data import MIXTRAL_TRACES  # noqa: E402 - tools/ is on sys.path when run
+from bench_data import mixtral_folds  # noqa: E402 - tools/ is on sys.path when run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,21 +53,15 @@ from megatron_specmoe.sim.cluster import cluster_preset  # noqa: E402
 from megatron_specmoe.sim.compare import compare_dispatchers  # noqa: E402
 from megatron_specmoe.sim.inputs import oracle_expert_scores, predictor_expert_scores  # noqa: E402
 
-MIXTRAL = MIXTRAL_TRACES
-
 
 def part_replicas(args) -> None:
-    from megatron_specmoe.artifacts.trace_io import leave_one_out_splits, read_traces
-
-    files = sorted(glob.glob(f"{MIXTRAL}/*.json"))
-    if not files:
-        print(f"(Mixtral traces not found under {MIXTRAL}: skipped)")
+    folds = mixtral_folds()
+    if not folds:
         return
-    splits = leave_one_out_splits([read_traces(f, num_experts=8) for f in files], dedup=True, drop_seen_in_fit=True)
     cluster = cluster_preset("h200-ib")
     redundant = [int(x) for x in args.redundant.split(",")]
     acc: dict[tuple, list[dict]] = {}
-    for fold, (split, path) in enumerate(zip(splits, files)):
+    for fold, (path, split) in enumerate(folds):
         fit, held = split.fit, split.eval
         step = 64 * 8
         held = held.select(np.arange(held.num_tokens // step * step))
@@ -88,9 +81,9 @@ def part_replicas(args) -> None:
                     "nvl0": base["nvlink_bytes_per_layer"], "nvl": rep["nvlink_bytes_per_layer"],
                     "t0": base["total_time_s"], "t": rep["total_time_s"], "a2a": row["alltoall"]["total_time_s"],
                 })
-        print(f"[bench_sim_cluster] fold {fold + 1}/{len(files)} ({Path(path).stem}) done", file=sys.stderr, flush=True)
+        print(f"[bench_sim_cluster] fold {fold + 1}/{len(folds)} ({Path(path).stem}) done", file=sys.stderr, flush=True)
     print(f"## specmoe_alltoall with redundant experts, simulated: Mixtral-8x7B MT-Bench, EP 8 = TP 8, "
-          f"h200-ib, 64 tokens/GPU, H 4096 bf16, policy {args.policy}, mean of {len(files)} folds")
+          f"h200-ib, 64 tokens/GPU, H 4096 bf16, policy {args.policy}, mean of {len(folds)} folds")
     print()
     print("| R | predictor | LAR without -> with | remote pairs/tok without -> with | NVLink bytes with / without "
           "| time us without -> with | with / without | with vs alltoall |")
