@@ -254,6 +254,20 @@ def plan_graph(device: str = "cuda", token_counts=(64, 512, 4096, 16384), *, ran
     return rows
 
 
+def _start_rank(rank: int, world: int, device: str) -> None:
+    """This rank's device (CUDA: its GPU; CPU: Megatron's CPU support for gloo), then Megatron's
+    parallel state at TP = EP = world. The caller tears it down with ``parallel.destroy()``."""
+    import torch
+
+    from megatron_specmoe.megatron import cpu_support, parallel
+
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    else:
+        cpu_support.enable()
+    parallel.initialize(parallel.ParallelLayout(tp=world, ep=world))
+
+
 def _decode_graph_worker(rank, world, device="cuda", batch=4, replays=3):
     """The shuffle layer's decode-shaped step (S = 1 new token for each of ``batch`` sequences,
     no KV cache) in Megatron's padded decode, against Megatron's layer with alltoall in the same
@@ -266,7 +280,7 @@ def _decode_graph_worker(rank, world, device="cuda", batch=4, replays=3):
     import torch
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_specmoe.megatron import cpu_support, parallel
+    from megatron_specmoe.megatron import parallel
     from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_config
     from megatron_specmoe.megatron.shuffle_layer import ShuffleCarrier, ShuffleOptions
     from megatron_specmoe.megatron.shuffle_specs import get_gpt_layer_shuffle_spec
@@ -274,11 +288,7 @@ def _decode_graph_worker(rank, world, device="cuda", batch=4, replays=3):
     from megatron_specmoe.testing.lossless import arrange_layers
     from megatron_specmoe.testing.padded_decode import set_padded_decode
 
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    else:
-        cpu_support.enable()
-    parallel.initialize(parallel.ParallelLayout(tp=world, ep=world))
+    _start_rank(rank, world, device)
     try:
         shape = MoEShape(hidden=64, ffn=128, experts=8, topk=2, heads=4, layers=1, vocab=64, seq=16)
         carrier = ShuffleCarrier(options=ShuffleOptions(predictor="pregate"))
@@ -406,7 +416,6 @@ def _gpt_shuffle_case(rank, world, case):
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_specmoe.megatron import cpu_support
     from megatron_specmoe.megatron import parallel
     from megatron_specmoe.megatron.build import MoEShape, make_config
     from megatron_specmoe.megatron.shuffle_layer import ShuffleCarrier, ShuffleOptions
@@ -421,11 +430,7 @@ def _gpt_shuffle_case(rank, world, case):
     )
 
     device, te, predictor = case["device"], case["te"], case["predictor"]
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    else:
-        cpu_support.enable()
-    parallel.initialize(parallel.ParallelLayout(tp=world, ep=world))
+    _start_rank(rank, world, device)
     try:
         shape = MoEShape(hidden=128, ffn=256, experts=8, topk=2, heads=4, layers=2, vocab=256, seq=64)
         sp = case["sp"] and world > 1
