@@ -43,9 +43,25 @@ Megatron pads. The recorder, in that mode, counts the routing map it permutes; t
 ``capacity`` rows per slot whatever the map says (``DispatchRecord`` is about real pairs).
 
 Six-phase contract. ``dispatch_preprocess`` permutes columns and records (no communication);
-``preprocess`` is Megatron's except for the drop-and-pad capacity above; the other phases are
-Megatron's, unchanged. Under CUDA-graph capture the recorder is refused (a record is Python work
-that a replay would not repeat).
+``preprocess`` is Megatron's except for the drop-and-pad capacity above; ``token_dispatch`` sends
+the probs with the tokens (below); the other phases are Megatron's, unchanged. Under CUDA-graph
+capture the recorder is refused (a record is Python work that a replay would not repeat).
+
+Probs ride with the tokens (``fuse_probs``). Megatron's ``token_dispatch`` runs two all-to-alls
+with the same splits: the permuted tokens [N, H], then their probs [N]. Here the probs' bits ride
+in w extra columns of the tokens' dtype (``comm.payload``; w = 2 for float32 probs with bf16
+tokens), so dispatch issues one all-to-all: the count exchange, this one, and combine's make three
+collectives per MoE layer instead of four. The values that arrive are Megatron's bit for bit. Cost:
+one copy of the N x H permuted tokens into the packed buffer (and, where the next phase needs
+contiguous tokens, one of the M x H received ones) against one collective's fixed cost. Every EP
+rank must decide the same way (one all-to-all against two would mismatch), so the decision reads
+only what all ranks share: ``"auto"`` fuses on the CPU (gloo: each collective is a rendezvous of
+the ranks) and in drop-and-pad mode (padded CUDA-graph decode: small, static messages), and leaves
+other CUDA steps to Megatron's two calls (a prefill's N x H copy can cost more than an NCCL
+all-to-all's ~10 us fixed cost); ``"on"`` always fuses, ``"off"`` never. Never fused, whatever the
+mode: EP = 1 (no all-to-all), shared experts overlapped with dispatch (Megatron 0.19 launches their
+fc1 between the two calls), probs whose bytes do not fill whole token columns, and a forward that
+builds an autograd graph (bits carry no gradient; the package serves inference).
 
 Accounting. When ``recorder`` is set, ``dispatch_preprocess`` appends a ``DispatchRecord`` (pairs
 and bytes this rank sends to each rank, route measures) per forward, counted on the routing map
@@ -56,19 +72,24 @@ remote nodes and remote-node pairs of the rank's tokens (``measure/nodes.py``).
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Literal, Optional, get_args
 
 import torch
+from megatron.core.tensor_parallel.mappings import all_to_all
 from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from megatron_specmoe.comm.payload import append_value_columns, split_value_columns, value_columns
 from megatron_specmoe.measure.accounting import DispatchRecord
 from megatron_specmoe.measure.measures import WireFormat, measure_routes
 from megatron_specmoe.measure.nodes import check_gpus_per_node, measure_nodes
 from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.schedule.replicas import ReplicatedPlacement
 
-__all__ = ["SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_map"]
+__all__ = ["FuseProbs", "SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_map"]
+
+FuseProbs = Literal["auto", "on", "off"]  # SpecMoETokenDispatcher.set_fuse_probs (module docstring)
 
 
 class DispatchRecorder:
@@ -106,6 +127,9 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         placement: the layer's ``ExpertPlacement`` (contiguous by default).
         recorder: a ``DispatchRecorder`` or ``None`` (recording off).
         layer_number: Megatron's layer number, for records (set by the layer that owns it).
+        fuse_probs: ``FuseProbs`` mode (``set_fuse_probs``; default ``"auto"``).
+        fused_dispatches: all-to-alls that carried the probs with the tokens (a count, for tests
+            and benchmarks).
     """
 
     def __init__(self, *args, placement: Optional[ExpertPlacement] = None, **kwargs) -> None:
@@ -137,7 +161,17 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._ep_rank = self.ep_group.rank() if self.ep_group is not None else 0
         self.replicas: Optional[ReplicatedPlacement] = None
         self._replica_slots: Optional[torch.Tensor] = None
+        self.fuse_probs: FuseProbs = "auto"
+        self.fused_dispatches = 0
         self.set_placement(placement)
+
+    def set_fuse_probs(self, mode: FuseProbs) -> None:
+        """Send the probs in the tokens' all-to-all: ``"auto"``, ``"on"`` or ``"off"`` (module
+        docstring, Probs ride with the tokens). Set it alike on every rank."""
+        if mode not in get_args(FuseProbs):
+            raise ValueError(f"SpecMoETokenDispatcher.set_fuse_probs: mode must be one of "
+                             f"{list(get_args(FuseProbs))}, got {mode!r}")
+        self.fuse_probs = mode
 
     # ---- placement -------------------------------------------------------------------------------
     def set_placement(self, placement: Optional[ExpertPlacement]) -> None:
@@ -264,6 +298,45 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
             # alignment, and those padded pairs go over the wire too.
             self.recorder.add(self._record(hidden_states, self.routing_map, probs))
         return out
+
+    # ---- phase 2 ---------------------------------------------------------------------------------
+    def token_dispatch(self, permutated_local_input_tokens: torch.Tensor, permuted_probs: torch.Tensor):
+        """Megatron's dispatch all-to-all, with the probs riding in the tokens' call where
+        ``fuse_probs`` allows (module docstring).
+
+        Args:
+            permutated_local_input_tokens: [N, H] tokens in expert order (dispatch_preprocess).
+            permuted_probs: float [N], their routing probabilities.
+
+        Returns:
+            (tokens [M, H], probs float [M]) received from every EP rank, bit for bit Megatron's.
+        """
+        width = self._fused_width(permutated_local_input_tokens, permuted_probs)
+        if width is None:
+            return super().token_dispatch(permutated_local_input_tokens, permuted_probs)
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_ep_alltoall", self.tokens_per_expert)
+        kwargs = {"use_nccl_stream": self.use_nccl_stream} if hasattr(self, "use_nccl_stream") else {}
+        packed = all_to_all(self.ep_group, append_value_columns(permutated_local_input_tokens, permuted_probs),
+                            self.output_splits, self.input_splits, **kwargs)
+        tokens, probs = split_value_columns(packed, width, permuted_probs.dtype, tuple(permuted_probs.shape[1:]))
+        if self.tp_size > 1 or self.num_local_experts == 1 or self.config.moe_permute_fusion:
+            # The next consumer (TP all-gather, the experts, TE's fused sort) wants contiguous
+            # rows; Megatron's own sort by local expert copies them anyway.
+            tokens = tokens.contiguous()
+        self.fused_dispatches += 1
+        return tokens, probs
+
+    def _fused_width(self, tokens: torch.Tensor, probs: Optional[torch.Tensor]) -> Optional[int]:
+        """w, the token columns the probs take in a fused dispatch, or None: Megatron's two calls.
+        Reads only what every EP rank shares (mode, device type, dtypes, config), never N."""
+        if (self.fuse_probs == "off" or probs is None or self.ep_size == 1 or self.shared_experts is not None
+                or tokens.dim() != 2):
+            return None
+        if torch.is_grad_enabled() and (tokens.requires_grad or probs.requires_grad):
+            return None  # bits carry no gradient: training keeps Megatron's two calls
+        if self.fuse_probs == "auto" and tokens.is_cuda and not self.drop_and_pad:
+            return None
+        return value_columns(tokens.dtype, probs.dtype, math.prod(probs.shape[1:]))
 
     def _record(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
