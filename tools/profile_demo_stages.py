@@ -82,7 +82,8 @@ def _reuse_first_plans(model) -> None:
         layer.plan = plan
 
 
-def _worker(rank: int, world: int, plan_dir: str, passes: int, free_plans: bool = False):
+def _worker(rank: int, world: int, plan_dir: str, passes: int, free_plans: bool = False,
+            unfused_probs: bool = False):
     import gc
     import logging
     import warnings
@@ -110,6 +111,9 @@ def _worker(rank: int, world: int, plan_dir: str, passes: int, free_plans: bool 
         models, _ = _serve_models(card, settings, load_plan(plan_dir), names=names)
         if free_plans:
             _reuse_first_plans(models["specmoe"])
+        if unfused_probs:
+            for layer in models["specmoe"].decoder.layers:
+                layer.mlp.token_dispatcher.set_fuse_probs("off")
         sinks = {n: defaultdict(lambda: [0.0, 0.0]) for n in names}
         for name, model in models.items():
             sink = sinks[name]
@@ -166,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--free-plans", action="store_true",
                    help="timing experiment: each shuffle layer reuses its first plan (no plan cost per forward)")
+    p.add_argument("--unfused-probs", action="store_true",
+                   help="ablation: specmoe's dispatcher sends the probs in an all-to-all of their own, "
+                        "as Megatron's (set_fuse_probs('off'))")
     args = p.parse_args(argv)
     if not (Path(args.plan) / "plan.json").is_file():
         print(f"profile_demo_stages: --plan {args.plan} has no plan.json; run `specmoe demo --out-dir DIR` first "
@@ -179,7 +186,8 @@ def main(argv=None) -> int:
 
     command = "python tools/profile_demo_stages.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(command, flush=True)
-    ranks = run_local(_worker, 4, os.path.abspath(args.plan), args.passes, args.free_plans)[0]
+    ranks = run_local(_worker, 4, os.path.abspath(args.plan), args.passes, args.free_plans,
+                      args.unfused_probs)[0]
     names = list(ranks[0])
     out = {"command": command, "ranks": ranks}
     if args.json:
@@ -189,7 +197,8 @@ def main(argv=None) -> int:
         print(f"{n:<9} forward {ranks[0][n]['wall_ms']:.1f} ms (median, slowest rank); process CPU per rank "
               + " ".join(f"{r[n]['process_cpu_ms']:.1f}" for r in ranks) + " ms")
     print(f"forward specmoe / alltoall: {ranks[0]['specmoe']['wall_ms'] / ranks[0]['alltoall']['wall_ms']:.3f}x"
-          + (" (--free-plans: no plan cost)" if args.free_plans else ""))
+          + (" (--free-plans: no plan cost)" if args.free_plans else "")
+          + (" (--unfused-probs: probs in an all-to-all of their own)" if args.unfused_probs else ""))
     stages = sorted({k for r in ranks for n in names for k in r[n]["stages"]})
     print(f"\n{'stage (ms per forward: median, max over ranks)':<40} " + " ".join(f"{n + ' wall':>13} {n + ' cpu':>12}" for n in names))
     for k in stages:
