@@ -38,15 +38,26 @@ def _collectives(rank, world_size):
         wrong_rows = None
     except ValueError as err:
         wrong_rows = str(err)
-    return shard.tolist(), back.tolist(), dict(counter.sent_bytes), dict(counter.calls), wrong_rows, raw_calls
+    # The same calls with a workspace, twice: the same values, the rows in reused buffers.
+    from megatron_specmoe.comm.workspace import Workspace
+
+    workspace, reused = Workspace(), []
+    for _ in range(2):
+        ws_shard = shuffled_reduce_scatter(partial, plan, group, fold_rows=rows, fold=fold, workspace=workspace)
+        ws_back = deferred_all_gather(ws_shard, plan, group, workspace=workspace)
+        reused.append((ws_back.data_ptr(), ws_shard.data_ptr() == ws_back.data_ptr()))
+    with_workspace = (ws_shard.tolist(), ws_back.tolist(), reused[0][0] == reused[1][0], reused[0][1],
+                      workspace.nbytes())
+    return (shard.tolist(), back.tolist(), dict(counter.sent_bytes), dict(counter.calls), wrong_rows, raw_calls,
+            with_workspace)
 
 
 def test_shuffled_reduce_scatter_and_deferred_all_gather_hand_worked():
     results = run_local(_collectives, 2)
     # Sum over ranks = 3 * partial; token t gets its residual once.
     want_true = [[3 + 100, 30 + 100], [6 + 1000, 60 + 1000], [9 + 2000, 90 + 2000]]
-    shard0, back0, sent0, calls0, err0, raw0 = results[0]
-    shard1, back1, _, _, _, _ = results[1]
+    shard0, back0, sent0, calls0, err0, raw0, ws0 = results[0]
+    shard1, back1, _, _, _, _, ws1 = results[1]
     assert shard0 == [want_true[1], want_true[2]]  # rank 0: tokens 1, 2
     assert shard1 == [want_true[0], [0.0, 0.0]]  # rank 1: token 0, then its zero pad row
     assert back0 == want_true and back1 == want_true
@@ -58,6 +69,11 @@ def test_shuffled_reduce_scatter_and_deferred_all_gather_hand_worked():
     assert raw0 == [("reduce_scatter_tensor", 32, "torch.float32", (0, 1)),
                     ("all_gather_into_tensor", 32, "torch.float32", (0, 1))]
     assert "partial has 2 rows, plan has 3 tokens" in err0
+    # With a workspace: the same shards and true-order rows; the true-order rows sit in the same
+    # buffer on the second call; the shard handed on is a fresh tensor; the buffers hold
+    # shuffled [4, 2] + gathered [4, 2] + true order [3, 2] fp32 = 88 bytes.
+    assert ws0 == ([want_true[1], want_true[2]], want_true, True, False, 88)
+    assert ws1[:2] == ([want_true[0], [0.0, 0.0]], want_true)
 
 
 def test_raw_collective_counter_wraps_aliases_refuses_nesting_and_reverts():
@@ -195,3 +211,19 @@ def test_route_columns_travel_bit_for_bit(dtype):
         append_route_columns(rows, torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="has no integer twin"):
         append_route_columns(rows.double(), routes)
+
+
+def test_workspace_buffers_grow_by_role_dtype_and_device():
+    from megatron_specmoe.comm.workspace import Workspace
+
+    ws = Workspace()
+    a = ws.take("gathered", (4, 3), torch.float32, torch.device("cpu"))
+    a.fill_(1.0)
+    b = ws.take("gathered", (2, 3), torch.float32, "cpu")  # smaller: a view of the same buffer
+    assert b.is_contiguous() and b.data_ptr() == a.data_ptr() and torch.equal(b, torch.ones(2, 3))
+    c = ws.take("true_order", (4, 3), torch.float32, "cpu")  # another role: another buffer
+    d = ws.take("gathered", (4, 3), torch.bfloat16, "cpu")  # another dtype: another buffer
+    assert len({a.data_ptr(), c.data_ptr(), d.data_ptr()}) == 3
+    assert ws.nbytes() == 12 * 4 + 12 * 4 + 12 * 2
+    e = ws.take("gathered", (5, 3), torch.float32, "cpu")  # larger: the buffer grows
+    assert e.shape == (5, 3) and ws.nbytes() == 15 * 4 + 12 * 4 + 12 * 2

@@ -220,6 +220,9 @@ def _check_case(kind, case, per_rank, world):
             assert _ring_sent(measured["shuffle"], case.tp) == _ring_sent(measured["ref"], case.tp), where
         # The carried route history is Megatron's own routes, token for token.
         assert res.history_ok is (True if case.predictor == "history" else None), (where, res.history_ok)
+        # The layers reused the carrier's buffers (comm/workspace.py) for their rows in flight.
+        if kind in ("gpt", "gpt_sp"):
+            assert res.workspace_bytes > 0, where
     _check_plans(per_rank, case, world, where)
     # Accounting: the shuffle routes every real token exactly once per layer ...
     shuffle_tokens = sum(r.shuffle.tokens for r in per_rank)

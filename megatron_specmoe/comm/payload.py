@@ -41,9 +41,11 @@ def value_columns(rows_dtype: torch.dtype, values_dtype: torch.dtype, per_row: i
     return total // row_bytes
 
 
-def append_value_columns(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def append_value_columns(rows: torch.Tensor, values: torch.Tensor,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, H + w] in ``rows.dtype``: ``rows`` [N, H] with ``values`` ([N] or [N, ...], any dtype
-    whose bits fill whole columns, see ``value_columns``) stored bit for bit in w columns.
+    whose bits fill whole columns, see ``value_columns``) stored bit for bit in w columns; written
+    into ``out`` (contiguous [N, H + w], e.g. a reused ``comm.workspace`` buffer) when given.
 
     Raises:
         ValueError: the row counts differ, or the values do not fill whole columns.
@@ -61,7 +63,7 @@ def append_value_columns(rows: torch.Tensor, values: torch.Tensor) -> torch.Tens
             f"{rows.dtype} columns; send them apart"
         )
     bits = values.reshape(rows.shape[0], per_row).contiguous().view(rows.dtype).reshape(rows.shape[0], w)
-    return torch.cat([rows, bits], dim=1)
+    return torch.cat([rows, bits], dim=1, out=out)
 
 
 def split_value_columns(packed: torch.Tensor, width: int, dtype: torch.dtype,

@@ -41,6 +41,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_specmoe.comm.workspace import Workspace
 from megatron_specmoe.schedule.assignment import ShufflePlan
 
 __all__ = [
@@ -110,6 +111,12 @@ def _check_plan(plan: ShufflePlan, group) -> int:
     return group.rank() if group is not None else dist.get_rank()
 
 
+def _usable(workspace: Optional[Workspace], rows: torch.Tensor) -> bool:
+    """A workspace buffer takes ``rows``' successor unless autograd would need it (``out=``
+    tensors take no part in autograd)."""
+    return workspace is not None and not (rows.requires_grad and torch.is_grad_enabled())
+
+
 def shuffled_reduce_scatter(
     partial: torch.Tensor,
     plan: ShufflePlan,
@@ -118,6 +125,7 @@ def shuffled_reduce_scatter(
     fold_rows: Optional[torch.Tensor] = None,
     fold: Optional[torch.Tensor] = None,
     counter: Optional[CollectiveCounter] = None,
+    workspace: Optional[Workspace] = None,
 ) -> torch.Tensor:
     """Sum ``partial`` over the group and give rank r the rows of its shard under ``plan``.
 
@@ -130,6 +138,8 @@ def shuffled_reduce_scatter(
             before reducing; every token must be folded by exactly one rank of the group.
         fold: float [F, H], the rows to add (residual + bias).
         counter: optional CollectiveCounter.
+        workspace: optional ``Workspace``: the rows in shuffled order go to its "shuffled"
+            buffer instead of a fresh tensor (the result is fresh either way).
 
     Returns:
         float [C, H]: this rank's shard, row j = token ``plan.order[r*C + j]`` (pad rows, if any,
@@ -149,7 +159,11 @@ def shuffled_reduce_scatter(
     # from the plan, not from data: no host synchronisation on a GPU).
     if plan.padded_tokens > t:
         partial = torch.cat([partial, partial.new_zeros(plan.padded_tokens - t, h)])
-    buffer = partial.index_select(0, plan.order)
+    if not _usable(workspace, partial):
+        buffer = partial.index_select(0, plan.order)
+    else:
+        buffer = torch.index_select(partial, 0, plan.order, out=workspace.take(
+            "shuffled", (plan.padded_tokens, h), partial.dtype, partial.device))
     # Step 2: fold this rank's residual (+ bias) rows at their shuffled positions.
     if fold is not None:
         buffer.index_add_(0, plan.inverse.index_select(0, fold_rows), fold.to(buffer.dtype))
@@ -167,6 +181,7 @@ def deferred_all_gather(
     group,
     *,
     counter: Optional[CollectiveCounter] = None,
+    workspace: Optional[Workspace] = None,
 ) -> torch.Tensor:
     """All-gather the shards of ``plan`` and return every token in true order.
 
@@ -175,11 +190,19 @@ def deferred_all_gather(
         plan: the ShufflePlan the shards follow (identical on every rank).
         group: the TP process group.
         counter: optional CollectiveCounter.
+        workspace: optional ``Workspace``: the gathered shards and the result live in its
+            "gathered" and "true_order" buffers (valid until their next use: for a tensor that
+            dies inside the caller's layer, never for one it hands on).
 
     Returns:
         float [T, H], row t = token t (pad rows dropped).
     """
-    return gather_shards(shard, plan, group, counter=counter).index_select(0, plan.inverse[: plan.num_tokens])
+    gathered = gather_shards(shard, plan, group, counter=counter, workspace=workspace)
+    inverse = plan.inverse[: plan.num_tokens]
+    if not _usable(workspace, gathered):
+        return gathered.index_select(0, inverse)
+    return torch.index_select(gathered, 0, inverse, out=workspace.take(
+        "true_order", (plan.num_tokens, gathered.shape[1]), gathered.dtype, gathered.device))
 
 
 def gather_shards(
@@ -188,6 +211,7 @@ def gather_shards(
     group,
     *,
     counter: Optional[CollectiveCounter] = None,
+    workspace: Optional[Workspace] = None,
 ) -> torch.Tensor:
     """The all-gather of ``deferred_all_gather`` without its reordering: float [T_pad, H], rank
     r's C rows at rows r*C .. (r+1)*C - 1 (shuffled order, pad rows kept). For callers that read
@@ -198,12 +222,14 @@ def gather_shards(
         plan: the ShufflePlan the shards follow (identical on every rank).
         group: the TP process group.
         counter: optional CollectiveCounter.
+        workspace: optional ``Workspace``: the result lives in its "gathered" buffer.
     """
     _check_plan(plan, group)
     c, h = shard.shape
     if c != plan.capacity:
         raise ValueError(f"deferred_all_gather: shard has {c} rows, plan capacity is {plan.capacity}")
-    gathered = shard.new_empty(plan.padded_tokens, h)
+    gathered = (shard.new_empty(plan.padded_tokens, h) if not _usable(workspace, shard)
+                else workspace.take("gathered", (plan.padded_tokens, h), shard.dtype, shard.device))
     dist.all_gather_into_tensor(gathered, shard.contiguous(), group=group)
     if counter is not None:
         counter.add("all_gather", gathered.numel() * gathered.element_size(), plan.num_ranks)

@@ -52,7 +52,8 @@ with the same splits: the permuted tokens [N, H], then their probs [N]. Here the
 in w extra columns of the tokens' dtype (``comm.payload``; w = 2 for float32 probs with bf16
 tokens), so dispatch issues one all-to-all: the count exchange, this one, and combine's make three
 collectives per MoE layer instead of four. The values that arrive are Megatron's bit for bit. Cost:
-one copy of the N x H permuted tokens into the packed buffer (and, where the next phase needs
+one copy of the N x H permuted tokens into the packed buffer (a reused one: ``comm.workspace``;
+the all-to-all has read it when it returns) (and, where the next phase needs
 contiguous tokens, one of the M x H received ones) against one collective's fixed cost. Every EP
 rank must decide the same way (one all-to-all against two would mismatch), so the decision reads
 only what all ranks share: ``"auto"`` fuses on the CPU (gloo: each collective is a rendezvous of
@@ -81,6 +82,7 @@ from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_specmoe.comm.payload import append_value_columns, split_value_columns, value_columns
+from megatron_specmoe.comm.workspace import Workspace
 from megatron_specmoe.measure.accounting import DispatchRecord
 from megatron_specmoe.measure.measures import WireFormat, measure_routes
 from megatron_specmoe.measure.nodes import check_gpus_per_node, measure_nodes
@@ -163,6 +165,7 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._replica_slots: Optional[torch.Tensor] = None
         self.fuse_probs: FuseProbs = "auto"
         self.fused_dispatches = 0
+        self._workspace = Workspace()  # the packed send buffer, reused (comm.workspace)
         self.set_placement(placement)
 
     def set_fuse_probs(self, mode: FuseProbs) -> None:
@@ -316,7 +319,10 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
             return super().token_dispatch(permutated_local_input_tokens, permuted_probs)
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_ep_alltoall", self.tokens_per_expert)
         kwargs = {"use_nccl_stream": self.use_nccl_stream} if hasattr(self, "use_nccl_stream") else {}
-        packed = all_to_all(self.ep_group, append_value_columns(permutated_local_input_tokens, permuted_probs),
+        tokens = permutated_local_input_tokens
+        send = self._workspace.take("dispatch_send", (tokens.shape[0], tokens.shape[1] + width), tokens.dtype,
+                                    tokens.device)
+        packed = all_to_all(self.ep_group, append_value_columns(tokens, permuted_probs, out=send),
                             self.output_splits, self.input_splits, **kwargs)
         tokens, probs = split_value_columns(packed, width, permuted_probs.dtype, tuple(permuted_probs.shape[1:]))
         if self.tp_size > 1 or self.num_local_experts == 1 or self.config.moe_permute_fusion:

@@ -100,7 +100,8 @@ def gather_sharing_plans(layer: Any, ln: torch.Tensor, prev: ShuffleState) -> to
         homes[i, :t] = layers[j].assign_plan(layers[j].rank_scores(None, num_tokens=t)).home_rank
     # Rank r's row x carries entries x*P .. x*P + P - 1 of each of its m plans' home ranks.
     columns = homes.view(m, c, tp).permute(1, 0, 2).reshape(c, m * tp)
-    packed = gather_shards(append_route_columns(ln, columns), prev.plan, group, counter=carrier.counter)
+    packed = gather_shards(append_route_columns(ln, columns), prev.plan, group, counter=carrier.counter,
+                           workspace=carrier.workspace)
     rows, ids = split_route_columns(packed, m * tp)
     blocks = ids.view(tp, c, m, tp)  # [TP rank q, its row, its plan i, column]
     plans = {}
@@ -108,7 +109,12 @@ def gather_sharing_plans(layer: Any, ln: torch.Tensor, prev: ShuffleState) -> to
         home = blocks[j % tp, :, j // tp, :].reshape(-1)[:t]
         plans[other.layer_number] = plan_from_home(home, tp)
     carrier.shared = SharedPlans(token_ids=carrier.token_ids, plans=plans)
-    return rows.index_select(0, prev.plan.inverse[:t]).view(prev.seq, prev.batch, h)
+    inverse = prev.plan.inverse[:t]
+    if rows.requires_grad and torch.is_grad_enabled():  # out= tensors take no part in autograd
+        return rows.index_select(0, inverse).view(prev.seq, prev.batch, h)
+    # The layer input in true order dies inside this layer: the workspace holds it.
+    true_order = carrier.workspace.take("true_order", (t, h), rows.dtype, rows.device)
+    return torch.index_select(rows, 0, inverse, out=true_order).view(prev.seq, prev.batch, h)
 
 
 def shared_plan(layer: Any) -> Optional[ShufflePlan]:

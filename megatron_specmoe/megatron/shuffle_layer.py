@@ -380,8 +380,9 @@ class ShuffleTransformerLayer(TransformerLayer):
                 gate_experts = gathered
             else:
                 history = torch.cat([history, gathered.unsqueeze(1)], dim=1)
-        else:
-            ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter)
+        else:  # ln_full dies inside this layer: the carrier's workspace holds it
+            ln_full = deferred_all_gather(ln.reshape(-1, h), prev.plan, group, counter=counter,
+                                          workspace=self.carrier.workspace)
             ln_full = ln_full.view(prev.seq, prev.batch, h)
         # A shard holds its real tokens first, then its pad row (if any).
         prev_real = real_capacities(prev.plan.num_tokens, tp)[rank]
@@ -472,7 +473,8 @@ class ShuffleTransformerLayer(TransformerLayer):
             residual = hidden_states.reshape(x.num_tokens, h).index_select(0, residual_rows)
         fold = residual if proj_bias is None else residual + proj_bias
         return shuffled_reduce_scatter(partial.reshape(x.num_tokens, h), plan, group,
-                                       fold_rows=residual_rows, fold=fold, counter=self.carrier.counter)
+                                       fold_rows=residual_rows, fold=fold, counter=self.carrier.counter,
+                                       workspace=self.carrier.workspace)
 
     def moe(self, shard: torch.Tensor, plan: ShufflePlan) -> tuple[torch.Tensor, int]:
         """Stage 5: pre-MLP norm and the MoE layer on the shard's real rows, plus the residual

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, get_args
 import torch
 
 from megatron_specmoe.comm.shuffle import CollectiveCounter
+from megatron_specmoe.comm.workspace import Workspace
 from megatron_specmoe.predict.vocabulary import ShufflePredictor
 from megatron_specmoe.schedule.assignment import AssignmentMethod, ShufflePlan
 
@@ -155,6 +156,8 @@ class ShuffleCarrier:
         shared: the current forward's SharedPlans, or None.
         plans_made: assignments this rank has made (every plan it computed; with shared plans
             ceil(L / P) per forward instead of L).
+        workspace: the buffers the layers reuse for rows that die inside a layer (the gathered
+            input, it in true order, the partial sums in shuffled order; ``comm.workspace``).
     """
 
     options: ShuffleOptions = field(default_factory=ShuffleOptions)
@@ -168,6 +171,7 @@ class ShuffleCarrier:
     route_layers: tuple = ()
     shared: Optional[SharedPlans] = None
     plans_made: int = 0
+    workspace: Workspace = field(default_factory=Workspace)
 
     def reset(self) -> None:
         """Forget the residual order, the route history, shared and kept plans (start of a new

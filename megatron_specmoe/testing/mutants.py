@@ -24,9 +24,9 @@ MutantName = Literal["reduce_scatter_twice", "over_capacity"]
 
 
 def _reduce_scatter_twice(original):
-    def twice(partial, plan, group, *, fold_rows=None, fold=None, counter=None):
-        original(partial, plan, group, fold_rows=fold_rows, fold=fold, counter=None)
-        return original(partial, plan, group, fold_rows=fold_rows, fold=fold, counter=counter)
+    def twice(partial, plan, group, *, fold_rows=None, fold=None, counter=None, workspace=None):
+        original(partial, plan, group, fold_rows=fold_rows, fold=fold, counter=None, workspace=workspace)
+        return original(partial, plan, group, fold_rows=fold_rows, fold=fold, counter=counter, workspace=workspace)
 
     return twice
 

@@ -102,7 +102,8 @@ class ShuffleResult:
     after the prefill, the route history the shuffle layers carried equals the routes Megatron's own
     routers chose, token for token (None: not checked); host_reads, decode_padding (padded_decode
     cases): "" once the decode steps ran with the dispatcher phases guarded (a host read raises);
-    ``padded_decode.decode_padding`` at the end; plans_made: ``ShuffleCarrier.plans_made``."""
+    ``padded_decode.decode_padding`` at the end; plans_made: ``ShuffleCarrier.plans_made``;
+    workspace_bytes (GPT cases): what the carrier's reused ``workspace`` held at the end."""
 
     rank: int
     max_out_diff: float
@@ -117,6 +118,7 @@ class ShuffleResult:
     host_reads: Optional[str] = None
     decode_padding: tuple = ()
     plans_made: int = 0
+    workspace_bytes: int = 0
 
 
 @contextlib.contextmanager
@@ -425,7 +427,8 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             tp_calls=_tp_calls(raw, tp_group),
             plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans), history_ok=history_ok,
             logit_rows=tuple(logit_rows), host_reads=host_reads,
-            decode_padding=decode_padding(models) if case.padded_decode else (), plans_made=carrier.plans_made)
+            decode_padding=decode_padding(models) if case.padded_decode else (), plans_made=carrier.plans_made,
+            workspace_bytes=carrier.workspace.nbytes())
     finally:
         parallel.destroy()
 
