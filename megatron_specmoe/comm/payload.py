@@ -34,8 +34,8 @@ __all__ = ["value_columns", "append_value_columns", "split_value_columns"]
 def value_columns(rows_dtype: torch.dtype, values_dtype: torch.dtype, per_row: int) -> Optional[int]:
     """w: the columns of ``rows_dtype`` that ``per_row`` values of ``values_dtype`` fill exactly,
     or None where they do not (then the values cannot ride along)."""
-    row_bytes = torch.empty((), dtype=rows_dtype).element_size()
-    total = torch.empty((), dtype=values_dtype).element_size() * per_row
+    row_bytes = rows_dtype.itemsize  # host arithmetic: no tensor is made
+    total = values_dtype.itemsize * per_row
     if per_row < 1 or total % row_bytes:
         return None
     return total // row_bytes

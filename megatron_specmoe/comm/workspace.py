@@ -39,18 +39,24 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        # The last view handed out per buffer (a layer asks for the same shape every time).
+        self._views: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def take(self, role: WorkspaceRole, shape: tuple[int, ...], dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:
         """An uninitialised contiguous tensor of ``shape`` in the ``role`` buffer (module
         docstring: valid until the next ``take`` of the same role)."""
         key = (role, dtype, torch.device(device))
+        view = self._views.get(key)
+        if view is not None and view.shape == shape:
+            return view
         n = math.prod(shape)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.empty(n, dtype=dtype, device=device)
             self._buffers[key] = buf
-        return buf[:n].view(shape)
+        view = self._views[key] = buf[:n].view(shape)
+        return view
 
     def nbytes(self) -> int:
         """Bytes the buffers hold."""
