@@ -1,13 +1,15 @@
 """Where the demo's forward time goes, stage by stage, alltoall vs specmoe (CPU, gloo ranks).
 
-    python tools/profile_demo_stages.py --plan specmoe-demo/plan [--passes 2] [--json]
+    python tools/profile_demo_stages.py --plan specmoe-demo/plan [--passes 2] [--json] [--free-plans]
+        [--unfused-probs]
 
 Runs the serve step of ``specmoe demo`` (4 ranks, TP = EP = 4, sequence parallel, the shipped
 model, its evaluation windows) on the plan a demo run wrote (``OUT_DIR/plan``), the two models
 taking turns on every batch after one warm-up round. ``--free-plans`` (a timing experiment, not a
 serving mode): every shuffle layer reuses the plan of its first forward, so the specmoe forward
-shows what it costs without its plans. Per forward and rank it accumulates, for every
-named stage, the wall time (perf_counter: includes waiting for the other ranks in a collective and
+shows what it costs without its plans. ``--unfused-probs`` (an ablation): specmoe's dispatcher
+sends the probs in an all-to-all of their own, as Megatron's does (``set_fuse_probs("off")``).
+Per forward and rank it accumulates, for every named stage, the wall time (perf_counter: includes waiting for the other ranks in a collective and
 for a core) and the CPU time of the calling thread (thread_time: the work itself; gloo's own
 threads are not in it):
 
