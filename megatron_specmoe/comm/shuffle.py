@@ -50,6 +50,7 @@ __all__ = [
     "shuffled_reduce_scatter",
     "deferred_all_gather",
     "gather_shards",
+    "true_order_rows",
     "ring_bytes",
     "append_route_columns",
     "split_route_columns",
@@ -197,7 +198,15 @@ def deferred_all_gather(
     Returns:
         float [T, H], row t = token t (pad rows dropped).
     """
-    gathered = gather_shards(shard, plan, group, counter=counter, workspace=workspace)
+    return true_order_rows(gather_shards(shard, plan, group, counter=counter, workspace=workspace), plan,
+                           workspace=workspace)
+
+
+def true_order_rows(gathered: torch.Tensor, plan: ShufflePlan, *,
+                    workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """float [T, H]: ``gathered`` [T_pad, H] (shuffled order, as ``gather_shards`` returns, or a
+    column slice of it) put back in true order, pad rows dropped; in the workspace's "true_order"
+    buffer when one is given (``deferred_all_gather``)."""
     inverse = plan.inverse[: plan.num_tokens]
     if not _usable(workspace, gathered):
         return gathered.index_select(0, inverse)

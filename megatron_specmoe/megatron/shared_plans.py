@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_specmoe.comm.shuffle import append_route_columns, gather_shards, split_route_columns
+from megatron_specmoe.comm.shuffle import append_route_columns, gather_shards, split_route_columns, true_order_rows
 from megatron_specmoe.megatron.shuffle_state import SharedPlans, ShuffleState
 from megatron_specmoe.schedule.assignment import ShufflePlan, plan_from_home
 
@@ -109,12 +109,8 @@ def gather_sharing_plans(layer: Any, ln: torch.Tensor, prev: ShuffleState) -> to
         home = blocks[j % tp, :, j // tp, :].reshape(-1)[:t]
         plans[other.layer_number] = plan_from_home(home, tp)
     carrier.shared = SharedPlans(token_ids=carrier.token_ids, plans=plans)
-    inverse = prev.plan.inverse[:t]
-    if rows.requires_grad and torch.is_grad_enabled():  # out= tensors take no part in autograd
-        return rows.index_select(0, inverse).view(prev.seq, prev.batch, h)
     # The layer input in true order dies inside this layer: the workspace holds it.
-    true_order = carrier.workspace.take("true_order", (t, h), rows.dtype, rows.device)
-    return torch.index_select(rows, 0, inverse, out=true_order).view(prev.seq, prev.batch, h)
+    return true_order_rows(rows, prev.plan, workspace=carrier.workspace).view(prev.seq, prev.batch, h)
 
 
 def shared_plan(layer: Any) -> Optional[ShufflePlan]:

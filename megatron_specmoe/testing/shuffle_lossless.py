@@ -23,8 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_specmoe.comm.shuffle import CollectiveCounter
-from megatron_specmoe.megatron import cpu_support
-from megatron_specmoe.megatron import parallel
+from megatron_specmoe.megatron import cpu_support, parallel
 from megatron_specmoe.megatron.build import MoEShape, build_from_spec, make_config, spec_options
 from megatron_specmoe.megatron.local_mla import with_local_mla
 from megatron_specmoe.testing.collectives import RawCollectiveCounter, count_collectives
@@ -313,12 +312,7 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
     from megatron_specmoe.megatron.model_tools import attach_recorder, moe_sites, set_placements
     from megatron_specmoe.megatron.shuffle_layer import ShuffleCarrier
     from megatron_specmoe.megatron.shuffle_specs import (
-        feed_token_ids,
-        get_gpt_block_shuffle_spec,
-        get_gpt_layer_shuffle_spec,
-        true_order_output,
-        with_tokenwise_norms,
-    )
+        feed_token_ids, get_gpt_block_shuffle_spec, get_gpt_layer_shuffle_spec, true_order_output, with_tokenwise_norms)
     from megatron_specmoe.megatron.specs import get_gpt_layer_specmoe_spec
 
     if sequence_parallel and case.decode_steps:
@@ -426,9 +420,8 @@ def gpt_shuffle_lossless(rank: int, world_size: int, case: ShuffleCase, sequence
             shuffle=_sum_measures(recorders["shuffle"].records),
             tp_calls=_tp_calls(raw, tp_group),
             plans_agree=agree, plans=planned, plan_rows=_plan_rows(carrier.plans), history_ok=history_ok,
-            logit_rows=tuple(logit_rows), host_reads=host_reads,
-            decode_padding=decode_padding(models) if case.padded_decode else (), plans_made=carrier.plans_made,
-            workspace_bytes=carrier.workspace.nbytes())
+            logit_rows=tuple(logit_rows), host_reads=host_reads, workspace_bytes=carrier.workspace.nbytes(),
+            decode_padding=decode_padding(models) if case.padded_decode else (), plans_made=carrier.plans_made)
     finally:
         parallel.destroy()
 
