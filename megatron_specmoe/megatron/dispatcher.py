@@ -52,9 +52,9 @@ with the same splits: the permuted tokens [N, H], then their probs [N]. Here the
 in w extra columns of the tokens' dtype (``comm.payload``; w = 2 for float32 probs with bf16
 tokens), so dispatch issues one all-to-all: the count exchange, this one, and combine's make three
 collectives per MoE layer instead of four. The values that arrive are Megatron's bit for bit. Cost:
-one copy of the N x H permuted tokens into the packed buffer (a reused one: ``comm.workspace``;
-the all-to-all has read it when it returns) (and, where the next phase needs
-contiguous tokens, one of the M x H received ones) against one collective's fixed cost. Every EP
+one copy of the N x H permuted tokens into the packed send buffer, and, where the next phase
+needs contiguous tokens, one of the M x H received ones, against one collective's fixed cost. The
+send buffer is reused (``comm.workspace``): the all-to-all has read it when it returns. Every EP
 rank must decide the same way (one all-to-all against two would mismatch), so the decision reads
 only what all ranks share: ``"auto"`` fuses on the CPU (gloo: each collective is a rendezvous of
 the ranks) and in drop-and-pad mode (padded CUDA-graph decode: small, static messages), and leaves
