@@ -41,7 +41,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_specmoe.comm.workspace import Workspace
+from megatron_specmoe.comm.workspace import Workspace, WorkspaceRole
 from megatron_specmoe.schedule.assignment import ShufflePlan
 
 __all__ = [
@@ -112,10 +112,14 @@ def _check_plan(plan: ShufflePlan, group) -> int:
     return group.rank() if group is not None else dist.get_rank()
 
 
-def _usable(workspace: Optional[Workspace], rows: torch.Tensor) -> bool:
-    """A workspace buffer takes ``rows``' successor unless autograd would need it (``out=``
-    tensors take no part in autograd)."""
-    return workspace is not None and not (rows.requires_grad and torch.is_grad_enabled())
+def _buffer(workspace: Optional[Workspace], role: WorkspaceRole, shape: tuple[int, ...],
+            rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ``out=`` tensor for the successor of ``rows`` (same dtype and device): a view of the
+    workspace's ``role`` buffer, or None (a fresh tensor) without a workspace or where autograd
+    would need the result (``out=`` tensors take no part in autograd)."""
+    if workspace is None or (rows.requires_grad and torch.is_grad_enabled()):
+        return None
+    return workspace.take(role, shape, rows.dtype, rows.device)
 
 
 def shuffled_reduce_scatter(
@@ -160,11 +164,8 @@ def shuffled_reduce_scatter(
     # from the plan, not from data: no host synchronisation on a GPU).
     if plan.padded_tokens > t:
         partial = torch.cat([partial, partial.new_zeros(plan.padded_tokens - t, h)])
-    if not _usable(workspace, partial):
-        buffer = partial.index_select(0, plan.order)
-    else:
-        buffer = torch.index_select(partial, 0, plan.order, out=workspace.take(
-            "shuffled", (plan.padded_tokens, h), partial.dtype, partial.device))
+    buffer = torch.index_select(partial, 0, plan.order,
+                                out=_buffer(workspace, "shuffled", (plan.padded_tokens, h), partial))
     # Step 2: fold this rank's residual (+ bias) rows at their shuffled positions.
     if fold is not None:
         buffer.index_add_(0, plan.inverse.index_select(0, fold_rows), fold.to(buffer.dtype))
@@ -207,11 +208,8 @@ def true_order_rows(gathered: torch.Tensor, plan: ShufflePlan, *,
     """float [T, H]: ``gathered`` [T_pad, H] (shuffled order, as ``gather_shards`` returns, or a
     column slice of it) put back in true order, pad rows dropped; in the workspace's "true_order"
     buffer when one is given (``deferred_all_gather``)."""
-    inverse = plan.inverse[: plan.num_tokens]
-    if not _usable(workspace, gathered):
-        return gathered.index_select(0, inverse)
-    return torch.index_select(gathered, 0, inverse, out=workspace.take(
-        "true_order", (plan.num_tokens, gathered.shape[1]), gathered.dtype, gathered.device))
+    return torch.index_select(gathered, 0, plan.inverse[: plan.num_tokens],
+                              out=_buffer(workspace, "true_order", (plan.num_tokens, gathered.shape[1]), gathered))
 
 
 def gather_shards(
@@ -237,8 +235,9 @@ def gather_shards(
     c, h = shard.shape
     if c != plan.capacity:
         raise ValueError(f"deferred_all_gather: shard has {c} rows, plan capacity is {plan.capacity}")
-    gathered = (shard.new_empty(plan.padded_tokens, h) if not _usable(workspace, shard)
-                else workspace.take("gathered", (plan.padded_tokens, h), shard.dtype, shard.device))
+    gathered = _buffer(workspace, "gathered", (plan.padded_tokens, h), shard)
+    if gathered is None:
+        gathered = shard.new_empty(plan.padded_tokens, h)
     dist.all_gather_into_tensor(gathered, shard.contiguous(), group=group)
     if counter is not None:
         counter.add("all_gather", gathered.numel() * gathered.element_size(), plan.num_ranks)
