@@ -151,6 +151,9 @@ def _worker(rank, world, cases):
             x = torch.randn(6 + (0 if padded else rank), 1, 16, generator=torch.Generator().manual_seed(rank))
             x = x.to(torch_dtype)
             outs, a2a = {}, {}
+            # Megatron's count all-gather: the all-to-alls counted here are dispatch's and combine's
+            # (the count exchange by all-to-all: tests/test_count_exchange.py).
+            spec.token_dispatcher.set_count_exchange("allgather")
             for name, layer, mode in (("megatron", ref, None), ("off", spec, "off"), ("auto", spec, "auto")):
                 if mode is not None:
                     layer.token_dispatcher.set_fuse_probs(mode)

@@ -1,7 +1,7 @@
 """Where the demo's forward time goes, stage by stage, alltoall vs specmoe (CPU, gloo ranks).
 
     python tools/profile_demo_stages.py --plan specmoe-demo/plan [--passes 2] [--json] [--free-plans]
-        [--unfused-probs]
+        [--unfused-probs] [--allgather-counts]
 
 Runs the serve step of ``specmoe demo`` (4 ranks, TP = EP = 4, sequence parallel, the shipped
 model, its evaluation windows) on the plan a demo run wrote (``OUT_DIR/plan``), the two models
@@ -9,6 +9,8 @@ taking turns on every batch after one warm-up round. ``--free-plans`` (a timing 
 serving mode): every shuffle layer reuses the plan of its first forward, so the specmoe forward
 shows what it costs without its plans. ``--unfused-probs`` (an ablation): specmoe's dispatcher
 sends the probs in an all-to-all of their own, as Megatron's does (``set_fuse_probs("off")``).
+``--allgather-counts`` (an ablation): its count exchange is Megatron's all-gather of every count
+(``set_count_exchange("allgather")``).
 Per forward and rank it accumulates, for every named stage, the wall time (perf_counter: includes waiting for the other ranks in a collective and
 for a core) and the CPU time of the calling thread (thread_time: the work itself; gloo's own
 threads are not in it):
@@ -85,7 +87,7 @@ def _reuse_first_plans(model) -> None:
 
 
 def _worker(rank: int, world: int, plan_dir: str, passes: int, free_plans: bool = False,
-            unfused_probs: bool = False):
+            unfused_probs: bool = False, allgather_counts: bool = False):
     import gc
     import logging
     import warnings
@@ -116,6 +118,9 @@ def _worker(rank: int, world: int, plan_dir: str, passes: int, free_plans: bool 
         if unfused_probs:
             for layer in models["specmoe"].decoder.layers:
                 layer.mlp.token_dispatcher.set_fuse_probs("off")
+        if allgather_counts:
+            for layer in models["specmoe"].decoder.layers:
+                layer.mlp.token_dispatcher.set_count_exchange("allgather")
         sinks = {n: defaultdict(lambda: [0.0, 0.0]) for n in names}
         for name, model in models.items():
             sink = sinks[name]
@@ -175,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--unfused-probs", action="store_true",
                    help="ablation: specmoe's dispatcher sends the probs in an all-to-all of their own, "
                         "as Megatron's (set_fuse_probs('off'))")
+    p.add_argument("--allgather-counts", action="store_true",
+                   help="ablation: specmoe's dispatcher all-gathers every count, as Megatron's "
+                        "(set_count_exchange('allgather'))")
     args = p.parse_args(argv)
     if not (Path(args.plan) / "plan.json").is_file():
         print(f"profile_demo_stages: --plan {args.plan} has no plan.json; run `specmoe demo --out-dir DIR` first "
@@ -189,7 +197,7 @@ def main(argv=None) -> int:
     command = "python tools/profile_demo_stages.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(command, flush=True)
     ranks = run_local(_worker, 4, os.path.abspath(args.plan), args.passes, args.free_plans,
-                      args.unfused_probs)[0]
+                      args.unfused_probs, args.allgather_counts)[0]
     names = list(ranks[0])
     out = {"command": command, "ranks": ranks}
     if args.json:
@@ -200,7 +208,8 @@ def main(argv=None) -> int:
               + " ".join(f"{r[n]['process_cpu_ms']:.1f}" for r in ranks) + " ms")
     print(f"forward specmoe / alltoall: {ranks[0]['specmoe']['wall_ms'] / ranks[0]['alltoall']['wall_ms']:.3f}x"
           + (" (--free-plans: no plan cost)" if args.free_plans else "")
-          + (" (--unfused-probs: probs in an all-to-all of their own)" if args.unfused_probs else ""))
+          + (" (--unfused-probs: probs in an all-to-all of their own)" if args.unfused_probs else "")
+          + (" (--allgather-counts: Megatron's count exchange)" if args.allgather_counts else ""))
     stages = sorted({k for r in ranks for n in names for k in r[n]["stages"]})
     print(f"\n{'stage (ms per forward: median, max over ranks)':<40} " + " ".join(f"{n + ' wall':>13} {n + ' cpu':>12}" for n in names))
     for k in stages:

@@ -43,7 +43,8 @@ Megatron pads. The recorder, in that mode, counts the routing map it permutes; t
 ``capacity`` rows per slot whatever the map says (``DispatchRecord`` is about real pairs).
 
 Six-phase contract. ``dispatch_preprocess`` permutes columns and records (no communication);
-``preprocess`` is Megatron's except for the drop-and-pad capacity above; ``token_dispatch`` sends
+``preprocess`` is Megatron's except for the drop-and-pad capacity above and the count exchange
+(below); ``token_dispatch`` sends
 the probs with the tokens (below); the other phases are Megatron's, unchanged. Under CUDA-graph
 capture the recorder is refused (a record is Python work that a replay would not repeat).
 
@@ -64,6 +65,14 @@ mode: EP = 1 (no all-to-all), shared experts overlapped with dispatch (Megatron 
 fc1 between the two calls), probs whose bytes do not fill whole token columns, and a forward that
 builds an autograd graph (bits carry no gradient; the package serves inference).
 
+Count exchange (``count_exchange``). A dropless dispatch must learn, before its all-to-all, how
+many rows every rank will send it. Megatron all-gathers every rank's [E] counts over the tp_ep
+group and keeps the n columns of this rank's experts; ``"alltoall"`` (the default) sends each rank
+only those n counts (``comm.counts``): the same values bit for bit, EP times fewer bytes, and one
+round of messages instead of a ring's EP * TP - 1 (on gloo each round is a rendezvous of the
+ranks). ``"allgather"`` keeps Megatron's call. Like ``fuse_probs`` this is a dispatcher
+improvement, not s-TS: Megatron's dispatcher could do the same.
+
 Accounting. When ``recorder`` is set, ``dispatch_preprocess`` appends a ``DispatchRecord`` (pairs
 and bytes this rank sends to each rank, route measures) per forward, counted on the routing map
 Megatron actually permutes and sends (after its padding for quantization, if any). When it is ``None`` the only
@@ -81,6 +90,7 @@ from megatron.core.tensor_parallel.mappings import all_to_all
 from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from megatron_specmoe.comm.counts import exchange_expert_counts
 from megatron_specmoe.comm.payload import append_value_columns, split_value_columns, value_columns
 from megatron_specmoe.comm.workspace import Workspace
 from megatron_specmoe.measure.accounting import DispatchRecord
@@ -89,9 +99,10 @@ from megatron_specmoe.measure.nodes import check_gpus_per_node, measure_nodes
 from megatron_specmoe.schedule.placement import ExpertPlacement
 from megatron_specmoe.schedule.replicas import ReplicatedPlacement
 
-__all__ = ["FuseProbs", "SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_map"]
+__all__ = ["CountExchange", "FuseProbs", "SpecMoETokenDispatcher", "DispatchRecorder", "record_from_routing_map"]
 
 FuseProbs = Literal["auto", "on", "off"]  # SpecMoETokenDispatcher.set_fuse_probs (module docstring)
+CountExchange = Literal["alltoall", "allgather"]  # SpecMoETokenDispatcher.set_count_exchange
 
 
 class DispatchRecorder:
@@ -132,6 +143,7 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         fuse_probs: ``FuseProbs`` mode (``set_fuse_probs``; default ``"auto"``).
         fused_dispatches: all-to-alls that carried the probs with the tokens (a count, for tests
             and benchmarks).
+        count_exchange: ``CountExchange`` (``set_count_exchange``; default ``"alltoall"``).
     """
 
     def __init__(self, *args, placement: Optional[ExpertPlacement] = None, **kwargs) -> None:
@@ -165,6 +177,7 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._replica_slots: Optional[torch.Tensor] = None
         self.fuse_probs: FuseProbs = "auto"
         self.fused_dispatches = 0
+        self.count_exchange: CountExchange = "alltoall"
         self._workspace = Workspace()  # the packed send buffer, reused (comm.workspace)
         self.set_placement(placement)
 
@@ -175,6 +188,15 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
             raise ValueError(f"SpecMoETokenDispatcher.set_fuse_probs: mode must be one of "
                              f"{list(get_args(FuseProbs))}, got {mode!r}")
         self.fuse_probs = mode
+
+    def set_count_exchange(self, mode: CountExchange) -> None:
+        """How the dropless dispatch learns its receive sizes (module docstring, Count exchange):
+        ``"alltoall"`` (each rank gets the counts for its own experts) or ``"allgather"``
+        (Megatron's: every rank gets all counts). Same values either way; set it alike on every rank."""
+        if mode not in get_args(CountExchange):
+            raise ValueError(f"SpecMoETokenDispatcher.set_count_exchange: mode must be one of "
+                             f"{list(get_args(CountExchange))}, got {mode!r}")
+        self.count_exchange = mode
 
     # ---- placement -------------------------------------------------------------------------------
     def set_placement(self, placement: Optional[ExpertPlacement]) -> None:
@@ -255,6 +277,8 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
             int64 [n] tokens per local expert (on the host in drop-and-pad mode, as Megatron's).
         """
         if not self.drop_and_pad:
+            if self._exchanges_counts():
+                return self._preprocess_exchanged(routing_map)
             return super().preprocess(routing_map)
         self.capacity = self.padded_capacity(routing_map.size(0))
         self.num_out_tokens = self.capacity * self.num_experts
@@ -265,6 +289,45 @@ class SpecMoETokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.num_global_tokens_per_local_expert = torch.full(
             (self.num_experts * self.tp_size,), self.capacity, dtype=torch.long, device=self.permute_idx_device)
         return per_local
+
+    def _exchanges_counts(self) -> bool:
+        """True: the dropless preprocess exchanges counts by all-to-all. Needs an exchange at all
+        (EP or expert-TP > 1) and Megatron's expert layout (this rank's experts are the contiguous
+        block ep_rank * n ..); otherwise Megatron's own preprocess runs."""
+        if self.count_exchange != "alltoall" or (self.ep_size == 1 and self.tp_size == 1):
+            return False
+        n, first = self.num_local_experts, self._ep_rank * self.num_local_experts
+        return list(self.local_expert_indices) == list(range(first, first + n))
+
+    def _preprocess_exchanged(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """Megatron's dropless preprocess (same attributes, same values, same CUDA sync points)
+        with ``comm.counts.exchange_expert_counts`` in place of its all-gather of every count.
+
+        Args:
+            routing_map: bool [T, E] in physical order.
+
+        Returns:
+            int64 [n] rows per local expert, on the routing map's device.
+        """
+        config = self.config
+        counts = routing_map.sum(dim=0).long()  # int64 [E]
+        if config.moe_expert_capacity_factor is not None or config.moe_router_padding_for_quantization:
+            self.num_out_tokens = counts.sum()  # dynamic: read on the host at Megatron's point
+            self._maybe_update_cuda_sync_point("before_permutation_1")
+        else:
+            self.num_out_tokens = routing_map.size(0) * config.moe_router_topk
+        self.input_splits = counts.view(self.ep_size, self.num_local_experts).sum(dim=1)  # [EP]
+        per_local = exchange_expert_counts(counts, ep_size=self.ep_size, tp_size=self.tp_size,
+                                           group=self.tp_ep_group)  # [TP, EP, n]
+        per_rank = per_local.sum(dim=2)  # [TP, EP]
+        self.output_splits = per_rank[self.tp_rank]
+        self.output_splits_tp = per_rank.sum(dim=1)
+        self._maybe_update_cuda_sync_point("before_ep_alltoall")
+        if self.num_local_experts > 1:
+            self.num_global_tokens_per_local_expert = per_local.view(-1, self.num_local_experts)
+            if not config.moe_permute_fusion:
+                self._maybe_update_cuda_sync_point("before_permutation_2")
+        return per_local.sum(dim=(0, 1))
 
     # ---- phase 1 ---------------------------------------------------------------------------------
     def dispatch_preprocess(

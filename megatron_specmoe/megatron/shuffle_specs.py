@@ -306,7 +306,10 @@ def true_order_output(model, carrier: ShuffleCarrier) -> _OutputHandle:
                 f"(rows {hidden.shape[0]}, plan capacity {None if state is None else state.plan.capacity})"
             )
         h = hidden.shape[-1]
-        full = deferred_all_gather(hidden.reshape(-1, h), state.plan, group, counter=carrier.counter)
+        # The gathered input dies inside the output layer (the logits are new tensors): the
+        # carrier's workspace holds it, as it holds each layer's gathered input.
+        full = deferred_all_gather(hidden.reshape(-1, h), state.plan, group, counter=carrier.counter,
+                                   workspace=carrier.workspace)
         carrier.state = None
         return (full.view(state.seq, state.batch, h),) + tuple(args[1:]), kwargs
 
