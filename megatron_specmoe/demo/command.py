@@ -292,8 +292,10 @@ def run(args) -> int:
         return _run_dynamic(args, card, calib, evalu, settings, start)
     shared = (f"; each TP rank makes 1/{tp} of the route plans (ShuffleOptions.share_plans)"
               if args.predictor == "route" and tp > 1 else "")
-    # The specmoe dispatcher's default on the CPU (SpecMoETokenDispatcher.set_fuse_probs).
-    shared += "; specmoe's probs ride in its tokens' all-to-all (fuse_probs)" if ep > 1 else ""
+    # The specmoe dispatcher's defaults on the CPU (SpecMoETokenDispatcher.set_fuse_probs,
+    # set_count_exchange).
+    shared += ("; specmoe's probs ride in its tokens' all-to-all (fuse_probs), its counts go by all-to-all "
+               "(count_exchange)" if ep > 1 else "")
     print(f"[specmoe demo] {args.ranks} gloo ranks, TP={tp}, EP={ep}, sequence parallel{shared}; "
           f"{len(calib)} calibration and {len(evalu)} evaluation windows of {args.seq} tokens; timing: "
           f"{settings.warmup} warm-up rounds, then {settings.passes} passes, the models taking turns on each "
