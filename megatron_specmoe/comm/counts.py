@@ -46,10 +46,11 @@ def exchange_expert_counts(counts: torch.Tensor, *, ep_size: int, tp_size: int, 
         raise ValueError(f"exchange_expert_counts: the group has {size} ranks, EP * TP = {ep_size * tp_size}; "
                          "pass the dispatcher's tp_ep group")
     n = counts.numel() // ep_size
-    # [EP * TP, n]: group rank e * TP + t gets the counts of EP rank e's experts.
-    send = counts.view(ep_size, n)
-    if tp_size > 1:
-        send = send.repeat_interleave(tp_size, dim=0)
     received = torch.empty(ep_size * tp_size * n, dtype=counts.dtype, device=counts.device)
-    dist.all_to_all_single(received, send.contiguous().view(-1), group=group)
+    if tp_size == 1:  # [E] is already [EP, n] in peer order: rank e gets entries e*n .. e*n + n - 1
+        dist.all_to_all_single(received, counts.contiguous(), group=group)
+        return received.view(1, ep_size, n)
+    # [EP * TP, n]: group rank e * TP + t gets the counts of EP rank e's experts.
+    send = counts.view(ep_size, n).repeat_interleave(tp_size, dim=0)
+    dist.all_to_all_single(received, send.view(-1), group=group)
     return received.view(ep_size, tp_size, n).transpose(0, 1).contiguous()

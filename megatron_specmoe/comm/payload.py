@@ -62,7 +62,10 @@ def append_value_columns(rows: torch.Tensor, values: torch.Tensor,
             f"append_value_columns: {per_row} {values.dtype} value(s) per row do not fill whole "
             f"{rows.dtype} columns; send them apart"
         )
-    bits = values.reshape(rows.shape[0], per_row).contiguous().view(rows.dtype).reshape(rows.shape[0], w)
+    if values.dim() == 1 and w == 1 and values.is_contiguous():  # one value per row, one column (fewer ops)
+        bits = values.view(rows.dtype).unsqueeze(1)
+    else:
+        bits = values.reshape(rows.shape[0], per_row).contiguous().view(rows.dtype).reshape(rows.shape[0], w)
     return torch.cat([rows, bits], dim=1, out=out)
 
 
@@ -78,5 +81,8 @@ def split_value_columns(packed: torch.Tensor, width: int, dtype: torch.dtype,
         value_shape: the values' shape per row ((): one value per row, as Megatron's probs [N]).
     """
     h = packed.shape[1] - width
-    values = packed[:, h:].contiguous().view(dtype).reshape(packed.shape[0], *value_shape)
+    if width == 1 and value_shape == () and dtype.itemsize == packed.dtype.itemsize:  # fewer ops
+        values = packed[:, h].contiguous().view(dtype)
+    else:
+        values = packed[:, h:].contiguous().view(dtype).reshape(packed.shape[0], *value_shape)
     return packed[:, :h], values

@@ -208,7 +208,8 @@ def true_order_rows(gathered: torch.Tensor, plan: ShufflePlan, *,
     """float [T, H]: ``gathered`` [T_pad, H] (shuffled order, as ``gather_shards`` returns, or a
     column slice of it) put back in true order, pad rows dropped; in the workspace's "true_order"
     buffer when one is given (``deferred_all_gather``)."""
-    return torch.index_select(gathered, 0, plan.inverse[: plan.num_tokens],
+    rows = plan.inverse if plan.padded_tokens == plan.num_tokens else plan.inverse[: plan.num_tokens]
+    return torch.index_select(gathered, 0, rows,
                               out=_buffer(workspace, "true_order", (plan.num_tokens, gathered.shape[1]), gathered))
 
 

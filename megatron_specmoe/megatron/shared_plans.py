@@ -103,11 +103,12 @@ def gather_sharing_plans(layer: Any, ln: torch.Tensor, prev: ShuffleState) -> to
     packed = gather_shards(append_route_columns(ln, columns), prev.plan, group, counter=carrier.counter,
                            workspace=carrier.workspace)
     rows, ids = split_route_columns(packed, m * tp)
-    blocks = ids.view(tp, c, m, tp)  # [TP rank q, its row, its plan i, column]
+    # ids [TP rank q, its row x, its plan i, column] -> [plan i, q, x * P + column]: row i * P + q
+    # holds the home ranks of layer j = i * P + q, in token order (one copy for all the layers).
+    every_home = ids.view(tp, c, m, tp).permute(2, 0, 1, 3).reshape(m * tp, c * tp)
     plans = {}
     for j, other in enumerate(layers):
-        home = blocks[j % tp, :, j // tp, :].reshape(-1)[:t]
-        plans[other.layer_number] = plan_from_home(home, tp)
+        plans[other.layer_number] = plan_from_home(every_home[j, :t], tp)
     carrier.shared = SharedPlans(token_ids=carrier.token_ids, plans=plans)
     # The layer input in true order dies inside this layer: the workspace holds it.
     return true_order_rows(rows, prev.plan, workspace=carrier.workspace).view(prev.seq, prev.batch, h)
