@@ -1,6 +1,6 @@
 """Launch counts and host synchronisations of the run-time plan (measure/launches.py): the counter
 on hand-worked blocks, the guard, and the bound of 16 launches per MoE layer for the plan with
-every run-time predictor (pregate, route, history) on the Triton path, run in Triton's interpreter
+every run-time predictor (pregate, route, history, combined token + history) on the Triton path, run in Triton's interpreter
 in a subprocess (skipped where triton is absent)."""
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def test_plan_is_at_most_16_launches_per_layer_with_every_predictor(interpreted_
         seen.add(row["predictor"])
         assert row["host_syncs"] == 0, row
         assert row["kernels"] <= 16, row
-        assert row["equal_to_torch"], row
-    assert seen == {"assignment", "pregate", "pregate_sp", "route", "history"}
+        assert row["equal_to_torch"] and row["scores_close"], row
+    assert seen == {"assignment", "pregate", "pregate_sp", "route", "history", "combined"}
     assignment = [r for r in interpreted_counts if r["predictor"] == "assignment"]
     assert all(r["kernels"] == 7 and r["triton"] == 4 for r in assignment)  # 2 iterations: 3 + 2 * 2
 

@@ -6,7 +6,8 @@ One row per (predictor, tokens, ranks), tokens in --tokens (64, 512, 4096, 16384
 (4, 8, 16), predictors pregate (router gating, H = 1024, + rank scores), pregate_sp (each rank
 sorts its own rows' logits; the ids ride along with the all-gather; rank counts from the
 gathered ids), route (token rank table, V = 32000), history (history MLP over 4 MoE layers,
-128 hidden units); random weights (the counts and times do not depend on them). E = 8 experts, top-2
+128 hidden units), combined (that token table's expert scores and that history MLP, "mixture"
+rule: one Triton kernel after the MLP, ``predict/combined_triton.py``); random weights (the counts and times do not depend on them). E = 8 experts, top-2
 (2 * ranks experts where ranks > 8). Keys:
     kernels     launches per MoE layer of predictor + "prices" assignment + permutation, counted
                 with ``measure.launches.LaunchCounter`` on the path a GPU runs: the Triton kernels
@@ -48,12 +49,12 @@ if str(REPO) not in sys.path:
 from megatron_specmoe.measure.launches import LaunchCounter  # noqa: E402
 from megatron_specmoe.predict.history_mlp import HistoryLayerScorer  # noqa: E402
 from megatron_specmoe.predict.pregate import rank_scores_from_experts, rank_scores_from_logits, span_hosts  # noqa: E402
-from megatron_specmoe.predict.device import RankTable  # noqa: E402
+from megatron_specmoe.predict.device import CombinedScorer, ExpertTable, RankTable  # noqa: E402
 from megatron_specmoe.schedule.assignment import assign  # noqa: E402
 from megatron_specmoe.schedule.fast_assign import prices_plan, triton_usable  # noqa: E402
 
 CATEGORIES = ("coding", "math", "roleplay", "writing")
-PREDICTORS = ("pregate", "pregate_sp", "route", "history")
+PREDICTORS = ("pregate", "pregate_sp", "route", "history", "combined")
 
 
 def log(msg: str) -> None:
@@ -82,24 +83,33 @@ def _paths(t: int, p: int, backend: str, convert=lambda x: x) -> dict:
     history = torch.randint(0, e, (t, layers, k), generator=gen)
     floor = torch.cat([torch.zeros(p), torch.full((1,), 1e-12)])
     scores = torch.rand(t, p, generator=gen)
-    (hosts, hosts_sum, router, x, own, gathered, ids, offsets, history, floor, scores) = map(
-        convert, (hosts, hosts_sum, router, x, own, gathered, ids, offsets, history, floor, scores))
+    experts = torch.softmax(torch.randn(vocab + 1, e, generator=gen), dim=1)
+    # Constants made once per placement, outside the counted plan (on real tensors, then converted).
+    consts = CombinedScorer(members=(ExpertTable(table=experts), scorer), rule="mixture").fused_consts(hosts)
+    consts = tuple(map(convert, consts))
+    (hosts, hosts_sum, router, x, own, gathered, ids, offsets, history, floor, scores, experts) = map(
+        convert, (hosts, hosts_sum, router, x, own, gathered, ids, offsets, history, floor, scores, experts))
     table = RankTable(table=convert(table.table), layer=0, ep_base=0, placement_key=())
     scorer = HistoryLayerScorer(layer=layers, num_experts=e, prior=convert(scorer.prior), w1=convert(scorer.w1),
                                 b1=convert(scorer.b1), w2=convert(scorer.w2), b2=convert(scorer.b2))
+    combined = CombinedScorer(members=(ExpertTable(table=experts), scorer), rule="mixture")
+    combined_backend = "torch" if backend == "torch" else "auto"
 
     def plan(s):
         return prices_plan(s, backend=backend)
 
+    # Each path: (its scores, and any other run-time work, as a closure) -> the plan of those scores.
     return {
-        "assignment": lambda: plan(scores),
-        "pregate": lambda: plan(rank_scores_from_logits(torch.nn.functional.linear(x, router), k=k, hosts=hosts)),
+        "assignment": lambda: scores,
+        "pregate": lambda: rank_scores_from_logits(torch.nn.functional.linear(x, router), k=k, hosts=hosts),
         "pregate_sp": lambda: (torch.sort(torch.nn.functional.linear(own, router), dim=1, descending=True,
                                           stable=True).indices[:, :k],
-                               plan(rank_scores_from_experts(gathered, hosts=hosts)))[1],
-        "route": lambda: plan(table.lookup(ids)),
-        "history": lambda: plan(scorer.rank_scores(history=history, hosts_sum=hosts_sum, offsets=offsets, floor=floor)),
-    }
+                               rank_scores_from_experts(gathered, hosts=hosts))[1],
+        "route": lambda: table.lookup(ids),
+        "history": lambda: scorer.rank_scores(history=history, hosts_sum=hosts_sum, offsets=offsets, floor=floor),
+        "combined": lambda: combined.rank_scores(token_ids=ids, history=history, hosts=hosts, consts=consts,
+                                                 backend=combined_backend),
+    }, plan
 
 
 def count_paths(sizes, *, check_equal: bool = False, backend: str = "auto") -> list[dict]:
@@ -114,23 +124,28 @@ def count_paths(sizes, *, check_equal: bool = False, backend: str = "auto") -> l
         backend = "triton" if triton_usable(torch.device("cpu")) else "torch"
     rows = []
     for t, p in sizes:
-        ref = _paths(t, p, "torch") if check_equal else None
+        ref = _paths(t, p, "torch")[0] if check_equal else None
         fake = None if check_equal else FakeTensorMode(allow_non_fake_inputs=False)
-        paths = _paths(t, p, backend, convert=(lambda v: v) if fake is None else fake.from_tensor)
+        paths, plan = _paths(t, p, backend, convert=(lambda v: v) if fake is None else fake.from_tensor)
         for name, fn in paths.items():
             if fake is None:
                 with LaunchCounter() as counter:
-                    got = fn()
+                    scores = fn()
+                    got = plan(scores)
             else:
                 with fake, LaunchCounter() as counter:
-                    got = fn()
+                    got = plan(fn())
             c = counter.result()
             row = {"predictor": name, "tokens": t, "ranks": p, "path": backend, "kernels": c.kernels,
                    "triton": c.triton, "host_syncs": c.host_syncs, "by_op": c.by_op}
             if check_equal:
-                want = ref[name]()
+                # The plan equals the torch plan of the same scores, bit for bit; the scores equal
+                # the torch path's (up to float rounding for the combined kernel).
+                want_scores = ref[name]()
+                want = prices_plan(scores, backend="torch")
                 row["equal_to_torch"] = all(torch.equal(getattr(got, f), getattr(want, f))
                                             for f in ("home_ext", "order", "inverse"))
+                row["scores_close"] = bool(torch.allclose(scores, want_scores, rtol=1e-5, atol=1e-6))
             rows.append(row)
     return rows
 
@@ -236,16 +251,17 @@ def main(argv=None) -> int:
     rows = []
     for p in ranks:
         for t in tokens:
-            timed = _paths(t, p, "torch")
+            timed = _paths(t, p, "torch")[0]
             for name in PREDICTORS:
                 c = counts[(name, t, p)]
                 rows.append({"predictor": name, "tokens": t, "ranks": p, "kernels": c["kernels"],
                              "host_syncs": c["host_syncs"], "path": c["path"],
                              "kernels_torch": torch_counts[(name, t, p)]["kernels"],
-                             "cpu_ms": round(_median_ms(timed[name], args.repeats), 3),
+                             "cpu_ms": round(_median_ms(lambda f=timed[name]: prices_plan(f(), backend="torch"),
+                                                        args.repeats), 3),
                              "lar": round(lar[(t, p)][0], 4), "lar_refine": round(lar[(t, p)][1], 4),
                              "routes": lar[(t, p)][2]})
-            log(f"tokens={t} ranks={p}: {[(r['predictor'], r['kernels'], r['cpu_ms']) for r in rows[-4:]]}")
+            log(f"tokens={t} ranks={p}: {[(r['predictor'], r['kernels'], r['cpu_ms']) for r in rows[-len(PREDICTORS):]]}")
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -23,7 +23,9 @@ predictor's ``expert_scores`` for the same inputs:
     "token"     ``ExpertTable``.
     "history"   ``history_mlp.HistoryLayerScorer`` (embedding-bag + one small matmul).
     "combined"  ``CombinedScorer``: the members' device forms, combined by the same rule
-                (``combined.combine_scores_torch``).
+                (``combined.combine_scores_torch``). For the run-time plan its ``rank_scores``
+                gives float32 [T, P] directly: a token table with a fitted history MLP takes one
+                Triton kernel after the MLP (``predict/combined_triton.py``) where Triton runs.
 "layer" (hashed n-gram tables) has no device form yet and is refused by name.
 
 Exactness: ``RankTable.lookup(ids)`` equals ``rank_scores(predictor.expert_scores(RouteContext(
@@ -34,6 +36,7 @@ layer=l, token_ids=ids)), placement)[:, ep_base : ep_base + P]`` row for row, fo
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -46,9 +49,6 @@ from megatron_specmoe.schedule.placement import ExpertPlacement
 
 __all__ = ["RankTable", "compile_rank_table", "token_id_bound", "ExpertTable", "CombinedScorer",
            "layer_device_scorer", "per_id_scores", "DEVICE_KINDS"]
-
-DEVICE_KINDS = ("token", "history", "combined")
-
 
 DEVICE_KINDS = ("token", "history", "combined")
 
@@ -103,6 +103,54 @@ class CombinedScorer:
         from megatron_specmoe.predict.combined import combine_scores_torch
 
         return combine_scores_torch([m.scores(token_ids=token_ids, history=history) for m in self.members], self.rule)
+
+    def fused_members(self) -> Optional[tuple]:
+        """(token table, history scorer, token table first) where this combination has the one-kernel
+        form (``predict/combined_triton.py``: a token table and a fitted history MLP), else None."""
+        from megatron_specmoe.predict.history_mlp import HistoryLayerScorer
+
+        if len(self.members) != 2:
+            return None
+        a, b = self.members
+        for table, hist, first in ((a, b, True), (b, a, False)):
+            if isinstance(table, ExpertTable) and isinstance(hist, HistoryLayerScorer) and hist.w1 is not None:
+                return table, hist, first
+        return None
+
+    def rank_scores(self, *, token_ids: torch.Tensor, history: torch.Tensor, hosts: torch.Tensor,
+                    consts: Optional[tuple] = None, backend: str = "auto") -> torch.Tensor:
+        """float32 [T, P]: ``scores(...) @ hosts``; on the Triton path (``fast_assign.triton_usable``)
+        for a fused pair (``fused_members``) in six launches: the history MLP's logits (five) and
+        one kernel for the rest (equal up to float rounding).
+
+        Args:
+            token_ids: int [T].   history: int64 [T, l, k].
+            hosts: float32 [E, P], ``pregate.span_hosts(...)``.
+            consts: ``fused_consts(hosts)``, made once per placement by the caller; None: made here.
+            backend: "auto" (the kernel where it can run), "torch" (the torch form: the reference).
+        """
+        from megatron_specmoe.schedule.fast_assign import triton_usable
+
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"CombinedScorer.rank_scores: backend must be 'auto' or 'torch', got {backend!r}")
+        fused = self.fused_members()
+        if backend == "torch" or fused is None or not triton_usable(history.device):
+            return self.scores(token_ids=token_ids, history=history) @ hosts
+        importlib.import_module("megatron_specmoe.predict.combined_triton")  # registers specmoe::combined_rank_scores
+
+        table, hist, first = fused
+        tconf, rank_span, offsets = self.fused_consts(hosts) if consts is None else consts
+        return torch.ops.specmoe.combined_rank_scores(
+            table.table, tconf, token_ids.reshape(-1).long(), hist.logits(history=history, offsets=offsets),
+            rank_span, int(hosts.shape[1]), self.rule == "mixture", first)
+
+    def fused_consts(self, hosts: torch.Tensor) -> tuple:
+        """(float32 [V + 1] each table row's maximum, int32 [E] each expert's span rank or -1, the
+        MLP's row offsets) for ``rank_scores``; a few launches, once per placement."""
+        table, hist, _ = self.fused_members()
+        rank_span = torch.where(hosts.sum(dim=1) > 0, hosts.argmax(dim=1), torch.full_like(hosts[:, 0], -1).long())
+        return (table.table.amax(dim=1).contiguous(), rank_span.to(torch.int32).contiguous(),
+                hist.logit_offsets(hosts.device))
 
 
 def layer_device_scorer(predictor: Any, *, layer: int, device: Any = "cpu", vocab_size: Optional[int] = None):

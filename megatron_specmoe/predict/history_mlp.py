@@ -115,6 +115,28 @@ class HistoryLayerScorer:
         probs = torch.sigmoid(torch.addmm(self.b2, hidden, self.w2)).clamp_min_(1e-12)
         return probs / probs.sum(dim=1, keepdim=True)
 
+    def logit_offsets(self, device):
+        """int64 [1, w, k-broadcast]: ``arange(w) * E``, the row offset of each read layer in w1
+        (a constant of ``logits``, made once by its caller)."""
+        import torch
+
+        w = self.layer if self.window is None else min(self.layer, self.window)
+        return torch.arange(w, device=device).view(1, -1, 1) * self.num_experts
+
+    def logits(self, *, history, offsets=None):
+        """float32 [T, E]: the MLP's output before its sigmoid, from ``history`` int64 [T, l, k]
+        (device launches: the index add, the embedding-bag (and its offsets), bias, relu, the
+        output matmul); for the one-kernel combination (``predict/combined_triton.py``).
+        ``offsets``: ``logit_offsets(device)`` (None: made here). Needs fitted weights."""
+        import torch
+
+        w = self.layer if self.window is None else min(self.layer, self.window)
+        hist = history[:, self.layer - w :]
+        offsets = self.logit_offsets(history.device) if offsets is None else offsets
+        rows = (hist + offsets).reshape(history.shape[0], -1)
+        hidden = torch.relu(torch.nn.functional.embedding_bag(rows, self.w1, mode="sum") + self.b1)
+        return torch.addmm(self.b2, hidden, self.w2)
+
     def rank_scores(self, *, history, hosts_sum, offsets, floor):
         """float32 [T, P]: ``scores(history=history) @ hosts`` for the run-time plan in eight device
         launches (equal up to float rounding: the row sum comes out of the same matmul).

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Protocol, get_args
 
 import torch
 
-from megatron_specmoe.predict.device import compile_rank_table, layer_device_scorer
+from megatron_specmoe.predict.device import CombinedScorer, compile_rank_table, layer_device_scorer
 from megatron_specmoe.predict.history_mlp import HistoryLayerScorer
 from megatron_specmoe.predict.pregate import rank_scores_from_experts, rank_scores_from_logits, span_hosts
 from megatron_specmoe.predict.vocabulary import ShufflePredictor
@@ -200,6 +200,17 @@ class HistoryScorer:
                           torch.cat([hosts.new_zeros(x.tp), hosts.new_full((1,), 1e-12)]))
                 self._consts = consts
             return scorer.rank_scores(history=history, hosts_sum=consts[2], offsets=consts[3], floor=consts[4])
+        if isinstance(scorer, CombinedScorer):
+            # Token table + history MLP: one kernel after the MLP on the Triton path, the
+            # constants made once per placement.
+            key = ("combined", id(x.rank_of), x.ep_base, x.tp, history.device)
+            consts = self._consts
+            if consts is None or consts[0] != key or consts[1] is not x.rank_of:
+                hosts = span_hosts(x.rank_of.to(history.device), ep_base=x.ep_base, tp=x.tp)
+                fused = scorer.fused_members() is not None
+                consts = (key, x.rank_of, hosts, scorer.fused_consts(hosts) if fused else None)
+                self._consts = consts
+            return scorer.rank_scores(token_ids=ids, history=history, hosts=consts[2], consts=consts[3])
         expert_scores = scorer.scores(token_ids=ids, history=history)  # [T, E]
         return expert_scores @ span_hosts(x.rank_of.to(history.device), ep_base=x.ep_base, tp=x.tp)
 

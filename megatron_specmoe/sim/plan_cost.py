@@ -9,9 +9,9 @@ Plan charge (``PlanCharge``, ``plan_time``)
     plan time = K x launch cost, launch cost = ``ComputeRates.launch_graph_s`` (a kernel inside a
     replayed CUDA graph) or ``launch_eager_s`` (eager PyTorch); sources in ``cluster.py``.
     K defaults to ``DEFAULT_PLAN_KERNELS`` = 16, the most any run-time predictor's plan launches per
-    MoE layer on the Triton path (``PLAN_KERNELS``: route 10, pregate 11, history 16, counted by
-    ``measure/launches.LaunchCounter`` in ``tools/bench_plan.py``; ``tests/test_launches.py`` checks
-    that these constants are what the counter counts). ``--plan-kernels`` overrides it.
+    MoE layer on the Triton path (``PLAN_KERNELS``: route 10, pregate 11, history 16, combined
+    token + history 14, counted by ``measure/launches.LaunchCounter`` in ``tools/bench_plan.py``;
+    ``tests/test_launches.py`` checks that these constants are what the counter counts). ``--plan-kernels`` overrides it.
     exposed = max(0, plan - attention) with CUDA graphs when the plan runs on a side stream beside
     attention (it needs only token ids, earlier routes or the gathered layer input); the whole plan
     otherwise. Eager launches are charged in full even with overlap: the host issues them one
@@ -46,7 +46,7 @@ Phase = Literal["prefill", "decode"]
 
 # Launches per MoE layer of the whole plan (scores -> prices assignment -> permutation), Triton path,
 # as measure/launches.LaunchCounter counts them (tools/bench_plan.py; checked by tests/test_launches.py).
-PLAN_KERNELS: dict[str, int] = {"route": 10, "pregate": 11, "history": 16}
+PLAN_KERNELS: dict[str, int] = {"route": 10, "pregate": 11, "history": 16, "combined": 14}
 DEFAULT_PLAN_KERNELS = max(PLAN_KERNELS.values())
 
 
