@@ -108,15 +108,11 @@ class HistoryLayerScorer:
                 f"HistoryLayerScorer(layer={self.layer}): history must be [T, {self.layer}, k], got "
                 f"{tuple(history.shape)}"
             )
-        w = self.layer if self.window is None else min(self.layer, self.window)
-        offsets = torch.arange(w, device=history.device).view(1, -1, 1) * self.num_experts
-        rows = (history[:, self.layer - w :].long() + offsets).reshape(tokens, -1)
-        hidden = torch.relu(torch.nn.functional.embedding_bag(rows, self.w1, mode="sum") + self.b1)
-        probs = torch.sigmoid(torch.addmm(self.b2, hidden, self.w2)).clamp_min_(1e-12)
+        probs = torch.sigmoid(self.logits(history=history)).clamp_min_(1e-12)
         return probs / probs.sum(dim=1, keepdim=True)
 
     def logit_offsets(self, device):
-        """int64 [1, w, k-broadcast]: ``arange(w) * E``, the row offset of each read layer in w1
+        """int64 [1, w, 1]: ``arange(w) * E``, the row offset in w1 of each layer the MLP reads
         (a constant of ``logits``, made once by its caller)."""
         import torch
 
@@ -124,16 +120,16 @@ class HistoryLayerScorer:
         return torch.arange(w, device=device).view(1, -1, 1) * self.num_experts
 
     def logits(self, *, history, offsets=None):
-        """float32 [T, E]: the MLP's output before its sigmoid, from ``history`` int64 [T, l, k]
-        (device launches: the index add, the embedding-bag (and its offsets), bias, relu, the
-        output matmul); for the one-kernel combination (``predict/combined_triton.py``).
-        ``offsets``: ``logit_offsets(device)`` (None: made here). Needs fitted weights."""
+        """float32 [T, E]: the MLP's output before its sigmoid, from ``history`` int [T, l, k] (the
+        last w layers are read; device launches: the index add, the embedding-bag (and its
+        offsets), bias, relu, the output matmul). What ``scores``, ``rank_scores`` and the
+        one-kernel combination (``predict/combined_triton.py``) start from. ``offsets``:
+        ``logit_offsets(device)`` (None: made here). Needs fitted weights."""
         import torch
 
         w = self.layer if self.window is None else min(self.layer, self.window)
-        hist = history[:, self.layer - w :]
         offsets = self.logit_offsets(history.device) if offsets is None else offsets
-        rows = (hist + offsets).reshape(history.shape[0], -1)
+        rows = (history[:, self.layer - w :].long() + offsets).reshape(history.shape[0], -1)
         hidden = torch.relu(torch.nn.functional.embedding_bag(rows, self.w1, mode="sum") + self.b1)
         return torch.addmm(self.b2, hidden, self.w2)
 
@@ -144,7 +140,7 @@ class HistoryLayerScorer:
         Args:
             history: int64 [T, l, k] (as ``scores``; l >= 1).
             hosts_sum: float32 [E, P + 1], ``span_hosts(...)`` with a column of ones appended.
-            offsets: int64 [1, l, 1], ``arange(l) * E``.
+            offsets: int64 [1, w, 1], ``logit_offsets(device)``.
             floor: float32 [P + 1], zeros then 1e-12. The three are constants, made once per
                 placement by the caller.
         """
@@ -154,10 +150,8 @@ class HistoryLayerScorer:
         if self.w1 is None:
             raw = torch.addmm(floor, self.prior.view(1, -1), hosts_sum)
             return (raw[:, :-1] / raw[:, -1:]).expand(tokens, -1)
-        rows = (history + offsets).reshape(tokens, -1)
-        hidden = torch.relu(torch.nn.functional.embedding_bag(rows, self.w1, mode="sum") + self.b1)
         # floor adds 1e-12 to the sums column in the same launch (a row of zeros would divide by 0).
-        raw = torch.addmm(floor, torch.sigmoid(torch.addmm(self.b2, hidden, self.w2)), hosts_sum)  # [T, P + 1]
+        raw = torch.addmm(floor, torch.sigmoid(self.logits(history=history, offsets=offsets)), hosts_sum)  # [T, P + 1]
         return raw[:, :-1] / raw[:, -1:]
 
 

@@ -196,7 +196,7 @@ class HistoryScorer:
                 hosts = span_hosts(x.rank_of.to(history.device), ep_base=x.ep_base, tp=x.tp)
                 e = hosts.shape[0]
                 consts = (key, x.rank_of, torch.cat([hosts, hosts.new_ones(e, 1)], dim=1),
-                          (torch.arange(scorer.layer, device=history.device) * e).view(1, -1, 1),
+                          scorer.logit_offsets(history.device),
                           torch.cat([hosts.new_zeros(x.tp), hosts.new_full((1,), 1e-12)]))
                 self._consts = consts
             return scorer.rank_scores(history=history, hosts_sum=consts[2], offsets=consts[3], floor=consts[4])
