@@ -6,9 +6,10 @@ One row per (predictor, tokens, ranks), tokens in --tokens (64, 512, 4096, 16384
 (4, 8, 16), predictors pregate (router gating, H = 1024, + rank scores), pregate_sp (each rank
 sorts its own rows' logits; the ids ride along with the all-gather; rank counts from the
 gathered ids), route (token rank table, V = 32000), history (history MLP over 4 MoE layers,
-128 hidden units), combined (that token table's expert scores and that history MLP, "mixture"
-rule: one Triton kernel after the MLP, ``predict/combined_triton.py``); random weights (the counts and times do not depend on them). E = 8 experts, top-2
-(2 * ranks experts where ranks > 8). Keys:
+128 hidden units), combined (a token table's expert scores and that history MLP, "mixture"
+rule: one Triton kernel after the MLP, ``predict/combined_triton.py``); random weights (the
+counts and times do not depend on them). E = 8 experts, top-2 (2 * ranks experts where
+ranks > 8). Keys:
     kernels     launches per MoE layer of predictor + "prices" assignment + permutation, counted
                 with ``measure.launches.LaunchCounter`` on the path a GPU runs: the Triton kernels
                 (``path`` "triton", where triton can run: a CUDA device, or TRITON_INTERPRET=1; the
@@ -37,6 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,9 +63,10 @@ def log(msg: str) -> None:
     print(f"[bench_plan] {msg}", file=sys.stderr, flush=True)
 
 
-def _paths(t: int, p: int, backend: str, convert=lambda x: x) -> dict:
-    """Each run-time plan as a closure: predictor scores -> prices -> permutation; ``convert``
-    maps every input tensor (e.g. to a fake tensor)."""
+def _paths(t: int, p: int, backend: str, convert=lambda x: x) -> tuple[dict, Callable]:
+    """(each run-time path's predictor scores (with any other run-time work) as a closure, the
+    plan function: scores -> prices -> permutation, on ``backend``); ``convert`` maps every input
+    tensor (e.g. to a fake tensor)."""
     e = 8 if p <= 8 else 2 * p
     k, hidden, vocab, layers = 2, 1024, 32000, 4
     gen = torch.Generator().manual_seed(t * 131 + p)

@@ -120,8 +120,8 @@ class CombinedScorer:
     def rank_scores(self, *, token_ids: torch.Tensor, history: torch.Tensor, hosts: torch.Tensor,
                     consts: Optional[tuple] = None, backend: str = "auto") -> torch.Tensor:
         """float32 [T, P]: ``scores(...) @ hosts``; on the Triton path (``fast_assign.triton_usable``)
-        for a fused pair (``fused_members``) in six launches: the history MLP's logits (five) and
-        one kernel for the rest (equal up to float rounding).
+        for a fused pair (``fused_members``) in seven launches: the history MLP's logits (six, the
+        embedding-bag's offsets among them) and one kernel for the rest (equal up to float rounding).
 
         Args:
             token_ids: int [T].   history: int64 [T, l, k].
