@@ -85,8 +85,8 @@ CASES = (
 
 
 def _split_state(d):
-    def plain(v):
-        return v.tolist() if isinstance(v, torch.Tensor) else (v.tolist() if hasattr(v, "tolist") else v)
+    def plain(v):  # tensors and numpy arrays (Megatron moves some splits to numpy)
+        return v.tolist() if hasattr(v, "tolist") else v
 
     return {k: plain(getattr(d, k)) for k in ("input_splits", "output_splits", "output_splits_tp",
                                                 "num_global_tokens_per_local_expert", "tokens_per_expert")

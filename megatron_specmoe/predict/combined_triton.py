@@ -13,7 +13,7 @@ rule ("mixture": (ca a + ch ph) normalised; "max_confidence": the member with th
 confidence, ties to the first member); then the sum over the experts each TP rank of the span
 hosts (``rank_of`` [E]: the expert's rank in the span, -1 outside it), as one block matrix
 product with a 0/1 host matrix made in the kernel. Replaces the table gather, the member
-normalisation, the rule and the host product (some 20 launches on the torch path) with one.
+normalisation, the rule and the host product (25 launches on the torch path) with one.
 
 Equal to the torch form up to float rounding (the sums run in another order); the tests compare
 them under ``TRITON_INTERPRET=1``. Imported only when the Triton path is used; registering the
