@@ -62,10 +62,9 @@ def append_value_columns(rows: torch.Tensor, values: torch.Tensor,
             f"append_value_columns: {per_row} {values.dtype} value(s) per row do not fill whole "
             f"{rows.dtype} columns; send them apart"
         )
-    if values.dim() == 1 and w == 1 and values.is_contiguous():  # one value per row, one column (fewer ops)
-        bits = values.view(rows.dtype).unsqueeze(1)
-    else:
-        bits = values.reshape(rows.shape[0], per_row).contiguous().view(rows.dtype).reshape(rows.shape[0], w)
+    # A dtype view of contiguous values rescales their last dimension; the row-major bits of each
+    # row's values are then its w columns (two view ops, no copy, whatever the value shape).
+    bits = values.contiguous().view(rows.dtype).view(rows.shape[0], w)
     return torch.cat([rows, bits], dim=1, out=out)
 
 
