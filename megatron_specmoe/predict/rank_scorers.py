@@ -165,7 +165,7 @@ class HistoryScorer:
         self.predictor = predictor
         self.vocab_size = vocab_size
         self._cache: Optional[tuple] = None  # (device, device scorer)
-        self._consts: Optional[tuple] = None  # (key, rank_of, hosts_sum, offsets, floor)
+        self._consts: Optional[tuple] = None  # (key, rank_of, this placement's constants): _constants
 
     def __call__(self, x: ScoreInputs) -> torch.Tensor:
         history = x.history
@@ -188,31 +188,30 @@ class HistoryScorer:
             cached = (history.device, scorer)
             self._cache = cached
         scorer = cached[1]
+        device = history.device
         if isinstance(scorer, HistoryLayerScorer) and scorer.w1 is not None:
-            # The history MLP alone: its fused rank scores (8 launches) with constants made once.
-            consts = self._consts
-            key = (id(x.rank_of), x.ep_base, x.tp, history.device)
-            if consts is None or consts[0] != key or consts[1] is not x.rank_of:
-                hosts = span_hosts(x.rank_of.to(history.device), ep_base=x.ep_base, tp=x.tp)
-                e = hosts.shape[0]
-                consts = (key, x.rank_of, torch.cat([hosts, hosts.new_ones(e, 1)], dim=1),
-                          scorer.logit_offsets(history.device),
-                          torch.cat([hosts.new_zeros(x.tp), hosts.new_full((1,), 1e-12)]))
-                self._consts = consts
-            return scorer.rank_scores(history=history, hosts_sum=consts[2], offsets=consts[3], floor=consts[4])
+            # The history MLP alone: its fused rank scores (8 launches).
+            hosts_sum, offsets, floor = self._constants(x, device, lambda hosts: (
+                torch.cat([hosts, hosts.new_ones(hosts.shape[0], 1)], dim=1), scorer.logit_offsets(device),
+                torch.cat([hosts.new_zeros(x.tp), hosts.new_full((1,), 1e-12)])))
+            return scorer.rank_scores(history=history, hosts_sum=hosts_sum, offsets=offsets, floor=floor)
         if isinstance(scorer, CombinedScorer):
-            # Token table + history MLP: one kernel after the MLP on the Triton path, the
-            # constants made once per placement.
-            key = ("combined", id(x.rank_of), x.ep_base, x.tp, history.device)
-            consts = self._consts
-            if consts is None or consts[0] != key or consts[1] is not x.rank_of:
-                hosts = span_hosts(x.rank_of.to(history.device), ep_base=x.ep_base, tp=x.tp)
-                fused = scorer.fused_members() is not None
-                consts = (key, x.rank_of, hosts, scorer.fused_consts(hosts) if fused else None)
-                self._consts = consts
-            return scorer.rank_scores(token_ids=ids, history=history, hosts=consts[2], consts=consts[3])
+            # Token table + history MLP: one kernel after the MLP on the Triton path.
+            hosts, fused = self._constants(x, device, lambda hosts: (
+                hosts, scorer.fused_consts(hosts) if scorer.fused_members() is not None else None))
+            return scorer.rank_scores(token_ids=ids, history=history, hosts=hosts, consts=fused)
         expert_scores = scorer.scores(token_ids=ids, history=history)  # [T, E]
-        return expert_scores @ span_hosts(x.rank_of.to(history.device), ep_base=x.ep_base, tp=x.tp)
+        return expert_scores @ self._constants(x, device, lambda hosts: hosts)
+
+    def _constants(self, x: ScoreInputs, device: torch.device, make: Callable[[torch.Tensor], Any]) -> Any:
+        """``make(hosts)``, hosts = ``span_hosts(...)`` float32 [E, P] of the current placement, made
+        once per (rank_of, ep_base, tp, device) and kept: the scores' constants for this layer."""
+        key = (id(x.rank_of), x.ep_base, x.tp, device)
+        cached = self._consts
+        if cached is None or cached[0] != key or cached[1] is not x.rank_of:
+            cached = (key, x.rank_of, make(span_hosts(x.rank_of.to(device), ep_base=x.ep_base, tp=x.tp)))
+            self._consts = cached
+        return cached[2]
 
 
 RANK_SCORERS: dict[str, Callable[[Any], RankScorer]] = {
