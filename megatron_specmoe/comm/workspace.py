@@ -16,8 +16,9 @@ buffer) for the same reason. A ``Workspace`` does the same, explicitly: the mode
 Roles. A buffer is keyed by its role, dtype and device, and grows to the largest request. A
 tensor taken for a role is valid until the next request for that role: each role must be dead by
 then. The shuffle layer asks for each role once per layer ("gathered" and "true_order" in stage
-1, "shuffled" in stage 4), and never for a tensor that outlives the layer (its output shard and
-the model's last output are fresh tensors). The specmoe dispatcher keeps a workspace of its own
+1, "shuffled" in stage 4), the output layer's true-order gather asks for "gathered" and
+"true_order" once more, and neither asks for a tensor that outlives it (a layer's output shard
+and the model's logits are fresh tensors). The specmoe dispatcher keeps a workspace of its own
 for "dispatch_send", the packed tokens + probs it hands to the all-to-all (dead once the call
 returns). Static addresses also suit CUDA-graph capture.
 """

@@ -44,9 +44,9 @@ Megatron pads. The recorder, in that mode, counts the routing map it permutes; t
 
 Six-phase contract. ``dispatch_preprocess`` permutes columns and records (no communication);
 ``preprocess`` is Megatron's except for the drop-and-pad capacity above and the count exchange
-(below); ``token_dispatch`` sends
-the probs with the tokens (below); the other phases are Megatron's, unchanged. Under CUDA-graph
-capture the recorder is refused (a record is Python work that a replay would not repeat).
+(below); ``token_dispatch`` sends the probs with the tokens (below); the other phases are
+Megatron's, unchanged. Under CUDA-graph capture the recorder is refused (a record is Python work
+that a replay would not repeat).
 
 Probs ride with the tokens (``fuse_probs``). Megatron's ``token_dispatch`` runs two all-to-alls
 with the same splits: the permuted tokens [N, H], then their probs [N]. Here the probs' bits ride
