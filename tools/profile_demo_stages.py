@@ -11,9 +11,9 @@ shows what it costs without its plans. ``--unfused-probs`` (an ablation): specmo
 sends the probs in an all-to-all of their own, as Megatron's does (``set_fuse_probs("off")``).
 ``--allgather-counts`` (an ablation): its count exchange is Megatron's all-gather of every count
 (``set_count_exchange("allgather")``).
-Per forward and rank it accumulates, for every named stage, the wall time (perf_counter: includes waiting for the other ranks in a collective and
-for a core) and the CPU time of the calling thread (thread_time: the work itself; gloo's own
-threads are not in it):
+Per forward and rank it accumulates, for every named stage, the wall time (perf_counter: includes
+waiting for the other ranks in a collective and for a core) and the CPU time of the calling thread
+(thread_time: the work itself; gloo's own threads are not in it):
 
     specmoe    the shuffle layer's stages (gather_input, attention, plan and inside it rank_scores,
                shuffled_reduce_scatter, moe, hand_on) and the model's embedding and output layer;
@@ -115,11 +115,10 @@ def _worker(rank: int, world: int, plan_dir: str, passes: int, free_plans: bool 
         models, _ = _serve_models(card, settings, load_plan(plan_dir), names=names)
         if free_plans:
             _reuse_first_plans(models["specmoe"])
-        if unfused_probs:
-            for layer in models["specmoe"].decoder.layers:
+        for layer in models["specmoe"].decoder.layers:  # the ablations: Megatron's dispatch calls
+            if unfused_probs:
                 layer.mlp.token_dispatcher.set_fuse_probs("off")
-        if allgather_counts:
-            for layer in models["specmoe"].decoder.layers:
+            if allgather_counts:
                 layer.mlp.token_dispatcher.set_count_exchange("allgather")
         sinks = {n: defaultdict(lambda: [0.0, 0.0]) for n in names}
         for name, model in models.items():
